@@ -1,0 +1,1 @@
+"""Speed and memory suites for sae_fast (run from a checkout: python -m benchmarks.<suite>)."""

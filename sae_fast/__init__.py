@@ -1,0 +1,23 @@
+"""sae_fast: custom-kernel accelerated sparse autoencoders for PyTorch."""
+
+from . import reference
+from .backends import BackendUnavailableError
+from .backends import status as backend_status
+from .checkpoint import CheckpointError
+from .ops import SparseCode, decode, encode_topk
+from .sae import ACTIVATIONS, SAEOutput, SparseAutoencoder
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "BackendUnavailableError",
+    "CheckpointError",
+    "SAEOutput",
+    "SparseAutoencoder",
+    "SparseCode",
+    "backend_status",
+    "decode",
+    "encode_topk",
+    "reference",
+]

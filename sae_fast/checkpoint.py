@@ -1,0 +1,108 @@
+"""The sae_fast checkpoint folder: sae.safetensors + cfg.json, written atomically.
+
+cfg.json holds {"format": "sae_fast", "format_version": N, ...hyperparameters}; the weights
+are stored bit-exactly by safetensors. Reading checks both files and says what is wrong:
+missing, truncated or corrupt, another format, a newer version, missing or extra tensors,
+shapes or dtypes that disagree with the config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+FORMAT = "sae_fast"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "cfg.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, damaged or does not match its config."""
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside target; on success fsync it and rename it over target.
+
+    A reader sees the old file or the complete new one, never a partial write; on error the
+    temp file is removed and target is untouched.
+    """
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write(path: str | Path, config: dict, tensors: dict[str, Tensor]) -> None:
+    """Write tensors and config into folder path: weights first, then cfg.json."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+    with atomic_path(folder / CONFIG_FILE) as tmp:
+        body = {"format": FORMAT, "format_version": FORMAT_VERSION, **config}
+        tmp.write_text(json.dumps(body, indent=2) + "\n")
+
+
+def read(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict, dict[str, Tensor]]:
+    """Read folder path -> (config without the format fields, tensors on device)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder} has no {name}")
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{folder / CONFIG_FILE} is not valid JSON: {e}") from e
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{folder / CONFIG_FILE} is not a {FORMAT} config (no format field)")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder / CONFIG_FILE} has format_version {version!r}; this sae_fast reads up to "
+            f"{FORMAT_VERSION}"
+        )
+    try:
+        tensors = load_file(folder / WEIGHTS_FILE, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{folder / WEIGHTS_FILE} is truncated or corrupt: {e}") from e
+    config = {k: v for k, v in config.items() if k not in ("format", "format_version")}
+    return config, tensors
+
+
+def check_tensors(
+    folder: str | Path, tensors: dict[str, Tensor], expected: dict[str, Tensor]
+) -> None:
+    """Raise CheckpointError unless tensors has exactly expected's names, shapes and dtypes."""
+    where = Path(folder) / WEIGHTS_FILE
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{where}: missing tensors {missing}, unexpected tensors {extra}")
+    for name, want in expected.items():
+        got = tensors[name]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise CheckpointError(
+                f"{where}: {name} is {tuple(got.shape)} {got.dtype} but {CONFIG_FILE} implies "
+                f"{tuple(want.shape)} {want.dtype}"
+            )

@@ -1,0 +1,88 @@
+"""Functional API of the sparse ops, with argument checks and backend dispatch.
+
+x (n, d) activations; W_enc, W_dec (m, d); b_enc (m,); b_dec (d,); k active latents per row.
+All ops are differentiable with respect to every floating input.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import backends, torch_decode, torch_topk
+from .validation import check_decode, check_encode
+
+
+class SparseCode(NamedTuple):
+    """A TopK code: values (..., k) in the input dtype and latent indices (..., k) int64.
+
+    Per row, values are descending with ties to the lower index; zero values are padding.
+    """
+
+    values: Tensor
+    indices: Tensor
+
+    def to_dense(self, n_latents: int) -> Tensor:
+        """Scatter into a dense (..., n_latents) latent tensor."""
+        dense = self.values.new_zeros(*self.values.shape[:-1], n_latents)
+        return dense.scatter(-1, self.indices, self.values)
+
+
+def _torch_why_not(device: torch.device) -> str | None:
+    return None
+
+
+backends.register(
+    backends.Backend(
+        name="torch",
+        priority=0,
+        why_not=_torch_why_not,
+        encode_topk=torch_topk.encode_topk,
+        decode=torch_decode.decode,
+    )
+)
+
+
+def encode_topk(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    *,
+    backend: str | None = None,
+    chunk_size: int | None = None,
+) -> SparseCode:
+    """TopK(ReLU((x - b_dec) @ W_enc.T + b_enc)) without materialising the (n, m) matrix.
+
+    x: (n, d); W_enc: (m, d); b_enc: (m,); b_dec: (d,) -> SparseCode (n, k) values in x's
+    dtype and int64 indices, in canonical order. Rows with fewer than k positive
+    pre-activations are padded with zeros at the lowest unused indices. chunk_size: latents
+    per encoder chunk for the torch backend (None: chosen from a memory budget).
+    """
+    check_encode(x, W_enc, b_enc, b_dec, k)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    impl = backends.resolve(backend, x.device)
+    values, indices = impl.encode_topk(x, W_enc, b_enc, b_dec, k, chunk_size)
+    return SparseCode(values, indices)
+
+
+def decode(
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """x_hat = sum_j values[:, j] * W_dec[indices[:, j]] + b_dec.
+
+    values: (n, k) float; indices: (n, k) int64/int32 in [0, m); W_dec: (m, d); b_dec: (d,)
+    -> x_hat (n, d) in W_dec's dtype.
+    """
+    check_decode(values, indices, W_dec, b_dec)
+    impl = backends.resolve(backend, values.device)
+    return impl.decode(values, indices.long(), W_dec, b_dec)

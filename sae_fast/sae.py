@@ -1,0 +1,269 @@
+"""The SparseAutoencoder module: parameters, activations, encode/decode, initialisation, I/O."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint, ops
+from . import reference as ref
+from .ops import SparseCode
+from .validation import check_activations, check_k
+
+ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "gated")
+_SPARSE = ("topk", "batchtopk")
+
+
+@dataclass
+class SAEOutput:
+    """What forward returns.
+
+    x_hat: (..., d_in) reconstruction. code: a SparseCode (..., width) for topk and for
+    batchtopk while training or uncalibrated; a dense (..., n_latents) tensor otherwise.
+    gate_pre: gated only, the gate pre-activation (..., n_latents) for its L1 and aux losses.
+    """
+
+    x_hat: Tensor
+    code: SparseCode | Tensor
+    gate_pre: Tensor | None = None
+
+
+class SparseAutoencoder(nn.Module):
+    """Sparse autoencoder over activations of width d_in with n_latents latents.
+
+    Parameters, one row per latent (DESIGN §2): W_enc (m, d), b_enc (m,), W_dec (m, d),
+    b_dec (d,); jumprelu adds log_threshold (m,); gated adds r_mag (m,) and b_mag (m,), with
+    b_enc serving as the gate bias. batchtopk keeps a buffer ``threshold`` (scalar) used at
+    inference once a trainer has calibrated it (negative means not yet: batch top-k is used).
+
+    Initialisation follows Gao et al. 2024: decoder rows are random unit vectors, W_enc is a
+    copy of W_dec, biases are zero (see set_b_dec_from_data).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        *,
+        k: int | None = None,
+        activation: str = "topk",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+        chunk_size: int | None = None,
+        jumprelu_bandwidth: float = 1e-3,
+        jumprelu_init_threshold: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_in", d_in), ("n_latents", n_latents)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if activation in _SPARSE:
+            if k is None:
+                raise ValueError(f"k is required for activation={activation!r}")
+            check_k(k, n_latents)
+        elif k is not None:
+            raise ValueError(f"k is only used by activations {_SPARSE}, not {activation!r}")
+        if jumprelu_bandwidth <= 0:
+            raise ValueError(f"jumprelu_bandwidth must be > 0, got {jumprelu_bandwidth}")
+        if jumprelu_init_threshold <= 0:
+            raise ValueError(f"jumprelu_init_threshold must be > 0, got {jumprelu_init_threshold}")
+        self.d_in, self.n_latents, self.k, self.activation = d_in, n_latents, k, activation
+        self.backend, self.chunk_size = backend, chunk_size
+        self.jumprelu_bandwidth = jumprelu_bandwidth
+        factory = {"dtype": dtype, "device": device}
+        W_dec = torch.randn(n_latents, d_in, **factory)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.clone())
+        self.b_enc = nn.Parameter(torch.zeros(n_latents, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
+        if activation == "jumprelu":
+            log_t = torch.full((n_latents,), math.log(jumprelu_init_threshold), **factory)
+            self.log_threshold = nn.Parameter(log_t)
+        if activation == "gated":
+            self.r_mag = nn.Parameter(torch.zeros(n_latents, **factory))
+            self.b_mag = nn.Parameter(torch.zeros(n_latents, **factory))
+        if activation == "batchtopk":
+            self.register_buffer("threshold", torch.tensor(-1.0, **factory))
+
+    def extra_repr(self) -> str:
+        k = f", k={self.k}" if self.k is not None else ""
+        return f"d_in={self.d_in}, n_latents={self.n_latents}{k}, activation={self.activation!r}"
+
+    # --- encoding -------------------------------------------------------------------------
+
+    def encode(self, x: Tensor) -> SparseCode | Tensor:
+        """x: (..., d_in) -> SparseCode (..., width) or dense latents (..., n_latents)."""
+        return self._encode(x)[0]
+
+    def _encode(self, x: Tensor) -> tuple[SparseCode | Tensor, Tensor | None]:
+        check_activations(x, self.d_in, self.W_enc)
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.d_in)
+        gate_pre = None
+        if self.activation == "topk":
+            code = self._topk(flat, self.k)
+        elif self.activation == "batchtopk" and (self.training or self.threshold < 0):
+            code = self._batchtopk(flat)
+        else:
+            pre = ref.pre_activation(flat, self.W_enc, self.b_enc, self.b_dec)
+            if self.activation == "batchtopk":
+                code = ref.threshold_relu(pre, self.threshold)
+            elif self.activation == "relu":
+                code = ref.relu(pre)
+            elif self.activation == "jumprelu":
+                code = ref.jumprelu(pre, self.log_threshold.exp(), self.jumprelu_bandwidth)
+            else:
+                code, gate_pre = ref.gated_encode(
+                    flat, self.W_enc, self.b_enc, self.r_mag, self.b_mag, self.b_dec
+                )
+                gate_pre = gate_pre.reshape(*lead, self.n_latents)
+        if isinstance(code, SparseCode):
+            width = code.values.shape[-1]
+            code = SparseCode(code.values.reshape(*lead, width), code.indices.reshape(*lead, width))
+        else:
+            code = code.reshape(*lead, self.n_latents)
+        return code, gate_pre
+
+    def _topk(self, x: Tensor, k: int) -> SparseCode:
+        return ops.encode_topk(
+            x,
+            self.W_enc,
+            self.b_enc,
+            self.b_dec,
+            k,
+            backend=self.backend,
+            chunk_size=self.chunk_size,
+        )
+
+    def _batchtopk(self, x: Tensor) -> SparseCode:
+        """Top n*k of relu(pre) over the batch x (n, d), from per-row TopK candidates.
+
+        A row can hold more than k of the batch's winners, so each row offers `width`
+        candidates; if some row had all of its positive candidates selected, its next latent
+        might also win, and the selection is redone with twice the width. The kept entries of
+        each row are a prefix of its canonical order, so the code is trimmed to the widest.
+        """
+        n, m, budget = x.shape[0], self.n_latents, x.shape[0] * self.k
+        width = min(m, 2 * self.k)
+        while True:
+            code = self._topk(x, width)
+            order = torch.sort(code.values.detach().reshape(-1), descending=True, stable=True)
+            keep = torch.zeros(n * width, dtype=torch.bool, device=x.device)
+            keep[order.indices[:budget]] = True
+            keep = keep.reshape(n, width)
+            saturated = keep.all(dim=1) & (code.values[:, -1] > 0)
+            if width == m or not bool(saturated.any()):
+                break
+            width = min(m, 2 * width)
+        used = int(keep.sum(dim=1).max()) if n else 0
+        return SparseCode(code.values[:, :used] * keep[:, :used], code.indices[:, :used])
+
+    # --- decoding -------------------------------------------------------------------------
+
+    def decode(self, code: SparseCode | Tensor) -> Tensor:
+        """SparseCode (..., width) or dense latents (..., n_latents) -> x_hat (..., d_in)."""
+        if isinstance(code, SparseCode):
+            values, indices = code
+            lead = values.shape[:-1]
+            width = values.shape[-1]
+            x_hat = ops.decode(
+                values.reshape(-1, width),
+                indices.reshape(-1, width),
+                self.W_dec,
+                self.b_dec,
+                backend=self.backend,
+            )
+        else:
+            check_activations(code, self.n_latents, self.W_dec, name="code")
+            lead = code.shape[:-1]
+            x_hat = ref.decode_dense(code.reshape(-1, self.n_latents), self.W_dec, self.b_dec)
+        return x_hat.reshape(*lead, self.d_in)
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        """x: (..., d_in) -> SAEOutput with x_hat (..., d_in) and the code."""
+        code, gate_pre = self._encode(x)
+        return SAEOutput(x_hat=self.decode(code), code=code, gate_pre=gate_pre)
+
+    # --- initialisation and constraints ----------------------------------------------------
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder row to unit norm (rows of zero norm are left at zero)."""
+        norms = self.W_dec.norm(dim=1, keepdim=True)
+        self.W_dec /= torch.where(norms > 0, norms, torch.ones_like(norms))
+
+    @torch.no_grad()
+    def set_b_dec_from_data(
+        self, x: Tensor, method: str = "geometric_median", max_iter: int = 100
+    ) -> None:
+        """Set b_dec from a sample x (..., d_in): its mean or geometric median (Weiszfeld)."""
+        check_activations(x, self.d_in, self.b_dec)
+        flat = x.reshape(-1, self.d_in)
+        if flat.shape[0] == 0:
+            raise ValueError("x must hold at least one activation to set b_dec from")
+        if method not in ("mean", "geometric_median"):
+            raise ValueError(f"method must be 'mean' or 'geometric_median', got {method!r}")
+        center = flat.mean(dim=0)
+        if method == "geometric_median":
+            center = geometric_median(flat, center, max_iter)
+        self.b_dec.copy_(center)
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def config(self) -> dict:
+        """The hyperparameters that rebuild this module (stored in cfg.json)."""
+        return {
+            "d_in": self.d_in,
+            "n_latents": self.n_latents,
+            "k": self.k,
+            "activation": self.activation,
+            "dtype": str(self.W_enc.dtype).removeprefix("torch."),
+            "jumprelu_bandwidth": self.jumprelu_bandwidth,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write sae.safetensors + cfg.json into the folder path (created if needed), atomically."""
+        checkpoint.write(path, self.config(), self.state_dict())
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        backend: str | None = None,
+    ) -> SparseAutoencoder:
+        """Load a folder written by save(); device and dtype override where it lands."""
+        config, tensors = checkpoint.read(path)
+        try:
+            config["dtype"] = getattr(torch, config["dtype"])
+            sae = cls(**config, device="meta", backend=backend)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise checkpoint.CheckpointError(
+                f"{Path(path) / checkpoint.CONFIG_FILE} does not describe an SAE: {e!r}"
+            ) from e
+        checkpoint.check_tensors(path, tensors, sae.state_dict())
+        sae.load_state_dict(tensors, assign=True)
+        return sae.to(device=device, dtype=dtype)
+
+
+def geometric_median(x: Tensor, start: Tensor, max_iter: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld iterations for the point minimising the sum of distances.  x: (n, d) -> (d,)."""
+    center = start
+    for _ in range(max_iter):
+        dist = (x - center).norm(dim=1).clamp_min(1e-12)
+        weights = 1.0 / dist
+        new = (weights[:, None] * x).sum(dim=0) / weights.sum()
+        shift = (new - center).norm()
+        center = new
+        if shift <= tol * center.norm().clamp_min(1e-12):
+            break
+    return center
