@@ -25,27 +25,27 @@ def _token_blocks(n: int, k: int, d: int):
         yield slice(start, min(start + step, n))
 
 
+def _gathered(indices: Tensor, W: Tensor):
+    """Yield (token block, W[indices[block]] as (b, k, d) in the acc dtype)."""
+    n, k = indices.shape
+    acc = acc_dtype(W.dtype)
+    for blk in _token_blocks(n, k, W.shape[1]):
+        yield blk, W[indices[blk]].to(acc)
+
+
 def gather_sum(indices: Tensor, coeff: Tensor, W: Tensor) -> Tensor:
     """out[t] = sum_j coeff[t, j] * W[indices[t, j]].  (n, k), (n, k), (m, d) -> (n, d)."""
-    n, k = indices.shape
-    d = W.shape[1]
-    acc = acc_dtype(W.dtype)
-    out = torch.empty(n, d, dtype=acc, device=W.device)
-    for blk in _token_blocks(n, k, d):
-        rows = W[indices[blk]].to(acc)  # (b, k, d)
-        out[blk] = torch.bmm(coeff[blk].to(acc).unsqueeze(1), rows).squeeze(1)
+    out = W.new_empty(indices.shape[0], W.shape[1], dtype=acc_dtype(W.dtype))
+    for blk, rows in _gathered(indices, W):
+        out[blk] = torch.bmm(coeff[blk].to(out.dtype).unsqueeze(1), rows).squeeze(1)
     return out
 
 
 def gather_dot(indices: Tensor, W: Tensor, rows: Tensor) -> Tensor:
     """out[t, j] = W[indices[t, j]] . rows[t].  (n, k), (m, d), (n, d) -> (n, k) acc dtype."""
-    n, k = indices.shape
-    d = W.shape[1]
-    acc = acc_dtype(W.dtype)
-    out = torch.empty(n, k, dtype=acc, device=W.device)
-    for blk in _token_blocks(n, k, d):
-        gathered = W[indices[blk]].to(acc)  # (b, k, d)
-        out[blk] = torch.bmm(gathered, rows[blk].to(acc).unsqueeze(2)).squeeze(2)
+    out = W.new_empty(indices.shape, dtype=acc_dtype(W.dtype))
+    for blk, gathered in _gathered(indices, W):
+        out[blk] = torch.bmm(gathered, rows[blk].to(out.dtype).unsqueeze(2)).squeeze(2)
     return out
 
 

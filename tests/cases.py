@@ -27,9 +27,9 @@ class Case:
     b_dec: Tensor
     W_dec: Tensor
 
-    def to(self, dtype: torch.dtype, requires_grad: bool = False) -> Case:
+    def to(self, dtype: torch.dtype, requires_grad: bool = False, device: str = "cpu") -> Case:
         def cast(t: Tensor) -> Tensor:
-            return t.detach().to(dtype).requires_grad_(requires_grad)
+            return t.detach().to(device, dtype).requires_grad_(requires_grad)
 
         return Case(*(cast(t) for t in self.tensors()))
 
@@ -93,12 +93,16 @@ def assert_within_torch_error(ours: Tensor, plain: Tensor, oracle: Tensor, what:
     )
 
 
-def upstream_grads(n: int, d: int, k: int, integer: bool, seed: int = 1) -> tuple[Tensor, Tensor]:
+def upstream_grads(
+    n: int, d: int, k: int, integer: bool, device: torch.device, seed: int = 1
+) -> tuple[Tensor, Tensor]:
     """Fixed upstream gradients for the code values (n, k) and x_hat (n, d)."""
     g = torch.Generator().manual_seed(seed)
     if integer:
-        return torch.randint(-2, 3, (n, k), generator=g), torch.randint(-2, 3, (n, d), generator=g)
-    return torch.randn(n, k, generator=g), torch.randn(n, d, generator=g)
+        grads = torch.randint(-2, 3, (n, k), generator=g), torch.randint(-2, 3, (n, d), generator=g)
+    else:
+        grads = torch.randn(n, k, generator=g), torch.randn(n, d, generator=g)
+    return tuple(t.to(device) for t in grads)
 
 
 def encode_decode_grads(
@@ -109,7 +113,7 @@ def encode_decode_grads(
     loss = <values, gv> + <x_hat, gx>, so both the code's and the reconstruction's gradient
     paths are exercised, and every parameter gets a gradient.
     """
-    gv, gx = upstream_grads(*case.x.shape, k, integer)
+    gv, gx = upstream_grads(*case.x.shape, k, integer, case.x.device)
     values, indices = encode(case.x, case.W_enc, case.b_enc, case.b_dec, k)
     x_hat = decode(values, indices, case.W_dec, case.b_dec)
     loss = (values * gv.to(values.dtype)).sum() + (x_hat * gx.to(x_hat.dtype)).sum()

@@ -115,27 +115,21 @@ def test_corrupt_config(saved):
         SparseAutoencoder.load(saved)
 
 
-def test_other_format_or_newer_version(saved):
-    edit_cfg(saved, format="saelens")
-    with pytest.raises(CheckpointError, match="not a sae_fast config"):
-        SparseAutoencoder.load(saved)
-    edit_cfg(saved, format="sae_fast", format_version=99)
-    with pytest.raises(CheckpointError, match="format_version 99"):
-        SparseAutoencoder.load(saved)
-
-
-def test_config_that_is_no_sae(saved):
-    edit_cfg(saved, activation="softmax")
-    with pytest.raises(CheckpointError, match="does not describe an SAE.*activation"):
-        SparseAutoencoder.load(saved)
-    edit_cfg(saved, activation="topk", dtype="not_a_dtype")
-    with pytest.raises(CheckpointError, match="does not describe an SAE"):
-        SparseAutoencoder.load(saved)
-
-
-def test_config_and_weights_disagree(saved):
-    edit_cfg(saved, n_latents=13)
-    with pytest.raises(CheckpointError, match=r"W_dec is \(12, 5\).*implies \(13, 5\)"):
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"format": "saelens"}, "not a sae_fast config"),
+        ({"format_version": 99}, "format_version 99; this sae_fast reads up to 1"),
+        ({"activation": "softmax"}, "does not describe an SAE.*activation"),
+        ({"dtype": "not_a_dtype"}, "does not describe an SAE"),
+        ({"k": 50}, "does not describe an SAE.*k must satisfy"),
+        ({"n_latents": 13}, r"W_dec is \(12, 5\).*implies \(13, 5\)"),
+        ({"dtype": "float64"}, "W_dec is .* torch.float32 but cfg.json implies .* torch.float64"),
+    ],
+)
+def test_config_errors(saved, changes, message):
+    edit_cfg(saved, **changes)
+    with pytest.raises(CheckpointError, match=message):
         SparseAutoencoder.load(saved)
 
 
