@@ -2,10 +2,13 @@
 
 Forward streams over chunks of latents with a running top-k, so extra memory is O(n * chunk),
 never O(n * m). Selection is exact in the canonical order (values descending, ties to the
-lower index): for 16/32-bit floats each candidate becomes one int64 key, the float32 bits of
-its (non-negative) value above the bit-flipped latent index, so a plain integer top-k orders
-by value then index. float64 values do not fit beside an index, so they merge by a stable
-sort instead. Backward touches only the n*k selected pairs (see sparse_pairs).
+lower index) at the cost of small sorts only:
+- each chunk offers its top k by a plain top-k; a row whose k-th and (k+1)-th positive values
+  tie exactly (rare in float data) is redone with a stable sort of that row's chunk;
+- candidates merge by a sort on latent index then a stable sort on value, over (n, 2k);
+- zero values are only padding: at the end, rows with fewer than k positive values get the
+  lowest latent indices not already used, which all lie in [0, k).
+Backward touches only the n*k selected pairs (see sparse_pairs).
 """
 
 from __future__ import annotations
@@ -16,37 +19,50 @@ from torch.autograd.function import once_differentiable
 
 from .sparse_pairs import gather_sum, scatter_rows, scatter_values
 
-# Extra bytes the encoder may use for one chunk of pre-activations and their keys.
+# Extra bytes the encoder may use for one chunk of pre-activations.
 CHUNK_BYTES = 64 << 20
-_LOW32 = 0xFFFFFFFF
-# Bytes per chunk element: the pre-activation (up to 8), a float32 copy and an int64 key.
-_BYTES_PER_ELEMENT = 20
 
 
-def auto_chunk_size(n: int, m: int, k: int) -> int:
-    """Latents per chunk so one chunk's temporaries fit in CHUNK_BYTES (at least k and 256)."""
-    chunk = CHUNK_BYTES // (max(n, 1) * _BYTES_PER_ELEMENT)
+def auto_chunk_size(n: int, m: int, k: int, itemsize: int) -> int:
+    """Latents per chunk so one (n, chunk) block fits in CHUNK_BYTES (at least k and 256)."""
+    chunk = CHUNK_BYTES // (max(n, 1) * itemsize)
     chunk = max(chunk // 256 * 256, 256, k)
     return min(chunk, m)
 
 
-def _keys(acts: Tensor, first_index: int) -> Tensor:
-    """int64 keys ordering (value desc, index asc) for acts >= 0.  (n, c) -> (n, c)."""
-    bits = acts.float().view(torch.int32).to(torch.int64) & 0x7FFFFFFF  # drops the sign of -0.0
-    index = torch.arange(first_index, first_index + acts.shape[1], device=acts.device)
-    return (bits << 32) | (_LOW32 - index)
-
-
-def _unkey(keys: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Inverse of _keys: int64 keys -> values in dtype, int64 indices."""
-    values = (keys >> 32).to(torch.int32).view(torch.float32).to(dtype)
-    return values, _LOW32 - (keys & _LOW32)
-
-
-def _stable_merge(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Canonical top-k of candidates already in index order for equal values."""
-    values, order = torch.sort(values, dim=1, descending=True, stable=True)
+def _canonical_merge(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of candidate lists (n, w) in canonical order: by index, then stably by value."""
+    indices, by_index = indices.sort(dim=1)
+    values, order = values.gather(1, by_index).sort(dim=1, descending=True, stable=True)
     return values[:, :k], indices.gather(1, order[:, :k])
+
+
+def _chunk_candidates(acts: Tensor, start: int, k: int) -> tuple[Tensor, Tensor]:
+    """A chunk's top min(k, c) of acts (n, c) >= 0, exact for positive values -> (n, <=k) x2."""
+    n, c = acts.shape
+    if c <= k:
+        return acts, torch.arange(start, start + c, device=acts.device).expand(n, c)
+    values, pos = acts.topk(k + 1, dim=1)
+    tied = (values[:, k - 1] == values[:, k]) & (values[:, k - 1] > 0)
+    values, pos = values[:, :k], pos[:, :k]
+    if bool(tied.any()):
+        # The chunk's columns are in index order, so a stable sort breaks ties canonically.
+        rows = tied.nonzero().squeeze(1)
+        row_values, row_pos = acts[rows].sort(dim=1, descending=True, stable=True)
+        values[rows], pos[rows] = row_values[:, :k], row_pos[:, :k]
+    return values, pos + start
+
+
+def _zero_fill(values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Replace non-positive entries (a suffix of each row) by 0 at the lowest unused indices."""
+    n, k = values.shape
+    keep = ~(values <= 0)  # NaN stays visible
+    slot = torch.where(keep & (indices < k), indices, k)
+    used = torch.zeros(n, k + 1, dtype=torch.int8, device=values.device).scatter_(1, slot, 1)
+    free = used[:, :k].sort(dim=1, stable=True).indices  # unused indices < k, ascending
+    rank = torch.arange(k, device=values.device) - keep.sum(dim=1, keepdim=True)
+    fill = free.gather(1, rank.clamp_min(0))
+    return torch.where(keep, values, 0.0), torch.where(keep, indices, fill)
 
 
 def topk_forward(
@@ -54,28 +70,19 @@ def topk_forward(
 ) -> tuple[Tensor, Tensor]:
     """Chunked encoder forward.  x: (n, d) -> values (n, k) in x.dtype, indices (n, k) int64."""
     n, m = x.shape[0], W_enc.shape[0]
-    chunk = auto_chunk_size(n, m, k) if chunk_size is None else max(chunk_size, k)
+    chunk = auto_chunk_size(n, m, k, x.element_size()) if chunk_size is None else chunk_size
+    chunk = max(chunk, k)
     xc = x - b_dec
-    exact_keys = x.dtype != torch.float64
-    best_keys = best_values = best_indices = None
+    values = indices = None
     for start in range(0, m, chunk):
         stop = min(start + chunk, m)
         acts = torch.addmm(b_enc[start:stop], xc, W_enc[start:stop].T).relu_()
-        if exact_keys:
-            keys = _keys(acts, start).topk(min(k, stop - start), dim=1).values
-            if best_keys is not None:
-                keys = torch.cat([best_keys, keys], dim=1).topk(k, dim=1).values
-            best_keys = keys
-        else:
-            # Earlier chunks hold lower indices, so [best, chunk] is in index order for ties.
-            index = torch.arange(start, stop, device=x.device).expand(n, -1)
-            if best_values is not None:
-                acts = torch.cat([best_values, acts], dim=1)
-                index = torch.cat([best_indices, index], dim=1)
-            best_values, best_indices = _stable_merge(acts, index, k)
-    if exact_keys:
-        return _unkey(best_keys, x.dtype)
-    return best_values, best_indices
+        chunk_values, chunk_indices = _chunk_candidates(acts, start, k)
+        if values is not None:
+            chunk_values = torch.cat([values, chunk_values], dim=1)
+            chunk_indices = torch.cat([indices, chunk_indices], dim=1)
+        values, indices = _canonical_merge(chunk_values, chunk_indices, k)
+    return _zero_fill(values, indices)
 
 
 class TorchEncodeTopK(torch.autograd.Function):

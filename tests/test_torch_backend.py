@@ -172,3 +172,13 @@ def test_no_dense_latent_matrix_forward_or_backward():
     with _LargestTensor() as dense:
         ref.encode_topk(case.x, case.W_enc, case.b_enc, case.b_dec, k)
     assert dense.largest == n * m  # the probe does see a dense encoder's matrix
+
+
+def test_nan_activations_stay_visible():
+    """A NaN input row must not come out as a clean zero code."""
+    case = separated_case(4, 8, 40, 3, seed=6).to(torch.float32)
+    x = case.x.clone()
+    x[2, 0] = float("nan")
+    values, _ = ops.encode_topk(x, case.W_enc, case.b_enc, case.b_dec, 3, chunk_size=16)
+    assert values[2].isnan().any()
+    assert not values[[0, 1, 3]].isnan().any()
