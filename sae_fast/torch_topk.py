@@ -8,7 +8,8 @@ lower index) at the cost of small sorts only:
 - candidates merge by a sort on latent index then a stable sort on value, over (n, 2k);
 - zero values are only padding: at the end, rows with fewer than k positive values get the
   lowest latent indices not already used, which all lie in [0, k).
-Backward touches only the n*k selected pairs (see sparse_pairs).
+Backward touches only the n*k selected pairs: grad x is a gather-sum of W_enc rows, and
+grad W_enc is that gather-sum's own sparse weight gradient.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .sparse_pairs import gather_sum, scatter_rows, scatter_values
+from .torch_decode import gather_sum
 
 # Extra bytes the encoder may use for one chunk of pre-activations.
 CHUNK_BYTES = 64 << 20
@@ -99,20 +100,28 @@ class TorchEncodeTopK(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_values, _grad_indices):
         x, W_enc, b_dec, values, indices = ctx.saved_tensors
-        m = W_enc.shape[0]
+        need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[:4]
         # ReLU passes gradient only where the selected value is positive; zero fills get none.
         grad_pre = grad_values * (values > 0)
         grad_x = grad_W_enc = grad_b_enc = grad_b_dec = None
-        if ctx.needs_input_grad[1]:
-            grad_W_enc = scatter_rows(indices, grad_pre, x - b_dec, m).to(W_enc.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_b_enc = scatter_values(indices, grad_pre, m).to(W_enc.dtype)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
-            grad_xc = gather_sum(indices, grad_pre, W_enc)
-            if ctx.needs_input_grad[0]:
-                grad_x = grad_xc.to(x.dtype)
-            if ctx.needs_input_grad[3]:
-                grad_b_dec = -grad_xc.sum(dim=0).to(b_dec.dtype)
+        if need_b_enc:
+            acc = torch.promote_types(W_enc.dtype, torch.float32)
+            grad_b_enc = torch.zeros(W_enc.shape[0], dtype=acc, device=W_enc.device)
+            grad_b_enc.index_add_(0, indices.reshape(-1), grad_pre.reshape(-1).to(acc))
+            grad_b_enc = grad_b_enc.to(W_enc.dtype)
+        if need_x or need_W or need_b_dec:
+            # grad_xc[t] = sum_j grad_pre[t, j] W_enc[idx[t, j]]. The weight gradient of that
+            # gather-sum against (x - b_dec) is grad W_enc: per pair, grad_pre * (x - b_dec).
+            with torch.enable_grad():
+                W = W_enc.detach().requires_grad_(need_W)
+                grad_xc = gather_sum(indices, grad_pre, W)
+                if need_W:
+                    (grad_W_enc,) = torch.autograd.grad(grad_xc, W, x - b_dec)
+            grad_xc = grad_xc.detach()
+            if need_x:
+                grad_x = grad_xc
+            if need_b_dec:
+                grad_b_dec = -grad_xc.sum(dim=0)
         return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None
 
 
