@@ -201,6 +201,19 @@ class SparseAutoencoder(nn.Module):
         self.W_dec /= torch.where(norms > 0, norms, torch.ones_like(norms))
 
     @torch.no_grad()
+    def remove_parallel_decoder_grad_(self) -> None:
+        """Drop from W_dec.grad each row's component along its decoder row (Gao et al. 2024).
+
+        With unit-norm rows renormalised after each step, that component would only change
+        the norm, which the renormalisation undoes.
+        """
+        if self.W_dec.grad is None:
+            return
+        norms = self.W_dec.norm(dim=1, keepdim=True)
+        unit = self.W_dec / torch.where(norms > 0, norms, torch.ones_like(norms))
+        self.W_dec.grad -= (self.W_dec.grad * unit).sum(dim=1, keepdim=True) * unit
+
+    @torch.no_grad()
     def set_b_dec_from_data(
         self, x: Tensor, method: str = "geometric_median", max_iter: int = 100
     ) -> None:

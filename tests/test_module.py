@@ -127,6 +127,23 @@ def test_normalize_decoder():
     assert norms[0] == 0
 
 
+def test_remove_parallel_decoder_grad():
+    sae = make("topk")
+    x = torch.randn(9, 6, dtype=torch.float64)
+    sae.remove_parallel_decoder_grad_()  # no gradient yet: nothing to do
+    ref.mse(x, sae(x).x_hat).backward()
+    before = sae.W_dec.grad.clone()
+    sae.remove_parallel_decoder_grad_()
+    unit = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(
+        (sae.W_dec.grad * unit).sum(dim=1), torch.zeros(sae.n_latents, dtype=torch.float64)
+    )
+    # Only the parallel part went: what is left plus it gives the original gradient back.
+    parallel = (before * unit).sum(dim=1, keepdim=True) * unit
+    torch.testing.assert_close(sae.W_dec.grad + parallel, before)
+    assert sae.W_dec.grad.abs().sum() > 0
+
+
 def test_b_dec_from_data():
     sae = SparseAutoencoder(2, 8, k=2, dtype=torch.float64)
     x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [10.0, 10.0]], dtype=torch.float64)

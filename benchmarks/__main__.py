@@ -1,0 +1,140 @@
+"""Command line of the benchmark suite.
+
+    python -m benchmarks run --preset cpu                     # every suite, every implementation
+    python -m benchmarks run --suite train_step --preset gpu --impls sae_fast,sparsify
+    python -m benchmarks run --preset cpu --m 98304 --out /tmp/bench
+    python -m benchmarks run --preset gpu-large --suite memory   # largest m each can train
+
+Writes <out>/<preset>-<time>.json, .md and .png and prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sae_fast
+
+from . import presets, report, suites
+from .impls import PEERS
+
+
+def _progress(line: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+
+def _csv_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run suites and write JSON, markdown and a plot")
+    run.add_argument("--suite", default="all", choices=[*suites.SUITES, "all"])
+    run.add_argument("--preset", default="cpu", choices=sorted(presets.PRESETS))
+    for name in ("n", "d", "m", "k"):
+        run.add_argument(f"--{name}", type=int, help=f"override the preset's {name}")
+    run.add_argument("--dtype", choices=sorted(presets.DTYPES), help="override the preset's dtype")
+    run.add_argument("--m-sweep", type=_csv_ints, help="latent counts to probe for OOM (memory)")
+    run.add_argument(
+        "--backends",
+        help="sae_fast backends to run, comma-separated (default: every one that can run here)",
+    )
+    run.add_argument(
+        "--impls",
+        default="sae_fast," + ",".join(PEERS),
+        help="implementations, comma-separated, from: sae_fast," + ",".join(PEERS),
+    )
+    run.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up")
+    run.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="output folder")
+    sub.add_parser("_child", help=argparse.SUPPRESS).add_argument("spec")
+    return ap
+
+
+def implementations(args: argparse.Namespace, device: str) -> list[str]:
+    """Implementation names to run; an unknown backend or implementation is an error."""
+    known = sae_fast.backends.registered()
+    if args.backends:
+        backends = args.backends.split(",")
+        for b in backends:
+            if b not in known:
+                raise ValueError(f"--backends: unknown backend {b!r}; known: {known}")
+    else:
+        backends = [b for b, why in sae_fast.backend_status(device).items() if why is None]
+    names = []
+    for impl in args.impls.split(","):
+        if impl == "sae_fast":
+            names += [f"sae_fast[{b}]" for b in backends]
+        elif impl in PEERS:
+            names.append(impl)
+        else:
+            raise ValueError(f"--impls: unknown implementation {impl!r}; known: sae_fast, {PEERS}")
+    return names
+
+
+def run(args: argparse.Namespace) -> dict:
+    p = presets.resolve(
+        args.preset,
+        n=args.n,
+        d=args.d,
+        m=args.m,
+        k=args.k,
+        dtype=args.dtype,
+        m_sweep=args.m_sweep,
+    )
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    names = implementations(args, p.device)
+    chosen = suites.SUITES if args.suite == "all" else (args.suite,)
+    if p.m_sweep and chosen != ("memory",):
+        raise ValueError("an m sweep (preset gpu-large or --m-sweep) runs with --suite memory only")
+    torch.manual_seed(0)
+    records = []
+    for suite in chosen:
+        if suite == "memory":
+            records += suites.memory(p, names, _progress)
+        else:
+            records += getattr(suites, suite)(p, names, args.repeats, _progress)
+    return {
+        "preset": p.__dict__ | {"m_sweep": list(p.m_sweep)},
+        "suites": list(chosen),
+        "repeats": args.repeats,
+        "env": report.environment(p.device),
+        "records": records,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "_child":
+        print(json.dumps(suites.memory_child(json.loads(args.spec))))
+        return 0
+    try:
+        result = run(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{result['preset']['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    table = report.markdown(result)
+    report.write_json(stem.with_suffix(".json"), result)
+    stem.with_suffix(".md").write_text(table + "\n")
+    report.plot(stem.with_suffix(".png"), result)
+    print(table)
+    print(f"\nwrote {stem}.json, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,259 @@
+"""The TopK SAEs under test: sae_fast per backend, the dense reference, and the real peers.
+
+Each implementation is built from the same weights and offers the same passes: encode (no
+grad), decode (no grad), forward (x -> x_hat), loss (differentiable) and train_step (forward,
+backward, Adam, and the decoder-norm handling that library does in its own trainer):
+- sae_fast and reference: loss = FVU; the gradient parallel to each decoder row is removed
+  before Adam and the rows are renormalised after it (Gao et al. 2024).
+- sparsify (EleutherAI `eai-sparsify`, SparseCoder): as its Trainer does: rows set to unit
+  norm, loss = fvu, parallel gradient removed, Adam.
+- SAELens (`sae-lens`, TopKTrainingSAE): as its SAETrainer does: training_forward_pass loss
+  (summed squared error, mean over tokens), gradient norm clipped to 1, Adam; it rescales
+  activations by decoder norms instead of renormalising.
+No AuxK: every latent is alive, so all compute the same function.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import sae_fast
+from sae_fast import reference as ref
+
+LR = 1e-4
+
+
+@dataclass
+class Weights:
+    """Shared parameters in sae_fast's layout: W_enc, W_dec (m, d); b_enc (m,); b_dec (d,)."""
+
+    W_enc: Tensor
+    b_enc: Tensor
+    W_dec: Tensor
+    b_dec: Tensor
+
+    @classmethod
+    def random(cls, d: int, m: int, dtype: torch.dtype, device: str, seed: int = 0) -> Weights:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        W_dec = torch.randn(m, d, generator=g)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        b_enc = 0.01 * torch.randn(m, generator=g)
+        b_dec = 0.1 * torch.randn(d, generator=g)
+        tensors = (W_dec.clone(), b_enc, W_dec, b_dec)
+        return cls(*(t.to(device, dtype) for t in tensors))
+
+
+def activations(n: int, d: int, dtype: torch.dtype, device: str, seed: int = 1) -> Tensor:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(n, d, generator=g).to(device, dtype)
+
+
+class Impl:
+    """One TopK SAE implementation; build() before the passes."""
+
+    name: str
+    package: str | None = None  # the PyPI distribution a peer comes from
+
+    def why_not(self, device: str) -> str | None:
+        """None if this implementation can run on device, else the reason."""
+        if self.package and importlib.util.find_spec(self.module) is None:
+            return f"{self.package} is not installed (pip install -e '.[bench]', see README)"
+        return None
+
+    def version(self) -> str | None:
+        return importlib.metadata.version(self.package) if self.package else sae_fast.__version__
+
+    def build(self, w: Weights, k: int) -> None:
+        raise NotImplementedError
+
+    def encode(self, x: Tensor):
+        raise NotImplementedError
+
+    def decode(self, code) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def loss(self, x: Tensor) -> Tensor:
+        """The training loss this library uses, differentiable."""
+        raise NotImplementedError
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train_step(self, x: Tensor) -> None:
+        raise NotImplementedError
+
+
+class _GaoStep(Impl):
+    """FVU loss, parallel-gradient removal, Adam, renormalised decoder rows."""
+
+    def build_optimizer(self) -> None:
+        self.params = [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
+        self.optimizer = torch.optim.Adam(self.params, lr=LR)
+
+    def loss(self, x: Tensor) -> Tensor:
+        return ref.fvu(x, self.decode(self.encode(x)))
+
+    def train_step(self, x: Tensor) -> None:
+        self.loss(x).backward()
+        self.fix_decoder_grad()
+        self.optimizer.step()
+        self.zero_grad()
+        self.renormalise()
+
+
+class SaeFast(_GaoStep):
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.name = f"sae_fast[{backend}]"
+
+    def why_not(self, device: str) -> str | None:
+        return sae_fast.backend_status(device).get(self.backend, "not registered")
+
+    def build(self, w: Weights, k: int) -> None:
+        m, d = w.W_enc.shape
+        sae = sae_fast.SparseAutoencoder(
+            d, m, k=k, dtype=w.W_enc.dtype, device=w.W_enc.device, backend=self.backend
+        )
+        sae.load_state_dict(
+            {"W_enc": w.W_enc, "b_enc": w.b_enc, "W_dec": w.W_dec, "b_dec": w.b_dec}
+        )
+        self.sae = sae
+        self.W_enc, self.b_enc, self.W_dec, self.b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
+        self.build_optimizer()
+        self.fix_decoder_grad = sae.remove_parallel_decoder_grad_
+        self.renormalise = sae.normalize_decoder_
+
+    def encode(self, x: Tensor):
+        return self.sae.encode(x)
+
+    def decode(self, code) -> Tensor:
+        return self.sae.decode(code)
+
+
+class Reference(SaeFast):
+    """The dense oracle with the same training step as sae_fast."""
+
+    name = "reference"
+
+    def __init__(self) -> None:
+        self.backend = "torch"
+
+    def why_not(self, device: str) -> str | None:
+        return None
+
+    def encode(self, x: Tensor):
+        return ref.encode_topk(x, self.W_enc, self.b_enc, self.b_dec, self.sae.k)
+
+    def decode(self, code) -> Tensor:
+        return ref.decode(*code, self.W_dec, self.b_dec)
+
+
+class Sparsify(Impl):
+    name = "sparsify"
+    package = "eai-sparsify"
+    module = "sparsify"
+
+    def build(self, w: Weights, k: int) -> None:
+        if w.W_enc.device.type == "cpu":
+            # Its Triton decoder cannot take CPU tensors; this selects its eager one.
+            os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        m, d = w.W_enc.shape
+        cfg = SparseCoderConfig(num_latents=m, k=k)
+        sae = SparseCoder(d, cfg, device=w.W_enc.device, dtype=w.W_enc.dtype)
+        with torch.no_grad():
+            sae.encoder.weight.copy_(w.W_enc)
+            sae.encoder.bias.copy_(w.b_enc)
+            sae.W_dec.copy_(w.W_dec)
+            sae.b_dec.copy_(w.b_dec)
+        self.sae = sae
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=LR)
+
+    def encode(self, x: Tensor):
+        return self.sae.encode(x)
+
+    def decode(self, code) -> Tensor:
+        return self.sae.decode(code.top_acts, code.top_indices)
+
+    def loss(self, x: Tensor) -> Tensor:
+        return self.sae(x).fvu
+
+    def train_step(self, x: Tensor) -> None:
+        self.sae.set_decoder_norm_to_unit_norm()
+        self.loss(x).backward()
+        self.sae.remove_gradient_parallel_to_decoder_directions()
+        self.optimizer.step()
+        self.zero_grad()
+
+
+class SAELens(Impl):
+    name = "saelens"
+    package = "sae-lens"
+    module = "sae_lens"
+
+    def build(self, w: Weights, k: int) -> None:
+        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+        m, d = w.W_enc.shape
+        cfg = TopKTrainingSAEConfig(
+            d_in=d,
+            d_sae=m,
+            k=k,
+            dtype=str(w.W_enc.dtype).removeprefix("torch."),
+            device=str(w.W_enc.device),
+        )
+        sae = TopKTrainingSAE(cfg)
+        with torch.no_grad():
+            sae.W_enc.copy_(w.W_enc.T)  # SAELens stores W_enc as (d, m)
+            sae.b_enc.copy_(w.b_enc)
+            sae.W_dec.copy_(w.W_dec)
+            sae.b_dec.copy_(w.b_dec)
+        self.sae = sae
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=LR)
+
+    def encode(self, x: Tensor):
+        return self.sae.encode(x)
+
+    def decode(self, code) -> Tensor:
+        return self.sae.decode(code)
+
+    def loss(self, x: Tensor) -> Tensor:
+        from sae_lens.saes.sae import TrainStepInput
+
+        step = TrainStepInput(
+            sae_in=x,
+            coefficients={},
+            dead_neuron_mask=None,
+            n_training_steps=0,
+            is_logging_step=False,
+        )
+        return self.sae.training_forward_pass(step).loss
+
+    def train_step(self, x: Tensor) -> None:
+        self.loss(x).backward()
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
+        self.optimizer.step()
+        self.zero_grad()
+
+
+PEERS = ("reference", "sparsify", "saelens")
+
+
+def make(name: str) -> Impl:
+    """An implementation by name: sae_fast[BACKEND], reference, sparsify or saelens."""
+    if name.startswith("sae_fast[") and name.endswith("]"):
+        return SaeFast(name[len("sae_fast[") : -1])
+    factories = {"reference": Reference, "sparsify": Sparsify, "saelens": SAELens}
+    if name not in factories:
+        raise ValueError(f"unknown implementation {name!r}")
+    return factories[name]()

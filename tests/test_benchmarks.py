@@ -1,0 +1,127 @@
+"""The benchmark suite end to end on the smoke preset, its checks and its errors."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from benchmarks import __main__ as cli
+from benchmarks import impls, measure, presets, suites
+
+
+def run_cli(tmp_path, *args: str) -> dict:
+    out = tmp_path / "out"
+    assert cli.main(["run", "--preset", "smoke", "--repeats", "1", "--out", str(out), *args]) == 0
+    (json_file,) = out.glob("*.json")
+    assert json_file.with_suffix(".png").stat().st_size > 1000
+    assert "| suite | pass | impl |" in json_file.with_suffix(".md").read_text()
+    return json.loads(json_file.read_text())
+
+
+def test_smoke_run_all_suites(tmp_path, capsys):
+    run = run_cli(tmp_path, "--impls", "sae_fast,reference")
+    assert run["preset"]["name"] == "smoke" and run["suites"] == list(suites.SUITES)
+    assert run["env"]["threads"] == torch.get_num_threads()
+    assert run["env"]["versions"]["torch"] == importlib.metadata.version("torch")
+    ok = {(r["suite"], r["pass"], r["impl"]) for r in run["records"] if r["status"] == "ok"}
+    for impl in ("sae_fast[torch]", "reference"):
+        for pass_ in suites.OPS_PASSES:
+            assert ("ops", pass_, impl) in ok
+        assert ("train_step", "train_step", impl) in ok
+        for pass_ in suites.MEMORY_PASSES:
+            assert ("memory", pass_, impl) in ok
+    floors = [r for r in run["records"] if r["impl"] == "floor"]
+    assert {r["suite"] for r in floors} == {"ops", "train_step"}
+    for r in run["records"]:
+        if "ms" in r and r["impl"] != "floor":
+            floor = next(f["ms"] for f in floors if f["suite"] == r["suite"])
+            assert r["x_floor"] == pytest.approx(r["ms"] / floor)
+        if r["suite"] == "memory":
+            assert r["peak_mib"] >= 0
+    assert "| train_step | train_step | sae_fast[torch] |" in capsys.readouterr().out
+
+
+def test_missing_peer_is_reported_as_skipped(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "sparsify" else real(name, *a)
+    )
+    run = run_cli(tmp_path, "--suite", "train_step", "--impls", "sparsify")
+    (record,) = [r for r in run["records"] if r["impl"] == "sparsify"]
+    assert record["status"] == "skipped"
+    assert "eai-sparsify is not installed" in record["reason"]
+
+
+class _Wrong(impls.Reference):
+    """A library that computes another function: it must not be timed."""
+
+    name = "wrong"
+
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+def test_an_implementation_that_differs_is_not_timed(monkeypatch):
+    monkeypatch.setattr(suites, "make", lambda name: _Wrong())
+    p = presets.resolve("smoke")
+    (record,) = [r for r in suites.train_step(p, ["wrong"], 1, print) if r["impl"] == "wrong"]
+    assert record["status"] == "mismatch" and "ms" not in record
+    assert "x_hat differs from sae_fast's in 64 of 64 rows" in record["reason"]
+
+
+def test_m_sweep_records_each_m(tmp_path):
+    run = run_cli(tmp_path, "--suite", "memory", "--impls", "sae_fast", "--m-sweep", "64,128")
+    assert [(r["m"], r["pass"], r["status"]) for r in run["records"]] == [
+        (64, "train_step", "ok"),
+        (128, "train_step", "ok"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backends", "cudnn"], "--backends: unknown backend 'cudnn'"),
+        (
+            ["--impls", "sae_fast,dictionary_learning"],
+            "unknown implementation 'dictionary_learning'",
+        ),
+        (["--k", "300"], "k=300 must not exceed the number of latents"),
+        (["--m-sweep", "64"], "runs with --suite memory only"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+    ],
+)
+def test_clear_errors(tmp_path, capsys, args, message):
+    assert cli.main(["run", "--preset", "smoke", "--out", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--suite", "speed"), ("--preset", "tpu")])
+def test_unknown_suite_or_preset(capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["run", flag, value])
+    assert exit_info.value.code == 2
+    assert f"invalid choice: '{value}'" in capsys.readouterr().err
+
+
+def test_gpu_presets_need_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="runs on CUDA, and no CUDA device is available"):
+        presets.resolve("gpu")
+
+
+def test_presets_hold_the_issue_shapes():
+    cpu, gpu, large = (presets.PRESETS[n] for n in ("cpu", "gpu", "gpu-large"))
+    assert (cpu.n, cpu.d, cpu.m, cpu.k, cpu.dtype) == (2048, 768, 24576, 32, "fp32")
+    assert (gpu.n, gpu.d, gpu.m, gpu.k, gpu.dtype) == (8192, 2304, 65536, 64, "bf16")
+    assert large.d == 768 and max(large.m_sweep) == 1 << 20
+
+
+def test_is_oom():
+    assert measure.is_oom(torch.OutOfMemoryError("CUDA out of memory"))
+    assert measure.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate: out of memory"))
+    assert not measure.is_oom(RuntimeError("shape mismatch"))
