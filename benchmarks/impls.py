@@ -4,9 +4,9 @@ Each implementation is built from the same weights and offers the same passes: e
 grad), decode (no grad), forward (x -> x_hat), loss (differentiable) and train_step (forward,
 backward, Adam, and the decoder-norm handling that library does in its own trainer):
 - sae_fast and reference: loss = FVU; the gradient parallel to each decoder row is removed
-  before Adam and the rows are renormalised after it (Gao et al. 2024).
+  before Adam (fused) and the rows are renormalised after it (Gao et al. 2024).
 - sparsify (EleutherAI `eai-sparsify`, SparseCoder): as its Trainer does: rows set to unit
-  norm, loss = fvu, parallel gradient removed, Adam.
+  norm, loss = fvu, parallel gradient removed, torch's default Adam.
 - SAELens (`sae-lens`, TopKTrainingSAE): as its SAETrainer does: training_forward_pass loss
   (summed squared error, mean over tokens), gradient norm clipped to 1, Adam; it rescales
   activations by decoder norms instead of renormalising.
@@ -93,11 +93,12 @@ class Impl:
 
 
 class _GaoStep(Impl):
-    """FVU loss, parallel-gradient removal, Adam, renormalised decoder rows."""
+    """FVU loss, parallel-gradient removal, fused Adam, renormalised decoder rows."""
 
     def build_optimizer(self) -> None:
         self.params = [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
-        self.optimizer = torch.optim.Adam(self.params, lr=LR)
+        # One fused kernel for all parameters (CPU and CUDA): sae_fast's training default.
+        self.optimizer = torch.optim.Adam(self.params, lr=LR, fused=True)
 
     def loss(self, x: Tensor) -> Tensor:
         return ref.fvu(x, self.decode(self.encode(x)))

@@ -207,11 +207,14 @@ class SparseAutoencoder(nn.Module):
         With unit-norm rows renormalised after each step, that component would only change
         the norm, which the renormalisation undoes.
         """
-        if self.W_dec.grad is None:
+        grad, W = self.W_dec.grad, self.W_dec
+        if grad is None:
             return
-        norms = self.W_dec.norm(dim=1, keepdim=True)
-        unit = self.W_dec / torch.where(norms > 0, norms, torch.ones_like(norms))
-        self.W_dec.grad -= (self.W_dec.grad * unit).sum(dim=1, keepdim=True) * unit
+        # Row dot products by batched matmul: no (m, d) temporaries in this memory-bound step.
+        dot = torch.bmm(grad.unsqueeze(1), W.unsqueeze(2)).view(-1, 1)
+        norm_sq = torch.bmm(W.unsqueeze(1), W.unsqueeze(2)).view(-1, 1)
+        coef = torch.where(norm_sq > 0, dot / norm_sq, torch.zeros_like(dot))
+        grad.addcmul_(W, coef, value=-1)
 
     @torch.no_grad()
     def set_b_dec_from_data(

@@ -75,9 +75,12 @@ def topk_forward(
     chunk = max(chunk, k)
     xc = x - b_dec
     values = indices = None
+    # One buffer for every chunk: fresh large allocations cost a page fault per page.
+    buffer = torch.empty(n * min(chunk, m), dtype=x.dtype, device=x.device)
     for start in range(0, m, chunk):
         stop = min(start + chunk, m)
-        acts = torch.addmm(b_enc[start:stop], xc, W_enc[start:stop].T).relu_()
+        acts = buffer[: n * (stop - start)].view(n, stop - start)
+        torch.addmm(b_enc[start:stop], xc, W_enc[start:stop].T, out=acts).relu_()
         chunk_values, chunk_indices = _chunk_candidates(acts, start, k)
         if values is not None:
             chunk_values = torch.cat([values, chunk_values], dim=1)
