@@ -1,7 +1,8 @@
 """The suites: ops, train_step, memory. Each returns records (one dict per figure).
 
-A record: {"suite", "pass", "impl", "status", ...}; status "ok" carries "ms" and "x_floor"
-(time over the dense encoder GEMM x @ W_enc.T timed in the same process) or "peak_mib";
+A record: {"suite", "pass", "impl", "status", ...}; status "ok" carries "ms", "floor_ms" and
+"x_floor" (time over the dense encoder GEMM x @ W_enc.T, timed in the same process just before
+the figure, so both see the same machine state) or "peak_mib";
 other statuses ("skipped", "mismatch", "oom", "error") carry "reason".
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -88,9 +90,8 @@ def _prepared(suite: str, names: list[str], p: Preset, progress: Progress):
 
 def ops(p: Preset, names: list[str], repeats: int, progress: Progress) -> list[dict]:
     """encode and decode (no grad), and forward + backward of each library's loss."""
-    records, floor = [], None
+    records, floors = [], []
     for name, impl, x, w, (status, reason) in _prepared("ops", names, p, progress):
-        floor = floor or floor_ms(p, w, x, repeats)
         if impl is None:
             records += [_record("ops", ps, name, status, reason=reason) for ps in OPS_PASSES]
             continue
@@ -110,9 +111,8 @@ def ops(p: Preset, names: list[str], repeats: int, progress: Progress) -> list[d
             impl.zero_grad()
 
         for pass_, fn in zip(OPS_PASSES, (encode, decode, forward_backward), strict=True):
-            ms = median_ms(fn, p.device, repeats)
-            records.append(_record("ops", pass_, name, "ok", ms=ms, x_floor=ms / floor))
-    return _with_floor(records, "ops", floor)
+            records.append(_timed("ops", pass_, name, fn, p, w, x, repeats, floors))
+    return _with_floor(records, "ops", floors)
 
 
 OPS_PASSES = ("encode", "decode", "forward+backward")
@@ -120,21 +120,33 @@ OPS_PASSES = ("encode", "decode", "forward+backward")
 
 def train_step(p: Preset, names: list[str], repeats: int, progress: Progress) -> list[dict]:
     """Forward + backward + Adam step + each library's decoder-norm handling."""
-    records, floor = [], None
+    records, floors = [], []
     for name, impl, x, w, (status, reason) in _prepared("train_step", names, p, progress):
-        floor = floor or floor_ms(p, w, x, repeats)
         if impl is None:
             records.append(_record("train_step", "train_step", name, status, reason=reason))
             continue
-        ms = median_ms(lambda impl=impl, x=x: impl.train_step(x), p.device, repeats)
-        records.append(_record("train_step", "train_step", name, "ok", ms=ms, x_floor=ms / floor))
-    return _with_floor(records, "train_step", floor)
+
+        def step(impl=impl, x=x):
+            impl.train_step(x)
+
+        records.append(_timed("train_step", "train_step", name, step, p, w, x, repeats, floors))
+    return _with_floor(records, "train_step", floors)
 
 
-def _with_floor(records: list[dict], suite: str, floor: float | None) -> list[dict]:
-    if floor is None:
+def _timed(suite, pass_, name, fn, p, w, x, repeats, floors: list[float]) -> dict:
+    """Time fn next to a fresh timing of the floor, so both see the same machine state."""
+    floor = floor_ms(p, w, x, repeats)
+    floors.append(floor)
+    ms = median_ms(fn, p.device, repeats)
+    return _record(suite, pass_, name, "ok", ms=ms, floor_ms=floor, x_floor=ms / floor)
+
+
+def _with_floor(records: list[dict], suite: str, floors: list[float]) -> list[dict]:
+    """Prepend the floor: the median of the floor timings taken beside each figure."""
+    if not floors:
         return records
-    return [_record(suite, "dense encoder GEMM", "floor", "ok", ms=floor, x_floor=1.0), *records]
+    floor = _record(suite, "dense encoder GEMM", "floor", "ok", ms=statistics.median(floors))
+    return [{**floor, "x_floor": 1.0}, *records]
 
 
 MEMORY_PASSES = ("encode", "train_step")

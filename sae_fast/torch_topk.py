@@ -39,7 +39,10 @@ def _canonical_merge(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, T
 
 
 def _chunk_candidates(acts: Tensor, start: int, k: int) -> tuple[Tensor, Tensor]:
-    """A chunk's top min(k, c) of acts (n, c) >= 0, exact for positive values -> (n, <=k) x2."""
+    """A chunk's top min(k, c) of pre-activations (n, c), exact for positive values.
+
+    Non-positive values may come out in any order; _zero_fill replaces them.
+    """
     n, c = acts.shape
     if c <= k:
         return acts, torch.arange(start, start + c, device=acts.device).expand(n, c)
@@ -55,7 +58,7 @@ def _chunk_candidates(acts: Tensor, start: int, k: int) -> tuple[Tensor, Tensor]
 
 
 def _zero_fill(values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
-    """Replace non-positive entries (a suffix of each row) by 0 at the lowest unused indices."""
+    """ReLU: non-positive entries (a suffix of each row) become 0 at the lowest unused indices."""
     n, k = values.shape
     keep = ~(values <= 0)  # NaN stays visible
     slot = torch.where(keep & (indices < k), indices, k)
@@ -80,7 +83,9 @@ def topk_forward(
     for start in range(0, m, chunk):
         stop = min(start + chunk, m)
         acts = buffer[: n * (stop - start)].view(n, stop - start)
-        torch.addmm(b_enc[start:stop], xc, W_enc[start:stop].T, out=acts).relu_()
+        # No ReLU pass over the chunk: only positive values survive _zero_fill, and ReLU
+        # keeps their order.
+        torch.addmm(b_enc[start:stop], xc, W_enc[start:stop].T, out=acts)
         chunk_values, chunk_indices = _chunk_candidates(acts, start, k)
         if values is not None:
             chunk_values = torch.cat([values, chunk_values], dim=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import statistics
 
 import pytest
 import torch
@@ -36,10 +37,13 @@ def test_smoke_run_all_suites(tmp_path, capsys):
             assert ("memory", pass_, impl) in ok
     floors = [r for r in run["records"] if r["impl"] == "floor"]
     assert {r["suite"] for r in floors} == {"ops", "train_step"}
+    for suite in ("ops", "train_step"):
+        timed = [r for r in run["records"] if r["suite"] == suite and r["impl"] != "floor"]
+        for r in timed:  # each figure is divided by the floor timed beside it
+            assert r["x_floor"] == pytest.approx(r["ms"] / r["floor_ms"])
+        floor = next(f["ms"] for f in floors if f["suite"] == suite)
+        assert floor == pytest.approx(statistics.median(r["floor_ms"] for r in timed))
     for r in run["records"]:
-        if "ms" in r and r["impl"] != "floor":
-            floor = next(f["ms"] for f in floors if f["suite"] == r["suite"])
-            assert r["x_floor"] == pytest.approx(r["ms"] / floor)
         if r["suite"] == "memory":
             assert r["peak_mib"] >= 0
     assert "| train_step | train_step | sae_fast[torch] |" in capsys.readouterr().out
