@@ -4,6 +4,7 @@
     python -m benchmarks run --suite train_step --preset gpu --impls sae_fast,sparsify
     python -m benchmarks run --preset cpu --m 98304 --out /tmp/bench
     python -m benchmarks run --preset gpu-large --suite memory   # largest m each can train
+    python -m benchmarks table benchmarks/results/*.json        # the README's summary table
 
 Writes <out>/<preset>-<time>.json, .md and .png and prints the markdown table.
 """
@@ -58,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up")
     run.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="output folder")
+    table = sub.add_parser("table", help="summary table of committed runs (for READMEs)")
+    table.add_argument("files", nargs="+", type=Path, help="run JSON files")
     sub.add_parser("_child", help=argparse.SUPPRESS).add_argument("spec")
     return ap
 
@@ -119,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "_child":
         print(json.dumps(suites.memory_child(json.loads(args.spec))))
+        return 0
+    if args.command == "table":
+        print(report.summary({f.name: json.loads(f.read_text()) for f in args.files}))
         return 0
     try:
         result = run(args)

@@ -14,18 +14,27 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn in ms over repeats calls, after warmup calls (device synced)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
+def paired_ms(
+    fn: Callable[[], object], floor: Callable[[], object], device: str, repeats: int
+) -> tuple[float, float, float]:
+    """Time fn and floor alternately, repeats times each after a warm-up of both.
+
+    Returns (median ms of fn, median ms of floor, median of the per-pair ratios fn/floor): a
+    slow spell of a shared machine hits both halves of a pair, so the ratio stays steady.
+    """
+    fn(), floor()
+    pairs = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        pair = []
+        for f in (fn, floor):
+            synchronize(device)
+            start = time.perf_counter()
+            f()
+            synchronize(device)
+            pair.append(1e3 * (time.perf_counter() - start))
+        pairs.append(pair)
+    ms, floor_ms = (statistics.median(p[i] for p in pairs) for i in (0, 1))
+    return ms, floor_ms, statistics.median(a / b for a, b in pairs)
 
 
 def _status_kib(field: str) -> int:

@@ -74,6 +74,40 @@ def markdown(run: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(runs: dict[str, dict]) -> str:
+    """One row per (run file, implementation): the figures the README cites, from the JSON."""
+    lines = [
+        "| run | device | impl | encode x floor | fwd+bwd x floor | train step ms | "
+        "train step x floor | encode peak MiB | train step peak MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, run in runs.items():
+        device = run["env"]["gpu"] or f"{run['env']['cpu']} ({run['env']['threads']} threads)"
+        figures: dict[str, dict] = {}
+        for r in run["records"]:
+            if r["status"] == "ok" and r["impl"] != "floor" and "m" not in r:
+                figures.setdefault(r["impl"], {})[(r["suite"], r["pass"])] = r
+        for impl, f in figures.items():
+
+            def cell(suite, pass_, key, fmt, f=f):
+                r = f.get((suite, pass_))
+                return format(r[key], fmt) if r else "-"
+
+            cells = (
+                name,
+                device,
+                impl,
+                cell("ops", "encode", "x_floor", ".2f"),
+                cell("ops", "forward+backward", "x_floor", ".2f"),
+                cell("train_step", "train_step", "ms", ".0f"),
+                cell("train_step", "train_step", "x_floor", ".2f"),
+                cell("memory", "encode", "peak_mib", ".1f"),
+                cell("memory", "train_step", "peak_mib", ".1f"),
+            )
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(path: Path, run: dict) -> None:
     """Time as a ratio to the floor (train_step and forward+backward) and peak memory per impl."""
     import matplotlib

@@ -1,8 +1,8 @@
 """The suites: ops, train_step, memory. Each returns records (one dict per figure).
 
 A record: {"suite", "pass", "impl", "status", ...}; status "ok" carries "ms", "floor_ms" and
-"x_floor" (time over the dense encoder GEMM x @ W_enc.T, timed in the same process just before
-the figure, so both see the same machine state) or "peak_mib";
+"x_floor" (the median ratio of its time to the dense encoder GEMM x @ W_enc.T, the two timed
+in alternation in the same process) or "peak_mib";
 other statuses ("skipped", "mismatch", "oom", "error") carry "reason".
 """
 
@@ -22,17 +22,11 @@ import torch
 import sae_fast
 
 from .impls import Impl, Weights, activations, make
-from .measure import is_oom, median_ms, peak_extra_mib
+from .measure import is_oom, paired_ms, peak_extra_mib
 from .presets import Preset
 
 SUITES = ("ops", "train_step", "memory")
 Progress = Callable[[str], None]
-
-
-def floor_ms(p: Preset, w: Weights, x: torch.Tensor, repeats: int) -> float:
-    """The dense encoder GEMM x @ W_enc.T of this shape and dtype: the floor (DESIGN §6)."""
-    with torch.no_grad():
-        return median_ms(lambda: x @ w.W_enc.T, p.device, repeats)
 
 
 def sae_fast_output(w: Weights, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -134,11 +128,15 @@ def train_step(p: Preset, names: list[str], repeats: int, progress: Progress) ->
 
 
 def _timed(suite, pass_, name, fn, p, w, x, repeats, floors: list[float]) -> dict:
-    """Time fn next to a fresh timing of the floor, so both see the same machine state."""
-    floor = floor_ms(p, w, x, repeats)
+    """Time fn in alternation with the floor, so both see the same machine state."""
+
+    def gemm():
+        with torch.no_grad():
+            x @ w.W_enc.T
+
+    ms, floor, ratio = paired_ms(fn, gemm, p.device, repeats)
     floors.append(floor)
-    ms = median_ms(fn, p.device, repeats)
-    return _record(suite, pass_, name, "ok", ms=ms, floor_ms=floor, x_floor=ms / floor)
+    return _record(suite, pass_, name, "ok", ms=ms, floor_ms=floor, x_floor=ratio)
 
 
 def _with_floor(records: list[dict], suite: str, floors: list[float]) -> list[dict]:

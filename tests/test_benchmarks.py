@@ -39,14 +39,20 @@ def test_smoke_run_all_suites(tmp_path, capsys):
     assert {r["suite"] for r in floors} == {"ops", "train_step"}
     for suite in ("ops", "train_step"):
         timed = [r for r in run["records"] if r["suite"] == suite and r["impl"] != "floor"]
-        for r in timed:  # each figure is divided by the floor timed beside it
-            assert r["x_floor"] == pytest.approx(r["ms"] / r["floor_ms"])
         floor = next(f["ms"] for f in floors if f["suite"] == suite)
         assert floor == pytest.approx(statistics.median(r["floor_ms"] for r in timed))
     for r in run["records"]:
         if r["suite"] == "memory":
             assert r["peak_mib"] >= 0
     assert "| train_step | train_step | sae_fast[torch] |" in capsys.readouterr().out
+
+    (json_file,) = (tmp_path / "out").glob("*.json")
+    assert cli.main(["table", str(json_file)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "sae_fast[torch]" in line]
+    step = next(
+        r for r in run["records"] if r["impl"] == "sae_fast[torch]" and r["suite"] == "train_step"
+    )
+    assert len(rows) == 1 and f"| {step['x_floor']:.2f} |" in rows[0]
 
 
 def test_missing_peer_is_reported_as_skipped(tmp_path, monkeypatch):
@@ -123,6 +129,18 @@ def test_presets_hold_the_issue_shapes():
     assert (cpu.n, cpu.d, cpu.m, cpu.k, cpu.dtype) == (2048, 768, 24576, 32, "fp32")
     assert (gpu.n, gpu.d, gpu.m, gpu.k, gpu.dtype) == (8192, 2304, 65536, 64, "bf16")
     assert large.d == 768 and max(large.m_sweep) == 1 << 20
+
+
+def test_paired_timing_reports_medians_and_the_median_ratio(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+    costs = iter([9.0, 9.0, 2.0, 1.0, 4.0, 1.0, 3.0, 1.0])  # warm-up pair, then 3 timed pairs
+
+    def tick():
+        clock[0] += next(costs)
+
+    ms, floor, ratio = measure.paired_ms(tick, tick, "cpu", repeats=3)
+    assert (ms, floor, ratio) == (3000.0, 1000.0, 3.0)
 
 
 def test_is_oom():
