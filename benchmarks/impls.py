@@ -158,7 +158,22 @@ class Reference(SaeFast):
         return ref.decode(*code, self.W_dec, self.b_dec)
 
 
-class Sparsify(Impl):
+class _Peer(Impl):
+    """A peer library's SAE given our weights, trained with torch's default Adam."""
+
+    def adopt(self, sae: torch.nn.Module, copies: list[tuple[Tensor, Tensor]]) -> None:
+        """Copy each (destination, source) pair into sae's parameters; make the optimizer."""
+        with torch.no_grad():
+            for dst, src in copies:
+                dst.copy_(src)
+        self.sae = sae
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=LR)
+
+    def encode(self, x: Tensor):
+        return self.sae.encode(x)
+
+
+class Sparsify(_Peer):
     name = "sparsify"
     package = "eai-sparsify"
     module = "sparsify"
@@ -172,16 +187,8 @@ class Sparsify(Impl):
         m, d = w.W_enc.shape
         cfg = SparseCoderConfig(num_latents=m, k=k)
         sae = SparseCoder(d, cfg, device=w.W_enc.device, dtype=w.W_enc.dtype)
-        with torch.no_grad():
-            sae.encoder.weight.copy_(w.W_enc)
-            sae.encoder.bias.copy_(w.b_enc)
-            sae.W_dec.copy_(w.W_dec)
-            sae.b_dec.copy_(w.b_dec)
-        self.sae = sae
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=LR)
-
-    def encode(self, x: Tensor):
-        return self.sae.encode(x)
+        pairs = [(sae.encoder.weight, w.W_enc), (sae.encoder.bias, w.b_enc)]
+        self.adopt(sae, [*pairs, (sae.W_dec, w.W_dec), (sae.b_dec, w.b_dec)])
 
     def decode(self, code) -> Tensor:
         return self.sae.decode(code.top_acts, code.top_indices)
@@ -197,7 +204,7 @@ class Sparsify(Impl):
         self.zero_grad()
 
 
-class SAELens(Impl):
+class SAELens(_Peer):
     name = "saelens"
     package = "sae-lens"
     module = "sae_lens"
@@ -214,16 +221,8 @@ class SAELens(Impl):
             device=str(w.W_enc.device),
         )
         sae = TopKTrainingSAE(cfg)
-        with torch.no_grad():
-            sae.W_enc.copy_(w.W_enc.T)  # SAELens stores W_enc as (d, m)
-            sae.b_enc.copy_(w.b_enc)
-            sae.W_dec.copy_(w.W_dec)
-            sae.b_dec.copy_(w.b_dec)
-        self.sae = sae
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=LR)
-
-    def encode(self, x: Tensor):
-        return self.sae.encode(x)
+        pairs = [(sae.W_enc, w.W_enc.T), (sae.b_enc, w.b_enc)]  # SAELens's W_enc is (d, m)
+        self.adopt(sae, [*pairs, (sae.W_dec, w.W_dec), (sae.b_dec, w.b_dec)])
 
     def decode(self, code) -> Tensor:
         return self.sae.decode(code)

@@ -152,7 +152,8 @@ MEMORY_PASSES = ("encode", "train_step")
 
 def memory(p: Preset, names: list[str], progress: Progress) -> list[dict]:
     """Peak extra memory of encode and of a steady-state train step, each library in its own
-    process. With p.m_sweep, every m in it (train_step only), stopping at a library's first OOM.
+    process. With p.m_sweep, every m in it (train_step only), stopping at a library's first
+    failure (out of memory, or a process the system killed).
     """
     if not p.m_sweep:
         records = []
@@ -160,17 +161,17 @@ def memory(p: Preset, names: list[str], progress: Progress) -> list[dict]:
             progress(f"[memory {i}/{len(names)}] {name}")
             records += _memory_child(p, name, MEMORY_PASSES)
         return records
-    records, out_of_memory = [], set()
+    records, stopped = [], set()
     for m in p.m_sweep:
         sized = Preset(**{**asdict(p), "m": m, "m_sweep": ()})
         for name in names:
-            if name in out_of_memory:
+            if name in stopped:
                 continue
             progress(f"[memory m={m}] {name}")
             for r in _memory_child(sized, name, ("train_step",)):
                 records.append({**r, "m": m})
-                if r["status"] == "oom":
-                    out_of_memory.add(name)
+                if r["status"] != "ok":  # an OOM (or a crash) at m: larger m would fail too
+                    stopped.add(name)
     return records
 
 
