@@ -44,10 +44,11 @@ def mismatch(impl: Impl, x: torch.Tensor, want: torch.Tensor) -> str | None:
     """
     with torch.no_grad():
         got = impl.forward(x).float()
+    if got.shape != want.shape:
+        return f"x_hat has shape {tuple(got.shape)}, sae_fast's {tuple(want.shape)}"
     tol = (1e-3 if x.dtype == torch.float32 else 3e-2) * want.abs().max().item()
     bad = int(((got - want.float()).abs().amax(dim=1) > tol).sum())
-    allowed = x.shape[0] // 1000 + 1
-    if got.shape != want.shape or bad > allowed:
+    if bad > x.shape[0] // 1000 + 1:
         return f"x_hat differs from sae_fast's in {bad} of {x.shape[0]} rows (tolerance {tol:.2g})"
     return None
 
