@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--m-sweep", type=_csv_ints, help="latent counts to probe for OOM (memory)")
     run.add_argument(
         "--backends",
-        help="sae_fast backends to run, comma-separated (default: every one that can run here)",
+        help="sae_fast backends to run, comma-separated (default: those auto-selected here)",
     )
     run.add_argument(
         "--impls",
@@ -74,7 +74,7 @@ def implementations(args: argparse.Namespace, device: str) -> list[str]:
             if b not in known:
                 raise ValueError(f"--backends: unknown backend {b!r}; known: {known}")
     else:
-        backends = [b for b, why in sae_fast.backend_status(device).items() if why is None]
+        backends = sae_fast.backends.automatic(device)
     names = []
     for impl in args.impls.split(","):
         if impl == "sae_fast":

@@ -19,7 +19,7 @@ from .impls import Weights, activations
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N, D, M, K = (int(v) for v in os.environ.get("SAE_FAST_MICRO_SHAPE", "1024,512,8192,32").split(","))
-BACKENDS = [b for b, why in sae_fast.backend_status(DEVICE).items() if why is None]
+BACKENDS = sae_fast.backends.automatic(DEVICE)
 
 
 def _sync(result):

@@ -1,5 +1,15 @@
 """Triton kernels, installed as ``sae_fast.kernels`` (never as a top-level ``kernels``).
 
-The fused encode-ReLU-TopK and sparse decode kernels land here and register the ``triton``
-backend in :mod:`sae_fast.backends`.
+One file per op (kernel, launcher, autograd.Function): encode_topk.py (fused encoder -> ReLU ->
+TopK that never writes the (n, m) pre-activations) and decode.py (sparse decoder gather and
+its grad values). They back the ``triton`` backend of :mod:`sae_fast.backends`. Nothing here
+touches a GPU at import time. Under ``TRITON_INTERPRET=1`` (set before triton is imported)
+they run on CPU tensors, for tests.
 """
+
+import os
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -38,6 +38,9 @@ class Backend:
     why_not: Callable[[torch.device], str | None]
     encode_topk: Callable
     decode: Callable
+    # Device types it is picked for automatically (None: any it can run on). The Triton
+    # interpreter can run on CPU tensors, but only when asked for by name.
+    auto_device_types: tuple[str, ...] | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -60,15 +63,29 @@ def status(device: torch.device | str = "cpu") -> dict[str, str | None]:
     return {name: _REGISTRY[name].why_not(device) for name in registered()}
 
 
+def automatic(device: torch.device | str) -> list[str]:
+    """Backends that auto selection may pick on device and that can run there, best first."""
+    device = torch.device(device)
+    return [
+        name
+        for name in registered()
+        if _auto_for(_REGISTRY[name], device) and _REGISTRY[name].why_not(device) is None
+    ]
+
+
+def _auto_for(backend: Backend, device: torch.device) -> bool:
+    return backend.auto_device_types is None or device.type in backend.auto_device_types
+
+
 def resolve(requested: str | None, device: torch.device) -> Backend:
     """The backend to run on device: the one requested (or named by the env var), else auto."""
     source = "requested"
     if requested is None and os.environ.get(ENV_VAR):
         requested, source = os.environ[ENV_VAR], f"env {ENV_VAR}"
     if requested is None:
-        for name in registered():
-            if _REGISTRY[name].why_not(device) is None:
-                return _chosen(_REGISTRY[name], device, "auto")
+        names = automatic(device)
+        if names:
+            return _chosen(_REGISTRY[names[0]], device, "auto")
         raise BackendUnavailableError(f"no sae_fast backend can run on {device}: {status(device)}")
     if requested not in _REGISTRY:
         raise ValueError(

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import backends, torch_decode, torch_topk
+from . import backends, torch_decode, torch_topk, triton_backend  # noqa: F401 (registers)
 from .validation import check_decode, check_encode
 
 

@@ -94,6 +94,44 @@ def topk_forward(
     return _zero_fill(values, indices)
 
 
+def encoder_backward(
+    needs: tuple[bool, ...],
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    grad_values: Tensor,
+) -> tuple[Tensor | None, ...]:
+    """Gradients (x, W_enc, b_enc, b_dec) of a TopK code over its n*k pairs only.
+
+    needs: which of the four are wanted. Shared by every backend without a backward of its own.
+    """
+    need_x, need_W, need_b_enc, need_b_dec = needs
+    # ReLU passes gradient only where the selected value is positive; zero fills get none.
+    grad_pre = grad_values * (values > 0)
+    grad_x = grad_W_enc = grad_b_enc = grad_b_dec = None
+    if need_b_enc:
+        acc = torch.promote_types(W_enc.dtype, torch.float32)
+        grad_b_enc = torch.zeros(W_enc.shape[0], dtype=acc, device=W_enc.device)
+        grad_b_enc.index_add_(0, indices.reshape(-1), grad_pre.reshape(-1).to(acc))
+        grad_b_enc = grad_b_enc.to(W_enc.dtype)
+    if need_x or need_W or need_b_dec:
+        # grad_xc[t] = sum_j grad_pre[t, j] W_enc[idx[t, j]]. The weight gradient of that
+        # gather-sum against (x - b_dec) is grad W_enc: per pair, grad_pre * (x - b_dec).
+        with torch.enable_grad():
+            W = W_enc.detach().requires_grad_(need_W)
+            grad_xc = gather_sum(indices, grad_pre.to(W.dtype), W)
+            if need_W:
+                (grad_W_enc,) = torch.autograd.grad(grad_xc, W, x - b_dec)
+        grad_xc = grad_xc.detach()
+        if need_x:
+            grad_x = grad_xc
+        if need_b_dec:
+            grad_b_dec = -grad_xc.sum(dim=0)
+    return grad_x, grad_W_enc, grad_b_enc, grad_b_dec
+
+
 class TorchEncodeTopK(torch.autograd.Function):
     """values, indices = TopK(ReLU((x - b_dec) @ W_enc.T + b_enc)) with a pair-sparse backward."""
 
@@ -107,30 +145,8 @@ class TorchEncodeTopK(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_values, _grad_indices):
-        x, W_enc, b_dec, values, indices = ctx.saved_tensors
-        need_x, need_W, need_b_enc, need_b_dec = ctx.needs_input_grad[:4]
-        # ReLU passes gradient only where the selected value is positive; zero fills get none.
-        grad_pre = grad_values * (values > 0)
-        grad_x = grad_W_enc = grad_b_enc = grad_b_dec = None
-        if need_b_enc:
-            acc = torch.promote_types(W_enc.dtype, torch.float32)
-            grad_b_enc = torch.zeros(W_enc.shape[0], dtype=acc, device=W_enc.device)
-            grad_b_enc.index_add_(0, indices.reshape(-1), grad_pre.reshape(-1).to(acc))
-            grad_b_enc = grad_b_enc.to(W_enc.dtype)
-        if need_x or need_W or need_b_dec:
-            # grad_xc[t] = sum_j grad_pre[t, j] W_enc[idx[t, j]]. The weight gradient of that
-            # gather-sum against (x - b_dec) is grad W_enc: per pair, grad_pre * (x - b_dec).
-            with torch.enable_grad():
-                W = W_enc.detach().requires_grad_(need_W)
-                grad_xc = gather_sum(indices, grad_pre, W)
-                if need_W:
-                    (grad_W_enc,) = torch.autograd.grad(grad_xc, W, x - b_dec)
-            grad_xc = grad_xc.detach()
-            if need_x:
-                grad_x = grad_xc
-            if need_b_dec:
-                grad_b_dec = -grad_xc.sum(dim=0)
-        return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None
+        grads = encoder_backward(ctx.needs_input_grad[:4], *ctx.saved_tensors, grad_values)
+        return (*grads, None, None)
 
 
 def encode_topk(

@@ -1,4 +1,14 @@
-"""GPU tests (@pytest.mark.gpu) skip, saying so, where CUDA is not available."""
+"""Test setup: the Triton interpreter where there is no GPU, and GPU tests that skip without one.
+
+TRITON_INTERPRET must be set before triton is imported (DESIGN §5), so it is set here, before
+anything else imports torch or triton.
+"""
+
+import os
+import shutil
+
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
