@@ -8,7 +8,9 @@ order on keys is the canonical order (values descending, ties to the lower index
 the lowest indices), so a running top-KP of keys per row is exact. Per tile: tl.topk of the
 tile, then the bitonic merge max(best, flip(tile_top)) and a sort. With few rows, latents are
 split across programs and the (n, splits, KP) partial lists merge in a small torch top-k.
-Backward: the shared pair-sparse encoder backward (sae_fast.torch_topk.encoder_backward).
+With a dead-latent mask the same keys feed a second running top-k_aux (AuxK), live latents
+counting as value 0, so AuxK costs no second GEMM. Backward: the shared pair-sparse encoder
+backward (sae_fast.torch_topk.code_backward).
 """
 
 from __future__ import annotations
@@ -21,19 +23,21 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from sae_fast.torch_topk import encoder_backward
+from sae_fast.torch_topk import code_backward, save_code
 
 from . import interpreting
 
+# Kernels spell this mask as a literal: they can read no Python global, and the interpreter
+# cannot take a global tl.constexpr in arithmetic.
 _LOW32 = 0xFFFFFFFF
 
 
 @triton.jit
 def _encode_topk_kernel(
-    X, W, B_ENC, B_DEC, KEYS,
+    X, W, B_ENC, B_DEC, KEYS, DEAD, AUX_KEYS,
     n, d, m, m_per_split,
-    stride_xn, stride_xd, stride_wm, stride_wd, stride_kn, stride_ks,
-    KP: tl.constexpr, IEEE: tl.constexpr,
+    stride_xn, stride_xd, stride_wm, stride_wd, stride_kn, stride_ks, stride_an, stride_as,
+    KP: tl.constexpr, KAP: tl.constexpr, HAS_AUX: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -42,6 +46,7 @@ def _encode_topk_kernel(
     hi = tl.minimum(lo + m_per_split, m)
     # Key 0 ranks below every real key (a zero value at index i has key 2^32 - 1 - i > 0).
     best = tl.zeros((BLOCK_N, KP), dtype=tl.int64)
+    aux_best = tl.zeros((BLOCK_N, KAP), dtype=tl.int64)
     for tile in range(lo, hi, BLOCK_M):
         cols = tile + tl.arange(0, BLOCK_M)
         col_ok = cols < hi
@@ -69,16 +74,25 @@ def _encode_topk_kernel(
         acts = tl.maximum(acc + b_enc[None, :], 0.0)
         acts = acts.to(X.dtype.element_ty).to(tl.float32)
         bits = acts.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # -0.0 sorts as 0.0
-        keys = (bits.to(tl.int64) << 32) | (_LOW32 - cols.to(tl.int64))[None, :]
+        keys = (bits.to(tl.int64) << 32) | (0xFFFFFFFF - cols.to(tl.int64))[None, :]
         keys = tl.where(col_ok[None, :], keys, 0)
         top = tl.topk(keys, KP)
         best = tl.sort(tl.maximum(best, tl.flip(top, 1)), dim=1, descending=True)
+        if HAS_AUX:  # AuxK: the same keys, live latents counting as value 0
+            dead = tl.load(DEAD + cols, mask=col_ok, other=0)
+            zero_keys = (0xFFFFFFFF - cols.to(tl.int64))[None, :]
+            aux = tl.where(dead[None, :] != 0, keys, zero_keys)
+            aux = tl.where(col_ok[None, :], aux, 0)
+            aux_top = tl.topk(aux, KAP)
+            aux_best = tl.sort(tl.maximum(aux_best, tl.flip(aux_top, 1)), dim=1, descending=True)
+    split = tl.program_id(1)
     ks = tl.arange(0, KP)
-    tl.store(
-        KEYS + rows[:, None] * stride_kn + tl.program_id(1) * stride_ks + ks[None, :],
-        best,
-        mask=row_ok[:, None],
-    )
+    out = KEYS + rows[:, None] * stride_kn + split * stride_ks + ks[None, :]
+    tl.store(out, best, mask=row_ok[:, None])
+    if HAS_AUX:
+        ks = tl.arange(0, KAP)
+        out = AUX_KEYS + rows[:, None] * stride_an + split * stride_as + ks[None, :]
+        tl.store(out, aux_best, mask=row_ok[:, None])
 
 
 def _configs() -> list[triton.Config]:
@@ -100,7 +114,8 @@ def _configs() -> list[triton.Config]:
 
 def _prune(configs, named_args, **kwargs):
     """tl.topk needs BLOCK_M >= KP; the running top-k of BLOCK_N x KP keys must fit registers."""
-    kp = named_args["KP"] if "KP" in named_args else kwargs["KP"]
+    args = {**named_args, **kwargs}
+    kp = max(args["KP"], args["KAP"])
     fit = [
         c for c in configs
         if c.kwargs["BLOCK_M"] >= kp and c.kwargs["BLOCK_N"] * kp <= 8192
@@ -110,7 +125,7 @@ def _prune(configs, named_args, **kwargs):
 
 _encode_topk_tuned = triton.autotune(
     configs=_configs(),
-    key=["d", "m_per_split", "KP", "IEEE"],
+    key=["d", "m_per_split", "KP", "KAP", "IEEE"],
     prune_configs_by={"early_config_prune": _prune},
 )(_encode_topk_kernel)
 
@@ -128,29 +143,50 @@ def _splits(n: int, m: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(_sm_count(device.index or 0), row_blocks), triton.cdiv(m, 256)))
 
 
-def topk_keys(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> Tensor:
-    """Top-k keys per row, canonical order.  x: (n, d) -> (n, k) int64 (n >= 1)."""
+def topk_keys(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> tuple[Tensor, Tensor | None]:
+    """Top-k keys per row in canonical order, and the AuxK keys when dead_mask is given.
+
+    x: (n, d), n >= 1 -> (n, k) int64 and (n, k_aux) int64 or None.
+    """
     n, d = x.shape
     m = W_enc.shape[0]
     kp = triton.next_power_of_2(k)
+    has_aux = dead_mask is not None
+    kap = triton.next_power_of_2(k_aux) if has_aux else 1
     splits = _splits(n, m, x.device)
     m_per_split = triton.cdiv(m, splits)
     keys = torch.empty(n, splits, kp, dtype=torch.int64, device=x.device)
+    aux_keys = torch.empty(n, splits, kap, dtype=torch.int64, device=x.device) if has_aux else keys
+    dead = dead_mask.to(torch.int8).contiguous() if has_aux else keys
     ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    args = (x, W_enc, b_enc.contiguous(), b_dec.contiguous(), keys, n, d, m, m_per_split)
-    args += (x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1))
-    args += (keys.stride(0), keys.stride(1))
+    args = (x, W_enc, b_enc.contiguous(), b_dec.contiguous(), keys, dead, aux_keys)
+    args += (n, d, m, m_per_split, x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1))
+    args += (keys.stride(0), keys.stride(1), aux_keys.stride(0), aux_keys.stride(1))
+    meta = {"KP": kp, "KAP": kap, "HAS_AUX": has_aux, "IEEE": ieee}
     if interpreting():  # one small tile shape: the interpreter is ~1000x slower than a GPU
         grid = (triton.cdiv(n, 16), splits)
-        _encode_topk_kernel[grid](
-            *args, KP=kp, IEEE=ieee, BLOCK_N=16, BLOCK_M=max(32, kp), BLOCK_D=16
-        )
+        tiles = {"BLOCK_N": 16, "BLOCK_M": max(32, kp, kap), "BLOCK_D": 16}
+        _encode_topk_kernel[grid](*args, **meta, **tiles)
     else:
 
-        def grid(meta):
-            return (triton.cdiv(n, meta["BLOCK_N"]), splits)
+        def grid(tiles):
+            return (triton.cdiv(n, tiles["BLOCK_N"]), splits)
 
-        _encode_topk_tuned[grid](*args, KP=kp, IEEE=ieee)
+        _encode_topk_tuned[grid](*args, **meta)
+    return _merge(keys, k), (_merge(aux_keys, k_aux) if has_aux else None)
+
+
+def _merge(keys: Tensor, k: int) -> Tensor:
+    """(n, splits, kp) sorted partial lists -> the top k keys per row, sorted."""
+    n, splits, kp = keys.shape
     keys = keys.view(n, splits * kp)
     return keys[:, :k] if splits == 1 else keys.topk(k, dim=1).values
 
@@ -162,24 +198,28 @@ def unkey(keys: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
 
 class TritonEncodeTopK(torch.autograd.Function):
-    """values, indices = TopK(ReLU((x - b_dec) @ W_enc.T + b_enc)), fused forward."""
+    """values, indices = TopK(ReLU((x - b_dec) @ W_enc.T + b_enc)), fused forward; with a dead
+    mask, also the AuxK values and indices from the same pass."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k):
+    def forward(ctx, x, W_enc, b_enc, b_dec, k, dead_mask=None, k_aux=0):
         if x.shape[0] == 0:
-            values = x.new_zeros(0, k)
-            indices = torch.zeros(0, k, dtype=torch.int64, device=x.device)
+            widths = (k, k_aux) if dead_mask is not None else (k,)
+            outputs = ()
+            for width in widths:
+                empty = torch.zeros(0, width, dtype=torch.int64, device=x.device)
+                outputs += (x.new_zeros(0, width), empty)
         else:
-            values, indices = unkey(topk_keys(x, W_enc, b_enc, b_dec, k), x.dtype)
-        ctx.save_for_backward(x, W_enc, b_dec, values, indices)
-        ctx.mark_non_differentiable(indices)
-        return values, indices
+            keys, aux_keys = topk_keys(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+            outputs = unkey(keys, x.dtype)
+            if aux_keys is not None:
+                outputs += unkey(aux_keys, x.dtype)
+        return save_code(ctx, x, W_enc, b_dec, outputs)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_values, _grad_indices):
-        grads = encoder_backward(ctx.needs_input_grad[:4], *ctx.saved_tensors, grad_values)
-        return (*grads, None)
+    def backward(ctx, *grads):
+        return (*code_backward(ctx, grads), None, None, None)
 
 
 def encode_topk(
@@ -187,3 +227,17 @@ def encode_topk(
 ) -> tuple[Tensor, Tensor]:
     """Fused TopK encoder (chunk_size is the torch backend's knob; tiles are autotuned here)."""
     return TritonEncodeTopK.apply(x, W_enc, b_enc, b_dec, k)
+
+
+def encode_topk_auxk(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    dead_mask: Tensor,
+    k_aux: int,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """TopK code and AuxK code (top k_aux among dead latents) from one fused pass."""
+    return TritonEncodeTopK.apply(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)

@@ -4,7 +4,7 @@ from . import reference
 from .backends import BackendUnavailableError
 from .backends import status as backend_status
 from .checkpoint import CheckpointError
-from .ops import SparseCode, decode, encode_topk
+from .ops import SparseCode, decode, encode_topk, encode_topk_auxk
 from .sae import ACTIVATIONS, SAEOutput, SparseAutoencoder
 
 __version__ = "0.1.0"
@@ -19,5 +19,6 @@ __all__ = [
     "backend_status",
     "decode",
     "encode_topk",
+    "encode_topk_auxk",
     "reference",
 ]

@@ -30,13 +30,16 @@ class Backend:
 
     why_not(device) returns None when the backend can run on that device, else the reason.
     encode_topk(x, W_enc, b_enc, b_dec, k, chunk_size) -> (values, indices);
-    decode(values, indices, W_dec, b_dec) -> x_hat. Both are differentiable.
+    encode_topk_auxk(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> (values,
+    indices, aux_values, aux_indices) from one encoder pass;
+    decode(values, indices, W_dec, b_dec) -> x_hat. All are differentiable.
     """
 
     name: str
     priority: int
     why_not: Callable[[torch.device], str | None]
     encode_topk: Callable
+    encode_topk_auxk: Callable
     decode: Callable
     # Device types it is picked for automatically (None: any it can run on). The Triton
     # interpreter can run on CPU tensors, but only when asked for by name.

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import backends, torch_decode, torch_topk, triton_backend  # noqa: F401 (registers)
-from .validation import check_decode, check_encode
+from .validation import check_dead_mask, check_decode, check_encode
 
 
 class SparseCode(NamedTuple):
@@ -40,6 +40,7 @@ backends.register(
         priority=0,
         why_not=_torch_why_not,
         encode_topk=torch_topk.encode_topk,
+        encode_topk_auxk=torch_topk.encode_topk_auxk,
         decode=torch_decode.decode,
     )
 )
@@ -68,6 +69,34 @@ def encode_topk(
     impl = backends.resolve(backend, x.device)
     values, indices = impl.encode_topk(x, W_enc, b_enc, b_dec, k, chunk_size)
     return SparseCode(values, indices)
+
+
+def encode_topk_auxk(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    dead_mask: Tensor,
+    k_aux: int,
+    *,
+    backend: str | None = None,
+    chunk_size: int | None = None,
+) -> tuple[SparseCode, SparseCode]:
+    """The TopK code and, from the same encoder pass, the AuxK code of Gao et al. 2024.
+
+    dead_mask: (m,) bool, True for dead latents; k_aux: 1 <= k_aux <= m. Returns
+    (code, aux_code): aux_code holds the top k_aux of relu(pre) among dead latents, live ones
+    counting as 0, shape (n, k_aux), canonical order; its values are differentiable, so the
+    AuxK loss trains the encoder without a second GEMM.
+    """
+    check_encode(x, W_enc, b_enc, b_dec, k)
+    check_dead_mask(dead_mask, W_enc, k_aux)
+    impl = backends.resolve(backend, x.device)
+    values, indices, aux_values, aux_indices = impl.encode_topk_auxk(
+        x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size
+    )
+    return SparseCode(values, indices), SparseCode(aux_values, aux_indices)
 
 
 def decode(

@@ -42,6 +42,14 @@ def encode_topk(
     return topk(pre_activation(x, W_enc, b_enc, b_dec), k)
 
 
+def masked_topk(pre: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of relu(pre) among latents where mask (m,) is True; others count as 0.
+
+    The AuxK code over dead latents: (n, m) -> values (n, k), indices (n, k), canonical order.
+    """
+    return canonical_topk(torch.relu(pre).masked_fill(~mask, 0.0), k)
+
+
 def relu(pre: Tensor) -> Tensor:
     """ReLU activation (trained with an L1 penalty).  (n, m) -> (n, m)."""
     return torch.relu(pre)
@@ -152,8 +160,7 @@ def auxk_loss(
     """
     if not bool(dead_mask.any()):
         return x.new_zeros(())
-    acts = torch.relu(pre).masked_fill(~dead_mask, 0.0)
-    values, indices = canonical_topk(acts, min(k_aux, int(dead_mask.sum())))
+    values, indices = masked_topk(pre, dead_mask, min(k_aux, int(dead_mask.sum())))
     e_hat = sparse_to_dense(values, indices, W_dec.shape[0]) @ W_dec
     e = (x - x_hat).detach()
     return (e_hat - e).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()

@@ -69,29 +69,58 @@ def _zero_fill(values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(keep, values, 0.0), torch.where(keep, indices, fill)
 
 
+class _RunningTopK:
+    """Canonical top-k of ReLU over latent chunks fed in index order."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.values = self.indices = None
+
+    def add(self, pre: Tensor, start: int) -> None:
+        """Merge the pre-activations (n, c) of latents start .. start + c - 1."""
+        values, indices = _chunk_candidates(pre, start, self.k)
+        if self.values is not None:
+            values = torch.cat([self.values, values], dim=1)
+            indices = torch.cat([self.indices, indices], dim=1)
+        self.values, self.indices = _canonical_merge(values, indices, self.k)
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        return _zero_fill(self.values, self.indices)
+
+
 def topk_forward(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, chunk_size: int | None
-) -> tuple[Tensor, Tensor]:
-    """Chunked encoder forward.  x: (n, d) -> values (n, k) in x.dtype, indices (n, k) int64."""
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    chunk_size: int | None,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> tuple[Tensor, ...]:
+    """Chunked encoder forward.  x: (n, d) -> values (n, k) in x.dtype, indices (n, k) int64.
+
+    With dead_mask (m,) bool and k_aux, also the AuxK code from the same pre-activations:
+    the top k_aux of relu(pre) among dead latents (others count as 0), (n, k_aux) each.
+    """
     n, m = x.shape[0], W_enc.shape[0]
     chunk = auto_chunk_size(n, m, k, x.element_size()) if chunk_size is None else chunk_size
-    chunk = max(chunk, k)
+    chunk = max(chunk, k, k_aux)
     xc = x - b_dec
-    values = indices = None
+    main = _RunningTopK(k)
+    aux = _RunningTopK(k_aux) if dead_mask is not None else None
     # One buffer for every chunk: fresh large allocations cost a page fault per page.
     buffer = torch.empty(n * min(chunk, m), dtype=x.dtype, device=x.device)
     for start in range(0, m, chunk):
         stop = min(start + chunk, m)
-        acts = buffer[: n * (stop - start)].view(n, stop - start)
+        pre = buffer[: n * (stop - start)].view(n, stop - start)
         # No ReLU pass over the chunk: only positive values survive _zero_fill, and ReLU
         # keeps their order.
-        torch.addmm(b_enc[start:stop], xc, W_enc[start:stop].T, out=acts)
-        chunk_values, chunk_indices = _chunk_candidates(acts, start, k)
-        if values is not None:
-            chunk_values = torch.cat([values, chunk_values], dim=1)
-            chunk_indices = torch.cat([indices, chunk_indices], dim=1)
-        values, indices = _canonical_merge(chunk_values, chunk_indices, k)
-    return _zero_fill(values, indices)
+        torch.addmm(b_enc[start:stop], xc, W_enc[start:stop].T, out=pre)
+        main.add(pre, start)
+        if aux is not None:
+            aux.add(pre.masked_fill(~dead_mask[start:stop], 0.0), start)
+    return main.result() + (aux.result() if aux is not None else ())
 
 
 def encoder_backward(
@@ -133,20 +162,32 @@ def encoder_backward(
 
 
 class TorchEncodeTopK(torch.autograd.Function):
-    """values, indices = TopK(ReLU((x - b_dec) @ W_enc.T + b_enc)) with a pair-sparse backward."""
+    """values, indices = TopK(ReLU((x - b_dec) @ W_enc.T + b_enc)) with a pair-sparse backward;
+    with a dead mask, also the AuxK values and indices from the same pass."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k, chunk_size):
-        values, indices = topk_forward(x, W_enc, b_enc, b_dec, k, chunk_size)
-        ctx.save_for_backward(x, W_enc, b_dec, values, indices)
-        ctx.mark_non_differentiable(indices)
-        return values, indices
+    def forward(ctx, x, W_enc, b_enc, b_dec, k, chunk_size, dead_mask=None, k_aux=0):
+        outputs = topk_forward(x, W_enc, b_enc, b_dec, k, chunk_size, dead_mask, k_aux)
+        return save_code(ctx, x, W_enc, b_dec, outputs)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_values, _grad_indices):
-        grads = encoder_backward(ctx.needs_input_grad[:4], *ctx.saved_tensors, grad_values)
-        return (*grads, None, None)
+    def backward(ctx, *grads):
+        return (*code_backward(ctx, grads), None, None, None, None)
+
+
+def save_code(ctx, x: Tensor, W_enc: Tensor, b_dec: Tensor, outputs: tuple[Tensor, ...]):
+    """Save what code_backward needs; outputs are (values, indices[, aux values, aux indices])."""
+    values, indices = torch.cat(outputs[0::2], dim=1), torch.cat(outputs[1::2], dim=1)
+    ctx.save_for_backward(x, W_enc, b_dec, values, indices)
+    ctx.mark_non_differentiable(*outputs[1::2])
+    return outputs
+
+
+def code_backward(ctx, grads: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+    """Gradients (x, W_enc, b_enc, b_dec) from the grads of (values, indices[, aux...])."""
+    grad_values = torch.cat(grads[0::2], dim=1)
+    return encoder_backward(ctx.needs_input_grad[:4], *ctx.saved_tensors, grad_values)
 
 
 def encode_topk(
@@ -154,3 +195,17 @@ def encode_topk(
 ) -> tuple[Tensor, Tensor]:
     """Differentiable chunked TopK encoder.  x: (n, d) -> values (n, k), indices (n, k)."""
     return TorchEncodeTopK.apply(x, W_enc, b_enc, b_dec, k, chunk_size)
+
+
+def encode_topk_auxk(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    dead_mask: Tensor,
+    k_aux: int,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """TopK code and AuxK code (top k_aux among dead latents) from one encoder pass."""
+    return TorchEncodeTopK.apply(x, W_enc, b_enc, b_dec, k, chunk_size, dead_mask, k_aux)

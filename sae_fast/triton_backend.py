@@ -42,6 +42,21 @@ def encode_topk(
     return encode_topk(x, W_enc, b_enc, b_dec, k, chunk_size)
 
 
+def encode_topk_auxk(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    dead_mask: Tensor,
+    k_aux: int,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from .kernels.encode_topk import encode_topk_auxk
+
+    return encode_topk_auxk(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size)
+
+
 def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
     from .kernels.decode import decode
 
@@ -54,6 +69,7 @@ backends.register(
         priority=10,
         why_not=why_not,
         encode_topk=encode_topk,
+        encode_topk_auxk=encode_topk_auxk,
         decode=decode,
         auto_device_types=("cuda",),
     )

@@ -62,6 +62,19 @@ def check_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int)
     check_k(k, m)
 
 
+def check_dead_mask(dead_mask: Tensor, W_enc: Tensor, k_aux: int) -> None:
+    """dead_mask (m,) bool on W_enc's device; 1 <= k_aux <= m."""
+    m = W_enc.shape[0]
+    _vector("dead_mask", dead_mask, m, "W_enc's m")
+    if dead_mask.dtype != torch.bool:
+        raise TypeError(f"dead_mask must be a bool tensor, got {dead_mask.dtype}")
+    if dead_mask.device != W_enc.device:
+        raise ValueError(
+            f"device mismatch: W_enc is on {W_enc.device}, dead_mask is on {dead_mask.device}"
+        )
+    check_k(k_aux, m, name="k_aux")
+
+
 def check_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> None:
     """values (n, k) float, indices (n, k) integer in [0, m), W_dec (m, d), b_dec (d,)."""
     _tensor("values", values, 2)

@@ -122,3 +122,26 @@ def encode_decode_grads(
     out = {"values": values.detach(), "indices": indices, "x_hat": x_hat.detach()}
     out.update({f"grad_{n}": t.grad for n, t in zip(names, case.tensors(), strict=True)})
     return out
+
+
+def auxk_grads(encode_auxk, case: Case, k: int, dead: Tensor, k_aux: int) -> dict[str, Tensor]:
+    """Both codes and the encoder gradients of a fixed loss on the code and the AuxK code."""
+    n = case.x.shape[0]
+    g = torch.Generator().manual_seed(2)
+    gv = torch.randint(-2, 3, (n, k), generator=g).to(case.x.device)
+    ga = torch.randint(-2, 3, (n, k_aux), generator=g).to(case.x.device)
+    (values, indices), (aux_values, aux_indices) = encode_auxk(
+        case.x, case.W_enc, case.b_enc, case.b_dec, k, dead.to(case.x.device), k_aux
+    )
+    ((values * gv).sum() + (aux_values * ga).sum()).backward()
+    out = {"values": values, "indices": indices, "aux_values": aux_values}
+    out["aux_indices"] = aux_indices
+    names = ("x", "W_enc", "b_enc", "b_dec")
+    out.update({f"grad_{n}": t.grad for n, t in zip(names, case.tensors()[:4], strict=True)})
+    return {name: t.detach() for name, t in out.items()}
+
+
+def reference_auxk(x, W_enc, b_enc, b_dec, k, dead, k_aux):
+    """The oracle's (code, AuxK code) pair."""
+    pre = ref.pre_activation(x, W_enc, b_enc, b_dec)
+    return ref.topk(pre, k), ref.masked_topk(pre, dead, k_aux)

@@ -20,8 +20,10 @@ def _fake_encode(x, W_enc, b_enc, b_dec, k, chunk_size):
 def fake_backends():
     """A high-priority backend that cannot run here and one that can."""
     torch_backend = backends._REGISTRY["torch"]
-    blocked = backends.Backend("blocked", 100, lambda device: "needs a GPU", None, None)
-    fake = backends.Backend("fake", 50, lambda device: None, _fake_encode, torch_backend.decode)
+    blocked = backends.Backend("blocked", 100, lambda device: "needs a GPU", None, None, None)
+    fake = backends.Backend(
+        "fake", 50, lambda device: None, _fake_encode, None, torch_backend.decode
+    )
     backends.register(blocked)
     backends.register(fake)
     yield

@@ -8,8 +8,10 @@ import pytest
 import torch
 from cases import (
     assert_within_torch_error,
+    auxk_grads,
     encode_decode_grads,
     integer_case,
+    reference_auxk,
     separated_case,
 )
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -182,3 +184,21 @@ def test_nan_activations_stay_visible():
     values, _ = ops.encode_topk(x, case.W_enc, case.b_enc, case.b_dec, 3, chunk_size=16)
     assert values[2].isnan().any()
     assert not values[[0, 1, 3]].isnan().any()
+
+
+@pytest.mark.parametrize("chunk_size", [None, 6])
+@pytest.mark.parametrize(("k", "k_aux"), [(3, 5), (8, 1), (1, 16)])
+def test_auxk_code_from_the_same_pass_exact(k, k_aux, chunk_size):
+    """AuxK on integer data (ties, few positives): codes and gradients exactly the oracle's."""
+    case = integer_case(13, 16, 40, seed=k + k_aux)
+    dead = torch.arange(40) % 3 == 0
+    oracle = auxk_grads(reference_auxk, case.to(torch.float64, True), k, dead, k_aux)
+
+    def ours(*args):
+        return ops.encode_topk_auxk(*args, backend="torch", chunk_size=chunk_size)
+
+    got = auxk_grads(ours, case.to(torch.float32, True), k, dead, k_aux)
+    for name, want in oracle.items():
+        assert torch.equal(got[name].to(want.dtype), want), name
+    live_picked = ~dead[got["aux_indices"]] & (got["aux_values"] != 0)
+    assert not live_picked.any()  # only dead latents carry AuxK values

@@ -12,8 +12,10 @@ import pytest
 import torch
 from cases import (
     assert_within_torch_error,
+    auxk_grads,
     encode_decode_grads,
     integer_case,
+    reference_auxk,
     separated_case,
 )
 
@@ -95,3 +97,17 @@ def test_reason_without_gpu_or_interpreter(monkeypatch):
     with pytest.raises(backends.BackendUnavailableError, match="'triton' .*cannot run on cpu"):
         ops.encode_topk(torch.randn(2, 4), torch.randn(8, 4), torch.zeros(8), torch.zeros(4), 2,
                         backend="triton")  # fmt: skip
+
+
+@pytest.mark.parametrize(("k", "k_aux"), [(3, 5), (8, 1)])
+def test_auxk_code_from_the_same_pass_exact(k, k_aux):
+    case = integer_case(13, 16, 64, seed=k + k_aux)
+    dead = torch.arange(64) % 3 == 0
+    oracle = auxk_grads(reference_auxk, case.to(torch.float64, True), k, dead, k_aux)
+
+    def ours(*args):
+        return ops.encode_topk_auxk(*args, backend="triton")
+
+    got = auxk_grads(ours, case.to(torch.float32, True, DEVICE), k, dead, k_aux)
+    for name, want in oracle.items():
+        assert torch.equal(got[name].cpu().to(want.dtype), want), name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_fast import decode, encode_topk
+from sae_fast import decode, encode_topk, encode_topk_auxk
 
 N, D, M, K = 4, 6, 10, 3
 
@@ -84,3 +84,22 @@ def test_decode_errors(change, error, message):
     args = {**good_decode(), **change}
     with pytest.raises(error, match=message):
         decode(**args)
+
+
+@pytest.mark.parametrize(
+    ("dead_mask", "k_aux", "error", "message"),
+    [
+        (torch.ones(M + 1, dtype=torch.bool), 2, ValueError, r"dead_mask must have shape \(10,\)"),
+        (torch.ones(M), 2, TypeError, "dead_mask must be a bool tensor"),
+        (
+            torch.ones(M, dtype=torch.bool),
+            0,
+            ValueError,
+            "k_aux must satisfy 1 <= k_aux <= n_latents=10",
+        ),
+        (torch.ones(M, dtype=torch.bool, device="meta"), 2, ValueError, "dead_mask is on meta"),
+    ],
+)
+def test_auxk_errors(dead_mask, k_aux, error, message):
+    with pytest.raises(error, match=message):
+        encode_topk_auxk(**good(), dead_mask=dead_mask, k_aux=k_aux)
