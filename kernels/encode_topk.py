@@ -199,10 +199,14 @@ def unkey(keys: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
 class TritonEncodeTopK(torch.autograd.Function):
     """values, indices = TopK(ReLU((x - b_dec) @ W_enc.T + b_enc)), fused forward; with a dead
-    mask, also the AuxK values and indices from the same pass."""
+    mask, also the AuxK values and indices from the same pass.
+
+    apply(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) is the backends'
+    encode_topk_auxk (chunk_size is the torch backend's knob: tiles are autotuned here).
+    """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k, dead_mask=None, k_aux=0):
+    def forward(ctx, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size):
         if x.shape[0] == 0:
             widths = (k, k_aux) if dead_mask is not None else (k,)
             outputs = ()
@@ -219,25 +223,15 @@ class TritonEncodeTopK(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        return (*code_backward(ctx, grads), None, None, None)
+        return (*code_backward(ctx, grads), None, None, None, None)
 
 
 def encode_topk(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, chunk_size: int | None
 ) -> tuple[Tensor, Tensor]:
-    """Fused TopK encoder (chunk_size is the torch backend's knob; tiles are autotuned here)."""
-    return TritonEncodeTopK.apply(x, W_enc, b_enc, b_dec, k)
+    """Fused TopK encoder.  x: (n, d) -> values (n, k), indices (n, k)."""
+    return TritonEncodeTopK.apply(x, W_enc, b_enc, b_dec, k, None, 0, chunk_size)
 
 
-def encode_topk_auxk(
-    x: Tensor,
-    W_enc: Tensor,
-    b_enc: Tensor,
-    b_dec: Tensor,
-    k: int,
-    dead_mask: Tensor,
-    k_aux: int,
-    chunk_size: int | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """TopK code and AuxK code (top k_aux among dead latents) from one fused pass."""
-    return TritonEncodeTopK.apply(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+# The backends' encode_topk_auxk(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size).
+encode_topk_auxk = TritonEncodeTopK.apply

@@ -163,10 +163,14 @@ def encoder_backward(
 
 class TorchEncodeTopK(torch.autograd.Function):
     """values, indices = TopK(ReLU((x - b_dec) @ W_enc.T + b_enc)) with a pair-sparse backward;
-    with a dead mask, also the AuxK values and indices from the same pass."""
+    with a dead mask, also the AuxK values and indices from the same pass.
+
+    apply(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) is the backends'
+    encode_topk_auxk; dead_mask None gives the TopK code alone.
+    """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k, chunk_size, dead_mask=None, k_aux=0):
+    def forward(ctx, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size):
         outputs = topk_forward(x, W_enc, b_enc, b_dec, k, chunk_size, dead_mask, k_aux)
         return save_code(ctx, x, W_enc, b_dec, outputs)
 
@@ -194,18 +198,8 @@ def encode_topk(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, chunk_size: int | None
 ) -> tuple[Tensor, Tensor]:
     """Differentiable chunked TopK encoder.  x: (n, d) -> values (n, k), indices (n, k)."""
-    return TorchEncodeTopK.apply(x, W_enc, b_enc, b_dec, k, chunk_size)
+    return TorchEncodeTopK.apply(x, W_enc, b_enc, b_dec, k, None, 0, chunk_size)
 
 
-def encode_topk_auxk(
-    x: Tensor,
-    W_enc: Tensor,
-    b_enc: Tensor,
-    b_dec: Tensor,
-    k: int,
-    dead_mask: Tensor,
-    k_aux: int,
-    chunk_size: int | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """TopK code and AuxK code (top k_aux among dead latents) from one encoder pass."""
-    return TorchEncodeTopK.apply(x, W_enc, b_enc, b_dec, k, chunk_size, dead_mask, k_aux)
+# The backends' encode_topk_auxk(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size).
+encode_topk_auxk = TorchEncodeTopK.apply

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable
 
 import torch
-from torch import Tensor
 
 from . import backends
 
@@ -34,33 +34,13 @@ def why_not(device: torch.device) -> str | None:
     return _import_error()
 
 
-def encode_topk(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, chunk_size: int | None
-) -> tuple[Tensor, Tensor]:
-    from .kernels.encode_topk import encode_topk
+def _kernel(module: str, name: str) -> Callable:
+    """sae_fast.kernels.<module>.<name>, imported on the first call (triton loads then)."""
 
-    return encode_topk(x, W_enc, b_enc, b_dec, k, chunk_size)
+    def call(*args):
+        return getattr(importlib.import_module(f"sae_fast.kernels.{module}"), name)(*args)
 
-
-def encode_topk_auxk(
-    x: Tensor,
-    W_enc: Tensor,
-    b_enc: Tensor,
-    b_dec: Tensor,
-    k: int,
-    dead_mask: Tensor,
-    k_aux: int,
-    chunk_size: int | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from .kernels.encode_topk import encode_topk_auxk
-
-    return encode_topk_auxk(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size)
-
-
-def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
-    from .kernels.decode import decode
-
-    return decode(values, indices, W_dec, b_dec)
+    return call
 
 
 backends.register(
@@ -68,9 +48,9 @@ backends.register(
         name="triton",
         priority=10,
         why_not=why_not,
-        encode_topk=encode_topk,
-        encode_topk_auxk=encode_topk_auxk,
-        decode=decode,
+        encode_topk=_kernel("encode_topk", "encode_topk"),
+        encode_topk_auxk=_kernel("encode_topk", "encode_topk_auxk"),
+        decode=_kernel("decode", "decode"),
         auto_device_types=("cuda",),
     )
 )
