@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import backends, torch_decode, torch_topk, triton_backend  # noqa: F401 (registers)
+from . import backends, cuda_backend, torch_decode, torch_topk, triton_backend  # noqa: F401 (they register themselves)
 from .validation import check_dead_mask, check_decode, check_encode
 
 

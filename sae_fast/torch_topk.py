@@ -188,10 +188,14 @@ def save_code(ctx, x: Tensor, W_enc: Tensor, b_dec: Tensor, outputs: tuple[Tenso
     return outputs
 
 
-def code_backward(ctx, grads: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
-    """Gradients (x, W_enc, b_enc, b_dec) from the grads of (values, indices[, aux...])."""
+def code_backward(ctx, grads: tuple[Tensor, ...], backward=None) -> tuple[Tensor | None, ...]:
+    """Gradients (x, W_enc, b_enc, b_dec) from the grads of (values, indices[, aux...]).
+
+    backward: a function with encoder_backward's contract (default: encoder_backward).
+    """
     grad_values = torch.cat(grads[0::2], dim=1)
-    return encoder_backward(ctx.needs_input_grad[:4], *ctx.saved_tensors, grad_values)
+    backward = backward or encoder_backward
+    return backward(ctx.needs_input_grad[:4], *ctx.saved_tensors, grad_values)
 
 
 def encode_topk(

@@ -1,0 +1,134 @@
+"""The CUDA extension sae_fast._C: it builds and imports here; its kernels run on a GPU.
+
+Without a GPU, the latent-major index that drives its kernels is checked through a Python
+model of the two segment kernels (same items, same order), against a dense reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+
+import pytest
+import torch
+from cases import encode_decode_grads, integer_case, separated_case
+
+from sae_fast import cuda_backend, ops
+from sae_fast import reference as ref
+
+
+def test_extension_builds_and_imports_where_nvcc_is():
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not on PATH: setup.py installs without the extension")
+    ext = importlib.import_module("sae_fast._C")
+    for name in ("segment_rows", "pair_dot", "gather_sum"):
+        assert callable(getattr(ext, name)), name
+    assert ext.DTYPES == {"float32": 0, "float16": 1, "bfloat16": 2}
+    if not torch.cuda.is_available():
+        assert (
+            cuda_backend.why_not(torch.device("cpu")) == "the CUDA extension runs on CUDA tensors"
+        )
+
+
+def model_segment_rows(index, coeff, rows):
+    """What segment_rows_kernel + reduce_partials_kernel compute, item by item, in order."""
+    coeff = coeff.reshape(-1)[index.order].double()
+    out = torch.zeros(index.n_latents, rows.shape[1], dtype=torch.float64)
+    workspace = torch.zeros(index.workspace_rows, rows.shape[1], dtype=torch.float64)
+    for item in range(index.item_latent.numel()):
+        lo, hi = int(index.item_start[item]), int(index.item_end[item])
+        acc = (coeff[lo:hi, None] * rows[index.token[lo:hi]].double()).sum(dim=0)
+        slot = int(index.item_slot[item])
+        if slot < 0:
+            out[index.item_latent[item]] = acc
+        else:
+            workspace[slot] = acc
+    for i in range(index.split_latent.numel()):
+        lo, hi = int(index.split_start[i]), int(index.split_end[i])
+        out[index.split_latent[i]] = workspace[lo:hi].sum(dim=0)
+    return out
+
+
+def test_latent_index_covers_every_pair_once_even_for_a_hot_latent(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "ITEM_PAIRS", 8)
+    n, k, m, d = 40, 3, 50, 6
+    g = torch.Generator().manual_seed(0)
+    # Distinct latents per row, 7 in none of them; then latent 7 for 30 tokens: 4 items of 8.
+    indices = torch.stack([torch.randperm(m - 1, generator=g)[:k] for _ in range(n)])
+    indices += (indices >= 7).long()
+    indices[:30, 0] = 7
+    coeff, rows = torch.randn(n, k, generator=g), torch.randn(n, d, generator=g)
+    index = cuda_backend.LatentIndex.build(indices, m)
+    latent_of_item = index.item_latent.tolist()
+    assert latent_of_item.count(7) == 4
+    assert index.split_latent.tolist() == [7]
+    sizes = (index.item_end - index.item_start).tolist()
+    assert sum(sizes) == n * k and max(sizes) <= 8
+    # Pairs of a latent stay in token order: the stable sort keeps the result deterministic.
+    tokens_of_7 = index.token[index.item_start[latent_of_item.index(7)] :][:30]
+    assert tokens_of_7.tolist() == list(range(30))
+    dense = torch.zeros(n, m, dtype=torch.float64).scatter(1, indices, coeff.double())
+    torch.testing.assert_close(model_segment_rows(index, coeff, rows), dense.T @ rows.double())
+
+
+def test_latent_index_is_cached_for_the_same_indices_only():
+    indices = torch.randint(0, 20, (6, 2))
+    first = cuda_backend.latent_index(indices, 20)
+    assert cuda_backend.latent_index(indices, 20) is first
+    assert cuda_backend.latent_index(indices.clone(), 20) is not first
+    indices.add_(0)  # an in-place write bumps the version: no stale reuse
+    assert cuda_backend.latent_index(indices, 20) is not first
+
+
+def cuda_encode(x, W_enc, b_enc, b_dec, k):
+    return tuple(ops.encode_topk(x, W_enc, b_enc, b_dec, k, backend="cuda"))
+
+
+def cuda_decode(values, indices, W_dec, b_dec):
+    return ops.decode(values, indices, W_dec, b_dec, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("n", "d", "m", "k"), [(1, 96, 300, 3), (129, 100, 1000, 16), (77, 130, 517, 64)]
+)
+def test_gpu_every_gradient_matches_reference(n, d, m, k, dtype):
+    case = separated_case(n, d, m, k, seed=m, tol=3e-2 if dtype != torch.float32 else 1e-3)
+    oracle = encode_decode_grads(ref.encode_topk, ref.decode, case.to(torch.float64, True), k)
+    ours = encode_decode_grads(cuda_encode, cuda_decode, case.to(dtype, True, "cuda"), k)
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+    for name in oracle:
+        if name != "indices":
+            torch.testing.assert_close(ours[name].cpu().double(), oracle[name], rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_gpu_skewed_latents_exact_and_deterministic():
+    """Integer data where latent choices pile up; results exact and bitwise repeatable."""
+    case = integer_case(600, 64, 40, seed=1)
+    oracle = encode_decode_grads(ref.encode_topk, ref.decode, case.to(torch.float64, True), 8, True)
+    runs = [
+        encode_decode_grads(cuda_encode, cuda_decode, case.to(torch.float32, True, "cuda"), 8, True)
+        for _ in range(3)
+    ]
+    for name, want in oracle.items():
+        assert torch.equal(runs[0][name].cpu().to(want.dtype), want), name
+        assert all(torch.equal(r[name], runs[0][name]) for r in runs[1:]), name
+
+
+@pytest.mark.gpu
+def test_gpu_backward_allocates_no_n_by_m_or_n_k_d_tensor():
+    n, d, m, k = 4096, 512, 32768, 64
+    case = separated_case(8, d, m, k).to(torch.bfloat16, True, "cuda")
+    x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+    code = ops.encode_topk(x, case.W_enc, case.b_enc, case.b_dec, k, backend="cuda")
+    x_hat = ops.decode(*code, case.W_dec, case.b_dec, backend="cuda")
+    loss = (x_hat.float() - x.float()).pow(2).sum()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss.backward()
+    torch.cuda.synchronize()
+    extra_elements = (torch.cuda.max_memory_allocated() - before) / 2
+    assert extra_elements < min(n * m, n * k * d) / 2
