@@ -182,7 +182,10 @@ class TorchEncodeTopK(torch.autograd.Function):
 
 def save_code(ctx, x: Tensor, W_enc: Tensor, b_dec: Tensor, outputs: tuple[Tensor, ...]):
     """Save what code_backward needs; outputs are (values, indices[, aux values, aux indices])."""
-    values, indices = torch.cat(outputs[0::2], dim=1), torch.cat(outputs[1::2], dim=1)
+    if len(outputs) == 2:  # the code's own tensors: the cuda backend keys its index cache on them
+        values, indices = outputs
+    else:
+        values, indices = torch.cat(outputs[0::2], dim=1), torch.cat(outputs[1::2], dim=1)
     ctx.save_for_backward(x, W_enc, b_dec, values, indices)
     ctx.mark_non_differentiable(*outputs[1::2])
     return outputs
