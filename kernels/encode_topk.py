@@ -21,9 +21,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from sae_fast.torch_topk import code_backward, save_code
+from sae_fast.torch_topk import code_function
 
 from . import interpreting
 
@@ -197,33 +196,20 @@ def unkey(keys: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return values, _LOW32 - (keys & _LOW32)
 
 
-class TritonEncodeTopK(torch.autograd.Function):
-    """values, indices = TopK(ReLU((x - b_dec) @ W_enc.T + b_enc)), fused forward; with a dead
-    mask, also the AuxK values and indices from the same pass.
+def fused_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> tuple[Tensor, ...]:
+    """(values, indices[, aux_values, aux_indices]) by the fused kernel (chunk_size unused:
+    tiles are autotuned here)."""
+    if x.shape[0] == 0:
+        outputs = ()
+        for width in (k, k_aux) if dead_mask is not None else (k,):
+            empty = torch.zeros(0, width, dtype=torch.int64, device=x.device)
+            outputs += (x.new_zeros(0, width), empty)
+        return outputs
+    keys, aux_keys = topk_keys(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+    return unkey(keys, x.dtype) + (unkey(aux_keys, x.dtype) if aux_keys is not None else ())
 
-    apply(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) is the backends'
-    encode_topk_auxk (chunk_size is the torch backend's knob: tiles are autotuned here).
-    """
 
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size):
-        if x.shape[0] == 0:
-            widths = (k, k_aux) if dead_mask is not None else (k,)
-            outputs = ()
-            for width in widths:
-                empty = torch.zeros(0, width, dtype=torch.int64, device=x.device)
-                outputs += (x.new_zeros(0, width), empty)
-        else:
-            keys, aux_keys = topk_keys(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
-            outputs = unkey(keys, x.dtype)
-            if aux_keys is not None:
-                outputs += unkey(aux_keys, x.dtype)
-        return save_code(ctx, x, W_enc, b_dec, outputs)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        return (*code_backward(ctx, grads), None, None, None, None)
+TritonEncodeTopK = code_function("TritonEncodeTopK", fused_forward)
 
 
 def encode_topk(

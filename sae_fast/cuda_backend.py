@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import backends, torch_topk
-from .torch_topk import code_backward, save_code
+from .torch_topk import code_function
 
 ITEM_PAIRS = 256  # pairs per work item of the latent-major gradients
 
@@ -182,27 +182,15 @@ def encoder_backward(needs, x, W_enc, b_dec, values, indices, grad_values):
 
 def _forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> tuple[Tensor, ...]:
     """The fused Triton forward where it can run, else the torch backend's chunked one."""
-    if backends.status(x.device).get("triton") is None and x.shape[0]:
-        from .kernels.encode_topk import topk_keys, unkey
+    if backends.status(x.device).get("triton") is None:
+        from .kernels.encode_topk import fused_forward
 
-        keys, aux_keys = topk_keys(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
-        return unkey(keys, x.dtype) + (unkey(aux_keys, x.dtype) if aux_keys is not None else ())
+        return fused_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size)
     return torch_topk.topk_forward(x, W_enc, b_enc, b_dec, k, chunk_size, dead_mask, k_aux)
 
 
-class CudaEncodeTopK(torch.autograd.Function):
-    """TopK (+ AuxK) code; backward by the CUDA extension. apply() takes the backends'
-    encode_topk_auxk arguments (dead_mask None: the TopK code alone)."""
-
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size):
-        outputs = _forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size)
-        return save_code(ctx, x, W_enc, b_dec, outputs)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        return (*code_backward(ctx, grads, encoder_backward), None, None, None, None)
+# TopK (+ AuxK) code with the backward of the CUDA extension.
+CudaEncodeTopK = code_function("CudaEncodeTopK", _forward, encoder_backward)
 
 
 class CudaDecode(torch.autograd.Function):

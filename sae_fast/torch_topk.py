@@ -14,6 +14,8 @@ grad W_enc is that gather-sum's own sparse weight gradient.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -161,25 +163,6 @@ def encoder_backward(
     return grad_x, grad_W_enc, grad_b_enc, grad_b_dec
 
 
-class TorchEncodeTopK(torch.autograd.Function):
-    """values, indices = TopK(ReLU((x - b_dec) @ W_enc.T + b_enc)) with a pair-sparse backward;
-    with a dead mask, also the AuxK values and indices from the same pass.
-
-    apply(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) is the backends'
-    encode_topk_auxk; dead_mask None gives the TopK code alone.
-    """
-
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size):
-        outputs = topk_forward(x, W_enc, b_enc, b_dec, k, chunk_size, dead_mask, k_aux)
-        return save_code(ctx, x, W_enc, b_dec, outputs)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        return (*code_backward(ctx, grads), None, None, None, None)
-
-
 def save_code(ctx, x: Tensor, W_enc: Tensor, b_dec: Tensor, outputs: tuple[Tensor, ...]):
     """Save what code_backward needs; outputs are (values, indices[, aux values, aux indices])."""
     if len(outputs) == 2:  # the code's own tensors: the cuda backend keys its index cache on them
@@ -199,6 +182,33 @@ def code_backward(ctx, grads: tuple[Tensor, ...], backward=None) -> tuple[Tensor
     grad_values = torch.cat(grads[0::2], dim=1)
     backward = backward or encoder_backward
     return backward(ctx.needs_input_grad[:4], *ctx.saved_tensors, grad_values)
+
+
+def code_function(name: str, forward: Callable, backward: Callable | None = None) -> type:
+    """An autograd.Function for a TopK (+ AuxK) encoder.
+
+    apply(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) is the backends'
+    encode_topk_auxk: forward(same arguments) -> (values, indices[, aux_values, aux_indices]);
+    dead_mask None gives the TopK code alone. backward has encoder_backward's contract
+    (default: encoder_backward) and sees only the code's pairs.
+    """
+
+    def fwd(ctx, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size):
+        outputs = forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size)
+        return save_code(ctx, x, W_enc, b_dec, outputs)
+
+    def bwd(ctx, *grads):
+        return (*code_backward(ctx, grads, backward), None, None, None, None)
+
+    body = {"forward": staticmethod(fwd), "backward": staticmethod(once_differentiable(bwd))}
+    return type(name, (torch.autograd.Function,), body)
+
+
+def _forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> tuple[Tensor, ...]:
+    return topk_forward(x, W_enc, b_enc, b_dec, k, chunk_size, dead_mask, k_aux)
+
+
+TorchEncodeTopK = code_function("TorchEncodeTopK", _forward)
 
 
 def encode_topk(
