@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import backends, torch_topk
+from . import backends, torch_topk, triton_backend
 from .torch_topk import code_function
 
 ITEM_PAIRS = 256  # pairs per work item of the latent-major gradients
@@ -182,7 +182,7 @@ def encoder_backward(needs, x, W_enc, b_dec, values, indices, grad_values):
 
 def _forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> tuple[Tensor, ...]:
     """The fused Triton forward where it can run, else the torch backend's chunked one."""
-    if backends.status(x.device).get("triton") is None:
+    if triton_backend.why_not(x.device) is None:
         from .kernels.encode_topk import fused_forward
 
         return fused_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size)

@@ -174,23 +174,24 @@ def save_code(ctx, x: Tensor, W_enc: Tensor, b_dec: Tensor, outputs: tuple[Tenso
     return outputs
 
 
-def code_backward(ctx, grads: tuple[Tensor, ...], backward=None) -> tuple[Tensor | None, ...]:
+def code_backward(
+    ctx, grads: tuple[Tensor, ...], backward: Callable = encoder_backward
+) -> tuple[Tensor | None, ...]:
     """Gradients (x, W_enc, b_enc, b_dec) from the grads of (values, indices[, aux...]).
 
-    backward: a function with encoder_backward's contract (default: encoder_backward).
+    backward: a function with encoder_backward's contract.
     """
     grad_values = torch.cat(grads[0::2], dim=1)
-    backward = backward or encoder_backward
     return backward(ctx.needs_input_grad[:4], *ctx.saved_tensors, grad_values)
 
 
-def code_function(name: str, forward: Callable, backward: Callable | None = None) -> type:
+def code_function(name: str, forward: Callable, backward: Callable = encoder_backward) -> type:
     """An autograd.Function for a TopK (+ AuxK) encoder.
 
     apply(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) is the backends'
     encode_topk_auxk: forward(same arguments) -> (values, indices[, aux_values, aux_indices]);
-    dead_mask None gives the TopK code alone. backward has encoder_backward's contract
-    (default: encoder_backward) and sees only the code's pairs.
+    dead_mask None gives the TopK code alone. backward has encoder_backward's contract and
+    sees only the code's pairs.
     """
 
     def fwd(ctx, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size):
