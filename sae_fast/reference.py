@@ -101,6 +101,35 @@ def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float = 1e-3) -> Tensor:
     return _JumpReLU.apply(pre, threshold, bandwidth)
 
 
+class _Step(torch.autograd.Function):
+    """H(pre - theta) with the straight-through pseudo-derivative of JumpReLU's L0 penalty.
+
+    Rajamanoharan et al. 2024: d/dtheta H(pre - theta) is taken as -(1 / eps) rect((pre -
+    theta) / eps); pre gets no gradient, so the L0 penalty trains only the thresholds.
+    """
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        window = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
+        return None, (grad * window).sum(dim=0) * (-1.0 / eps), None
+
+
+def jumprelu_l0(pre: Tensor, threshold: Tensor, bandwidth: float = 1e-3) -> Tensor:
+    """Mean over tokens of the number of latents above threshold, with the STE gradient.
+
+    pre: (n, m), threshold: (m,) -> scalar; JumpReLU's sparsity penalty.
+    """
+    return _Step.apply(pre, threshold, bandwidth).sum(dim=-1).mean()
+
+
 def gated_encode(
     x: Tensor,
     W_enc: Tensor,

@@ -24,12 +24,14 @@ class SAEOutput:
 
     x_hat: (..., d_in) reconstruction. code: a SparseCode (..., width) for topk and for
     batchtopk while training or uncalibrated; a dense (..., n_latents) tensor otherwise.
-    gate_pre: gated only, the gate pre-activation (..., n_latents) for its L1 and aux losses.
+    pre: the dense activations' pre-activation (..., n_latents), for their sparsity losses
+    (jumprelu's L0, gated's L1 and aux losses: the gate's pi_gate); None where the sparse
+    TopK ops ran (topk; batchtopk while training or uncalibrated).
     """
 
     x_hat: Tensor
     code: SparseCode | Tensor
-    gate_pre: Tensor | None = None
+    pre: Tensor | None = None
 
 
 class SparseAutoencoder(nn.Module):
@@ -104,10 +106,11 @@ class SparseAutoencoder(nn.Module):
         return self._encode(x)[0]
 
     def _encode(self, x: Tensor) -> tuple[SparseCode | Tensor, Tensor | None]:
+        """x: (..., d_in) -> (code, pre); pre as in SAEOutput."""
         check_activations(x, self.d_in, self.W_enc)
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.d_in)
-        gate_pre = None
+        pre = None
         if self.activation == "topk":
             code = self._topk(flat, self.k)
         elif self.activation == "batchtopk" and (self.training or self.threshold < 0):
@@ -121,40 +124,67 @@ class SparseAutoencoder(nn.Module):
             elif self.activation == "jumprelu":
                 code = ref.jumprelu(pre, self.log_threshold.exp(), self.jumprelu_bandwidth)
             else:
-                code, gate_pre = ref.gated_encode(
+                code, pre = ref.gated_encode(
                     flat, self.W_enc, self.b_enc, self.r_mag, self.b_mag, self.b_dec
                 )
-                gate_pre = gate_pre.reshape(*lead, self.n_latents)
         if isinstance(code, SparseCode):
             width = code.values.shape[-1]
             code = SparseCode(code.values.reshape(*lead, width), code.indices.reshape(*lead, width))
         else:
             code = code.reshape(*lead, self.n_latents)
-        return code, gate_pre
+        if pre is not None:
+            pre = pre.reshape(*lead, self.n_latents)
+        return code, pre
 
     def _topk(self, x: Tensor, k: int) -> SparseCode:
         return ops.encode_topk(
-            x,
-            self.W_enc,
-            self.b_enc,
-            self.b_dec,
+            *autocast_inputs(x, self.W_enc, self.b_enc, self.b_dec),
             k,
             backend=self.backend,
             chunk_size=self.chunk_size,
         )
 
-    def _batchtopk(self, x: Tensor) -> SparseCode:
+    def encode_with_auxk(
+        self, x: Tensor, dead_mask: Tensor, k_aux: int
+    ) -> tuple[SparseCode, SparseCode]:
+        """topk/batchtopk training: (code, aux_code) from one encoder pass.  x: (n, d_in).
+
+        aux_code (n, k_aux) is the AuxK code of Gao et al. 2024: the top k_aux of relu(pre)
+        among latents with dead_mask (m,) True. For batchtopk, code is the batch top n*k.
+        """
+        if self.activation not in _SPARSE:
+            raise ValueError(f"AuxK needs activation in {_SPARSE}, not {self.activation!r}")
+        check_activations(x, self.d_in, self.W_enc)
+        width = self.k if self.activation == "topk" else self._candidates()
+        code, aux = ops.encode_topk_auxk(
+            *autocast_inputs(x, self.W_enc, self.b_enc, self.b_dec),
+            width,
+            dead_mask,
+            k_aux,
+            backend=self.backend,
+            chunk_size=self.chunk_size,
+        )
+        if self.activation == "batchtopk":
+            code = self._batchtopk(x, code)
+        return code, aux
+
+    def _candidates(self) -> int:
+        return min(self.n_latents, 2 * self.k)
+
+    def _batchtopk(self, x: Tensor, candidates: SparseCode | None = None) -> SparseCode:
         """Top n*k of relu(pre) over the batch x (n, d), from per-row TopK candidates.
 
         A row can hold more than k of the batch's winners, so each row offers `width`
-        candidates; if some row had all of its positive candidates selected, its next latent
-        might also win, and the selection is redone with twice the width. The kept entries of
-        each row are a prefix of its canonical order, so the code is trimmed to the widest.
+        candidates (a first set may be given); if some row had all of its positive candidates
+        selected, its next latent might also win, and the selection is redone with twice the
+        width. The kept entries of each row are a prefix of its canonical order, so the code
+        is trimmed to the widest.
         """
         n, m, budget = x.shape[0], self.n_latents, x.shape[0] * self.k
-        width = min(m, 2 * self.k)
+        width = self._candidates()
         while True:
-            code = self._topk(x, width)
+            code = self._topk(x, width) if candidates is None else candidates
+            candidates = None
             order = torch.sort(code.values.detach().reshape(-1), descending=True, stable=True)
             keep = torch.zeros(n * width, dtype=torch.bool, device=x.device)
             keep[order.indices[:budget]] = True
@@ -174,11 +204,12 @@ class SparseAutoencoder(nn.Module):
             values, indices = code
             lead = values.shape[:-1]
             width = values.shape[-1]
+            values, W_dec, b_dec = autocast_inputs(values, self.W_dec, self.b_dec)
             x_hat = ops.decode(
                 values.reshape(-1, width),
                 indices.reshape(-1, width),
-                self.W_dec,
-                self.b_dec,
+                W_dec,
+                b_dec,
                 backend=self.backend,
             )
         else:
@@ -189,8 +220,8 @@ class SparseAutoencoder(nn.Module):
 
     def forward(self, x: Tensor) -> SAEOutput:
         """x: (..., d_in) -> SAEOutput with x_hat (..., d_in) and the code."""
-        code, gate_pre = self._encode(x)
-        return SAEOutput(x_hat=self.decode(code), code=code, gate_pre=gate_pre)
+        code, pre = self._encode(x)
+        return SAEOutput(x_hat=self.decode(code), code=code, pre=pre)
 
     # --- initialisation and constraints ----------------------------------------------------
 
@@ -215,6 +246,25 @@ class SparseAutoencoder(nn.Module):
         norm_sq = torch.bmm(W.unsqueeze(1), W.unsqueeze(2)).view(-1, 1)
         coef = torch.where(norm_sq > 0, dot / norm_sq, torch.zeros_like(dot))
         grad.addcmul_(W, coef, value=-1)
+
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> None:
+        """Make an SAE trained on scale * x compute x_hat / scale from raw x.
+
+        pre is linear in (x, b_dec, b_enc): dividing the biases (and thresholds) by scale
+        divides pre and every latent by scale and keeps which latents fire; the decoder rows
+        stay as trained (unit norm), so x_hat = z W_dec + b_dec comes out divided by scale.
+        """
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a finite positive number, got {scale}")
+        self.b_dec /= scale
+        self.b_enc /= scale
+        if self.activation == "jumprelu":
+            self.log_threshold -= math.log(scale)
+        elif self.activation == "gated":
+            self.b_mag /= scale
+        elif self.activation == "batchtopk" and self.threshold >= 0:
+            self.threshold /= scale
 
     @torch.no_grad()
     def set_b_dec_from_data(
@@ -257,7 +307,7 @@ class SparseAutoencoder(nn.Module):
         dtype: torch.dtype | None = None,
         backend: str | None = None,
     ) -> SparseAutoencoder:
-        """Load a folder written by save(); device and dtype override where it lands."""
+        """Load a folder written by save(), in eval mode; device and dtype override placement."""
         config, tensors = checkpoint.read(path)
         try:
             config["dtype"] = getattr(torch, config["dtype"])
@@ -268,7 +318,19 @@ class SparseAutoencoder(nn.Module):
             ) from e
         checkpoint.check_tensors(path, tensors, sae.state_dict())
         sae.load_state_dict(tensors, assign=True)
-        return sae.to(device=device, dtype=dtype)
+        return sae.to(device=device, dtype=dtype).eval()
+
+
+def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Cast to the autocast dtype when autocast is on for their device, else as they are.
+
+    torch.autocast casts only its own ops; the sparse ops need x and weights in one dtype.
+    """
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def geometric_median(x: Tensor, start: Tensor, max_iter: int = 100, tol: float = 1e-6) -> Tensor:

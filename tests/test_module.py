@@ -56,8 +56,8 @@ def test_forward_and_grads_match_reference_with_leading_dims(activation):
     want = torch.autograd.grad(ref.mse(x, x_hat_ref), list(sae.parameters()), allow_unused=True)
     for (name, _), g, w in zip(sae.named_parameters(), grads, want, strict=True):
         torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w, msg=name)
-    if activation == "gated":
-        assert out.gate_pre.shape == (2, 3, sae.n_latents)
+    if activation in ("relu", "jumprelu", "gated"):
+        assert out.pre.shape == (2, 3, sae.n_latents)
 
 
 def test_topk_code_is_canonical_sparse_code():

@@ -45,6 +45,17 @@ def test_jumprelu_forward_and_straight_through_threshold_grad():
     assert pre.grad.tolist() == [[0.0, 1.0, 1.0]]
 
 
+def test_jumprelu_l0_counts_active_latents_and_trains_only_thresholds():
+    pre = torch.tensor([[0.5, 1.0004, 2.0], [1.5, 0.2, 0.9996]], requires_grad=True)
+    threshold = torch.tensor([1.0, 1.0, 1.0], requires_grad=True)
+    l0 = ref.jumprelu_l0(pre, threshold, bandwidth=0.01)
+    assert l0.item() == 1.5  # rows hold 2 and 1 latents above threshold
+    l0.backward()
+    # Within bandwidth/2: latent 1 in row 0, latent 2 in row 1; -1/eps each, mean over 2 rows.
+    torch.testing.assert_close(threshold.grad, torch.tensor([0.0, -50.0, -50.0]))
+    assert pre.grad is None
+
+
 def test_gated_encoder():
     x = torch.tensor([[1.0, 2.0]])
     W_enc = torch.tensor([[1.0, 0.0], [0.0, -1.0]])

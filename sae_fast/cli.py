@@ -1,0 +1,290 @@
+"""The `sae-fast` command: train, cache, eval, demo and toy.
+
+Errors a user can fix (bad options, missing files, a hook point the model lacks, widths that
+disagree) print one line and exit with code 2; training that diverges exits with 1; Ctrl-C
+during training saves a checkpoint and exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError
+from .sources.base import ActivationSource, SourceError
+from .sources.hooks import HookPointError
+from .train_config import ConfigError, TrainConfig, field_type
+
+USER_ERRORS = (ConfigError, SourceError, HookPointError, CheckpointError, ImportError, OSError)
+_GROUPS = {
+    "data": "activations",
+    "sae": "the SAE",
+    "optim": "optimisation",
+    "sparsity": "sparsity and dead latents",
+    "output": "output",
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
+    """One --flag per TrainConfig field in groups, with its help text and default."""
+    sections = {g: parser.add_argument_group(_GROUPS[g]) for g in groups}
+    for f in dataclasses.fields(TrainConfig):
+        group = f.metadata["group"]
+        if group not in sections:
+            continue
+        kind, _ = field_type(f)
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{f.metadata['help']} (default: {f.default})"
+        if kind is bool:
+            sections[group].add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
+        else:
+            sections[group].add_argument(
+                flag, type=kind, default=None, choices=f.metadata["choices"], help=text
+            )
+
+
+def config_from_args(args: argparse.Namespace, groups: tuple[str, ...]) -> TrainConfig:
+    """TrainConfig from --config (if given) overridden by the flags given."""
+    names = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["group"] in groups}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if getattr(args, "config", None):
+        return TrainConfig.from_file(args.config, **given)
+    return TrainConfig(**given)
+
+
+def build_source(cfg: TrainConfig, device: torch.device | str) -> ActivationSource:
+    """The activation source cfg describes, producing on device."""
+    from .sources import CacheSource, ModelSource, SyntheticSource, load_model
+
+    if cfg.source == "synthetic":
+        return SyntheticSource(
+            cfg.synthetic_d,
+            cfg.synthetic_features,
+            cfg.synthetic_active,
+            cfg.synthetic_noise,
+            seed=cfg.seed,
+        )
+    if cfg.source == "cache":
+        return CacheSource(cfg.cache_dir, seed=cfg.seed, device=device)
+    dtype = getattr(torch, cfg.model_dtype) if cfg.model_dtype else None
+    model, tokenizer = load_model(cfg.model, device, dtype)
+    return ModelSource(
+        model,
+        tokenizer,
+        cfg.hook,
+        cfg.text,
+        context_size=cfg.context_size,
+        batch_size=cfg.model_batch_size,
+        shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed,
+        device=device,
+    )
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .trainer import Trainer, resolve_device
+
+    cfg = config_from_args(args, tuple(_GROUPS))
+    source = build_source(cfg, resolve_device(cfg.device))
+    result = Trainer(cfg, source, resume=args.resume or False).train()
+    print(json.dumps({"step": result.step, **result.final}, indent=2))
+    if result.interrupted:
+        print(f"interrupted at step {result.step}; continue with --resume --out-dir {cfg.out_dir}")
+        return 130
+    print(f"saved the SAE to {result.out_dir / 'sae'}")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .sources import cache_from_model, load_model
+    from .sources.cache import DTYPES
+
+    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
+    model, tokenizer = load_model(args.model, args.device, model_dtype)
+    folder = cache_from_model(
+        args.out,
+        model,
+        tokenizer,
+        args.hook,
+        args.text,
+        tokens=args.tokens,
+        context_size=args.context_size,
+        batch_size=args.batch_size,
+        shard_rows=args.shard_rows,
+        dtype=DTYPES[args.dtype],
+        device=args.device,
+    )
+    print(f"wrote {args.tokens} activations of {args.model} at {args.hook} to {folder}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import ce_loss_recovered, evaluate
+    from .sae import SparseAutoencoder
+
+    cfg = config_from_args(args, ("data",))
+    sae = SparseAutoencoder.load(args.sae, device=args.device)
+    source = build_source(cfg, args.device)
+    result = evaluate(sae, source, args.tokens, args.batch_size)
+    if args.ce:
+        if cfg.source != "model":
+            raise ConfigError("--ce needs source=model (a causal LM and its hook point)")
+        result |= ce_loss_recovered(
+            source.model,
+            source.tokenizer,
+            cfg.hook,
+            sae,
+            cfg.text,
+            cfg.context_size,
+            cfg.model_batch_size,
+            args.ce_windows,
+        )
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(
+        args.out,
+        text=args.text,
+        steps=args.steps,
+        n_latents=args.n_latents,
+        k=args.k,
+        hook=args.hook,
+        progress=args.progress,
+    )
+    return 0
+
+
+def cmd_toy(args: argparse.Namespace) -> int:
+    from .toy import run_toy
+
+    run_toy(args.out, steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sae-fast", description="Train, cache, evaluate and demo sparse autoencoders."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train",
+        help="train an SAE",
+        description="Train an SAE on model activations, a cache or synthetic data. Options "
+        "come from --config (JSON or TOML, same names with underscores) and the flags, which "
+        "win over the file.",
+    )
+    train.add_argument("--config", help="JSON or TOML file of options")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        help="continue the run in --out-dir from its newest checkpoint, or from the "
+        "checkpoint folder given",
+    )
+    add_config_arguments(train, tuple(_GROUPS))
+    train.set_defaults(fn=cmd_train)
+
+    cache = sub.add_parser(
+        "cache",
+        help="write model activations to an on-disk cache",
+        description="Run a transformers model over text and store the activations at a hook "
+        "point as safetensors shards with a manifest; `train --source cache` streams them.",
+    )
+    cache.add_argument("--model", required=True, help="transformers model name or folder")
+    cache.add_argument("--hook", required=True, help="hook point, e.g. resid_post.3")
+    cache.add_argument("--out", required=True, help="cache folder to write")
+    cache.add_argument("--tokens", type=int, required=True, help="activations to store")
+    cache.add_argument("--text", default="stdlib", help="'stdlib', a .txt or a .jsonl file")
+    cache.add_argument("--context-size", type=int, default=128, help="tokens per window")
+    cache.add_argument("--batch-size", type=int, default=32, help="windows per forward")
+    cache.add_argument("--shard-rows", type=int, default=65536, help="activations per shard")
+    cache.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="stored"
+    )
+    cache.add_argument("--model-dtype", default=None, help="dtype to load the model in")
+    cache.add_argument("--device", default="cpu", help="device to run the model on")
+    cache.set_defaults(fn=cmd_cache)
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a trained SAE on held-out activations",
+        description="MSE, FVU, L0, dead and dense fractions on held-out activations; with "
+        "--ce, the next-token loss of a causal LM with the SAE spliced in at the hook point, "
+        "against the clean and the zero-ablated model.",
+    )
+    ev.add_argument("--sae", required=True, help="SAE folder (sae.safetensors + cfg.json)")
+    ev.add_argument("--tokens", type=int, default=65536, help="activations to evaluate on")
+    ev.add_argument("--batch-size", type=int, default=4096, help="activations per batch")
+    ev.add_argument("--device", default="cpu", help="device")
+    ev.add_argument("--ce", action="store_true", help="also CE loss recovered (causal LMs)")
+    ev.add_argument("--ce-windows", type=int, default=64, help="text windows for --ce")
+    ev.add_argument("--out", help="also write the results to this JSON file")
+    add_config_arguments(ev, ("data",))
+    ev.set_defaults(fn=cmd_eval)
+
+    demo = sub.add_parser(
+        "demo",
+        help="train a TopK SAE on all-MiniLM-L6-v2 activations, offline, in minutes",
+        description="Train a TopK SAE on the residual stream of the packaged all-MiniLM-L6-v2 "
+        "over Python's standard-library docstrings (or --text), evaluate it on held-out "
+        "documents, save it and write report.html with training curves and the contexts "
+        "that activate a handful of features most.",
+    )
+    demo.add_argument("--out", default="runs/demo", help="run folder")
+    demo.add_argument("--text", default="stdlib", help="'stdlib', a .txt or a .jsonl file")
+    demo.add_argument("--steps", type=int, default=600, help="optimizer steps")
+    demo.add_argument("--n-latents", type=int, default=3072, help="dictionary size")
+    demo.add_argument("--k", type=int, default=32, help="active latents per token")
+    demo.add_argument("--hook", default="resid_post.3", help="hook point of MiniLM")
+    demo.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
+    )
+    demo.set_defaults(fn=cmd_demo)
+
+    toy = sub.add_parser(
+        "toy",
+        help="reproduce the L1 and TopK sparsity trade-offs on the seed toy data",
+        description="On the toy data (d=10, 24 true features, 3 active, noise 0.02): ReLU+L1 "
+        "for rising L1 coefficients and TopK for k = 1..8; writes toy.json and the MSE vs L0 "
+        "frontier as toy_frontier.png.",
+    )
+    toy.add_argument("--out", default="runs/toy", help="output folder")
+    toy.add_argument("--steps", type=int, default=1000, help="optimizer steps per SAE")
+    toy.set_defaults(fn=cmd_toy)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .trainer import TrainingDivergedError
+
+    try:
+        return args.fn(args)
+    except USER_ERRORS as e:
+        print(f"sae-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDivergedError as e:
+        print(f"sae-fast {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Evaluation of a trained SAE: reconstruction and latent statistics on held-out activations,
+and the language-model loss with the SAE spliced in (CE loss recovered).
+"""
+
+from __future__ import annotations
+
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .metrics import active_latents, firing_counts
+from .sae import SparseAutoencoder
+from .sources.base import ActivationSource, SourceError
+from .sources.hooks import model_device, splice
+from .sources.model import pad_windows, token_windows
+from .sources.text import documents
+
+
+@torch.no_grad()
+def evaluate(
+    sae: SparseAutoencoder,
+    source: ActivationSource,
+    tokens: int,
+    batch_size: int = 4096,
+    dense_threshold: float = 0.1,
+) -> dict[str, float]:
+    """mse, fvu, l0, dead and dense latent fractions of sae over `tokens` rows of source.
+
+    FVU divides the summed squared error by the summed squared deviation from the mean of
+    all rows seen; a latent is dead here when it fired on none of them.
+    """
+    if source.d_in != sae.d_in:
+        raise SourceError(f"the activations have d_in={source.d_in} but the SAE has {sae.d_in}")
+    sae = sae.eval()
+    param = sae.W_dec
+    counts = torch.zeros(sae.n_latents, dtype=torch.int64, device=param.device)
+    sq_err = active = sq_norm = 0.0
+    total = torch.zeros(sae.d_in, dtype=torch.float64, device=param.device)
+    seen = 0
+    while seen < tokens:
+        x = source.next_batch(min(batch_size, tokens - seen)).to(param.device, param.dtype)
+        out = sae(x)
+        counts += firing_counts(out.code, sae.n_latents)
+        x64 = x.double()
+        sq_err += (x64 - out.x_hat.double()).pow(2).sum().item()
+        sq_norm += x64.pow(2).sum().item()
+        total += x64.sum(dim=0)
+        active += active_latents(out.code).sum().item()
+        seen += x.shape[0]
+    variance = sq_norm - total.pow(2).sum().item() / seen
+    freq = counts.double() / seen
+    return {
+        "tokens": seen,
+        "mse": sq_err / (seen * sae.d_in),
+        "fvu": sq_err / variance,
+        "l0": active / seen,
+        "dead_fraction": (counts == 0).double().mean().item(),
+        "dense_fraction": (freq > dense_threshold).double().mean().item(),
+    }
+
+
+def _next_token_loss(model: nn.Module, ids: Tensor, mask: Tensor) -> tuple[float, int]:
+    """(summed next-token cross-entropy, predicted tokens) over the unpadded positions."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    loss = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum"
+    )
+    return loss.item(), int((labels != -100).sum())
+
+
+@torch.no_grad()
+def ce_loss_recovered(
+    model: nn.Module,
+    tokenizer: Any,
+    hook: str,
+    sae: SparseAutoencoder,
+    documents_spec: str,
+    context_size: int = 128,
+    batch_size: int = 16,
+    max_windows: int = 64,
+) -> dict[str, float]:
+    """Next-token loss of a causal LM clean, with the SAE's reconstruction spliced in at hook,
+    and with the hook's output zeroed; ce_recovered = (zero - sae) / (zero - clean).
+    """
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise SourceError(
+            f"CE loss recovered needs a causal language model; {type(model).__name__} has no "
+            "language-model head"
+        )
+    sae = sae.eval()
+    param = sae.W_dec
+
+    def reconstruct(h: Tensor) -> Tensor:
+        return sae(h.to(param.dtype)).x_hat.to(h.dtype)
+
+    variants = {
+        "clean": None,
+        "sae": reconstruct,
+        "zero_ablated": torch.zeros_like,
+    }
+    sums = dict.fromkeys(variants, 0.0)
+    count = 0
+    windows = token_windows(tokenizer, documents(documents_spec), context_size)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = model_device(model)
+    taken = 0
+    while taken < max_windows:
+        batch = list(islice(windows, min(batch_size, max_windows - taken)))
+        if not batch:
+            break
+        taken += len(batch)
+        ids, mask = (t.to(device) for t in pad_windows(batch, pad))
+        for name, fn in variants.items():
+            if fn is None:
+                loss, n = _next_token_loss(model, ids, mask)
+            else:
+                with splice(model, hook, fn):
+                    loss, n = _next_token_loss(model, ids, mask)
+            sums[name] += loss
+        count += n
+    if count == 0:
+        raise SourceError(f"text source {documents_spec!r} gave no tokens to predict")
+    result = {f"ce_loss_{name}": total / count for name, total in sums.items()}
+    gap = result["ce_loss_zero_ablated"] - result["ce_loss_clean"]
+    result["ce_recovered"] = (result["ce_loss_zero_ablated"] - result["ce_loss_sae"]) / gap
+    result["ce_tokens"] = count
+    return result

@@ -1,0 +1,103 @@
+"""Training losses of every activation: reconstruction plus its sparsity and auxiliary terms.
+
+Reconstruction is the squared error summed over d_in and averaged over tokens. The AuxK term
+(Gao et al. 2024) uses the same normalisation, so its coefficient (1/32 there) means what it
+means in the paper, where both terms are divided by the same variance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import reference as ref
+from .ops import SparseCode
+from .sae import SAEOutput, SparseAutoencoder
+
+
+@dataclass
+class LossWeights:
+    """Coefficients of the terms; each applies only to the activations that use it.
+
+    auxk: AuxK (topk, batchtopk) with k_aux latents; l1: decoder-norm-weighted L1 (relu,
+    gated); l0: JumpReLU's L0 with its straight-through threshold gradient.
+    """
+
+    auxk: float = 1 / 32
+    k_aux: int = 256
+    l1: float = 5.0
+    l0: float = 1.0
+
+
+@dataclass
+class StepOutput:
+    """The loss to backpropagate, its detached terms by name, and the forward's output."""
+
+    loss: Tensor
+    terms: dict[str, Tensor]
+    out: SAEOutput
+
+
+def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
+    """sum over d of (x - x_hat)^2, mean over tokens.  x, x_hat: (n, d) -> scalar."""
+    diff = x - x_hat
+    if diff.element_size() < 4:  # sum half-precision squares in float32
+        diff = diff.float()
+    return diff.pow(2).sum(dim=-1).mean()
+
+
+def auxk_term(x: Tensor, x_hat: Tensor, aux: SparseCode, sae: SparseAutoencoder) -> Tensor:
+    """Dead latents' code aux (n, k_aux) decodes (no b_dec) the fixed residual x - x_hat."""
+    residual = (x - x_hat).detach()
+    e_hat = sae.decode(aux) - sae.b_dec
+    return squared_error(residual, e_hat)
+
+
+def training_loss(
+    sae: SparseAutoencoder,
+    x: Tensor,
+    weights: LossWeights,
+    dead_mask: Tensor | None = None,
+    sparsity_scale: float = 1.0,
+) -> StepOutput:
+    """Loss of sae on x (n, d_in) for its activation.
+
+    dead_mask (m,) bool enables AuxK for topk/batchtopk when any latent is dead;
+    sparsity_scale multiplies the l1/l0 coefficient (its warmup).
+    """
+    terms: dict[str, Tensor] = {}
+    aux = None
+    use_auxk = (
+        sae.activation in ("topk", "batchtopk")
+        and weights.auxk > 0
+        and dead_mask is not None
+        and bool(dead_mask.any())
+    )
+    if use_auxk:
+        k_aux = min(weights.k_aux, int(dead_mask.sum()))
+        code, aux = sae.encode_with_auxk(x, dead_mask, k_aux)
+        out = SAEOutput(x_hat=sae.decode(code), code=code)
+    else:
+        out = sae(x)
+    recon = squared_error(x, out.x_hat)
+    loss = recon
+    terms["recon"] = recon
+    if aux is not None:
+        terms["auxk"] = auxk_term(x, out.x_hat, aux, sae)
+        loss = loss + weights.auxk * terms["auxk"]
+    if sae.activation in ("relu", "gated"):
+        gate = out.code if sae.activation == "relu" else torch.relu(out.pre)
+        terms["l1"] = ref.l1_penalty(gate, sae.W_dec)
+        loss = loss + sparsity_scale * weights.l1 * terms["l1"]
+    if sae.activation == "gated":
+        # The gate path alone must reconstruct x through a frozen decoder (Rajamanoharan et al.).
+        x_gate = ref.decode_dense(torch.relu(out.pre), sae.W_dec.detach(), sae.b_dec.detach())
+        terms["gate_aux"] = squared_error(x, x_gate)
+        loss = loss + terms["gate_aux"]
+    if sae.activation == "jumprelu":
+        threshold = sae.log_threshold.exp()
+        terms["l0_penalty"] = ref.jumprelu_l0(out.pre, threshold, sae.jumprelu_bandwidth)
+        loss = loss + sparsity_scale * weights.l0 * terms["l0_penalty"]
+    return StepOutput(loss=loss, terms={k: v.detach() for k, v in terms.items()}, out=out)

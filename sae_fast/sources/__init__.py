@@ -1,0 +1,63 @@
+"""Activation sources for SAE training: synthetic data, model activations, on-disk caches.
+
+Every source implements ActivationSource: next_batch(n) -> (n, d_in), state_dict(),
+load_state_dict(state) (exact resume) and describe(). transformers is needed only to load models.
+"""
+
+from .base import ActivationSource, ShuffleBuffer, SourceError
+from .cache import CacheSource, cache_from_model, read_manifest, write_cache
+from .hooks import (
+    HookPointError,
+    capture,
+    hook_module_path,
+    hook_points,
+    load_model,
+    minilm_path,
+    model_device,
+    probe_hook,
+    resolve_hook,
+    run_to_hook,
+    splice,
+)
+from .model import (
+    ModelSource,
+    model_activations,
+    model_description,
+    pad_windows,
+    special_tokens,
+    token_windows,
+)
+from .synthetic import SyntheticSource, feature_recovery
+from .text import documents, stdlib_docstrings, text_file
+
+__all__ = [
+    "ActivationSource",
+    "CacheSource",
+    "HookPointError",
+    "ModelSource",
+    "ShuffleBuffer",
+    "SourceError",
+    "SyntheticSource",
+    "cache_from_model",
+    "capture",
+    "documents",
+    "feature_recovery",
+    "hook_module_path",
+    "hook_points",
+    "load_model",
+    "minilm_path",
+    "model_activations",
+    "model_description",
+    "model_device",
+    "pad_windows",
+    "probe_hook",
+    "read_manifest",
+    "resolve_hook",
+    "run_to_hook",
+    "special_tokens",
+    "splice",
+    "stdlib_docstrings",
+    "text_file",
+    "token_windows",
+    "write_cache",
+]

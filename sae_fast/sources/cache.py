@@ -1,0 +1,302 @@
+"""On-disk activation caches: safetensors shards + manifest.json, streamed a shard at a time.
+
+Layout of a cache folder:
+    shard-00000.safetensors, ...   tensor "activations" (rows, d_in), each written atomically
+    manifest.json                  written last: a folder without one is not a finished cache
+manifest.json holds format "sae_fast_activations", format_version, dtype, d_in, rows (one per
+token, so also tokens), shards [{file, rows}], created, and what made it (model, hook, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ..checkpoint import atomic_path
+from .base import SourceError, check_batch_size, check_state
+from .model import model_activations, model_description, token_windows
+from .text import documents
+
+FORMAT = "sae_fast_activations"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TENSOR = "activations"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_LAYOUT_FIELDS = ("format", "format_version", "dtype", "d_in", "rows", "tokens", "shards")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    names = {v: k for k, v in DTYPES.items()}
+    if dtype not in names:
+        raise SourceError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
+    return names[dtype]
+
+
+def write_cache(
+    out_dir: str | Path,
+    activations: Iterable[Tensor],
+    *,
+    tokens: int,
+    shard_rows: int = 65536,
+    dtype: torch.dtype = torch.float32,
+    meta: dict | None = None,
+) -> Path:
+    """Write the first `tokens` rows of activations (chunks (t, d)) as a cache in out_dir.
+
+    Shards hold shard_rows rows (the last one fewer); manifest.json is written last, with meta
+    (model, hook point, context size, text source, ...). Warns if activations run out first.
+    """
+    for name, value in (("tokens", tokens), ("shard_rows", shard_rows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SourceError(f"{name} must be a positive int, got {value!r}")
+    dtype_name = _dtype_name(dtype)
+    meta = dict(meta or {})
+    clash = sorted(set(meta) & {*_LAYOUT_FIELDS, "created"})
+    if clash:
+        raise SourceError(f"meta must not set the manifest's own fields {clash}")
+    folder = Path(out_dir)
+    if (folder / MANIFEST_FILE).exists():
+        raise SourceError(f"{folder} already holds an activation cache; choose another out_dir")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    shards: list[dict] = []
+
+    def write_shard(rows: Tensor) -> None:
+        name = f"shard-{len(shards):05d}.safetensors"
+        with atomic_path(folder / name) as tmp:
+            save_file({TENSOR: rows.contiguous()}, tmp)
+        shards.append({"file": name, "rows": rows.shape[0]})
+
+    pending: list[Tensor] = []
+    pending_rows = total = 0
+    d_in = None
+    for chunk in activations:
+        if chunk.ndim != 2 or (d_in is not None and chunk.shape[1] != d_in):
+            raise SourceError(
+                f"activations must yield (t, d) chunks of one width d, got {tuple(chunk.shape)}"
+            )
+        d_in = chunk.shape[1]
+        chunk = chunk[: tokens - total].detach().to("cpu", dtype)
+        pending.append(chunk)
+        pending_rows, total = pending_rows + chunk.shape[0], total + chunk.shape[0]
+        if pending_rows >= shard_rows:
+            block = torch.cat(pending)
+            full = pending_rows // shard_rows * shard_rows
+            for start in range(0, full, shard_rows):
+                write_shard(block[start : start + shard_rows])
+            pending, pending_rows = [block[full:]], pending_rows - full
+        if total == tokens:
+            break
+    if pending_rows:
+        write_shard(torch.cat(pending))
+    if total == 0:
+        raise SourceError("activations yielded no rows; nothing to cache")
+    if total < tokens:
+        warnings.warn(
+            f"activations ran out after {total} of the {tokens} requested rows", stacklevel=2
+        )
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype_name,
+        "d_in": d_in,
+        "rows": total,
+        "tokens": total,
+        "shards": shards,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **meta,
+    }
+    with atomic_path(folder / MANIFEST_FILE) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    return folder
+
+
+def cache_from_model(
+    out_dir: str | Path,
+    model: nn.Module,
+    tokenizer: Any,
+    hook: str,
+    documents_spec: str | Path,
+    tokens: int,
+    context_size: int = 128,
+    batch_size: int = 32,
+    shard_rows: int = 65536,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    exclude_special: bool = True,
+) -> Path:
+    """Cache `tokens` activations of model at hook on documents_spec (in document order)."""
+    windows = token_windows(tokenizer, documents(documents_spec), context_size)
+    rows = model_activations(model, tokenizer, hook, windows, batch_size, device, exclude_special)
+    meta = {
+        **model_description(model, hook),
+        "context_size": context_size,
+        "text": str(documents_spec),
+        "exclude_special": exclude_special,
+    }
+    return write_cache(
+        out_dir,
+        (acts for _, acts in rows),
+        tokens=tokens,
+        shard_rows=shard_rows,
+        dtype=dtype,
+        meta=meta,
+    )
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def read_manifest(cache_dir: str | Path) -> dict:
+    """The checked manifest of the cache in cache_dir; SourceError says what is wrong."""
+    folder = Path(cache_dir)
+    if not folder.is_dir():
+        raise SourceError(f"activation cache folder {folder} does not exist")
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise SourceError(f"{folder} has no {MANIFEST_FILE}: not a cache, or its writing stopped")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SourceError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SourceError(f"{path} is not a {FORMAT} manifest (format field)")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise SourceError(
+            f"{path} has format_version {version!r}; this sae_fast reads up to {FORMAT_VERSION}"
+        )
+    shards = manifest.get("shards")
+    if (
+        manifest.get("dtype") not in DTYPES
+        or not _is_count(manifest.get("d_in"))
+        or not _is_count(manifest.get("rows"))
+        or not isinstance(shards, list)
+        or not all(isinstance(s, dict) and _is_count(s.get("rows")) for s in shards)
+    ):
+        raise SourceError(f"{path} lacks a valid dtype, d_in, rows or shards [{{file, rows}}]")
+    for shard in shards:
+        _check_shard(folder, shard, manifest["d_in"])
+    if sum(s["rows"] for s in shards) != manifest["rows"]:
+        raise SourceError(f"{path}: shard rows do not add up to rows={manifest['rows']}")
+    return manifest
+
+
+def _check_shard(folder: Path, shard: dict, d_in: int) -> None:
+    file = folder / str(shard.get("file"))
+    if not file.is_file():
+        raise SourceError(f"{folder}: shard {shard.get('file')} listed in the manifest is missing")
+    try:
+        with safe_open(file, framework="pt") as f:
+            shape = f.get_slice(TENSOR).get_shape()
+    except (SafetensorError, OSError, KeyError) as e:
+        raise SourceError(f"{file} is truncated, corrupt or has no {TENSOR!r} tensor: {e}") from e
+    if shape != [shard["rows"], d_in]:
+        raise SourceError(
+            f"{file} holds {shape} activations but the manifest says [{shard['rows']}, {d_in}]"
+        )
+
+
+def _generator(*keys: int) -> torch.Generator:
+    """A generator seeded from keys, so any epoch's or shard's permutation can be rebuilt."""
+    digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+
+
+class CacheSource:
+    """Activations streamed from a cache folder, one shard in memory at a time.
+
+    Each epoch visits the shards in a seeded order and each shard's rows in a seeded order;
+    a batch may span shards. The state is (epoch, shard position, row offset): small, exact.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.folder = Path(cache_dir)
+        self.manifest = read_manifest(self.folder)
+        self.shards = self.manifest["shards"]
+        self.d_in = self.manifest["d_in"]
+        self.seed, self.device = seed, torch.device(device)
+        self.dtype = dtype or DTYPES[self.manifest["dtype"]]
+        self.epoch = self.shard_pos = self.row_offset = 0
+        self._loaded: tuple[tuple[int, int], Tensor, Tensor] | None = None
+
+    def _shard(self) -> tuple[Tensor, Tensor]:
+        """The current shard's rows (r, d_in) on device and this epoch's row order (r,)."""
+        key = (self.epoch, self.shard_pos)
+        if self._loaded is None or self._loaded[0] != key:
+            order = torch.randperm(len(self.shards), generator=_generator(self.seed, self.epoch))
+            index = int(order[self.shard_pos])
+            with safe_open(self.folder / self.shards[index]["file"], framework="pt") as f:
+                rows = f.get_tensor(TENSOR).to(self.device)
+            perm = torch.randperm(
+                rows.shape[0], generator=_generator(self.seed, self.epoch, index)
+            ).to(self.device)
+            self._loaded = (key, rows, perm)
+        return self._loaded[1], self._loaded[2]
+
+    def next_batch(self, n: int) -> Tensor:
+        """The next n rows: (n, d_in), on device, in dtype."""
+        check_batch_size(n)
+        parts = [torch.empty(0, self.d_in, dtype=self.dtype, device=self.device)]
+        while n:
+            rows, perm = self._shard()
+            pick = perm[self.row_offset : self.row_offset + n]
+            parts.append(rows[pick].to(self.dtype))
+            n -= pick.shape[0]
+            self.row_offset += pick.shape[0]
+            if self.row_offset == rows.shape[0]:
+                self.row_offset, self.shard_pos = 0, self.shard_pos + 1
+                if self.shard_pos == len(self.shards):
+                    self.shard_pos, self.epoch = 0, self.epoch + 1
+        return torch.cat(parts)
+
+    def _identity(self) -> dict:
+        return {
+            "rows": self.manifest["rows"],
+            "d_in": self.d_in,
+            "shards": self.shards,
+            "seed": self.seed,
+            "dtype": str(self.dtype),
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "identity": self._identity(),
+            "epoch": self.epoch,
+            "shard_pos": self.shard_pos,
+            "row_offset": self.row_offset,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        check_state(state, self._identity())
+        self.epoch, self.shard_pos = state["epoch"], state["shard_pos"]
+        self.row_offset = state["row_offset"]
+
+    def describe(self) -> dict:
+        made_by = {k: v for k, v in self.manifest.items() if k not in _LAYOUT_FIELDS}
+        return {
+            "kind": "cache",
+            "path": str(self.folder),
+            "d_in": self.d_in,
+            "rows": self.manifest["rows"],
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "seed": self.seed,
+            **made_by,
+        }

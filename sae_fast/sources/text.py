@@ -1,0 +1,109 @@
+"""Text corpora as deterministic streams of documents (str) for the model sources."""
+
+from __future__ import annotations
+
+import ast
+import json
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+from .base import SourceError
+
+STDLIB = "stdlib"
+# Folders of the standard library that hold no library docs: test suites, the IDE, installed
+# third-party packages, compiled modules, demos and bundled wheels.
+_SKIP_DIRS = frozenset(
+    {
+        "__pycache__",
+        "dist-packages",
+        "ensurepip",
+        "idle_test",
+        "idlelib",
+        "lib-dynload",
+        "site-packages",
+        "test",
+        "tests",
+        "turtledemo",
+    }
+)
+_DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+TEXT_SUFFIXES = (".txt", ".md")
+
+
+def _stdlib_files(folder: Path) -> Iterator[Path]:
+    """The library's .py files under folder in sorted path order, skipped folders unvisited."""
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir():
+            if entry.name not in _SKIP_DIRS and not entry.name.startswith("config-"):
+                yield from _stdlib_files(entry)
+        elif entry.suffix == ".py" and not entry.name.startswith("test_"):
+            yield entry
+
+
+def stdlib_docstrings(min_chars: int = 100) -> Iterator[str]:
+    """Docstrings of the running Python's standard library, in a fixed order.
+
+    Files are parsed with ast (never imported) in sorted path order; test suites, idlelib and
+    site-packages are skipped; docstrings shorter than min_chars are dropped.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in _stdlib_files(root):
+        try:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (SyntaxError, ValueError):
+            continue  # a few files are deliberately invalid (grammar samples)
+        for node in ast.walk(tree):
+            if isinstance(node, _DOC_NODES):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= min_chars:
+                    yield doc
+
+
+def text_file(path: str | Path) -> Iterator[str]:
+    """Documents of a .txt/.md file (split at blank lines) or a .jsonl file ("text" per line).
+
+    The file is read lazily, line by line, so it may be larger than memory.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"text file {path} does not exist")
+    if path.suffix == ".jsonl":
+        return _jsonl_documents(path)
+    if path.suffix in TEXT_SUFFIXES:
+        return _paragraphs(path)
+    raise SourceError(
+        f"text file {path} must end in .jsonl or one of {TEXT_SUFFIXES}, not {path.suffix!r}"
+    )
+
+
+def _paragraphs(path: Path) -> Iterator[str]:
+    lines: list[str] = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                lines.append(line)
+            elif lines:
+                yield "".join(lines).strip()
+                lines = []
+    if lines:
+        yield "".join(lines).strip()
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SourceError(f"{path}:{number} is not valid JSON: {e}") from e
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise SourceError(f'{path}:{number} has no string "text" field')
+            yield record["text"]
+
+
+def documents(spec: str | Path) -> Iterator[str]:
+    """The documents named by spec: "stdlib" for stdlib_docstrings(), else a text file path."""
+    return stdlib_docstrings() if str(spec) == STDLIB else text_file(spec)

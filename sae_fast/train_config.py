@@ -1,0 +1,259 @@
+"""TrainConfig: every option of a training run, with its help text, file loading and checks.
+
+The command line (`sae-fast train`) is generated from these fields, so each option has one
+name, default and help text; a JSON or TOML config file uses the same names, and flags given
+on the command line override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ACTIVATION_CHOICES = ("topk", "batchtopk", "relu", "jumprelu", "gated")
+SOURCE_CHOICES = ("model", "cache", "synthetic")
+
+
+class ConfigError(ValueError):
+    """An option has a bad value; the message names the option."""
+
+
+def field_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """(base type, whether None is allowed) of a TrainConfig field, from its annotation."""
+    name = str(f.type)
+    optional = name.endswith(" | None")
+    return {"int": int, "float": float, "str": str, "bool": bool}[
+        name.removesuffix(" | None")
+    ], optional
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):  # bool is an int subclass, but True is not a step count
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def _opt(default: Any, help: str, group: str, choices: tuple | None = None) -> Any:
+    meta = {"help": help, "group": group, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Options of `sae-fast train`; see each field's help (shown by `sae-fast train --help`)."""
+
+    # --- activations -------------------------------------------------------------------
+    source: str = _opt(
+        "model",
+        "where activations come from: a transformers model and hook point, an on-disk "
+        "cache written by `sae-fast cache`, or synthetic data with a known dictionary",
+        "data",
+        SOURCE_CHOICES,
+    )
+    model: str | None = _opt(None, "transformers model name or local folder (source=model)", "data")
+    hook: str | None = _opt(
+        None,
+        "hook point: resid_post.L, mlp_out.L, attn_out.L or a module path (source=model)",
+        "data",
+    )
+    text: str = _opt(
+        "stdlib",
+        "text to run the model on: 'stdlib' (Python's standard-library docstrings), a .txt "
+        "file (documents split at blank lines) or a .jsonl file with a 'text' field",
+        "data",
+    )
+    context_size: int = _opt(128, "tokens per model forward window", "data")
+    model_batch_size: int = _opt(32, "windows per model forward", "data")
+    shuffle_buffer: int = _opt(16384, "activations held for shuffling (source=model)", "data")
+    model_dtype: str | None = _opt(None, "dtype to load the model in (default: its own)", "data")
+    cache_dir: str | None = _opt(None, "activation cache folder (source=cache)", "data")
+    synthetic_d: int = _opt(64, "width of synthetic activations", "data")
+    synthetic_features: int = _opt(256, "true features in the synthetic dictionary", "data")
+    synthetic_active: int = _opt(4, "true features active per synthetic row", "data")
+    synthetic_noise: float = _opt(0.02, "gaussian noise scale of synthetic rows", "data")
+
+    # --- the SAE -----------------------------------------------------------------------
+    activation: str = _opt("topk", "SAE activation", "sae", ACTIVATION_CHOICES)
+    n_latents: int | None = _opt(
+        None, "dictionary size m (default: expansion_factor * d_in)", "sae"
+    )
+    expansion_factor: int = _opt(16, "m / d_in when n_latents is not given", "sae")
+    k: int = _opt(32, "active latents per token (topk; batchtopk: mean per token)", "sae")
+    dtype: str = _opt(
+        "float32", "parameter dtype", "sae", ("float32", "bfloat16", "float16", "float64")
+    )
+    backend: str | None = _opt(
+        None, "sparse-op backend: torch, triton or cuda (default: the best that runs)", "sae"
+    )
+    device: str = _opt("auto", "device to train on: auto (cuda if available), cpu, cuda", "sae")
+    normalize_decoder: bool = _opt(
+        True,
+        "keep decoder rows at unit norm and drop each row's gradient component along it",
+        "sae",
+    )
+    b_dec_init: str = _opt(
+        "geometric_median",
+        "initial b_dec from the first batch",
+        "sae",
+        ("geometric_median", "mean", "zeros"),
+    )
+    normalize_input: bool = _opt(
+        True,
+        "scale activations so their mean norm is sqrt(d_in) while training; the scale is "
+        "folded into the saved SAE, which works on raw activations",
+        "sae",
+    )
+    init_tokens: int = _opt(
+        4096, "activations drawn before training to set b_dec and the input scale", "sae"
+    )
+
+    # --- optimisation --------------------------------------------------------------------
+    steps: int = _opt(1000, "optimizer steps", "optim")
+    batch_size: int = _opt(4096, "activations (tokens) per micro-batch", "optim")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", "optim")
+    lr: float | None = _opt(
+        None, "peak learning rate (default: 2e-4 / sqrt(m / 2**14), Gao et al. 2024)", "optim"
+    )
+    lr_warmup_steps: int = _opt(100, "linear warmup from 0 to lr", "optim")
+    lr_decay: str = _opt(
+        "linear", "decay to 0 after lr_decay_start", "optim", ("linear", "cosine", "none")
+    )
+    lr_decay_start: float = _opt(0.8, "fraction of the steps after which lr decays", "optim")
+    adam_beta1: float = _opt(0.9, "Adam beta1", "optim")
+    adam_beta2: float = _opt(0.999, "Adam beta2", "optim")
+    adam_eps: float = _opt(6.25e-10, "Adam epsilon (Gao et al. 2024)", "optim")
+    grad_clip: float = _opt(0.0, "clip the gradient norm to this (0: no clipping)", "optim")
+    autocast: str = _opt(
+        "none", "mixed precision on GPU (fp16 adds loss scaling)", "optim", ("none", "bf16", "fp16")
+    )
+    seed: int = _opt(0, "seed of the SAE init and the data order", "optim")
+
+    # --- sparsity and dead latents -------------------------------------------------------
+    k_aux: int | None = _opt(None, "AuxK latents (default: d_in // 2)", "sparsity")
+    auxk_coef: float = _opt(1 / 32, "AuxK loss coefficient (topk, batchtopk; 0: off)", "sparsity")
+    dead_tokens: int = _opt(
+        10_000_000, "a latent is dead after this many tokens without firing", "sparsity"
+    )
+    dense_threshold: float = _opt(
+        0.1, "a latent is dense when it fires on more than this fraction of tokens", "sparsity"
+    )
+    l1_coef: float = _opt(5.0, "L1 coefficient (relu, gated), times decoder norms", "sparsity")
+    l0_coef: float = _opt(1.0, "L0 coefficient (jumprelu)", "sparsity")
+    sparsity_warmup_steps: int = _opt(
+        0, "linear warmup of the l1/l0 coefficient from 0", "sparsity"
+    )
+    jumprelu_bandwidth: float = _opt(1e-3, "JumpReLU straight-through bandwidth", "sparsity")
+
+    # --- output --------------------------------------------------------------------------
+    out_dir: str = _opt("runs/sae", "run folder: checkpoints, final SAE, metrics, plots", "output")
+    checkpoint_every: int = _opt(500, "steps between checkpoints (0: only at exit)", "output")
+    keep_checkpoints: int = _opt(3, "checkpoints kept (the oldest are deleted)", "output")
+    log_every: int = _opt(10, "steps between metric lines", "output")
+    progress: bool = _opt(True, "show a progress bar", "output")
+    plots: bool = _opt(True, "write training-curve and firing-frequency PNGs at the end", "output")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first option with a bad value."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            kind, optional = field_type(f)
+            if value is None and optional:
+                continue
+            if not _is_a(value, kind):
+                raise ConfigError(f"{f.name} must be {kind.__name__}, got {value!r}")
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name} must be one of {list(choices)}, got {value!r}")
+        positive = (
+            "context_size",
+            "model_batch_size",
+            "shuffle_buffer",
+            "synthetic_d",
+            "synthetic_features",
+            "synthetic_active",
+            "expansion_factor",
+            "k",
+            "init_tokens",
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "dead_tokens",
+            "log_every",
+            "keep_checkpoints",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("n_latents", "k_aux"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        nonneg = ("checkpoint_every", "lr_warmup_steps", "sparsity_warmup_steps")
+        for name in nonneg:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("auxk_coef", "l1_coef", "l0_coef", "grad_clip", "synthetic_noise"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        if not 0 <= self.lr_decay_start <= 1:
+            raise ConfigError(f"lr_decay_start must be in [0, 1], got {self.lr_decay_start!r}")
+        if not 0 < self.dense_threshold <= 1:
+            raise ConfigError(f"dense_threshold must be in (0, 1], got {self.dense_threshold!r}")
+        if self.source == "model" and (not self.model or not self.hook):
+            raise ConfigError("source=model needs both model and hook")
+        if self.source == "cache" and not self.cache_dir:
+            raise ConfigError("source=cache needs cache_dir")
+        if self.source == "synthetic" and self.synthetic_active > self.synthetic_features:
+            raise ConfigError("synthetic_active must be <= synthetic_features")
+
+    def latents(self, d_in: int) -> int:
+        """The dictionary size m for activations of width d_in."""
+        return self.n_latents or self.expansion_factor * d_in
+
+    def peak_lr(self, n_latents: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> TrainConfig:
+        """Build from a mapping of option names; unknown names raise ConfigError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown option(s) {unknown}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a .json or .toml file of options; overrides win over the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix == ".toml":
+                import tomllib
+
+                values = tomllib.loads(text)
+            else:
+                values = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"config file {path} does not parse: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a table of options")
+        return cls.from_dict({**values, **overrides}, where=str(path))

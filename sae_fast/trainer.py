@@ -1,0 +1,378 @@
+"""The trainer: an SAE fitted to a stream of activations, with checkpoints that resume exactly.
+
+One optimizer step draws grad_accum micro-batches of batch_size activations from the source,
+computes the activation's loss (losses.py), removes the decoder gradient parallel to each row,
+takes a (fused) Adam step and renormalises the decoder. A checkpoint holds everything the next
+step depends on, so N steps, a stop and N resumed steps give the weights of 2N straight steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import train_checkpoint
+from .checkpoint import atomic_path
+from .losses import LossWeights, training_loss
+from .metrics import LatentStats, MetricsLog, firing_counts, reconstruction_metrics
+from .sae import SparseAutoencoder
+from .sources.base import ActivationSource
+from .train_config import ConfigError, TrainConfig
+
+# Fields a resumed run must share with its checkpoint: they shape the parameters.
+_ARCHITECTURE = ("activation", "k", "dtype")
+_BATCHTOPK_EMA = 0.01  # threshold estimate update rate (Bussmann et al. 2024)
+
+
+class TrainingDivergedError(RuntimeError):
+    """Loss or activations became NaN/Inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    """sae: the trained SAE for raw activations (input scale folded in); final: last metrics."""
+
+    sae: SparseAutoencoder
+    step: int
+    final: dict
+    out_dir: Path
+    interrupted: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but this machine has no CUDA device")
+    return device
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): warmup, flat, decay."""
+    if step < cfg.lr_warmup_steps:
+        return (step + 1) / cfg.lr_warmup_steps
+    start = int(cfg.lr_decay_start * cfg.steps)
+    if cfg.lr_decay == "none" or step < start:
+        return 1.0
+    t = (step - start) / max(cfg.steps - start, 1)
+    return 1.0 - t if cfg.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class Trainer:
+    """Train an SAE on source as cfg says, in cfg.out_dir.
+
+    resume: False starts a new run (refusing a folder that already holds checkpoints), True
+    continues from the newest checkpoint in out_dir, a path continues from that checkpoint.
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, source: ActivationSource, resume: bool | str | Path = False
+    ) -> None:
+        self.cfg, self.source = cfg, source
+        self.out_dir = Path(cfg.out_dir)
+        self.checkpoints = self.out_dir / "checkpoints"
+        self.device = resolve_device(cfg.device)
+        self.dtype = getattr(torch, cfg.dtype)
+        d_in = source.d_in
+        m = cfg.latents(d_in)
+        k_aux = cfg.k_aux if cfg.k_aux is not None else max(1, d_in // 2)
+        sparse = cfg.activation in ("topk", "batchtopk")
+        if sparse and cfg.k > m:
+            raise ConfigError(f"k={cfg.k} is larger than the dictionary (n_latents={m})")
+        self.weights = LossWeights(
+            auxk=cfg.auxk_coef, k_aux=min(k_aux, m), l1=cfg.l1_coef, l0=cfg.l0_coef
+        )
+        torch.manual_seed(cfg.seed)
+        self.sae = SparseAutoencoder(
+            d_in,
+            m,
+            k=cfg.k if sparse else None,
+            activation=cfg.activation,
+            dtype=self.dtype,
+            device=self.device,
+            backend=cfg.backend,
+            jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+        )
+        self.optimizer = torch.optim.Adam(
+            self.sae.parameters(),
+            lr=cfg.peak_lr(m),
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+            fused=True,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, cfg)
+        )
+        amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.autocast]
+        self.amp_dtype = amp
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp is torch.float16)
+        self.stats = LatentStats(m, self.device)
+        self.step = 0
+        self.scale = 1.0
+        self.batchtopk_threshold: float | None = None
+        if resume:
+            self._resume(resume)
+        else:
+            if train_checkpoint.list_checkpoints(self.checkpoints):
+                raise ConfigError(
+                    f"out_dir {self.out_dir} already holds checkpoints: resume it (--resume) "
+                    "or choose another out_dir"
+                )
+            self._initialise()
+
+    # --- setup -------------------------------------------------------------------------
+
+    def _batch(self, n: int) -> Tensor:
+        x = self.source.next_batch(n).to(self.device, self.dtype)
+        return x * self.scale if self.scale != 1.0 else x
+
+    @torch.no_grad()
+    def _initialise(self) -> None:
+        """Input scale and b_dec from the first init_tokens activations."""
+        sample = self._batch(self.cfg.init_tokens)
+        if not bool(torch.isfinite(sample).all()):
+            raise TrainingDivergedError("the first activations drawn hold NaN or Inf")
+        if self.cfg.normalize_input:
+            mean_norm = sample.float().norm(dim=1).mean().item()
+            if mean_norm == 0:
+                raise ConfigError("normalize_input: the activations are all zero")
+            self.scale = math.sqrt(self.sae.d_in) / mean_norm
+            sample = sample * self.scale
+        if self.cfg.b_dec_init != "zeros":
+            self.sae.set_b_dec_from_data(sample, method=self.cfg.b_dec_init)
+
+    # --- the step ------------------------------------------------------------------------
+
+    def _sparsity_scale(self) -> float:
+        warmup = self.cfg.sparsity_warmup_steps
+        return min(1.0, (self.step + 1) / warmup) if warmup else 1.0
+
+    def _train_step(self) -> dict[str, float]:
+        cfg, sae = self.cfg, self.sae
+        self.optimizer.zero_grad(set_to_none=True)
+        terms: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            x = self._batch(cfg.batch_size)
+            dead = self.stats.dead_mask(cfg.dead_tokens)
+            amp = self.amp_dtype is not None
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=amp):
+                res = training_loss(sae, x, self.weights, dead, self._sparsity_scale())
+            loss = res.loss.item()
+            if not math.isfinite(loss):
+                bad = "activations" if not bool(torch.isfinite(x).all()) else "loss"
+                raise TrainingDivergedError(
+                    f"step {self.step + 1}: the {bad} became NaN or Inf (loss={loss}); "
+                    f"training stopped and the last good checkpoint in {self.checkpoints} is kept"
+                )
+            self.scaler.scale(res.loss / cfg.grad_accum).backward()
+            self.stats.update(firing_counts(res.out.code, sae.n_latents), x.shape[0])
+            if sae.activation == "batchtopk":
+                self._track_threshold(res.out.code.values)
+            terms["loss"] = terms.get("loss", 0.0) + loss / cfg.grad_accum
+            for name, value in res.terms.items():
+                terms[name] = terms.get(name, 0.0) + value.item() / cfg.grad_accum
+        self.scaler.unscale_(self.optimizer)
+        if cfg.normalize_decoder:
+            sae.remove_parallel_decoder_grad_()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if cfg.normalize_decoder:
+            sae.normalize_decoder_()
+        self.step += 1
+        metrics = reconstruction_metrics(x, res.out.x_hat, res.out.code)
+        metrics["mse"] /= self.scale**2  # in the units of the raw activations
+        return {"lr": lr, **terms, **metrics}
+
+    @torch.no_grad()
+    def _track_threshold(self, values: Tensor) -> None:
+        """EMA of the smallest kept activation: the BatchTopK threshold at inference."""
+        positive = values[values > 0]
+        if positive.numel() == 0:
+            return
+        low = positive.min().item()
+        prev = self.batchtopk_threshold
+        self.batchtopk_threshold = low if prev is None else prev + _BATCHTOPK_EMA * (low - prev)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def train(self, until: int | None = None) -> TrainResult:
+        """Run to cfg.steps (or to step `until`), checkpointing as configured.
+
+        Ctrl-C finishes the step, saves a checkpoint and returns with interrupted=True;
+        NaN/Inf raises TrainingDivergedError without saving over the last good checkpoint.
+        """
+        cfg = self.cfg
+        stop = min(cfg.steps, until) if until is not None else cfg.steps
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._write_run_config()
+        log = MetricsLog(self.out_dir / "metrics.jsonl")
+        log.truncate_after(self.step)
+        bar = _progress(cfg, self.step)
+        row: dict = {}
+        started, tokens_at = time.perf_counter(), self.stats.tokens
+        with _StopOnInterrupt() as interrupt, bar:
+            while self.step < stop and not interrupt.requested:
+                row = self._train_step()
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == stop:
+                    now = time.perf_counter()
+                    row = self._log_row(row, (self.stats.tokens - tokens_at) / (now - started))
+                    started, tokens_at = now, self.stats.tokens
+                    log.write(row)
+                    bar.set_postfix(
+                        fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=row["dead_fraction"]
+                    )
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+        interrupted = interrupt.requested
+        self.save_checkpoint()
+        sae = self.export()
+        if self.step == cfg.steps:
+            sae.save(self.out_dir / "sae")
+            if cfg.plots:
+                from .plots import plot_run
+
+                plot_run(self.out_dir, self.stats.frequencies())
+        return TrainResult(sae, self.step, row, self.out_dir, interrupted)
+
+    def _log_row(self, row: dict, tokens_per_s: float) -> dict:
+        return {
+            "step": self.step,
+            "tokens": self.stats.tokens,
+            **row,
+            **self.stats.window_summary(self.cfg.dead_tokens, self.cfg.dense_threshold),
+            "tokens_per_s": tokens_per_s,
+        }
+
+    def _write_run_config(self) -> None:
+        body = {
+            "train": self.cfg.to_dict(),
+            "source": self.source.describe(),
+            "d_in": self.sae.d_in,
+            "n_latents": self.sae.n_latents,
+            "input_scale": self.scale,
+        }
+        with atomic_path(self.out_dir / "config.json") as tmp:
+            tmp.write_text(json.dumps(body, indent=2) + "\n")
+
+    # --- saving and resuming ---------------------------------------------------------------
+
+    def export(self) -> SparseAutoencoder:
+        """A copy of the SAE for raw activations: input scale folded in, threshold set."""
+        sae = copy.deepcopy(self.sae).eval()
+        if sae.activation == "batchtopk" and self.batchtopk_threshold is not None:
+            sae.threshold.fill_(self.batchtopk_threshold)
+        sae.fold_input_scale_(self.scale)
+        return sae
+
+    def _state(self) -> dict:
+        cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
+        return {
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "stats": self.stats.state_dict(),
+            "scale": self.scale,
+            "batchtopk_threshold": self.batchtopk_threshold,
+            "source": self.source.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "cuda": cuda},
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Write the checkpoint of the current step (atomic; keeps the newest few)."""
+        return train_checkpoint.save(
+            self.checkpoints,
+            self.step,
+            self.sae.config(),
+            self.sae.state_dict(),
+            self._state(),
+            self.cfg.keep_checkpoints,
+        )
+
+    def _resume(self, resume: bool | str | Path) -> None:
+        if resume is True:
+            found = train_checkpoint.list_checkpoints(self.checkpoints)
+            if not found:
+                raise ConfigError(f"--resume: no checkpoint in {self.checkpoints}")
+            folder = found[-1]
+        else:
+            folder = Path(resume)
+        config, tensors, state = train_checkpoint.load(folder, self.device)
+        saved = state["config"]
+        for name in _ARCHITECTURE:
+            if saved[name] != getattr(self.cfg, name):
+                raise ConfigError(
+                    f"--resume: {name}={getattr(self.cfg, name)!r} but checkpoint {folder} "
+                    f"was trained with {name}={saved[name]!r}"
+                )
+        if (config["d_in"], config["n_latents"]) != (self.sae.d_in, self.sae.n_latents):
+            raise ConfigError(
+                f"--resume: checkpoint {folder} has d_in={config['d_in']}, "
+                f"n_latents={config['n_latents']}; this run has d_in={self.sae.d_in}, "
+                f"n_latents={self.sae.n_latents}"
+            )
+        self.sae.load_state_dict(tensors)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.stats.load_state_dict(state["stats"])
+        self.source.load_state_dict(state["source"])
+        self.step, self.scale = state["step"], state["scale"]
+        self.batchtopk_threshold = state["batchtopk_threshold"]
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+
+
+class _StopOnInterrupt:
+    """While active, the first Ctrl-C (SIGINT) asks the loop to stop after the current step.
+
+    Stopping between steps keeps model, optimizer and data position consistent for the
+    checkpoint written at exit; a second Ctrl-C interrupts at once. Outside the main thread
+    signals cannot be caught and Ctrl-C behaves as usual.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+        print("\nsae-fast: stopping after this step and saving a checkpoint (Ctrl-C again aborts)")
+
+    def __enter__(self) -> _StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None and not self.requested:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _progress(cfg: TrainConfig, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=initial, disable=not cfg.progress, unit="step")
+
+
+def train(cfg: TrainConfig, source: ActivationSource, resume: bool | str | Path = False):
+    """Build a Trainer and run it to the end; returns its TrainResult."""
+    return Trainer(cfg, source, resume).train()

@@ -1,0 +1,85 @@
+"""Text corpora: stdlib docstrings, .txt/.md and .jsonl files."""
+
+from __future__ import annotations
+
+import ast
+import json
+from itertools import islice
+from pathlib import Path
+
+import pytest
+
+from sae_fast.sources import SourceError, documents, stdlib_docstrings, text_file
+from sae_fast.sources import text as text_module
+
+
+def test_stdlib_docstrings_are_parsed_in_sorted_order():
+    first = list(islice(stdlib_docstrings(), 40))
+    assert first == list(islice(stdlib_docstrings(), 40))
+    assert all(isinstance(d, str) and len(d) >= 100 for d in first)
+    # __future__.py sorts first; its module docstring leads.
+    source = (Path(ast.__file__).parent / "__future__.py").read_text()
+    assert first[0] == ast.get_docstring(ast.parse(source))
+    assert all(len(d) >= 400 for d in islice(stdlib_docstrings(min_chars=400), 20))
+
+
+def test_stdlib_docstrings_skip_tests_idle_and_packages(tmp_path, monkeypatch):
+    files = {
+        "b.py": '"""Module b, long enough."""\ndef f():\n    """Function f, long enough."""\n',
+        "a/__init__.py": '"""Package a, long enough."""\nclass C:\n    """Class C, long."""\n',
+        "bad.py": '"""never seen"""\nprint "python 2"\n',
+        "test/test_x.py": '"""a test suite docstring"""\n',
+        "a/tests/helpers.py": '"""a test helper docstring"""\n',
+        "a/test_y.py": '"""a test module docstring"""\n',
+        "idlelib/editor.py": '"""the IDE, not library docs"""\n',
+        "site-packages/pkg.py": '"""a third-party package"""\n',
+        "short.py": '"""tiny"""\n',
+    }
+    for name, body in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(body)
+    monkeypatch.setattr(text_module.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    assert list(stdlib_docstrings(min_chars=10)) == [
+        "Package a, long enough.",
+        "Class C, long.",
+        "Module b, long enough.",
+        "Function f, long enough.",
+    ]
+
+
+def test_text_file_splits_at_blank_lines(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("first line\nsame doc\n\n\n  \nsecond\n\nthird\n  indented\n")
+    assert list(text_file(path)) == ["first line\nsame doc", "second", "third\n  indented"]
+    assert list(documents(str(path))) == list(text_file(path))
+
+
+def test_text_file_reads_jsonl(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    rows = [{"text": "one\n\ntwo", "id": 1}, {"text": "three"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    assert list(text_file(path)) == ["one\n\ntwo", "three"]
+
+
+@pytest.mark.parametrize(
+    ("line", "match"), [('{"txt": "x"}', r'2 has no string "text"'), ("{oops", "2 is not valid")]
+)
+def test_text_file_bad_jsonl_names_the_line(tmp_path, line, match):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(SourceError, match=match):
+        list(text_file(path))
+
+
+def test_text_file_errors_name_the_path(tmp_path):
+    with pytest.raises(SourceError, match="missing.txt does not exist"):
+        text_file(tmp_path / "missing.txt")
+    (tmp_path / "data.parquet").write_bytes(b"PAR1")
+    with pytest.raises(SourceError, match=r"data.parquet must end in .jsonl"):
+        text_file(tmp_path / "data.parquet")
+    with pytest.raises(SourceError, match="nope.jsonl does not exist"):
+        documents(str(tmp_path / "nope.jsonl"))
+
+
+def test_documents_stdlib():
+    assert next(documents("stdlib")) == next(stdlib_docstrings())
