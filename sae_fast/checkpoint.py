@@ -50,6 +50,24 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def read_stamped_json(path: Path, fmt: str, version: int, error: type[ValueError]) -> dict:
+    """The JSON object in path, which must carry "format": fmt and "format_version" <= version.
+
+    Anything else raises `error` saying what is wrong: not JSON, another format, a version
+    newer than this sae_fast reads.
+    """
+    try:
+        body = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(body, dict) or body.get("format") != fmt:
+        raise error(f"{path} is not a {fmt} file (no format field)")
+    found = body.get("format_version")
+    if not isinstance(found, int) or found > version:
+        raise error(f"{path} has format_version {found!r}; this sae_fast reads up to {version}")
+    return body
+
+
 def write(path: str | Path, config: dict, tensors: dict[str, Tensor]) -> None:
     """Write tensors and config into folder path: weights first, then cfg.json."""
     folder = Path(path)
@@ -70,18 +88,7 @@ def read(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict, di
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder} has no {name}")
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{folder / CONFIG_FILE} is not valid JSON: {e}") from e
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise CheckpointError(f"{folder / CONFIG_FILE} is not a {FORMAT} config (no format field)")
-    version = config.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{folder / CONFIG_FILE} has format_version {version!r}; this sae_fast reads up to "
-            f"{FORMAT_VERSION}"
-        )
+    config = read_stamped_json(folder / CONFIG_FILE, FORMAT, FORMAT_VERSION, CheckpointError)
     try:
         tensors = load_file(folder / WEIGHTS_FILE, device=str(device))
     except (SafetensorError, OSError) as e:

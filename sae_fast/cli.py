@@ -2,7 +2,7 @@
 
 Errors a user can fix (bad options, missing files, a hook point the model lacks, widths that
 disagree) print one line and exit with code 2; training that diverges exits with 1; Ctrl-C
-during training saves a checkpoint and exits with 130.
+during training saves a checkpoint and exits with 130 (elsewhere it just exits with 130).
 """
 
 from __future__ import annotations
@@ -15,12 +15,28 @@ from pathlib import Path
 
 import torch
 
+from .backends import BackendUnavailableError
 from .checkpoint import CheckpointError
 from .sources.base import ActivationSource, SourceError
 from .sources.hooks import HookPointError
-from .train_config import ConfigError, TrainConfig, field_type
+from .train_config import (
+    MODEL_DTYPES,
+    ConfigError,
+    TrainConfig,
+    check_device,
+    field_type,
+    resolve_device,
+)
 
-USER_ERRORS = (ConfigError, SourceError, HookPointError, CheckpointError, ImportError, OSError)
+USER_ERRORS = (
+    ConfigError,
+    SourceError,
+    HookPointError,
+    CheckpointError,
+    BackendUnavailableError,
+    ImportError,
+    OSError,
+)
 _GROUPS = {
     "data": "activations",
     "sae": "the SAE",
@@ -39,7 +55,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...
             continue
         kind, _ = field_type(f)
         flag = "--" + f.name.replace("_", "-")
-        text = f"{f.metadata['help']} (default: {f.default})"
+        # argparse %-formats help texts: a literal % must be doubled.
+        text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")
         if kind is bool:
             sections[group].add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=text
@@ -59,8 +76,14 @@ def config_from_args(args: argparse.Namespace, groups: tuple[str, ...]) -> Train
     return TrainConfig(**given)
 
 
-def build_source(cfg: TrainConfig, device: torch.device | str) -> ActivationSource:
-    """The activation source cfg describes, producing on device."""
+def build_source(
+    cfg: TrainConfig, device: torch.device | str, held_out: bool = False
+) -> ActivationSource:
+    """The activation source cfg describes, producing on device.
+
+    held_out: synthetic rows other than the training run's, over the same dictionary.
+    """
+    from .evaluate import HELD_OUT_STREAM
     from .sources import CacheSource, ModelSource, SyntheticSource, load_model
 
     if cfg.source == "synthetic":
@@ -70,6 +93,7 @@ def build_source(cfg: TrainConfig, device: torch.device | str) -> ActivationSour
             cfg.synthetic_active,
             cfg.synthetic_noise,
             seed=cfg.seed,
+            stream_seed=cfg.seed + HELD_OUT_STREAM if held_out else None,
         )
     if cfg.source == "cache":
         return CacheSource(cfg.cache_dir, seed=cfg.seed, device=device)
@@ -92,7 +116,7 @@ def build_source(cfg: TrainConfig, device: torch.device | str) -> ActivationSour
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .trainer import Trainer, resolve_device
+    from .trainer import Trainer
 
     cfg = config_from_args(args, tuple(_GROUPS))
     source = build_source(cfg, resolve_device(cfg.device))
@@ -106,11 +130,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from .sources import cache_from_model, load_model
+    from .sources import cache_from_model, load_model, read_manifest
     from .sources.cache import DTYPES
 
+    device = resolve_device(check_device(args.device, "--device"))
     model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
-    model, tokenizer = load_model(args.model, args.device, model_dtype)
+    model, tokenizer = load_model(args.model, device, model_dtype)
     folder = cache_from_model(
         args.out,
         model,
@@ -122,23 +147,27 @@ def cmd_cache(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         shard_rows=args.shard_rows,
         dtype=DTYPES[args.dtype],
-        device=args.device,
+        device=device,
     )
-    print(f"wrote {args.tokens} activations of {args.model} at {args.hook} to {folder}")
+    rows = read_manifest(folder)["rows"]  # fewer than --tokens when the text ran out
+    print(f"wrote {rows} activations of {args.model} at {args.hook} to {folder}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import ce_loss_recovered, evaluate
+    from .evaluate import ce_loss_recovered, check_causal_lm, evaluate
     from .sae import SparseAutoencoder
 
-    cfg = config_from_args(args, ("data",))
-    sae = SparseAutoencoder.load(args.sae, device=args.device)
-    source = build_source(cfg, args.device)
+    cfg = dataclasses.replace(config_from_args(args, ("data",)), seed=args.seed)
+    if args.ce and cfg.source != "model":
+        raise ConfigError("--ce needs source=model (a causal LM and its hook point)")
+    device = resolve_device(check_device(args.device, "--device"))
+    sae = SparseAutoencoder.load(args.sae, device=device)
+    source = build_source(cfg, device, held_out=True)
+    if args.ce:
+        check_causal_lm(source.model)  # before the evaluation, not after it
     result = evaluate(sae, source, args.tokens, args.batch_size)
     if args.ce:
-        if cfg.source != "model":
-            raise ConfigError("--ce needs source=model (a causal LM and its hook point)")
         result |= ce_loss_recovered(
             source.model,
             source.tokenizer,
@@ -159,7 +188,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(
+    summary = run_demo(
         args.out,
         text=args.text,
         steps=args.steps,
@@ -168,7 +197,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         hook=args.hook,
         progress=args.progress,
     )
-    return 0
+    return 130 if summary.get("interrupted") else 0
 
 
 def cmd_toy(args: argparse.Namespace) -> int:
@@ -219,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument(
         "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="stored"
     )
-    cache.add_argument("--model-dtype", default=None, help="dtype to load the model in")
+    cache.add_argument(
+        "--model-dtype", choices=MODEL_DTYPES, help="dtype to load the model in (default: its own)"
+    )
     cache.add_argument("--device", default="cpu", help="device to run the model on")
     cache.set_defaults(fn=cmd_cache)
 
@@ -234,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tokens", type=int, default=65536, help="activations to evaluate on")
     ev.add_argument("--batch-size", type=int, default=4096, help="activations per batch")
     ev.add_argument("--device", default="cpu", help="device")
+    ev.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the training run's seed: for synthetic data it fixes the true dictionary (the "
+        "rows evaluated on are others than the run's)",
+    )
     ev.add_argument("--ce", action="store_true", help="also CE loss recovered (causal LMs)")
     ev.add_argument("--ce-windows", type=int, default=64, help="text windows for --ce")
     ev.add_argument("--out", help="also write the results to this JSON file")
@@ -284,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDivergedError as e:
         print(f"sae-fast {args.command}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outside training, which stops cleanly by itself
+        print(f"sae-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

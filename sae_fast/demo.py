@@ -48,7 +48,11 @@ def run_demo(
     n_features: int = 8,
     progress: bool = True,
 ) -> dict:
-    """Train, evaluate and report; returns the summary (also in out/summary.json)."""
+    """Train, evaluate and report; returns the summary (also in out/summary.json).
+
+    Ctrl-C during training saves a checkpoint and returns {"interrupted": True, "steps": N}
+    without evaluating; running the demo again on the same out continues the run.
+    """
     out = Path(out)
     started = time.perf_counter()
     train_text, held_text = split_documents(text, out / "data")
@@ -79,6 +83,9 @@ def run_demo(
     # Running the demo again finishes (or re-reports) the run in out instead of refusing it.
     resume = bool(list_checkpoints(out / "checkpoints"))
     result = Trainer(cfg, source(train_text), resume=resume).train()
+    if result.interrupted:  # the SAE is unfinished: no evaluation or report of it
+        print(f"interrupted at step {result.step}; run the demo again on {out} to continue")
+        return {"interrupted": True, "steps": result.step}
     sae = result.sae
     held_out = evaluate(sae, source(held_text), eval_tokens)
     acts = collect_activations(sae, model, tokenizer, hook, str(held_text), context_size)

@@ -13,9 +13,13 @@ from torch import Tensor, nn
 from .metrics import active_latents, firing_counts
 from .sae import SparseAutoencoder
 from .sources.base import ActivationSource, SourceError
-from .sources.hooks import model_device, splice
+from .sources.hooks import _CAUSAL_SUFFIXES, model_device, splice
 from .sources.model import pad_windows, token_windows
 from .sources.text import documents
+
+# Held-out synthetic rows: the training dictionary (fixed by the seed), with the rows drawn
+# by SyntheticSource(..., seed=seed, stream_seed=seed + HELD_OUT_STREAM) instead.
+HELD_OUT_STREAM = 1000
 
 
 @torch.no_grad()
@@ -31,6 +35,9 @@ def evaluate(
     FVU divides the summed squared error by the summed squared deviation from the mean of
     all rows seen; a latent is dead here when it fired on none of them.
     """
+    for name, value in (("tokens", tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SourceError(f"{name} must be a positive int, got {value!r}")
     if source.d_in != sae.d_in:
         raise SourceError(f"the activations have d_in={source.d_in} but the SAE has {sae.d_in}")
     sae = sae.eval()
@@ -40,15 +47,17 @@ def evaluate(
     total = torch.zeros(sae.d_in, dtype=torch.float64, device=param.device)
     seen = 0
     while seen < tokens:
-        x = source.next_batch(min(batch_size, tokens - seen)).to(param.device, param.dtype)
-        out = sae(x)
+        raw = source.next_batch(min(batch_size, tokens - seen)).to(param.device)
+        out = sae(raw.to(param.dtype))
         counts += firing_counts(out.code, sae.n_latents)
-        x64 = x.double()
+        # Errors against the activations as the source gives them, not as rounded to the
+        # SAE's dtype: a bf16 SAE is charged for the rounding of its input too.
+        x64 = raw.double()
         sq_err += (x64 - out.x_hat.double()).pow(2).sum().item()
         sq_norm += x64.pow(2).sum().item()
         total += x64.sum(dim=0)
         active += active_latents(out.code).sum().item()
-        seen += x.shape[0]
+        seen += raw.shape[0]
     variance = sq_norm - total.pow(2).sum().item() / seen
     freq = counts.double() / seen
     return {
@@ -71,6 +80,26 @@ def _next_token_loss(model: nn.Module, ids: Tensor, mask: Tensor) -> tuple[float
     return loss.item(), int((labels != -100).sum())
 
 
+def check_causal_lm(model: nn.Module) -> None:
+    """Raise SourceError unless model predicts the next token (a causal LM with its head).
+
+    A masked LM has a language-model head too, but its logits at a position are not a
+    next-token prediction, so its "next-token loss" would mean nothing.
+    """
+    name = type(model).__name__
+    if getattr(model, "get_output_embeddings", lambda: None)() is None:
+        raise SourceError(
+            f"CE loss recovered needs a causal language model; {name} has no language-model head"
+        )
+    config = getattr(model, "config", None)
+    causal = name.endswith(_CAUSAL_SUFFIXES) or getattr(config, "is_decoder", False)
+    if not causal:
+        raise SourceError(
+            f"CE loss recovered needs a causal language model; {name} does not predict the "
+            "next token"
+        )
+
+
 @torch.no_grad()
 def ce_loss_recovered(
     model: nn.Module,
@@ -85,16 +114,12 @@ def ce_loss_recovered(
     """Next-token loss of a causal LM clean, with the SAE's reconstruction spliced in at hook,
     and with the hook's output zeroed; ce_recovered = (zero - sae) / (zero - clean).
     """
-    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
-        raise SourceError(
-            f"CE loss recovered needs a causal language model; {type(model).__name__} has no "
-            "language-model head"
-        )
+    check_causal_lm(model)
     sae = sae.eval()
     param = sae.W_dec
 
     def reconstruct(h: Tensor) -> Tensor:
-        return sae(h.to(param.dtype)).x_hat.to(h.dtype)
+        return sae(h.to(param.device, param.dtype)).x_hat.to(h.device, h.dtype)
 
     variants = {
         "clean": None,

@@ -44,7 +44,8 @@ class Activations:
 def _entries(code: SparseCode | Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(value, latent, token position) of each active latent.  code: (t, k) or (t, m)."""
     if isinstance(code, SparseCode):
-        pos = torch.arange(code.values.shape[0]).unsqueeze(1).expand_as(code.values)
+        pos = torch.arange(code.values.shape[0], device=code.values.device)
+        pos = pos.unsqueeze(1).expand_as(code.values)
         keep = code.values > 0
         return code.values[keep], code.indices[keep], pos[keep]
     pos, latent = (code > 0).nonzero(as_tuple=True)
@@ -90,13 +91,17 @@ def pick_features(frequencies: Tensor, count: int) -> list[int]:
     the picks are evenly spaced between the 10th and 90th percentile of frequency.
     """
     alive = (frequencies > 0).nonzero().squeeze(1)
-    if alive.numel() == 0:
+    if alive.numel() == 0 or count < 1:
         return []
     order = alive[frequencies[alive].argsort(descending=True, stable=True)]
     lo, hi = int(0.1 * len(order)), max(int(0.9 * len(order)), int(0.1 * len(order)) + 1)
     span = order[lo:hi]
-    step = max(len(span) // count, 1)
-    return [int(i) for i in span[::step][:count]]
+    if count >= len(span):
+        return [int(i) for i in span]
+    if count == 1:
+        return [int(span[len(span) // 2])]
+    # Both ends and count - 2 evenly spaced between: the spacing is >= 1, so no repeats.
+    return [int(span[i * (len(span) - 1) // (count - 1)]) for i in range(count)]
 
 
 def context(

@@ -75,5 +75,5 @@ def write_report(
         "</body></html>",
     ]
     path = Path(path)
-    path.write_text("\n".join(parts))
+    path.write_text("\n".join(parts), encoding="utf-8")  # as its meta charset says
     return path

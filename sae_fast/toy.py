@@ -12,7 +12,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from .evaluate import evaluate
+from .evaluate import HELD_OUT_STREAM, evaluate
 from .sources.synthetic import SyntheticSource, feature_recovery
 from .train_config import TrainConfig
 from .trainer import Trainer
@@ -47,7 +47,8 @@ def toy_point(activation: str, steps: int, seed: int = 0, **options) -> dict:
             **options,
         )
         sae = Trainer(cfg, train_data).train().sae
-    held_out = SyntheticSource(**TOY, seed=seed + 1000)
+    # The seed fixes the dictionary too: held-out rows come from the training dictionary.
+    held_out = SyntheticSource(**TOY, seed=seed, stream_seed=seed + HELD_OUT_STREAM)
     metrics = evaluate(sae, held_out, _EVAL_TOKENS)
     recovery = feature_recovery(train_data.true_features, sae.W_dec.detach())
     return {"mse": metrics["mse"], "l0": metrics["l0"], "feature_recovery": recovery}

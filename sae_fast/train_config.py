@@ -10,12 +10,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 ACTIVATION_CHOICES = ("topk", "batchtopk", "relu", "jumprelu", "gated")
 SOURCE_CHOICES = ("model", "cache", "synthetic")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("torch", "triton", "cuda")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 class ConfigError(ValueError):
@@ -29,6 +35,23 @@ def field_type(f: dataclasses.Field) -> tuple[type, bool]:
     return {"int": int, "float": float, "str": str, "bool": bool}[
         name.removesuffix(" | None")
     ], optional
+
+
+def check_device(name: str, option: str = "device") -> str:
+    """name if it is auto, cpu, cuda or cuda:N, else ConfigError naming option."""
+    if not isinstance(name, str) or not _DEVICE.match(name):
+        raise ConfigError(f"{option} must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return name
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a checked device name; 'auto' is cuda where there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but this machine has no CUDA device")
+    return device
 
 
 def _is_a(value: Any, kind: type) -> bool:
@@ -71,7 +94,9 @@ class TrainConfig:
     context_size: int = _opt(128, "tokens per model forward window", "data")
     model_batch_size: int = _opt(32, "windows per model forward", "data")
     shuffle_buffer: int = _opt(16384, "activations held for shuffling (source=model)", "data")
-    model_dtype: str | None = _opt(None, "dtype to load the model in (default: its own)", "data")
+    model_dtype: str | None = _opt(
+        None, "dtype to load the model in (default: its own)", "data", MODEL_DTYPES
+    )
     cache_dir: str | None = _opt(None, "activation cache folder (source=cache)", "data")
     synthetic_d: int = _opt(64, "width of synthetic activations", "data")
     synthetic_features: int = _opt(256, "true features in the synthetic dictionary", "data")
@@ -89,7 +114,7 @@ class TrainConfig:
         "float32", "parameter dtype", "sae", ("float32", "bfloat16", "float16", "float64")
     )
     backend: str | None = _opt(
-        None, "sparse-op backend: torch, triton or cuda (default: the best that runs)", "sae"
+        None, "sparse-op backend (default: the best that runs on the device)", "sae", BACKENDS
     )
     device: str = _opt("auto", "device to train on: auto (cuda if available), cpu, cuda", "sae")
     normalize_decoder: bool = _opt(
@@ -208,6 +233,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        check_device(self.device)
         if not 0 <= self.lr_decay_start <= 1:
             raise ConfigError(f"lr_decay_start must be in [0, 1], got {self.lr_decay_start!r}")
         if not 0 < self.dense_threshold <= 1:

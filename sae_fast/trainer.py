@@ -26,7 +26,7 @@ from .losses import LossWeights, training_loss
 from .metrics import LatentStats, MetricsLog, firing_counts, reconstruction_metrics
 from .sae import SparseAutoencoder
 from .sources.base import ActivationSource
-from .train_config import ConfigError, TrainConfig
+from .train_config import ConfigError, TrainConfig, resolve_device
 
 # Fields a resumed run must share with its checkpoint: they shape the parameters.
 _ARCHITECTURE = ("activation", "k", "dtype")
@@ -46,15 +46,6 @@ class TrainResult:
     final: dict
     out_dir: Path
     interrupted: bool
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but this machine has no CUDA device")
-    return device
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -118,7 +118,7 @@ def test_corrupt_config(saved):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"format": "saelens"}, "not a sae_fast config"),
+        ({"format": "saelens"}, "not a sae_fast file"),
         ({"format_version": 99}, "format_version 99; this sae_fast reads up to 1"),
         ({"activation": "softmax"}, "does not describe an SAE.*activation"),
         ({"dtype": "not_a_dtype"}, "does not describe an SAE"),

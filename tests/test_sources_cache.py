@@ -167,7 +167,7 @@ def test_damaged_caches_are_explained(cache, tmp_path):
     with pytest.raises(SourceError, match="format_version 2"):
         read_manifest(cache)
     _edit_manifest(cache, format="something_else")
-    with pytest.raises(SourceError, match="not a sae_fast_activations manifest"):
+    with pytest.raises(SourceError, match="not a sae_fast_activations file"):
         read_manifest(cache)
     (cache / "manifest.json").write_text("{not json")
     with pytest.raises(SourceError, match="not valid JSON"):

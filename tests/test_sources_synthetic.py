@@ -44,6 +44,17 @@ def test_seed_fixes_dictionary_and_stream():
     assert not torch.equal(a.true_features, c.true_features)
 
 
+def test_stream_seed_gives_other_rows_over_the_same_dictionary():
+    a, held = SyntheticSource(10, 24, 3, seed=5), SyntheticSource(10, 24, 3, seed=5, stream_seed=9)
+    assert torch.equal(a.true_features, held.true_features)
+    assert not torch.equal(a.next_batch(7), held.next_batch(7))
+    again = SyntheticSource(10, 24, 3, seed=5, stream_seed=9)
+    again.next_batch(7)
+    assert torch.equal(held.next_batch(5), again.next_batch(5))
+    with pytest.raises(SourceError, match="different source"):
+        a.load_state_dict(held.state_dict())
+
+
 def test_exact_resume():
     resumed = assert_exact_resume(lambda: SyntheticSource(10, 24, 3, seed=2), 16, 3, 4)
     assert resumed.rows_emitted == 7 * 16

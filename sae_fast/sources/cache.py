@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..checkpoint import atomic_path
+from ..checkpoint import atomic_path, read_stamped_json
 from .base import SourceError, check_batch_size, check_state
 from .model import model_activations, model_description, token_windows
 from .text import documents
@@ -166,17 +166,7 @@ def read_manifest(cache_dir: str | Path) -> dict:
     path = folder / MANIFEST_FILE
     if not path.is_file():
         raise SourceError(f"{folder} has no {MANIFEST_FILE}: not a cache, or its writing stopped")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SourceError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise SourceError(f"{path} is not a {FORMAT} manifest (format field)")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise SourceError(
-            f"{path} has format_version {version!r}; this sae_fast reads up to {FORMAT_VERSION}"
-        )
+    manifest = read_stamped_json(path, FORMAT, FORMAT_VERSION, SourceError)
     shards = manifest.get("shards")
     if (
         manifest.get("dtype") not in DTYPES

@@ -14,6 +14,9 @@ class SyntheticSource:
     true_features: (n_features, d_in) unit rows, fixed by seed. Each row draws k_active
     distinct features with coefficients uniform in value_range and adds noise * N(0, I)
     (the toy setup of the SAE primer: d_in=10, n_features=24, k_active=3, noise=0.02).
+    stream_seed: None draws the rows from the generator that drew the features; a number
+    draws them from a generator of their own, so held-out rows over the same dictionary are
+    SyntheticSource(..., seed=s, stream_seed=another).
     """
 
     def __init__(
@@ -24,6 +27,7 @@ class SyntheticSource:
         noise: float = 0.02,
         seed: int = 0,
         value_range: tuple[float, float] = (0.5, 1.5),
+        stream_seed: int | None = None,
     ) -> None:
         for name, value in (("d_in", d_in), ("n_features", n_features), ("k_active", k_active)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -42,6 +46,9 @@ class SyntheticSource:
         self.generator = torch.Generator().manual_seed(seed)
         features = torch.randn(n_features, d_in, generator=self.generator)
         self.true_features = features / features.norm(dim=1, keepdim=True)
+        self.stream_seed = stream_seed
+        if stream_seed is not None:
+            self.generator = torch.Generator().manual_seed(stream_seed)
         self.rows_emitted = 0
 
     def sample(self, n: int) -> tuple[Tensor, Tensor]:
@@ -80,6 +87,7 @@ class SyntheticSource:
             "k_active": self.k_active,
             "noise": self.noise,
             "seed": self.seed,
+            "stream_seed": self.stream_seed,
             "value_range": list(self.value_range),
         }
 

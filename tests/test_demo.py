@@ -1,0 +1,58 @@
+"""`sae-fast demo` on the packaged all-MiniLM-L6-v2: Ctrl-C, resume, re-running a finished run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from model_folders import write_corpus
+
+from sae_fast import SparseAutoencoder, demo
+from sae_fast.metrics import read_jsonl
+from sae_fast.sources import ModelSource
+from sae_fast.train_checkpoint import list_checkpoints
+
+SMALL = {"steps": 4, "n_latents": 256, "k": 8, "batch_size": 64, "eval_tokens": 256}
+
+
+class InterruptedSource(ModelSource):
+    """A ModelSource that sends Ctrl-C while the trainer draws its third batch (step 2's)."""
+
+    def next_batch(self, n: int):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().next_batch(n)
+
+
+def test_demo_stops_on_ctrl_c_resumes_and_reports_again(tmp_path, monkeypatch):
+    text, out = write_corpus(tmp_path / "corpus.txt"), tmp_path / "demo"
+
+    with monkeypatch.context() as m:
+        m.setattr(demo, "ModelSource", InterruptedSource)
+        stopped = demo.run_demo(out, text=text, progress=False, **SMALL)
+    assert stopped == {"interrupted": True, "steps": 2}
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000002"]
+    assert not (out / "sae").exists() and not (out / "report.html").exists()
+
+    summary = demo.run_demo(out, text=text, progress=False, **SMALL)  # resumes at step 2
+    assert summary["steps"] == 4 and summary["train_tokens"] == 4 * 64
+    assert summary["d_in"] == 384 and summary["n_latents"] == 256
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert summary["heldout_tokens"] == 256 and summary["heldout_l0"] <= 8
+    assert 0 < summary["heldout_fvu"] < 2 and summary["heldout_mse"] > 0
+    sae = SparseAutoencoder.load(out / "sae")
+    assert (sae.d_in, sae.n_latents, sae.k) == (384, 256, 8)
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert "<h3>latent " in report and "data:image/png;base64," in report
+    held = (out / "data" / "heldout.jsonl").read_text().splitlines()
+    assert len(held) == 4  # every 10th of the 40 paragraphs
+    logged = read_jsonl(out / "metrics.jsonl")
+
+    again = demo.run_demo(out, text=text, progress=False, **SMALL)  # finished: re-reports
+    assert read_jsonl(out / "metrics.jsonl") == logged  # no more training
+    assert {k: v for k, v in again.items() if k != "seconds"} == {
+        k: v for k, v in summary.items() if k != "seconds"
+    }
+    assert (out / "report.html").is_file()

@@ -1,0 +1,106 @@
+"""evaluate() against a direct computation, and the CE loss with the SAE spliced in."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from model_folders import identity_sae, write_corpus
+from models import WIDTH, tiny_bert, tiny_causal_lm
+from transformers import BertForMaskedLM
+
+from sae_fast import SparseAutoencoder, reference
+from sae_fast.evaluate import ce_loss_recovered, evaluate
+from sae_fast.sources import SourceError, SyntheticSource
+
+
+def source(seed: int = 3) -> SyntheticSource:
+    return SyntheticSource(16, 32, 3, seed=seed)
+
+
+@pytest.mark.parametrize("activation", ["topk", "relu"])
+def test_evaluate_matches_a_direct_computation(activation):
+    torch.manual_seed(0)
+    k = 4 if activation == "topk" else None
+    sae = SparseAutoencoder(16, 48, k=k, activation=activation, dtype=torch.float64)
+    with torch.no_grad():
+        sae.b_enc[:8] = -100.0  # these never fire
+    got = evaluate(sae, source(), tokens=300, batch_size=64, dense_threshold=0.1)
+
+    # The same rows, drawn in the same batches: 4 x 64 + 44.
+    replay = source()
+    x = torch.cat([replay.next_batch(n) for n in (64, 64, 64, 64, 44)]).double()
+    out = sae(x)
+    code = out.code.to_dense(48) if k else out.code
+    fired = (code > 0).double()
+    assert got["tokens"] == 300
+    assert got["mse"] == pytest.approx(reference.mse(x, out.x_hat).item(), rel=1e-9)
+    assert got["fvu"] == pytest.approx(reference.fvu(x, out.x_hat).item(), rel=1e-9)
+    assert got["l0"] == pytest.approx(fired.sum(dim=1).mean().item(), rel=1e-12)
+    assert got["dead_fraction"] == (fired.sum(dim=0) == 0).double().mean().item()
+    assert got["dense_fraction"] == (fired.mean(dim=0) > 0.1).double().mean().item()
+    assert got["dead_fraction"] == 8 / 48 and 0 < got["dense_fraction"] < 1
+
+
+def test_an_sae_that_reconstructs_exactly():
+    got = evaluate(identity_sae(16), source(), tokens=256, batch_size=100)
+    assert got["mse"] < 1e-12 and got["fvu"] < 1e-10
+    assert got["l0"] == 16  # relu(x_i) or relu(-x_i) for each nonzero coordinate
+    assert got["dead_fraction"] == 0
+
+
+def test_errors_are_against_the_raw_activations():
+    """A bfloat16 SAE is charged for rounding its input: identity in bf16 gives x_hat = bf16(x)."""
+    got = evaluate(identity_sae(16, torch.bfloat16), source(), tokens=128, batch_size=128)
+    x = source().next_batch(128).double()
+    rounding = (x - x.bfloat16().double()).pow(2).mean().item()
+    assert rounding > 0
+    assert got["mse"] == pytest.approx(rounding, rel=1e-9)
+
+
+def test_evaluate_checks_its_arguments():
+    sae = SparseAutoencoder(16, 32, k=4)
+    with pytest.raises(SourceError, match="tokens must be a positive int, got 0"):
+        evaluate(sae, source(), tokens=0)
+    with pytest.raises(SourceError, match="batch_size must be a positive int, got 0"):
+        evaluate(sae, source(), tokens=10, batch_size=0)
+    with pytest.raises(SourceError, match="the activations have d_in=8 but the SAE has 16"):
+        evaluate(sae, SyntheticSource(8, 32, 3), tokens=10)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("text") / "corpus.txt", paragraphs=12)
+
+
+def test_ce_loss_recovered_of_a_perfect_and_a_poor_sae(corpus):
+    model, tokenizer = tiny_causal_lm()
+    args = ("resid_post.1",)
+    kw = {"documents_spec": corpus, "context_size": 32, "batch_size": 3, "max_windows": 7}
+    perfect = ce_loss_recovered(model, tokenizer, *args, identity_sae(WIDTH), **kw)
+    assert perfect["ce_tokens"] > 100
+    # Zeroing the last block's output leaves ln_f's zero bias: uniform logits.
+    assert perfect["ce_loss_zero_ablated"] == pytest.approx(math.log(len(tokenizer)), rel=1e-6)
+    assert perfect["ce_loss_clean"] < perfect["ce_loss_zero_ablated"]
+    assert perfect["ce_loss_sae"] == pytest.approx(perfect["ce_loss_clean"], rel=1e-6)
+    assert perfect["ce_recovered"] == pytest.approx(1.0, abs=1e-3)
+
+    torch.manual_seed(0)
+    poor = ce_loss_recovered(model, tokenizer, *args, SparseAutoencoder(WIDTH, 64, k=1), **kw)
+    for key in ("ce_loss_clean", "ce_loss_zero_ablated", "ce_tokens"):
+        assert poor[key] == perfect[key]
+    assert poor["ce_loss_sae"] != perfect["ce_loss_sae"]
+    gap = poor["ce_loss_zero_ablated"] - poor["ce_loss_clean"]
+    want = (poor["ce_loss_zero_ablated"] - poor["ce_loss_sae"]) / gap
+    assert poor["ce_recovered"] == pytest.approx(want)
+
+
+def test_ce_loss_recovered_needs_a_causal_lm(corpus):
+    encoder, tokenizer = tiny_bert()
+    masked = BertForMaskedLM(encoder.config).eval()
+    sae = identity_sae(WIDTH)
+    with pytest.raises(SourceError, match="BertModel has no language-model head"):
+        ce_loss_recovered(encoder, tokenizer, "resid_post.1", sae, corpus, 32)
+    with pytest.raises(SourceError, match="BertForMaskedLM does not predict the next token"):
+        ce_loss_recovered(masked, tokenizer, "resid_post.1", sae, corpus, 32)
