@@ -9,12 +9,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, ops
+from . import ops
 from . import reference as ref
 from .ops import SparseCode
 from .validation import check_activations, check_k
 
 ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "gated")
+INPUT_NORMS = ("none", "layer_norm", "constant_norm")
+_LN_EPS = 1e-5
 _SPARSE = ("topk", "batchtopk")
 
 
@@ -42,6 +44,11 @@ class SparseAutoencoder(nn.Module):
     b_enc serving as the gate bias. batchtopk keeps a buffer ``threshold`` (scalar) used at
     inference once a trainer has calibrated it (negative means not yet: batch top-k is used).
 
+    input_norm: per-token normalisation around the SAE, as some checkpoints expect:
+    "layer_norm" (x - mean) / (std + 1e-5) (Gao et al. 2024), "constant_norm" x * sqrt(d) /
+    ||x||. encode sees the normalised x; forward maps x_hat back (x_hat * (std + eps) + mean,
+    x_hat / factor); decode alone returns the normalised-space reconstruction.
+
     Initialisation follows Gao et al. 2024: decoder rows are random unit vectors, W_enc is a
     copy of W_dec, biases are zero (see set_b_dec_from_data).
     """
@@ -59,6 +66,7 @@ class SparseAutoencoder(nn.Module):
         chunk_size: int | None = None,
         jumprelu_bandwidth: float = 1e-3,
         jumprelu_init_threshold: float = 1e-3,
+        input_norm: str = "none",
     ) -> None:
         super().__init__()
         for name, value in (("d_in", d_in), ("n_latents", n_latents)):
@@ -66,6 +74,9 @@ class SparseAutoencoder(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+        self.input_norm = input_norm
         if activation in _SPARSE:
             if k is None:
                 raise ValueError(f"k is required for activation={activation!r}")
@@ -103,7 +114,20 @@ class SparseAutoencoder(nn.Module):
 
     def encode(self, x: Tensor) -> SparseCode | Tensor:
         """x: (..., d_in) -> SparseCode (..., width) or dense latents (..., n_latents)."""
-        return self._encode(x)[0]
+        return self._encode(self._normalize(x)[0])[0]
+
+    def _normalize(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """x (..., d) in input_norm's space, and (scale, shift) with x = x_n * scale + shift."""
+        if self.input_norm == "none":
+            return x, None
+        check_activations(x, self.d_in, self.W_enc)
+        if self.input_norm == "layer_norm":
+            shift = x.mean(dim=-1, keepdim=True)
+            scale = (x - shift).std(dim=-1, keepdim=True) + _LN_EPS
+        else:
+            scale = x.norm(dim=-1, keepdim=True) / math.sqrt(self.d_in)
+            shift = torch.zeros_like(scale)
+        return (x - shift) / scale, (scale, shift)
 
     def _encode(self, x: Tensor) -> tuple[SparseCode | Tensor, Tensor | None]:
         """x: (..., d_in) -> (code, pre); pre as in SAEOutput."""
@@ -220,8 +244,12 @@ class SparseAutoencoder(nn.Module):
 
     def forward(self, x: Tensor) -> SAEOutput:
         """x: (..., d_in) -> SAEOutput with x_hat (..., d_in) and the code."""
+        x, stats = self._normalize(x)
         code, pre = self._encode(x)
-        return SAEOutput(x_hat=self.decode(code), code=code, pre=pre)
+        x_hat = self.decode(code)
+        if stats is not None:
+            x_hat = x_hat * stats[0] + stats[1]
+        return SAEOutput(x_hat=x_hat, code=code, pre=pre)
 
     # --- initialisation and constraints ----------------------------------------------------
 
@@ -293,11 +321,18 @@ class SparseAutoencoder(nn.Module):
             "activation": self.activation,
             "dtype": str(self.W_enc.dtype).removeprefix("torch."),
             "jumprelu_bandwidth": self.jumprelu_bandwidth,
+            "input_norm": self.input_norm,
         }
 
-    def save(self, path: str | Path) -> None:
-        """Write sae.safetensors + cfg.json into the folder path (created if needed), atomically."""
-        checkpoint.write(path, self.config(), self.state_dict())
+    def save(self, path: str | Path, format: str = "sae_fast") -> None:
+        """Write the SAE into the folder path (created if needed), atomically.
+
+        format: "sae_fast" (sae.safetensors + cfg.json) or another library's layout
+        (sae_fast.formats.writable() lists them).
+        """
+        from . import formats
+
+        formats.save(self, path, format)
 
     @classmethod
     def load(
@@ -306,19 +341,16 @@ class SparseAutoencoder(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         backend: str | None = None,
+        format: str | None = None,
     ) -> SparseAutoencoder:
-        """Load a folder written by save(), in eval mode; device and dtype override placement."""
-        config, tensors = checkpoint.read(path)
-        try:
-            config["dtype"] = getattr(torch, config["dtype"])
-            sae = cls(**config, device="meta", backend=backend)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise checkpoint.CheckpointError(
-                f"{Path(path) / checkpoint.CONFIG_FILE} does not describe an SAE: {e!r}"
-            ) from e
-        checkpoint.check_tensors(path, tensors, sae.state_dict())
-        sae.load_state_dict(tensors, assign=True)
-        return sae.to(device=device, dtype=dtype).eval()
+        """Load an SAE in eval mode from path, in any format sae_fast reads.
+
+        format: None detects it (sae_fast.formats.readable() lists them); device and dtype
+        override where the weights land.
+        """
+        from . import formats
+
+        return formats.load(path, format, device=device, dtype=dtype, backend=backend)
 
 
 def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:

@@ -130,7 +130,15 @@ def test_corrupt_config(saved):
 def test_config_errors(saved, changes, message):
     edit_cfg(saved, **changes)
     with pytest.raises(CheckpointError, match=message):
+        SparseAutoencoder.load(saved, format="sae_fast")
+
+
+def test_detection_says_what_it_found(saved):
+    edit_cfg(saved, format="somebody_else")
+    with pytest.raises(CheckpointError, match=r"not a checkpoint sae_fast reads .*'cfg.json'"):
         SparseAutoencoder.load(saved)
+    with pytest.raises(CheckpointError, match="format must be one of"):
+        SparseAutoencoder.load(saved, format="pickle")
 
 
 def test_missing_and_unexpected_tensors(saved):

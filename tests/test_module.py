@@ -189,3 +189,22 @@ def test_input_errors_name_the_argument():
         sae(torch.randn(3, 4, dtype=torch.float64))
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         sae([[0.0] * 4])
+
+
+@pytest.mark.parametrize("input_norm", ["layer_norm", "constant_norm"])
+def test_input_norm_wraps_the_sae_in_its_normalisation(input_norm):
+    sae = make("relu", input_norm=input_norm)
+    x = 3.0 * torch.randn(5, 6, dtype=torch.float64) + 1.0
+    if input_norm == "layer_norm":  # the openai/sparse_autoencoder formula
+        shift = x.mean(dim=-1, keepdim=True)
+        scale = (x - shift).std(dim=-1, keepdim=True) + 1e-5
+    else:  # SAELens constant_norm_rescale: x * sqrt(d) / ||x||
+        shift, scale = 0.0, x.norm(dim=-1, keepdim=True) / 6**0.5
+    x_n = (x - shift) / scale
+    z = reference_forward(sae, x_n)
+    torch.testing.assert_close(sae.encode(x), z)
+    want = ref.decode_dense(z, sae.W_dec, sae.b_dec) * scale + shift
+    torch.testing.assert_close(sae(x).x_hat, want)
+    assert sae.config()["input_norm"] == input_norm
+    with pytest.raises(ValueError, match="input_norm must be one of"):
+        make("relu", input_norm="rms")
