@@ -1,4 +1,4 @@
-"""The `sae-fast` command: train, cache, eval, demo and toy.
+"""The `sae-fast` command: train, cache, eval, demo, toy, convert and inspect.
 
 Errors a user can fix (bad options, missing files, a hook point the model lacks, widths that
 disagree) print one line and exit with code 2; training that diverges exits with 1; Ctrl-C
@@ -207,6 +207,26 @@ def cmd_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .sae import SparseAutoencoder
+
+    sae = SparseAutoencoder.load(args.src, format=args.source_format)
+    sae.save(args.dst, format=args.to)
+    print(f"wrote {args.dst} ({args.to}) from {args.src}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import formats
+    from .sae import SparseAutoencoder
+    from .summary import summarize
+
+    fmt = args.format or formats.detect(args.path)
+    sae = SparseAutoencoder.load(args.path, format=fmt)
+    print(json.dumps({"path": str(args.path), "format": fmt, **summarize(sae)}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sae-fast", description="Train, cache, evaluate and demo sparse autoencoders."
@@ -307,6 +327,26 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--out", default="runs/toy", help="output folder")
     toy.add_argument("--steps", type=int, default=1000, help="optimizer steps per SAE")
     toy.set_defaults(fn=cmd_toy)
+
+    convert = sub.add_parser(
+        "convert",
+        help="convert an SAE checkpoint between formats",
+        description="Load an SAE in any format sae_fast reads (detected) and write it in "
+        "another: sae_fast, saelens, sparsify, ...",
+    )
+    convert.add_argument("src", help="checkpoint to read (folder or file)")
+    convert.add_argument("dst", help="where to write")
+    convert.add_argument("--to", required=True, help="format to write")
+    convert.add_argument("--from", dest="source_format", help="format of src (default: detect)")
+    convert.set_defaults(fn=cmd_convert)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="print an SAE checkpoint's format, shapes, dtype, architecture and norms",
+    )
+    inspect.add_argument("path", help="checkpoint folder or file")
+    inspect.add_argument("--format", help="format of path (default: detect)")
+    inspect.set_defaults(fn=cmd_inspect)
     return parser
 
 

@@ -46,8 +46,9 @@ class SparseAutoencoder(nn.Module):
 
     input_norm: per-token normalisation around the SAE, as some checkpoints expect:
     "layer_norm" (x - mean) / (std + 1e-5) (Gao et al. 2024), "constant_norm" x * sqrt(d) /
-    ||x||. encode sees the normalised x; forward maps x_hat back (x_hat * (std + eps) + mean,
-    x_hat / factor); decode alone returns the normalised-space reconstruction.
+    ||x||. encode sees the normalised x; forward maps x_hat back (x_hat * std + mean, as
+    openai/sparse_autoencoder and SAELens do: eps only guards the division; x_hat / factor);
+    decode alone returns the normalised-space reconstruction.
 
     Initialisation follows Gao et al. 2024: decoder rows are random unit vectors, W_enc is a
     copy of W_dec, biases are zero (see set_b_dec_from_data).
@@ -117,17 +118,17 @@ class SparseAutoencoder(nn.Module):
         return self._encode(self._normalize(x)[0])[0]
 
     def _normalize(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """x (..., d) in input_norm's space, and (scale, shift) with x = x_n * scale + shift."""
+        """x (..., d) in input_norm's space, and (scale, shift): forward's x_hat * scale + shift."""
         if self.input_norm == "none":
             return x, None
         check_activations(x, self.d_in, self.W_enc)
         if self.input_norm == "layer_norm":
             shift = x.mean(dim=-1, keepdim=True)
-            scale = (x - shift).std(dim=-1, keepdim=True) + _LN_EPS
-        else:
-            scale = x.norm(dim=-1, keepdim=True) / math.sqrt(self.d_in)
-            shift = torch.zeros_like(scale)
-        return (x - shift) / scale, (scale, shift)
+            scale = (x - shift).std(dim=-1, keepdim=True)
+            # The checkpoints' own code divides by std + eps but maps back with std alone.
+            return (x - shift) / (scale + _LN_EPS), (scale, shift)
+        scale = x.norm(dim=-1, keepdim=True) / math.sqrt(self.d_in)
+        return x / scale, (scale, torch.zeros_like(scale))
 
     def _encode(self, x: Tensor) -> tuple[SparseCode | Tensor, Tensor | None]:
         """x: (..., d_in) -> (code, pre); pre as in SAEOutput."""

@@ -195,12 +195,13 @@ def test_input_errors_name_the_argument():
 def test_input_norm_wraps_the_sae_in_its_normalisation(input_norm):
     sae = make("relu", input_norm=input_norm)
     x = 3.0 * torch.randn(5, 6, dtype=torch.float64) + 1.0
-    if input_norm == "layer_norm":  # the openai/sparse_autoencoder formula
+    if input_norm == "layer_norm":  # openai/sparse_autoencoder and SAELens: eps in, not out
         shift = x.mean(dim=-1, keepdim=True)
-        scale = (x - shift).std(dim=-1, keepdim=True) + 1e-5
+        scale = (x - shift).std(dim=-1, keepdim=True)
+        x_n = (x - shift) / (scale + 1e-5)
     else:  # SAELens constant_norm_rescale: x * sqrt(d) / ||x||
         shift, scale = 0.0, x.norm(dim=-1, keepdim=True) / 6**0.5
-    x_n = (x - shift) / scale
+        x_n = x / scale
     z = reference_forward(sae, x_n)
     torch.testing.assert_close(sae.encode(x), z)
     want = ref.decode_dense(z, sae.W_dec, sae.b_dec) * scale + shift
