@@ -11,15 +11,19 @@ from sae_fast import SparseAutoencoder, formats
 from sae_fast.cli import main
 
 
-@pytest.fixture
-def saved(tmp_path):
+def make_saved(folder, input_norm: str = "none"):
     torch.manual_seed(0)
-    sae = SparseAutoencoder(8, 24, k=3)
+    sae = SparseAutoencoder(8, 24, k=3, input_norm=input_norm)
     with torch.no_grad():
         sae.b_enc.normal_()
         sae.W_dec.mul_(2.0)
-    sae.save(tmp_path / "src")
-    return sae, tmp_path / "src"
+    sae.save(folder)
+    return sae, folder
+
+
+@pytest.fixture
+def saved(tmp_path):
+    return make_saved(tmp_path / "src")
 
 
 def test_inspect_prints_format_shapes_and_norms(saved, capsys):
@@ -33,8 +37,9 @@ def test_inspect_prints_format_shapes_and_norms(saved, capsys):
 
 
 @pytest.mark.parametrize("fmt", formats.writable())
-def test_convert_round_trips_through_every_writable_format(saved, tmp_path, fmt):
-    sae, path = saved
+def test_convert_round_trips_through_every_writable_format(tmp_path, fmt):
+    # openai's TopK autoencoders always LayerNorm their input.
+    sae, path = make_saved(tmp_path / "src", "layer_norm" if fmt == "openai" else "none")
     assert main(["convert", str(path), str(tmp_path / fmt), "--to", fmt]) == 0
     back = tmp_path / f"{fmt}-back"
     assert main(["convert", str(tmp_path / fmt), str(back), "--to", "sae_fast"]) == 0
@@ -44,6 +49,8 @@ def test_convert_round_trips_through_every_writable_format(saved, tmp_path, fmt)
 
 def test_bad_inputs_exit_2_naming_the_problem(saved, tmp_path, capsys):
     _, path = saved
+    assert main(["convert", str(path), str(tmp_path / "oa"), "--to", "openai"]) == 2
+    assert "input_norm 'layer_norm' only" in capsys.readouterr().err
     assert main(["convert", str(path), str(tmp_path / "out"), "--to", "onnx"]) == 2
     assert "format must be one of" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "missing")]) == 2

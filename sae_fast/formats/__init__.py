@@ -85,7 +85,8 @@ def save(sae: SparseAutoencoder, path: str | Path, format: str = "sae_fast") -> 
 
 
 def _register_all() -> None:
-    from . import native  # noqa: F401 (each module registers its format)
+    # Each module registers its format; detectors recognise disjoint layouts.
+    from . import dictionary_learning, native, openai, saelens, sparsify  # noqa: F401
 
 
 _register_all()

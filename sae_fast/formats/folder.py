@@ -1,0 +1,103 @@
+"""The folder layout SAELens and sparsify share: a safetensors weights file beside cfg.json.
+
+Reading turns every problem (a missing file, a config that is not a JSON object, truncated
+weights, missing or unexpected tensors, a field of the wrong type) into a CheckpointError that
+names the file; writing is atomic per file, weights first and then the config that describes
+them, as sae_fast's own checkpoints are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..checkpoint import CheckpointError, atomic_path
+
+CONFIG_FILE = "cfg.json"
+
+
+def peek_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in the file at path; None when it is absent or not one (for detect)."""
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """folder/cfg.json, which must hold a JSON object."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {CONFIG_FILE}")
+    try:
+        body = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(body).__name__}, not an object")
+    return body
+
+
+def read_weights(path: Path) -> dict[str, Tensor]:
+    """The tensors of the safetensors file at path, on the CPU."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} has no {path.name}")
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt: {e}") from e
+
+
+def check_names(where: str, tensors: dict[str, Tensor], expected: Iterable[str]) -> None:
+    """Raise CheckpointError unless tensors holds exactly the names in expected."""
+    expected = set(expected)
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or extra:
+        raise CheckpointError(f"{where}: missing tensors {missing}, unexpected tensors {extra}")
+
+
+def integer(where: str, name: str, value: Any, minimum: int = 1) -> int:
+    """A config field that must be an integer >= minimum (an integral float such as 32.0 too)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise CheckpointError(f"{where}: {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def positive(where: str, name: str, value: Any) -> float:
+    """A config field that must be a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise CheckpointError(f"{where}: {name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def flag(where: str, name: str, value: Any) -> bool:
+    """A config field that must be true or false."""
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{where}: {name} must be true or false, got {value!r}")
+    return value
+
+
+def write(
+    folder: Path,
+    weights_file: str,
+    tensors: dict[str, Tensor],
+    config: dict[str, Any],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write tensors to folder/weights_file, then config to folder/cfg.json, each atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / weights_file) as tmp:
+        body = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        save_file(body, tmp, metadata=metadata)
+    with atomic_path(folder / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")

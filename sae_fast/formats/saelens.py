@@ -1,0 +1,316 @@
+"""SAELens: a folder with sae_weights.safetensors and cfg.json, as SAE.save_model writes it.
+
+SAELens 6 computes, with W_enc stored (d, m) (the transpose of ours) and W_dec (m, d):
+  u = norm_in(x) - b_dec * apply_b_dec_to_input          # normalize_activations picks norm_in
+  standard   z = relu(u @ W_enc + b_enc)
+  topk       z = relu(top-k of pre), pre = (u @ W_enc + b_enc) [* ||W_dec[j]||]
+  jumprelu   z = relu(pre) * (pre > threshold)
+  gated      z = 1[u @ W_enc + b_gate > 0] * relu(u @ (W_enc * exp(r_mag)) + b_mag)
+  batchtopk, matryoshka_batchtopk (training classes): the top n*k of relu(pre [* ||W_dec[j]||])
+             over the batch; topk_threshold is what SAELens turns into a JumpReLU on export
+  x_hat = norm_out(z [/ ||W_dec[j]||] @ W_dec + b_dec)  # [..]: rescale_acts_by_decoder_norm
+Loading folds what is linear, so that ours computes the same function and the same latents
+(n_j = ||W_dec[j]||; shift = W_enc @ b_dec in our (m, d) layout):
+  apply_b_dec_to_input=false    b_enc += shift (gated: b_gate += shift, b_mag += exp(r_mag) shift)
+  rescale_acts_by_decoder_norm  W_enc[j] *= n_j, b_enc[j] *= n_j, W_dec[j] /= n_j
+  finetuning scaling factor f   (pre-6 layouts) W_dec[j] *= f_j
+  expected_average_only_in      the SAE saw s * x, s from the trainer's activation_scaler.json:
+                                W_enc *= s, W_dec /= s, b_dec /= s (SAELens's own fold)
+  layer_norm, constant_norm_rescale -> input_norm "layer_norm", "constant_norm"
+  jumprelu threshold -> log_threshold = log(threshold) (a threshold <= 0 acts as 0: -inf)
+  batchtopk topk_threshold > 0 -> our calibrated threshold; 0 (never updated) -> uncalibrated,
+                                which runs batch top-k at inference as their class does
+reshape_activations="hook_z" loads: feed the heads flattened, (..., n_heads * d_head).
+Training-only fields (losses, jumprelu_ste_to_input, ...) do not change the function; the
+JumpReLU bandwidth is kept for the threshold's straight-through gradient.
+Anything else that changes the function is refused with a CheckpointError naming the field.
+
+Save writes the SAELens 6 inference layout that SAE.load_from_disk reads: relu as "standard",
+topk, jumprelu, gated, and a calibrated batchtopk as a jumprelu with its threshold on every
+latent (as SAELens exports its own BatchTopK SAEs); metadata.sae_fast lets us read it back as
+batchtopk with its k.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..checkpoint import CheckpointError
+from ..sae import SparseAutoencoder
+from . import Format, folder, layout, register
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+SCALER_FILE = "activation_scaler.json"  # SAELens's trainer state beside mid-training saves
+# The layout we write is SAELens 6's; its loader reads configs without a 6.x version as pre-6.
+LAYOUT_VERSION = "6.0.0"
+
+_ACTIVATIONS = {
+    "standard": "relu",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "gated": "gated",
+    "batchtopk": "batchtopk",
+    "matryoshka_batchtopk": "batchtopk",  # the nested widths shape only the training loss
+}
+# Their default for rescale_acts_by_decoder_norm where the config lacks it: the inference
+# TopKSAE's (False) for topk, the training class's (True) for the training-only batch ones.
+_RESCALE_DEFAULT = {"topk": False, "batchtopk": True, "matryoshka_batchtopk": True}
+_NORMS = {"none": "none", "layer_norm": "layer_norm", "constant_norm_rescale": "constant_norm"}
+_SAVED_AS = {
+    "relu": "standard",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "gated": "gated",
+    "batchtopk": "jumprelu",
+}
+
+
+def detect(path: Path) -> bool:
+    """A folder with sae_weights.safetensors, or a cfg.json with SAELens's d_sae field."""
+    if not path.is_dir():
+        return False
+    if (path / WEIGHTS_FILE).is_file():
+        return True
+    config = folder.peek_json(path / folder.CONFIG_FILE)
+    return config is not None and "d_sae" in config
+
+
+def _major(version: Any) -> int:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return 0
+
+
+def _modernize(where: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """A pre-6 config (no 6.x sae_lens_version) in the 6.x field names, as SAELens reads it."""
+    metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    if _major(cfg.get("sae_lens_version") or metadata.get("sae_lens_version")) >= 6:
+        return cfg
+    cfg = dict(cfg)
+    activation = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+    kwargs = cfg.get("activation_fn_kwargs") or {}
+    if activation == "topk":
+        if kwargs.get("signed"):
+            raise CheckpointError(f"{where}: activation_fn_kwargs.signed=true (top-k by |pre|)")
+        cfg["architecture"] = "topk"
+        cfg.setdefault("k", kwargs.get("k"))
+    elif activation != "relu":
+        raise CheckpointError(
+            f"{where}: activation_fn {activation!r} is not one sae_fast computes (relu, topk)"
+        )
+    cfg.setdefault("architecture", "standard")
+    cfg.setdefault("apply_b_dec_to_input", True)
+    norm = cfg.get("normalize_activations")
+    if norm is None or isinstance(norm, bool):  # before the modes had names
+        cfg["normalize_activations"] = "expected_average_only_in" if norm else "none"
+    return cfg
+
+
+def _dtype(where: str, value: Any) -> torch.dtype:
+    dtype = getattr(torch, str(value).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"{where}: dtype {value!r} is not a floating-point torch dtype")
+    return dtype
+
+
+def _input_norm(path: Path, where: str, cfg: dict[str, Any]) -> tuple[str, float | None]:
+    """(our input_norm, the expected_average_only_in scaling factor or None)."""
+    norm = cfg.get("normalize_activations", "none")
+    if norm in _NORMS:
+        return _NORMS[norm], None
+    if norm != "expected_average_only_in":
+        raise CheckpointError(
+            f"{where}: normalize_activations {norm!r} is not one sae_fast can compute or fold "
+            f"({', '.join([*_NORMS, 'expected_average_only_in'])})"
+        )
+    # The trainer scaled x by s while training and folds s in when it ends; a folder saved
+    # before that keeps s in the trainer state beside it, or nowhere.
+    scaler = folder.peek_json(path / SCALER_FILE)
+    if scaler is None or scaler.get("scaling_factor") is None:
+        raise CheckpointError(
+            f"{where}: normalize_activations 'expected_average_only_in' means the SAE saw x "
+            f"times a scaling factor that this folder does not hold (no usable {SCALER_FILE}); "
+            "SAELens folds it in when training ends, or from pretrained_saes.yaml"
+        )
+    where = str(path / SCALER_FILE)
+    return "none", folder.positive(where, "scaling_factor", scaler["scaling_factor"])
+
+
+def _k(where: str, cfg: dict[str, Any], activation: str) -> int | None:
+    if activation not in ("topk", "batchtopk"):
+        return None
+    value = cfg.get("k")
+    if isinstance(value, float) and not value.is_integer():
+        # BatchTopK keeps int(k * n) latents per batch; ours keeps n * k for an integer k.
+        raise CheckpointError(f"{where}: k={value} is fractional; sae_fast needs an integer k")
+    return folder.integer(where, "k", value)
+
+
+def _bandwidth(where: str, cfg: dict[str, Any], metadata: dict[str, Any]) -> float:
+    """The JumpReLU bandwidth: a training config's, ours from metadata, or sae_fast's default."""
+    for source in (cfg, metadata.get("sae_fast"), metadata.get("training_architecture_details")):
+        if isinstance(source, dict) and source.get("jumprelu_bandwidth") is not None:
+            return folder.positive(where, "jumprelu_bandwidth", source["jumprelu_bandwidth"])
+    return 1e-3
+
+
+def _tensors(where: str, state: dict[str, Tensor], arch: str, d: int, m: int) -> dict[str, Tensor]:
+    """The tensors arch stores, checked, in float64, in our names and (m, d) layout.
+
+    gated's b_gate becomes b_enc; their extras keep their names (threshold or log_threshold,
+    topk_threshold), and a pre-6 finetuning scaling factor (m,) is returned as "factor".
+    """
+    gated = arch == "gated"
+    names = {"W_enc", "W_dec", "b_dec", *(("b_gate", "r_mag", "b_mag") if gated else ("b_enc",))}
+    if arch == "jumprelu":  # older training saves hold log_threshold
+        names.add("log_threshold" if "log_threshold" in state else "threshold")
+    if _ACTIVATIONS[arch] == "batchtopk":
+        names.add("topk_threshold")
+    factor = [key for key in ("finetuning_scaling_factor", "scaling_factor") if key in state]
+    folder.check_names(where, state, names | set(factor))
+    shapes = {"W_enc": (d, m), "W_dec": (m, d), "b_dec": (d,), "topk_threshold": ()}
+    out = {
+        name: layout.get_tensor(where, state, name, shapes.get(name, (m,))).double()
+        for name in sorted(names | set(factor))
+    }
+    out["W_enc"] = out["W_enc"].T
+    if gated:
+        out["b_enc"] = out.pop("b_gate")
+    if factor:
+        out["factor"] = out.pop(factor[0])
+    return out
+
+
+def load(path: Path, backend: str | None) -> SparseAutoencoder:
+    where = str(path / folder.CONFIG_FILE)
+    cfg = _modernize(where, folder.read_config(path))
+    arch = cfg.get("architecture")
+    if arch not in _ACTIVATIONS:
+        raise CheckpointError(
+            f"{where}: architecture {arch!r} is not one sae_fast computes exactly "
+            f"(it reads {', '.join(_ACTIVATIONS)})"
+        )
+    activation = _ACTIVATIONS[arch]
+    metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    d = folder.integer(where, "d_in", cfg.get("d_in"))
+    m = folder.integer(where, "d_sae", cfg.get("d_sae"))
+    dtype = _dtype(where, cfg.get("dtype", "float32"))
+    input_norm, scale = _input_norm(path, where, cfg)
+    if cfg.get("reshape_activations", "none") not in ("none", "hook_z"):
+        raise CheckpointError(
+            f"{where}: reshape_activations {cfg['reshape_activations']!r} is not supported"
+        )
+    k = _k(where, cfg, activation)
+    apply_b_dec = folder.flag(where, "apply_b_dec_to_input", cfg.get("apply_b_dec_to_input", True))
+    rescale = arch in _RESCALE_DEFAULT and folder.flag(
+        where,
+        "rescale_acts_by_decoder_norm",
+        cfg.get("rescale_acts_by_decoder_norm", _RESCALE_DEFAULT[arch]),
+    )
+    weights = str(path / WEIGHTS_FILE)
+    t = _tensors(weights, folder.read_weights(path / WEIGHTS_FILE), arch, d, m)
+
+    if not apply_b_dec:  # pre = u @ W_enc + b = (u - b_dec) @ W_enc + (b + W_enc b_dec)
+        shift = t["W_enc"] @ t["b_dec"]
+        t["b_enc"] = t["b_enc"] + shift
+        if activation == "gated":  # the magnitude path's weight is W_enc * exp(r_mag)
+            t["b_mag"] = t["b_mag"] + t["r_mag"].exp() * shift
+    if rescale:  # pre_j * n_j selects and is decoded as (z_j / n_j) * W_dec[j]
+        norms = t["W_dec"].norm(dim=1)
+        if not bool((norms > 0).all()):
+            raise CheckpointError(
+                f"{weights}: rescale_acts_by_decoder_norm is set but {int((norms == 0).sum())} "
+                "decoder rows are zero, which SAELens divides by"
+            )
+        t["W_enc"] = t["W_enc"] * norms[:, None]
+        t["b_enc"] = t["b_enc"] * norms
+        t["W_dec"] = t["W_dec"] / norms[:, None]
+    if "factor" in t:  # pre-6: x_hat = (z * factor) @ W_dec + b_dec
+        factor = t.pop("factor")
+        if not bool((factor == 1).all()):
+            if not cfg.get("finetuning_scaling_factor"):
+                raise CheckpointError(
+                    f"{weights} holds a finetuning scaling factor but {where} does not set "
+                    "finetuning_scaling_factor"
+                )
+            t["W_dec"] = t["W_dec"] * factor[:, None]
+    if scale is not None:  # the SAE computes f(s x) / s
+        t["W_enc"] = t["W_enc"] * scale
+        t["W_dec"], t["b_dec"] = t["W_dec"] / scale, t["b_dec"] / scale
+
+    bandwidth = 1e-3
+    if activation == "jumprelu":
+        threshold = t.pop("threshold") if "threshold" in t else t.pop("log_threshold").exp()
+        ours = metadata.get("sae_fast") if isinstance(metadata.get("sae_fast"), dict) else {}
+        uniform = bool((threshold == threshold[0]).all()) and threshold[0] >= 0
+        if ours.get("activation") == "batchtopk" and uniform:
+            # What save wrote for a calibrated batchtopk: one threshold on every latent.
+            activation, k = "batchtopk", folder.integer(where, "metadata.sae_fast.k", ours.get("k"))
+            t["threshold"] = threshold[0]
+        else:
+            bandwidth = _bandwidth(where, cfg, metadata)
+            t["log_threshold"] = threshold.clamp_min(0).log()  # <= 0 acts as 0 in relu(pre)
+    elif activation == "batchtopk":
+        threshold = t.pop("topk_threshold")
+        # 0 is its initial value, never updated: their class runs batch top-k, as ours does
+        # uncalibrated (threshold -1).
+        t["threshold"] = threshold if threshold > 0 else torch.tensor(-1.0)
+    return layout.assemble(
+        where,
+        {name: value.to(dtype) for name, value in t.items()},
+        activation=activation,
+        k=k,
+        input_norm=input_norm,
+        backend=backend,
+        jumprelu_bandwidth=bandwidth,
+    )
+
+
+def save(sae: SparseAutoencoder, path: Path) -> None:
+    """Write folder path in the SAELens 6 inference layout (see the module docstring)."""
+    ours = layout.exported(sae)
+    tensors = {"W_enc": ours["W_enc"].T, "W_dec": ours["W_dec"], "b_dec": ours["b_dec"]}
+    if sae.activation == "gated":
+        tensors |= {"b_gate": ours["b_enc"], "r_mag": ours["r_mag"], "b_mag": ours["b_mag"]}
+    else:
+        tensors["b_enc"] = ours["b_enc"]
+    if sae.activation == "jumprelu":
+        tensors["threshold"] = ours["log_threshold"].exp()
+    if sae.activation == "batchtopk":
+        if ours["threshold"] < 0:
+            raise CheckpointError(
+                "this batchtopk SAE has no calibrated threshold yet (training sets one); SAELens "
+                "stores BatchTopK SAEs as JumpReLU with that threshold, and batch top-k itself "
+                "has no SAELens inference class"
+            )
+        tensors["threshold"] = ours["threshold"].expand(sae.n_latents)
+    norms = {ours_name: theirs for theirs, ours_name in _NORMS.items()}
+    config: dict[str, Any] = {
+        "architecture": _SAVED_AS[sae.activation],
+        "d_in": sae.d_in,
+        "d_sae": sae.n_latents,
+        "dtype": str(ours["W_enc"].dtype).removeprefix("torch."),
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": norms[sae.input_norm],
+        "reshape_activations": "none",
+        "metadata": {
+            "sae_lens_version": LAYOUT_VERSION,
+            "sae_fast": {
+                "activation": sae.activation,
+                "k": sae.k,
+                "jumprelu_bandwidth": sae.jumprelu_bandwidth,
+            },
+        },
+    }
+    if sae.activation == "topk":
+        config |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
+    folder.write(Path(path), WEIGHTS_FILE, tensors, config)
+
+
+register(Format("saelens", detect, load, save))

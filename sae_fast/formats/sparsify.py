@@ -1,0 +1,129 @@
+"""EleutherAI sparsify: one folder per hook point with sae.safetensors and cfg.json.
+
+cfg.json holds SparseCoderConfig's fields plus d_in: activation, k, num_latents (0: d_in *
+expansion_factor), normalize_decoder, multi_topk, skip_connection, transcode (older EleutherAI
+`sae` releases: the same names, and `signed`). sae.safetensors holds encoder.weight (m, d),
+encoder.bias (m,), W_dec (m, d), b_dec (d,): SparseCoder computes top-k of relu((x - b_dec) @
+encoder.weight.T + encoder.bias) and decodes with W_dec + b_dec, which is our TopK on the same
+tensors (no fold). normalize_decoder and multi_topk shape only training (with multi_topk its
+forward returns the 4k-latent decode its loss scores as sae_out; encode, and ours, keep k).
+
+Refused with a CheckpointError: transcoders (transcode: no b_dec subtraction, a target other
+than x), skip connections (x @ W_skip.T added to the output), activation "groupmax", signed
+top-k. The path may also be a training run's folder holding one hook point's folder; with
+several, the error lists them.
+
+Save writes a folder SparseCoder.load_from_disk reads: topk SAEs without input_norm only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import CheckpointError
+from ..sae import SparseAutoencoder
+from . import Format, folder, layout, register
+
+WEIGHTS_FILE = "sae.safetensors"
+_TENSORS = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "W_dec", "b_dec": "b_dec"}
+# Options that change the function, with why ours cannot compute it.
+_REFUSED = {
+    "transcode": "a transcoder maps a module's input to its output and does not subtract b_dec",
+    "skip_connection": "the skip connection adds x @ W_skip.T, which sae_fast's SAE lacks",
+    "signed": "signed top-k selects by |pre|",
+}
+
+
+def _config(path: Path) -> dict[str, Any] | None:
+    """path/cfg.json if it is a sparsify one (k and a width, none of SAELens's or ours)."""
+    cfg = folder.peek_json(path / folder.CONFIG_FILE)
+    if cfg is None or "d_sae" in cfg or "format" in cfg:
+        return None
+    return cfg if "k" in cfg and ("num_latents" in cfg or "expansion_factor" in cfg) else None
+
+
+def _hookpoints(path: Path) -> list[Path]:
+    """The sparsify folders directly inside path (a training run's save folder)."""
+    return sorted(p for p in path.iterdir() if p.is_dir() and _config(p) is not None)
+
+
+def detect(path: Path) -> bool:
+    """A sparsify cfg.json, or no cfg.json and sparsify hook-point folders inside."""
+    if not path.is_dir():
+        return False
+    if _config(path) is not None:
+        return True
+    return not (path / folder.CONFIG_FILE).exists() and bool(_hookpoints(path))
+
+
+def _coder_folder(path: Path) -> Path:
+    if (path / folder.CONFIG_FILE).exists() or not path.is_dir():
+        return path
+    found = _hookpoints(path)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise CheckpointError(f"{path} has no {folder.CONFIG_FILE} and no hook-point folders")
+    names = [p.name for p in found]
+    raise CheckpointError(
+        f"{path} holds sparse coders for {len(names)} hook points {names}; load one of them, "
+        f"e.g. {path / names[0]}"
+    )
+
+
+def load(path: Path, backend: str | None) -> SparseAutoencoder:
+    path = _coder_folder(path)
+    where = str(path / folder.CONFIG_FILE)
+    cfg = folder.read_config(path)
+    for name, why in _REFUSED.items():
+        if cfg.get(name):
+            raise CheckpointError(f"{where}: {name}=true is not supported: {why}")
+    if cfg.get("activation", "topk") != "topk":
+        raise CheckpointError(
+            f"{where}: activation {cfg['activation']!r} is not supported (sae_fast runs topk)"
+        )
+    d = folder.integer(where, "d_in", cfg.get("d_in"))
+    m = folder.integer(where, "num_latents", cfg.get("num_latents") or 0, minimum=0)
+    if m == 0:  # sparsify's rule: num_latents 0 means d_in * expansion_factor
+        m = d * folder.integer(where, "expansion_factor", cfg.get("expansion_factor"))
+    k = folder.integer(where, "k", cfg.get("k"))
+    weights = str(path / WEIGHTS_FILE)
+    state = folder.read_weights(path / WEIGHTS_FILE)
+    folder.check_names(weights, state, _TENSORS.values())
+    shapes = {"W_enc": (m, d), "W_dec": (m, d), "b_dec": (d,), "b_enc": (m,)}
+    tensors = {
+        ours: layout.get_tensor(weights, state, theirs, shapes[ours])
+        for ours, theirs in _TENSORS.items()
+    }
+    return layout.assemble(where, tensors, activation="topk", k=k, backend=backend)
+
+
+def save(sae: SparseAutoencoder, path: Path) -> None:
+    """Write folder path as SparseCoder.save_to_disk does (topk without input_norm only)."""
+    if sae.activation != "topk":
+        raise CheckpointError(
+            f"sparsify's SparseCoder runs per-row top-k only; this SAE is {sae.activation!r}"
+        )
+    if sae.input_norm != "none":
+        raise CheckpointError(
+            f"sparsify has no input normalisation; this SAE uses input_norm={sae.input_norm!r}"
+        )
+    ours = layout.exported(sae)
+    config = {
+        "activation": "topk",
+        # sparsify reads num_latents first; expansion_factor is informational beside it.
+        "expansion_factor": max(1, sae.n_latents // sae.d_in),
+        "normalize_decoder": True,
+        "num_latents": sae.n_latents,
+        "k": sae.k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": sae.d_in,
+    }
+    tensors = {theirs: ours[name] for name, theirs in _TENSORS.items()}
+    folder.write(Path(path), WEIGHTS_FILE, tensors, config, metadata={"format": "pt"})
+
+
+register(Format("sparsify", detect, load, save))
