@@ -18,11 +18,13 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     for block in blocks:
         scopes.append({})
         exec(compile(block, str(README), "exec"), scopes[-1])
-    use, training, steering = scopes
+    use, foreign, training, steering = scopes
     assert (tmp_path / "my_sae" / "cfg.json").is_file()
     assert use["x_hat"].shape == (512, 768)
     assert (tmp_path / "runs" / "synthetic" / "sae" / "cfg.json").is_file()
     assert training["recovery"] > 0.9
+    assert (tmp_path / "sparsify_folder" / "sae.safetensors").is_file()
+    assert foreign["back"].activation == "topk"
     assert steering["latents"].shape == (1, 5, 512)
     assert steering["steered"].shape == (1, 10)  # 5 prompt + 5 generated tokens
     assert not torch.allclose(steering["spliced"], steering["clean"])  # a random SAE's x_hat
