@@ -4,6 +4,7 @@ and the language-model loss with the SAE spliced in (CE loss recovered).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from itertools import islice
 from typing import Any
 
@@ -11,11 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from .metrics import active_latents, firing_counts
-from .sae import SparseAutoencoder
+from .sae import SparseAutoencoder, eval_mode
 from .sources.base import ActivationSource, SourceError
 from .sources.hooks import _CAUSAL_SUFFIXES, model_device, splice
 from .sources.model import pad_windows, token_windows
 from .sources.text import documents
+from .steering import attach
 
 # Held-out synthetic rows: the training dictionary (fixed by the seed), with the rows drawn
 # by SyntheticSource(..., seed=seed, stream_seed=seed + HELD_OUT_STREAM) instead.
@@ -40,7 +42,6 @@ def evaluate(
             raise SourceError(f"{name} must be a positive int, got {value!r}")
     if source.d_in != sae.d_in:
         raise SourceError(f"the activations have d_in={source.d_in} but the SAE has {sae.d_in}")
-    sae = sae.eval()
     param = sae.W_dec
     counts = torch.zeros(sae.n_latents, dtype=torch.int64, device=param.device)
     sq_err = active = sq_norm = 0.0
@@ -48,7 +49,8 @@ def evaluate(
     seen = 0
     while seen < tokens:
         raw = source.next_batch(min(batch_size, tokens - seen)).to(param.device)
-        out = sae(raw.to(param.dtype))
+        with eval_mode(sae):
+            out = sae(raw.to(param.dtype))
         counts += firing_counts(out.code, sae.n_latents)
         # Errors against the activations as the source gives them, not as rounded to the
         # SAE's dtype: a bf16 SAE is charged for the rounding of its input too.
@@ -115,16 +117,10 @@ def ce_loss_recovered(
     and with the hook's output zeroed; ce_recovered = (zero - sae) / (zero - clean).
     """
     check_causal_lm(model)
-    sae = sae.eval()
-    param = sae.W_dec
-
-    def reconstruct(h: Tensor) -> Tensor:
-        return sae(h.to(param.device, param.dtype)).x_hat.to(h.device, h.dtype)
-
     variants = {
-        "clean": None,
-        "sae": reconstruct,
-        "zero_ablated": torch.zeros_like,
+        "clean": nullcontext,
+        "sae": lambda: attach(model, hook, sae),  # the reconstruction replaces the output
+        "zero_ablated": lambda: splice(model, hook, torch.zeros_like),
     }
     sums = dict.fromkeys(variants, 0.0)
     count = 0
@@ -138,12 +134,9 @@ def ce_loss_recovered(
             break
         taken += len(batch)
         ids, mask = (t.to(device) for t in pad_windows(batch, pad))
-        for name, fn in variants.items():
-            if fn is None:
+        for name, context in variants.items():
+            with context():
                 loss, n = _next_token_loss(model, ids, mask)
-            else:
-                with splice(model, hook, fn):
-                    loss, n = _next_token_loss(model, ids, mask)
             sums[name] += loss
         count += n
     if count == 0:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .ops import SparseCode
-from .sae import SparseAutoencoder
+from .sae import SparseAutoencoder, eval_mode
 from .sources.model import model_activations, token_windows
 from .sources.text import documents
 
@@ -64,7 +64,6 @@ def collect_activations(
     batch_size: int = 32,
 ) -> Activations:
     """The SAE's latents on the first max_windows windows of documents_spec at hook."""
-    sae = sae.eval()
     param = sae.W_dec
     windows = token_windows(tokenizer, documents(documents_spec), context_size)
     kept: list[list[int]] = []
@@ -72,7 +71,9 @@ def collect_activations(
     rows = model_activations(model, tokenizer, hook, islice(windows, max_windows), batch_size)
     n_tokens = 0
     for ids, acts in rows:
-        value, latent, pos = _entries(sae.encode(acts.to(param.device, param.dtype)))
+        with eval_mode(sae):
+            code = sae.encode(acts.to(param.device, param.dtype))
+        value, latent, pos = _entries(code)
         window = torch.full_like(latent, len(kept))
         parts.append((value.float().cpu(), latent.cpu(), window.cpu(), pos.cpu()))
         kept.append(ids.tolist())

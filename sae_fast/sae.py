@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -352,6 +354,18 @@ class SparseAutoencoder(nn.Module):
         from . import formats
 
         return formats.load(path, format, device=device, dtype=dtype, backend=backend)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """module in eval mode inside the with-block; its former mode is restored after, also on
+    error (batchtopk SAEs use their calibrated threshold in eval mode)."""
+    training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(training)
 
 
 def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:

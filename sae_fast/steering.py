@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .ops import SparseCode
-from .sae import SparseAutoencoder
+from .sae import SparseAutoencoder, eval_mode
 from .sources.hooks import splice
 
 Positions = slice | Tensor | None
@@ -244,13 +244,8 @@ def attach(
     if not isinstance(sae, SparseAutoencoder):
         raise TypeError(f"sae must be a SparseAutoencoder, got {type(sae).__name__}")
     site = SAESite(hook, sae, add_error, edits)
-    training = sae.training
-    sae.eval()
-    try:
-        with splice(model, hook, site):
-            yield site
-    finally:
-        sae.train(training)
+    with eval_mode(sae), splice(model, hook, site):
+        yield site
 
 
 def steer(

@@ -104,3 +104,16 @@ def test_ce_loss_recovered_needs_a_causal_lm(corpus):
         ce_loss_recovered(encoder, tokenizer, "resid_post.1", sae, corpus, 32)
     with pytest.raises(SourceError, match="BertForMaskedLM does not predict the next token"):
         ce_loss_recovered(masked, tokenizer, "resid_post.1", sae, corpus, 32)
+
+
+def test_evaluate_uses_the_calibrated_threshold_and_leaves_the_mode_alone():
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(16, 48, k=4, activation="batchtopk", dtype=torch.float64)
+    with torch.no_grad():
+        sae.threshold.fill_(0.5)
+    x = source().next_batch(64).double()
+    got = evaluate(sae, source(), tokens=64, batch_size=64)
+    assert sae.training  # still a module being trained
+    pre = reference.pre_activation(x, sae.W_enc, sae.b_enc, sae.b_dec)
+    z = reference.threshold_relu(pre, 0.5)  # inference: the threshold, not batch top-k
+    assert got["l0"] == pytest.approx((z > 0).sum(dim=1).double().mean().item())
