@@ -214,14 +214,12 @@ class TrainConfig:
             "dead_tokens",
             "log_every",
             "keep_checkpoints",
+            "n_latents",  # None (derived) is allowed for these two
+            "k_aux",
         )
-        for name in positive:
+        for name in positive:  # the loop above has checked that each is an int (or None)
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("n_latents", "k_aux"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         nonneg = ("checkpoint_every", "lr_warmup_steps", "sparsity_warmup_steps")
         for name in nonneg:
