@@ -42,7 +42,7 @@ constexpr int kTileD = 128;  // threads per block, one column of d each
 // coeff[p] * rows[token[p]] (fp32). Single-item latents store into out (dtype T),
 // multi-item latents store fp32 partials into workspace[slot].
 template <typename T>
-__global__ void segment_rows_kernel(T* __restrict__ out, float* __restrict__ workspace,
+__global__ void scatter_sum_kernel(T* __restrict__ out, float* __restrict__ workspace,
                                     const T* __restrict__ rows, const float* __restrict__ coeff,
                                     const int64_t* __restrict__ token,
                                     const int64_t* __restrict__ item_latent,
@@ -133,18 +133,18 @@ template <typename Fn> void dispatch(int dtype, Fn&& fn) {
 
 }  // namespace
 
-void segment_rows(const SegmentArgs& a) {
+void scatter_sum(const ScatterArgs& a) {
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
   dispatch(a.dtype, [&](auto zero) {
     using T = decltype(zero);
     if (a.items > 0) {
-      segment_rows_kernel<T><<<tiles(a.items, a.d), kTileD, 0, stream>>>(
+      scatter_sum_kernel<T><<<tiles(a.items, a.d), kTileD, 0, stream>>>(
           reinterpret_cast<T*>(a.out), reinterpret_cast<float*>(a.workspace),
           reinterpret_cast<const T*>(a.rows), reinterpret_cast<const float*>(a.coeff),
           reinterpret_cast<const int64_t*>(a.token), reinterpret_cast<const int64_t*>(a.item_latent),
           reinterpret_cast<const int64_t*>(a.item_start), reinterpret_cast<const int64_t*>(a.item_end),
           reinterpret_cast<const int64_t*>(a.item_slot), a.d, a.row_stride);
-      check_launch("segment_rows_kernel");
+      check_launch("scatter_sum_kernel");
     }
     if (a.split_latents > 0) {
       reduce_partials_kernel<T><<<tiles(a.split_latents, a.d), kTileD, 0, stream>>>(

@@ -5,14 +5,14 @@
 
 namespace sae_fast {
 
-// dtype codes shared with sae_fast/cuda_backend.py
+// dtype codes shared with sae_fast/backends/cuda.py
 constexpr int kFloat32 = 0;
 constexpr int kFloat16 = 1;
 constexpr int kBFloat16 = 2;
 
 // out[latent] = sum over the latent's pairs p of coeff[p] * rows[token[p]], from a latent-major
 // index cut into work items (see sparse_backward.cu). Pointers are device addresses.
-struct SegmentArgs {
+struct ScatterArgs {
   std::uintptr_t out, workspace, rows, coeff, token;
   std::uintptr_t item_latent, item_start, item_end, item_slot;
   std::uintptr_t split_latent, split_start, split_end;
@@ -21,7 +21,7 @@ struct SegmentArgs {
   std::uintptr_t stream;
 };
 
-void segment_rows(const SegmentArgs& args);
+void scatter_sum(const ScatterArgs& args);
 
 // out[t * k + j] = W[indices[t, j]] . g[t] in fp32 (W rows contiguous, g rows g_stride apart).
 void pair_dot(std::uintptr_t out, std::uintptr_t W, std::uintptr_t g, std::uintptr_t indices,

@@ -9,8 +9,8 @@ the lowest indices), so a running top-KP of keys per row is exact. Per tile: tl.
 tile, then the bitonic merge max(best, flip(tile_top)) and a sort. With few rows, latents are
 split across programs and the (n, splits, KP) partial lists merge in a small torch top-k.
 With a dead-latent mask the same keys feed a second running top-k_aux (AuxK), live latents
-counting as value 0, so AuxK costs no second GEMM. Backward: the shared pair-sparse encoder
-backward (sae_fast.torch_topk.code_backward).
+counting as value 0, so AuxK costs no second GEMM. fused_forward is the triton backend's
+encoder forward; its backward is the shared pair-sparse one (sae_fast.backends.pairs).
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from sae_fast.torch_topk import code_function
 
 from . import interpreting
 
@@ -197,8 +195,8 @@ def unkey(keys: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
 
 def fused_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> tuple[Tensor, ...]:
-    """(values, indices[, aux_values, aux_indices]) by the fused kernel (chunk_size unused:
-    tiles are autotuned here)."""
+    """(values, indices[, aux_values, aux_indices]) by the fused kernel: a backend's
+    encoder_forward (chunk_size unused: tiles are autotuned here)."""
     if x.shape[0] == 0:
         outputs = ()
         for width in (k, k_aux) if dead_mask is not None else (k,):
@@ -207,17 +205,3 @@ def fused_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> tu
         return outputs
     keys, aux_keys = topk_keys(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
     return unkey(keys, x.dtype) + (unkey(aux_keys, x.dtype) if aux_keys is not None else ())
-
-
-TritonEncodeTopK = code_function("TritonEncodeTopK", fused_forward)
-
-
-def encode_topk(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, chunk_size: int | None
-) -> tuple[Tensor, Tensor]:
-    """Fused TopK encoder.  x: (n, d) -> values (n, k), indices (n, k)."""
-    return TritonEncodeTopK.apply(x, W_enc, b_enc, b_dec, k, None, 0, chunk_size)
-
-
-# The backends' encode_topk_auxk(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size).
-encode_topk_auxk = TritonEncodeTopK.apply

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
-from . import backends, cuda_backend, torch_decode, torch_topk, triton_backend  # noqa: F401 (they register themselves)
-from .validation import check_dead_mask, check_decode, check_encode
+from . import backends
+from .validation import check_chunk_size, check_dead_mask, check_decode, check_encode
 
 
 class SparseCode(NamedTuple):
@@ -28,22 +27,6 @@ class SparseCode(NamedTuple):
         """Scatter into a dense (..., n_latents) latent tensor."""
         dense = self.values.new_zeros(*self.values.shape[:-1], n_latents)
         return dense.scatter(-1, self.indices, self.values)
-
-
-def _torch_why_not(device: torch.device) -> str | None:
-    return None
-
-
-backends.register(
-    backends.Backend(
-        name="torch",
-        priority=0,
-        why_not=_torch_why_not,
-        encode_topk=torch_topk.encode_topk,
-        encode_topk_auxk=torch_topk.encode_topk_auxk,
-        decode=torch_decode.decode,
-    )
-)
 
 
 def encode_topk(
@@ -64,11 +47,7 @@ def encode_topk(
     per encoder chunk for the torch backend (None: chosen from a memory budget).
     """
     check_encode(x, W_enc, b_enc, b_dec, k)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-    impl = backends.resolve(backend, x.device)
-    values, indices = impl.encode_topk(x, W_enc, b_enc, b_dec, k, chunk_size)
-    return SparseCode(values, indices)
+    return _encode(x, W_enc, b_enc, b_dec, k, None, 0, backend, chunk_size)[0]
 
 
 def encode_topk_auxk(
@@ -92,11 +71,17 @@ def encode_topk_auxk(
     """
     check_encode(x, W_enc, b_enc, b_dec, k)
     check_dead_mask(dead_mask, W_enc, k_aux)
-    impl = backends.resolve(backend, x.device)
-    values, indices, aux_values, aux_indices = impl.encode_topk_auxk(
-        x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size
-    )
-    return SparseCode(values, indices), SparseCode(aux_values, aux_indices)
+    code, aux = _encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend, chunk_size)
+    return code, aux
+
+
+def _encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend, chunk_size) -> list[SparseCode]:
+    """The backend's encoder on checked inputs: the TopK code, and the AuxK code with a
+    dead_mask."""
+    check_chunk_size(chunk_size)
+    impl = backends.resolve(backend, x)
+    outputs = impl.encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size)
+    return [SparseCode(*outputs[i : i + 2]) for i in range(0, len(outputs), 2)]
 
 
 def decode(
@@ -113,5 +98,5 @@ def decode(
     -> x_hat (n, d) in W_dec's dtype.
     """
     check_decode(values, indices, W_dec, b_dec)
-    impl = backends.resolve(backend, values.device)
+    impl = backends.resolve(backend, values, W_dec)
     return impl.decode(values, indices.long(), W_dec, b_dec)

@@ -1,9 +1,50 @@
-"""Argument checks shared by the functional API and the module: each error names the argument."""
+"""Argument checks and the dtype names every layer shares: each error names the argument."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+# The dtypes activations come in (models, caches, the CUDA kernels); parameters may also be
+# float64. Names as configs and command lines spell them.
+ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")
+PARAMETER_DTYPES = (*ACTIVATION_DTYPES, "float64")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float32 -> "float32", as configs store it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: object) -> torch.dtype | None:
+    """The floating torch dtype a config names ("float32", "torch.bfloat16", ...), else None."""
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def is_int(value: object, minimum: int | None = None) -> bool:
+    """Whether value is an int (a bool is not) and, given a minimum, >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return False
+    return minimum is None or value >= minimum
+
+
+def check_int(
+    value: object, name: str, *, minimum: int | None = 1, error: type[Exception] = ValueError
+) -> int:
+    """value if it is an int >= minimum (None: any int); else `error` naming it."""
+    if not is_int(value, minimum):
+        kind = {None: "an int", 0: "a non-negative int", 1: "a positive int"}.get(
+            minimum, f"an int >= {minimum}"
+        )
+        raise error(f"{name} must be {kind}, got {value!r}")
+    return value
+
+
+def check_chunk_size(chunk_size: object) -> None:
+    """chunk_size: None or latents per encoder chunk, >= 1."""
+    if chunk_size is not None and not is_int(chunk_size, 1):
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size!r}")
 
 
 def _tensor(name: str, t: object, rank: int) -> Tensor:
@@ -39,8 +80,7 @@ def _vector(name: str, t: object, size: int, size_name: str) -> None:
 
 def check_k(k: object, n_latents: int, name: str = "k") -> int:
     """k must be an int with 1 <= k <= n_latents."""
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    check_int(k, name, minimum=None, error=TypeError)
     if not 1 <= k <= n_latents:
         raise ValueError(f"{name} must satisfy 1 <= {name} <= n_latents={n_latents}, got {k}")
     return k

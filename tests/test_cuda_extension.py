@@ -13,21 +13,51 @@ import pytest
 import torch
 from cases import encode_decode_grads, integer_case, separated_case
 
-from sae_fast import cuda_backend, ops
+from sae_fast import backends, ops
 from sae_fast import reference as ref
+from sae_fast.backends import cuda as cuda_backend
 
 
 def test_extension_builds_and_imports_where_nvcc_is():
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc is not on PATH: setup.py installs without the extension")
     ext = importlib.import_module("sae_fast._C")
-    for name in ("segment_rows", "pair_dot", "gather_sum"):
+    for name in ("scatter_sum", "pair_dot", "gather_sum"):
         assert callable(getattr(ext, name)), name
     assert ext.DTYPES == {"float32": 0, "float16": 1, "bfloat16": 2}
-    if not torch.cuda.is_available():
-        assert (
-            cuda_backend.why_not(torch.device("cpu")) == "the CUDA extension runs on CUDA tensors"
-        )
+    cuda = backends.get("cuda")
+    assert cuda.why_not_on(torch.device("cpu"), torch.float32) == (
+        "the cuda backend runs on cuda tensors, not cpu"
+    )
+
+
+def test_extension_takes_named_arguments_only():
+    """The C++ boundary names every argument; empty work returns before touching a GPU."""
+    ext = pytest.importorskip("sae_fast._C")
+    sizes = {"n": 0, "k": 4, "d": 8, "dtype": 0, "stream": 0}
+    ext.gather_sum(out=0, W=0, coeff=0, indices=0, **sizes)
+    ext.pair_dot(out=0, W=0, g=0, indices=0, g_stride=8, **sizes)
+    pointers = ("out", "workspace", "rows", "coeff", "token", "item_latent", "item_start")
+    pointers += ("item_end", "item_slot", "split_latent", "split_start", "split_end")
+    ext.scatter_sum(
+        **dict.fromkeys(pointers, 0), items=0, split_latents=0, d=8, row_stride=8, dtype=0, stream=0
+    )
+    with pytest.raises(TypeError):
+        ext.gather_sum(0, 0, 0, 0, 0, 4, 8, 0, 0)
+    with pytest.raises(TypeError):
+        ext.pair_dot(out=0, W=0, g=0, idx=0, g_stride=8, **sizes)
+
+
+def test_python_side_passes_the_names_the_extension_takes(monkeypatch):
+    """The cuda backend's wrappers call sae_fast._C by keyword: with no pairs the kernels
+    launch nothing, so the real extension checks every name here, without a GPU."""
+    pytest.importorskip("sae_fast._C")
+    monkeypatch.setattr(cuda_backend, "_stream", lambda device: 0)
+    W, rows = torch.randn(10, 6), torch.randn(0, 6)
+    coeff, indices = torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.int64)
+    assert cuda_backend.gather_sum(W, coeff, indices).shape == (0, 6)
+    assert cuda_backend.pair_dot(W, rows, indices).shape == (0, 3)
+    assert torch.equal(cuda_backend.scatter_sum(W, coeff, indices, rows), torch.zeros(10, 6))
 
 
 def model_segment_rows(index, coeff, rows):

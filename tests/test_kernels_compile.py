@@ -15,7 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sae_fast.kernels.decode import _decode_kernel, _grad_values_kernel
+from sae_fast.kernels.decode import _gather_sum_kernel, _pair_dot_kernel
 from sae_fast.kernels.encode_topk import _encode_topk_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -46,8 +46,8 @@ compile_kernel(
 )
 blocks = {"BLOCK_K": 32, "BLOCK_D": 128}
 floats = {"V": "*bf16", "W": "*bf16", "B": "*bf16", "OUT": "*bf16", "G": "*bf16"}
-compile_kernel(_decode_kernel, {**floats, "IDX": "*i64"}, blocks)
-compile_kernel(_grad_values_kernel, {**floats, "IDX": "*i64"}, blocks)
+compile_kernel(_gather_sum_kernel, {**floats, "IDX": "*i64"}, blocks)
+compile_kernel(_pair_dot_kernel, {**floats, "IDX": "*i64", "OUT": "*fp32"}, blocks)
 """
 
 

@@ -1,5 +1,7 @@
 """The ``cuda`` backend: the csrc/ sparse backward (sae_fast._C), forward from triton or torch.
 
+Runs on CUDA tensors in float32, float16 and bfloat16 when the extension is built.
+
 Backward over the n*k (token, latent) pairs of a TopK code:
 - a latent-major index of the pairs (a stable sort by latent, cut into work items of at most
   ITEM_PAIRS pairs so a hot latent spreads over blocks), built once per step and shared by
@@ -14,15 +16,17 @@ from __future__ import annotations
 import functools
 import importlib
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from . import backends, torch_topk, triton_backend
-from .torch_topk import code_function
+from ..validation import dtype_name
+from .pairs import decode_function
+from .registry import Backend, get, register
 
 ITEM_PAIRS = 256  # pairs per work item of the latent-major gradients
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what sae_fast._C dispatches on
 
 
 @functools.cache
@@ -34,21 +38,14 @@ def _extension():
         return f"the CUDA extension sae_fast._C is not built ({e}); reinstall with nvcc on PATH"
 
 
-def why_not(device: torch.device) -> str | None:
+def requirement(device: torch.device) -> str | None:
+    """None if the extension is built, else why it cannot be used."""
     ext = _extension()
-    if isinstance(ext, str):
-        return ext
-    if device.type != "cuda":
-        return "the CUDA extension runs on CUDA tensors"
-    return None
+    return ext if isinstance(ext, str) else None
 
 
 def _dtype_code(dtype: torch.dtype) -> int:
-    codes = _extension().DTYPES
-    name = str(dtype).removeprefix("torch.")
-    if name not in codes:
-        raise TypeError(f"the cuda backend takes float32, float16 or bfloat16, got {dtype}")
-    return codes[name]
+    return _extension().DTYPES[dtype_name(dtype)]
 
 
 def _stream(device: torch.device) -> int:
@@ -70,6 +67,11 @@ class LatentIndex:
     split_latent: Tensor  # latents with several items, and their workspace rows
     split_start: Tensor
     split_end: Tensor
+    # The fields sae_fast._C.scatter_sum reads, by their argument names there.
+    KERNEL_ARGS: ClassVar[tuple[str, ...]] = (
+        "token", "item_latent", "item_start", "item_end", "item_slot", "split_latent",
+        "split_start", "split_end",
+    )  # fmt: skip
 
     @classmethod
     def build(cls, indices: Tensor, n_latents: int) -> LatentIndex:
@@ -122,55 +124,69 @@ def latent_index(indices: Tensor, n_latents: int) -> LatentIndex:
     return index
 
 
-def segment_rows(index: LatentIndex, coeff: Tensor, rows: Tensor, dtype: torch.dtype) -> Tensor:
-    """out[l] = sum over pairs (t, j) of latent l of coeff[t, j] * rows[t].  -> (m, d) in dtype."""
-    rows = rows.to(dtype).contiguous()
+def _launch(kernel: str, like: Tensor, **args: Tensor | int) -> None:
+    """sae_fast._C.<kernel>(...) with every argument by name, tensors as device pointers, and
+    the dtype code and current stream of like (the operand whose dtype the kernel runs in)."""
+    ptrs = {name: v.data_ptr() if isinstance(v, Tensor) else v for name, v in args.items()}
+    getattr(_extension(), kernel)(
+        **ptrs, dtype=_dtype_code(like.dtype), stream=_stream(like.device)
+    )
+
+
+def scatter_sum(W: Tensor, coeff: Tensor, indices: Tensor, rows: Tensor) -> Tensor:
+    """out[l] = sum over pairs (t, j) of latent l of coeff[t, j] * rows[t].
+
+    W (m, d') for the latent count and dtype, rows (n, d) -> (m, d) in W's dtype; the
+    latent-major index of indices is built once per step (latent_index).
+    """
+    index = latent_index(indices, W.shape[0])
+    rows = rows.to(W.dtype).contiguous()
     d = rows.shape[1]
-    out = torch.zeros(index.n_latents, d, dtype=dtype, device=rows.device)
-    workspace = torch.empty(index.workspace_rows, d, dtype=torch.float32, device=rows.device)
-    coeff = coeff.reshape(-1)[index.order].float().contiguous()
-    ptrs = [t.data_ptr() for t in (out, workspace, rows, coeff, index.token)]
-    ptrs += [t.data_ptr() for t in (index.item_latent, index.item_start, index.item_end)]
-    ptrs += [t.data_ptr() for t in (index.item_slot, index.split_latent, index.split_start)]
-    ptrs.append(index.split_end.data_ptr())
-    sizes = (index.item_latent.numel(), index.split_latent.numel(), d, rows.stride(0))
-    _extension().segment_rows(*ptrs, *sizes, _dtype_code(dtype), _stream(rows.device))
+    out = torch.zeros(index.n_latents, d, dtype=W.dtype, device=rows.device)
+    _launch(
+        "scatter_sum",
+        rows,
+        out=out,
+        workspace=torch.empty(index.workspace_rows, d, dtype=torch.float32, device=rows.device),
+        rows=rows,
+        coeff=coeff.reshape(-1)[index.order].float().contiguous(),
+        **{name: getattr(index, name) for name in LatentIndex.KERNEL_ARGS},
+        items=index.item_latent.numel(),
+        split_latents=index.split_latent.numel(),
+        d=d,
+        row_stride=rows.stride(0),
+    )
     return out
 
 
 def pair_dot(W: Tensor, g: Tensor, indices: Tensor) -> Tensor:
     """out[t, j] = W[indices[t, j]] . g[t] in fp32.  (m, d), (n, d), (n, k) -> (n, k)."""
-    n, k = indices.shape
+    (n, k), d = indices.shape, W.shape[1]
     W, g, indices = W.contiguous(), g.to(W.dtype).contiguous(), indices.contiguous()
     out = torch.empty(n, k, dtype=torch.float32, device=W.device)
-    args = (out.data_ptr(), W.data_ptr(), g.data_ptr(), indices.data_ptr(), n, k, W.shape[1])
-    _extension().pair_dot(*args, g.stride(0), _dtype_code(W.dtype), _stream(W.device))
+    _launch("pair_dot", W, out=out, W=W, g=g, indices=indices, n=n, k=k, d=d, g_stride=g.stride(0))
     return out
 
 
-def gather_sum(W: Tensor, coeff: Tensor, indices: Tensor) -> Tensor:
-    """out[t] = sum_j coeff[t, j] * W[indices[t, j]].  -> (n, d) in W's dtype."""
-    n, k = indices.shape
-    W, indices = W.contiguous(), indices.contiguous()
-    coeff = coeff.float().contiguous()
-    out = torch.empty(n, W.shape[1], dtype=W.dtype, device=W.device)
-    args = (out.data_ptr(), W.data_ptr(), coeff.data_ptr(), indices.data_ptr(), n, k, W.shape[1])
-    _extension().gather_sum(*args, _dtype_code(W.dtype), _stream(W.device))
-    return out
+def gather_sum(W: Tensor, coeff: Tensor, indices: Tensor, bias: Tensor | None = None) -> Tensor:
+    """out[t] = sum_j coeff[t, j] * W[indices[t, j]] (+ bias).  -> (n, d) in W's dtype."""
+    (n, k), d = indices.shape, W.shape[1]
+    W, indices, coeff = W.contiguous(), indices.contiguous(), coeff.float().contiguous()
+    out = torch.empty(n, d, dtype=W.dtype, device=W.device)
+    _launch("gather_sum", W, out=out, W=W, coeff=coeff, indices=indices, n=n, k=k, d=d)
+    return out if bias is None else out + bias
 
 
 def encoder_backward(needs, x, W_enc, b_dec, values, indices, grad_values):
-    """torch_topk.encoder_backward's contract, by the CUDA kernels."""
+    """pairs.encoder_backward's contract, by the CUDA kernels."""
     need_x, need_W, need_b_enc, need_b_dec = needs
     grad_pre = (grad_values * (values > 0)).float()
     grad_x = grad_W_enc = grad_b_enc = grad_b_dec = None
-    if need_W or need_b_enc:
-        index = latent_index(indices, W_enc.shape[0])
-        if need_W:
-            grad_W_enc = segment_rows(index, grad_pre, x - b_dec, W_enc.dtype)
-        if need_b_enc:
-            ones = torch.ones(x.shape[0], 1, dtype=W_enc.dtype, device=x.device)
-            grad_b_enc = segment_rows(index, grad_pre, ones, W_enc.dtype).view(-1)
+    if need_W:
+        grad_W_enc = scatter_sum(W_enc, grad_pre, indices, x - b_dec)
+    if need_b_enc:
+        ones = torch.ones(x.shape[0], 1, dtype=W_enc.dtype, device=x.device)
+        grad_b_enc = scatter_sum(W_enc, grad_pre, indices, ones).view(-1)
     if need_x or need_b_dec:
         grad_xc = gather_sum(W_enc, grad_pre, indices)
         if need_x:
@@ -180,54 +196,26 @@ def encoder_backward(needs, x, W_enc, b_dec, values, indices, grad_values):
     return grad_x, grad_W_enc, grad_b_enc, grad_b_dec
 
 
-def _forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> tuple[Tensor, ...]:
-    """The fused Triton forward where it can run, else the torch backend's chunked one."""
-    if triton_backend.why_not(x.device) is None:
-        from .kernels.encode_topk import fused_forward
-
-        return fused_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size)
-    return torch_topk.topk_forward(x, W_enc, b_enc, b_dec, k, chunk_size, dead_mask, k_aux)
+def encoder_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> tuple[Tensor, ...]:
+    """The triton backend's fused forward where it can run on x, else the torch backend's."""
+    forward = get("triton") if get("triton").why_not(x) is None else get("torch")
+    return forward.encoder_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size)
 
 
-# TopK (+ AuxK) code with the backward of the CUDA extension.
-CudaEncodeTopK = code_function("CudaEncodeTopK", _forward, encoder_backward)
+# The sparse decoder with the backward of the CUDA extension.
+decode = decode_function("CudaDecode", gather_sum, scatter_sum, pair_dot).apply
 
 
-class CudaDecode(torch.autograd.Function):
-    """x_hat = sum_j values[:, j] W_dec[indices[:, j]] + b_dec; backward by the CUDA extension."""
-
-    @staticmethod
-    def forward(ctx, values, indices, W_dec, b_dec):
-        ctx.save_for_backward(values, indices, W_dec)
-        return gather_sum(W_dec, values, indices) + b_dec
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_x_hat):
-        values, indices, W_dec = ctx.saved_tensors
-        grad_v = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_v = pair_dot(W_dec, grad_x_hat, indices).to(values.dtype)
-        if ctx.needs_input_grad[2]:
-            index = latent_index(indices, W_dec.shape[0])
-            grad_W = segment_rows(index, values, grad_x_hat, W_dec.dtype)
-        if ctx.needs_input_grad[3]:
-            grad_b = grad_x_hat.float().sum(dim=0).to(W_dec.dtype)
-        return grad_v, None, grad_W, grad_b
-
-
-def encode_topk(x, W_enc, b_enc, b_dec, k, chunk_size):
-    return CudaEncodeTopK.apply(x, W_enc, b_enc, b_dec, k, None, 0, chunk_size)
-
-
-backends.register(
-    backends.Backend(
+register(
+    Backend(
         name="cuda",
         priority=20,
-        why_not=why_not,
-        encode_topk=encode_topk,
-        encode_topk_auxk=CudaEncodeTopK.apply,
-        decode=CudaDecode.apply,
+        encoder_forward=encoder_forward,
+        decode=decode,
+        encoder_backward=encoder_backward,
+        device_types=("cuda",),
+        dtypes=DTYPES,
         auto_device_types=("cuda",),
+        requirement=requirement,
     )
 )

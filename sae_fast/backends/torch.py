@@ -1,4 +1,6 @@
-"""``torch`` backend encoder: (x - b_dec) @ W_enc.T + b_enc -> ReLU -> TopK, in latent chunks.
+"""The ``torch`` backend: sparse-aware eager PyTorch, on any device and floating dtype.
+
+Encoder: (x - b_dec) @ W_enc.T + b_enc -> ReLU -> TopK, in latent chunks.
 
 Forward streams over chunks of latents with a running top-k, so extra memory is O(n * chunk),
 never O(n * m). Selection is exact in the canonical order (values descending, ties to the
@@ -8,19 +10,18 @@ lower index) at the cost of small sorts only:
 - candidates merge by a sort on latent index then a stable sort on value, over (n, 2k);
 - zero values are only padding: at the end, rows with fewer than k positive values get the
   lowest latent indices not already used, which all lie in [0, k).
-Backward touches only the n*k selected pairs: grad x is a gather-sum of W_enc rows, and
-grad W_enc is that gather-sum's own sparse weight gradient.
+Backward: the shared pair-sparse one (pairs.encoder_backward). Decoder: pairs.gather_sum,
+whose native backward is the sparse one (grad W_dec into the rows used, grad values as row
+dot products).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from .torch_decode import gather_sum
+from .pairs import gather_sum
+from .registry import Backend, register
 
 # Extra bytes the encoder may use for one chunk of pre-activations.
 CHUNK_BYTES = 64 << 20
@@ -90,20 +91,21 @@ class _RunningTopK:
         return _zero_fill(self.values, self.indices)
 
 
-def topk_forward(
+def encoder_forward(
     x: Tensor,
     W_enc: Tensor,
     b_enc: Tensor,
     b_dec: Tensor,
     k: int,
+    dead_mask: Tensor | None,
+    k_aux: int,
     chunk_size: int | None,
-    dead_mask: Tensor | None = None,
-    k_aux: int = 0,
 ) -> tuple[Tensor, ...]:
     """Chunked encoder forward.  x: (n, d) -> values (n, k) in x.dtype, indices (n, k) int64.
 
     With dead_mask (m,) bool and k_aux, also the AuxK code from the same pre-activations:
     the top k_aux of relu(pre) among dead latents (others count as 0), (n, k_aux) each.
+    chunk_size: latents per chunk (None: from CHUNK_BYTES).
     """
     n, m = x.shape[0], W_enc.shape[0]
     chunk = auto_chunk_size(n, m, k, x.element_size()) if chunk_size is None else chunk_size
@@ -125,99 +127,9 @@ def topk_forward(
     return main.result() + (aux.result() if aux is not None else ())
 
 
-def encoder_backward(
-    needs: tuple[bool, ...],
-    x: Tensor,
-    W_enc: Tensor,
-    b_dec: Tensor,
-    values: Tensor,
-    indices: Tensor,
-    grad_values: Tensor,
-) -> tuple[Tensor | None, ...]:
-    """Gradients (x, W_enc, b_enc, b_dec) of a TopK code over its n*k pairs only.
-
-    needs: which of the four are wanted. Shared by every backend without a backward of its own.
-    """
-    need_x, need_W, need_b_enc, need_b_dec = needs
-    # ReLU passes gradient only where the selected value is positive; zero fills get none.
-    grad_pre = grad_values * (values > 0)
-    grad_x = grad_W_enc = grad_b_enc = grad_b_dec = None
-    if need_b_enc:
-        acc = torch.promote_types(W_enc.dtype, torch.float32)
-        grad_b_enc = torch.zeros(W_enc.shape[0], dtype=acc, device=W_enc.device)
-        grad_b_enc.index_add_(0, indices.reshape(-1), grad_pre.reshape(-1).to(acc))
-        grad_b_enc = grad_b_enc.to(W_enc.dtype)
-    if need_x or need_W or need_b_dec:
-        # grad_xc[t] = sum_j grad_pre[t, j] W_enc[idx[t, j]]. The weight gradient of that
-        # gather-sum against (x - b_dec) is grad W_enc: per pair, grad_pre * (x - b_dec).
-        with torch.enable_grad():
-            W = W_enc.detach().requires_grad_(need_W)
-            grad_xc = gather_sum(indices, grad_pre.to(W.dtype), W)
-            if need_W:
-                (grad_W_enc,) = torch.autograd.grad(grad_xc, W, x - b_dec)
-        grad_xc = grad_xc.detach()
-        if need_x:
-            grad_x = grad_xc
-        if need_b_dec:
-            grad_b_dec = -grad_xc.sum(dim=0)
-    return grad_x, grad_W_enc, grad_b_enc, grad_b_dec
+def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+    """Differentiable gather decode.  (n, k), (n, k) -> (n, d)."""
+    return gather_sum(W_dec, values, indices, b_dec)
 
 
-def save_code(ctx, x: Tensor, W_enc: Tensor, b_dec: Tensor, outputs: tuple[Tensor, ...]):
-    """Save what code_backward needs; outputs are (values, indices[, aux values, aux indices])."""
-    if len(outputs) == 2:  # the code's own tensors: the cuda backend keys its index cache on them
-        values, indices = outputs
-    else:
-        values, indices = torch.cat(outputs[0::2], dim=1), torch.cat(outputs[1::2], dim=1)
-    ctx.save_for_backward(x, W_enc, b_dec, values, indices)
-    ctx.mark_non_differentiable(*outputs[1::2])
-    return outputs
-
-
-def code_backward(
-    ctx, grads: tuple[Tensor, ...], backward: Callable = encoder_backward
-) -> tuple[Tensor | None, ...]:
-    """Gradients (x, W_enc, b_enc, b_dec) from the grads of (values, indices[, aux...]).
-
-    backward: a function with encoder_backward's contract.
-    """
-    grad_values = torch.cat(grads[0::2], dim=1)
-    return backward(ctx.needs_input_grad[:4], *ctx.saved_tensors, grad_values)
-
-
-def code_function(name: str, forward: Callable, backward: Callable = encoder_backward) -> type:
-    """An autograd.Function for a TopK (+ AuxK) encoder.
-
-    apply(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) is the backends'
-    encode_topk_auxk: forward(same arguments) -> (values, indices[, aux_values, aux_indices]);
-    dead_mask None gives the TopK code alone. backward has encoder_backward's contract and
-    sees only the code's pairs.
-    """
-
-    def fwd(ctx, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size):
-        outputs = forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size)
-        return save_code(ctx, x, W_enc, b_dec, outputs)
-
-    def bwd(ctx, *grads):
-        return (*code_backward(ctx, grads, backward), None, None, None, None)
-
-    body = {"forward": staticmethod(fwd), "backward": staticmethod(once_differentiable(bwd))}
-    return type(name, (torch.autograd.Function,), body)
-
-
-def _forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> tuple[Tensor, ...]:
-    return topk_forward(x, W_enc, b_enc, b_dec, k, chunk_size, dead_mask, k_aux)
-
-
-TorchEncodeTopK = code_function("TorchEncodeTopK", _forward)
-
-
-def encode_topk(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, chunk_size: int | None
-) -> tuple[Tensor, Tensor]:
-    """Differentiable chunked TopK encoder.  x: (n, d) -> values (n, k), indices (n, k)."""
-    return TorchEncodeTopK.apply(x, W_enc, b_enc, b_dec, k, None, 0, chunk_size)
-
-
-# The backends' encode_topk_auxk(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size).
-encode_topk_auxk = TorchEncodeTopK.apply
+register(Backend(name="torch", priority=0, encoder_forward=encoder_forward, decode=decode))

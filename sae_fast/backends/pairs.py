@@ -1,0 +1,140 @@
+"""The pair-sparse scaffold every backend shares: the sparse helpers and the encoder's autograd.
+
+A TopK code (values, indices), each (n, k), touches n*k (token, latent) pairs. Three helpers
+over those pairs carry every sparse pass; each backend that has its own spells them with
+these names and this argument order (W (m, d); coeff, indices (n, k)):
+- gather_sum(W, coeff, indices[, bias]) -> (n, d): out[t] = sum_j coeff[t, j] W[indices[t, j]]
+  (+ bias): the decoder, and grad x of the encoder;
+- scatter_sum(W, coeff, indices, rows) -> (m, d) in W's dtype: out[l] = sum over the pairs
+  (t, j) of latent l of coeff[t, j] rows[t], the gradient of gather_sum against rows:
+  grad W_dec, grad W_enc (and, with rows of ones, grad b_enc);
+- pair_dot(W, g, indices) -> (n, k) fp32: out[t, j] = W[indices[t, j]] . g[t]: grad values.
+Here they are plain PyTorch: gather_sum is one embedding_bag with per-sample weights (no
+(n, k, d) temporary) and scatter_sum its native sparse weight gradient; no pair_dot is needed,
+as autograd takes that embedding_bag's gradient of its per-sample weights.
+
+code_function builds the autograd.Function of an encoder from its forward and a backward
+with encoder_backward's contract, which sees only the code's pairs; decode_function that of
+a decoder from a backend's three helpers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+
+def gather_sum(W: Tensor, coeff: Tensor, indices: Tensor, bias: Tensor | None = None) -> Tensor:
+    """out[t] = sum_j coeff[t, j] * W[indices[t, j]] (+ bias).  -> (n, d); differentiable."""
+    out = F.embedding_bag(indices, W, per_sample_weights=coeff, mode="sum")
+    return out if bias is None else out + bias
+
+
+def scatter_sum(W: Tensor, coeff: Tensor, indices: Tensor, rows: Tensor) -> Tensor:
+    """grad[l] = sum over pairs (t, j) with indices[t, j] == l of coeff[t, j] * rows[t].
+
+    W (m, d) for shape and dtype, rows (n, d) -> (m, d): gather_sum's native weight gradient.
+    """
+    with torch.enable_grad():
+        leaf = W.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(gather_sum(leaf, coeff.to(W.dtype), indices), leaf, rows)
+    return grad
+
+
+def encoder_backward(
+    needs: tuple[bool, ...],
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    grad_values: Tensor,
+) -> tuple[Tensor | None, ...]:
+    """Gradients (x, W_enc, b_enc, b_dec) of a TopK code over its n*k pairs only.
+
+    needs: which of the four are wanted. The backward of every backend without its own.
+    """
+    need_x, need_W, need_b_enc, need_b_dec = needs
+    # ReLU passes gradient only where the selected value is positive; zero fills get none.
+    grad_pre = grad_values * (values > 0)
+    grad_x = grad_W_enc = grad_b_enc = grad_b_dec = None
+    if need_b_enc:
+        acc = torch.promote_types(W_enc.dtype, torch.float32)
+        grad_b_enc = torch.zeros(W_enc.shape[0], dtype=acc, device=W_enc.device)
+        grad_b_enc.index_add_(0, indices.reshape(-1), grad_pre.reshape(-1).to(acc))
+        grad_b_enc = grad_b_enc.to(W_enc.dtype)
+    if need_x or need_W or need_b_dec:
+        # grad_xc[t] = sum_j grad_pre[t, j] W_enc[idx[t, j]]. The weight gradient of that
+        # gather-sum against (x - b_dec) is grad W_enc: per pair, grad_pre * (x - b_dec).
+        with torch.enable_grad():
+            W = W_enc.detach().requires_grad_(need_W)
+            grad_xc = gather_sum(W, grad_pre.to(W.dtype), indices)
+            if need_W:
+                (grad_W_enc,) = torch.autograd.grad(grad_xc, W, x - b_dec)
+        grad_xc = grad_xc.detach()
+        if need_x:
+            grad_x = grad_xc
+        if need_b_dec:
+            grad_b_dec = -grad_xc.sum(dim=0)
+    return grad_x, grad_W_enc, grad_b_enc, grad_b_dec
+
+
+def code_function(name: str, forward: Callable, backward: Callable = encoder_backward) -> type:
+    """The autograd.Function of a TopK (+ AuxK) encoder.
+
+    apply(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) runs forward(same
+    arguments) -> (values, indices[, aux_values, aux_indices]); dead_mask None gives the TopK
+    code alone. backward has encoder_backward's contract and sees only the code's pairs (of
+    both codes, concatenated, with AuxK).
+    """
+
+    def fwd(ctx, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size):
+        outputs = forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size)
+        if len(outputs) == 2:
+            values, indices = outputs  # the code's own: the cuda backend's index cache keys on them
+        else:
+            values, indices = torch.cat(outputs[0::2], dim=1), torch.cat(outputs[1::2], dim=1)
+        ctx.save_for_backward(x, W_enc, b_dec, values, indices)
+        ctx.mark_non_differentiable(*outputs[1::2])
+        return outputs
+
+    def bwd(ctx, *grads):
+        grad_values = torch.cat(grads[0::2], dim=1)
+        grads = backward(ctx.needs_input_grad[:4], *ctx.saved_tensors, grad_values)
+        return (*grads, None, None, None, None)
+
+    body = {"forward": staticmethod(fwd), "backward": staticmethod(once_differentiable(bwd))}
+    return type(name, (torch.autograd.Function,), body)
+
+
+def decode_function(
+    name: str, gather_sum: Callable, scatter_sum: Callable, pair_dot: Callable
+) -> type:
+    """The autograd.Function of a sparse decoder built from a backend's helpers.
+
+    apply(values, indices, W_dec, b_dec) -> x_hat = gather_sum(W_dec, values, indices, b_dec);
+    backward: grad values by pair_dot, grad W_dec by scatter_sum, grad b_dec the column sum
+    accumulated in fp32.
+    """
+
+    def fwd(ctx, values, indices, W_dec, b_dec):
+        ctx.save_for_backward(values, indices, W_dec)
+        return gather_sum(W_dec, values, indices, b_dec)
+
+    def bwd(ctx, grad_x_hat):
+        values, indices, W_dec = ctx.saved_tensors
+        grad_v = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_v = pair_dot(W_dec, grad_x_hat, indices).to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_W = scatter_sum(W_dec, values, indices, grad_x_hat)
+        if ctx.needs_input_grad[3]:
+            grad_b = grad_x_hat.float().sum(dim=0).to(W_dec.dtype)
+        return grad_v, None, grad_W, grad_b
+
+    body = {"forward": staticmethod(fwd), "backward": staticmethod(once_differentiable(bwd))}
+    return type(name, (torch.autograd.Function,), body)
