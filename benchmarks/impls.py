@@ -25,6 +25,7 @@ from torch import Tensor
 
 import sae_fast
 from sae_fast import reference as ref
+from sae_fast.validation import dtype_name
 
 LR = 1e-4
 
@@ -217,7 +218,7 @@ class SAELens(_Peer):
             d_in=d,
             d_sae=m,
             k=k,
-            dtype=str(w.W_enc.dtype).removeprefix("torch."),
+            dtype=dtype_name(w.W_enc.dtype),
             device=str(w.W_enc.device),
         )
         sae = TopKTrainingSAE(cfg)

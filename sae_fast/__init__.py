@@ -5,7 +5,8 @@ from .backends import BackendUnavailableError
 from .backends import status as backend_status
 from .checkpoint import CheckpointError
 from .ops import SparseCode, decode, encode_topk, encode_topk_auxk
-from .sae import ACTIVATIONS, SAEOutput, SparseAutoencoder
+from .sae import SAEOutput, SparseAutoencoder
+from .sae_config import ACTIVATIONS
 
 __version__ = "0.1.0"
 

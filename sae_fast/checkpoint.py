@@ -98,18 +98,22 @@ def read(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict, di
 
 
 def check_tensors(
-    folder: str | Path, tensors: dict[str, Tensor], expected: dict[str, Tensor]
+    folder: str | Path,
+    tensors: dict[str, Tensor],
+    shapes: dict[str, tuple[int, ...]],
+    dtype: torch.dtype,
 ) -> None:
-    """Raise CheckpointError unless tensors has exactly expected's names, shapes and dtypes."""
+    """Raise CheckpointError unless tensors has exactly the names in shapes, each of its shape
+    and of dtype (what cfg.json implies: sae_config.tensor_shapes)."""
     where = Path(folder) / WEIGHTS_FILE
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
+    missing = sorted(set(shapes) - set(tensors))
+    extra = sorted(set(tensors) - set(shapes))
     if missing or extra:
         raise CheckpointError(f"{where}: missing tensors {missing}, unexpected tensors {extra}")
-    for name, want in expected.items():
+    for name, shape in shapes.items():
         got = tensors[name]
-        if got.shape != want.shape or got.dtype != want.dtype:
+        if tuple(got.shape) != shape or got.dtype != dtype:
             raise CheckpointError(
                 f"{where}: {name} is {tuple(got.shape)} {got.dtype} but {CONFIG_FILE} implies "
-                f"{tuple(want.shape)} {want.dtype}"
+                f"{shape} {dtype}"
             )

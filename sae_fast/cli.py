@@ -20,13 +20,13 @@ from .checkpoint import CheckpointError
 from .sources.base import ActivationSource, SourceError
 from .sources.hooks import HookPointError
 from .train_config import (
-    MODEL_DTYPES,
     ConfigError,
     TrainConfig,
     check_device,
     field_type,
     resolve_device,
 )
+from .validation import ACTIVATION_DTYPES, parse_dtype
 
 USER_ERRORS = (
     ConfigError,
@@ -97,7 +97,7 @@ def build_source(
         )
     if cfg.source == "cache":
         return CacheSource(cfg.cache_dir, seed=cfg.seed, device=device)
-    dtype = getattr(torch, cfg.model_dtype) if cfg.model_dtype else None
+    dtype = parse_dtype(cfg.model_dtype) if cfg.model_dtype else None
     model, tokenizer = load_model(cfg.model, device, dtype)
     return ModelSource(
         model,
@@ -134,7 +134,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from .sources.cache import DTYPES
 
     device = resolve_device(check_device(args.device, "--device"))
-    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
+    model_dtype = parse_dtype(args.model_dtype) if args.model_dtype else None
     model, tokenizer = load_model(args.model, device, model_dtype)
     folder = cache_from_model(
         args.out,
@@ -265,11 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--context-size", type=int, default=128, help="tokens per window")
     cache.add_argument("--batch-size", type=int, default=32, help="windows per forward")
     cache.add_argument("--shard-rows", type=int, default=65536, help="activations per shard")
+    cache.add_argument("--dtype", default="float32", choices=ACTIVATION_DTYPES, help="stored")
     cache.add_argument(
-        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="stored"
-    )
-    cache.add_argument(
-        "--model-dtype", choices=MODEL_DTYPES, help="dtype to load the model in (default: its own)"
+        "--model-dtype",
+        choices=ACTIVATION_DTYPES,
+        help="dtype to load the model in (default: its own)",
     )
     cache.add_argument("--device", default="cpu", help="device to run the model on")
     cache.set_defaults(fn=cmd_cache)

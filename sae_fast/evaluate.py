@@ -18,6 +18,7 @@ from .sources.hooks import _CAUSAL_SUFFIXES, model_device, splice
 from .sources.model import pad_windows, token_windows
 from .sources.text import documents
 from .steering import attach
+from .validation import check_int
 
 # Held-out synthetic rows: the training dictionary (fixed by the seed), with the rows drawn
 # by SyntheticSource(..., seed=seed, stream_seed=seed + HELD_OUT_STREAM) instead.
@@ -38,8 +39,7 @@ def evaluate(
     all rows seen; a latent is dead here when it fired on none of them.
     """
     for name, value in (("tokens", tokens), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SourceError(f"{name} must be a positive int, got {value!r}")
+        check_int(value, name, error=SourceError)
     if source.d_in != sae.d_in:
         raise SourceError(f"the activations have d_in={source.d_in} but the SAE has {sae.d_in}")
     param = sae.W_dec

@@ -15,6 +15,7 @@ from torch import Tensor
 from . import reference as ref
 from .ops import SparseCode
 from .sae import SAEOutput, SparseAutoencoder
+from .sae_config import SPARSE_ACTIVATIONS
 
 
 @dataclass
@@ -70,7 +71,7 @@ def training_loss(
     terms: dict[str, Tensor] = {}
     aux = None
     use_auxk = (
-        sae.activation in ("topk", "batchtopk")
+        sae.activation in SPARSE_ACTIVATIONS
         and weights.auxk > 0
         and dead_mask is not None
         and bool(dead_mask.any())

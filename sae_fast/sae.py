@@ -11,15 +11,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import formats, ops, sae_config
 from . import reference as ref
 from .ops import SparseCode
-from .validation import check_activations, check_k
+from .sae_config import SPARSE_ACTIVATIONS, check_hyperparameters
+from .validation import check_activations, dtype_name
 
-ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "gated")
-INPUT_NORMS = ("none", "layer_norm", "constant_norm")
 _LN_EPS = 1e-5
-_SPARSE = ("topk", "batchtopk")
 
 
 @dataclass
@@ -72,22 +70,8 @@ class SparseAutoencoder(nn.Module):
         input_norm: str = "none",
     ) -> None:
         super().__init__()
-        for name, value in (("d_in", d_in), ("n_latents", n_latents)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if input_norm not in INPUT_NORMS:
-            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+        check_hyperparameters(d_in, n_latents, k, activation, input_norm, jumprelu_bandwidth)
         self.input_norm = input_norm
-        if activation in _SPARSE:
-            if k is None:
-                raise ValueError(f"k is required for activation={activation!r}")
-            check_k(k, n_latents)
-        elif k is not None:
-            raise ValueError(f"k is only used by activations {_SPARSE}, not {activation!r}")
-        if jumprelu_bandwidth <= 0:
-            raise ValueError(f"jumprelu_bandwidth must be > 0, got {jumprelu_bandwidth}")
         if jumprelu_init_threshold <= 0:
             raise ValueError(f"jumprelu_init_threshold must be > 0, got {jumprelu_init_threshold}")
         self.d_in, self.n_latents, self.k, self.activation = d_in, n_latents, k, activation
@@ -117,10 +101,11 @@ class SparseAutoencoder(nn.Module):
 
     def encode(self, x: Tensor) -> SparseCode | Tensor:
         """x: (..., d_in) -> SparseCode (..., width) or dense latents (..., n_latents)."""
-        return self._encode(self._normalize(x)[0])[0]
+        return self._encode(self.normalize_input(x)[0])[0]
 
-    def _normalize(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """x (..., d) in input_norm's space, and (scale, shift): forward's x_hat * scale + shift."""
+    def normalize_input(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """x (..., d) in input_norm's space, and (scale, shift) (..., 1) each, with which forward
+        maps x_hat back (x_hat * scale + shift); None for input_norm "none"."""
         if self.input_norm == "none":
             return x, None
         check_activations(x, self.d_in, self.W_enc)
@@ -179,8 +164,10 @@ class SparseAutoencoder(nn.Module):
         aux_code (n, k_aux) is the AuxK code of Gao et al. 2024: the top k_aux of relu(pre)
         among latents with dead_mask (m,) True. For batchtopk, code is the batch top n*k.
         """
-        if self.activation not in _SPARSE:
-            raise ValueError(f"AuxK needs activation in {_SPARSE}, not {self.activation!r}")
+        if self.activation not in SPARSE_ACTIVATIONS:
+            raise ValueError(
+                f"AuxK needs activation in {SPARSE_ACTIVATIONS}, not {self.activation!r}"
+            )
         check_activations(x, self.d_in, self.W_enc)
         width = self.k if self.activation == "topk" else self._candidates()
         code, aux = ops.encode_topk_auxk(
@@ -247,7 +234,7 @@ class SparseAutoencoder(nn.Module):
 
     def forward(self, x: Tensor) -> SAEOutput:
         """x: (..., d_in) -> SAEOutput with x_hat (..., d_in) and the code."""
-        x, stats = self._normalize(x)
+        x, stats = self.normalize_input(x)
         code, pre = self._encode(x)
         x_hat = self.decode(code)
         if stats is not None:
@@ -316,26 +303,40 @@ class SparseAutoencoder(nn.Module):
     # --- checkpoints ----------------------------------------------------------------------
 
     def config(self) -> dict:
-        """The hyperparameters that rebuild this module (stored in cfg.json)."""
+        """The hyperparameters that rebuild this module (stored in cfg.json; sae_config)."""
         return {
             "d_in": self.d_in,
             "n_latents": self.n_latents,
             "k": self.k,
             "activation": self.activation,
-            "dtype": str(self.W_enc.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.W_enc.dtype),
             "jumprelu_bandwidth": self.jumprelu_bandwidth,
             "input_norm": self.input_norm,
         }
 
+    @classmethod
+    def from_config(
+        cls, config: dict, tensors: dict[str, Tensor], backend: str | None = None
+    ) -> SparseAutoencoder:
+        """The module holding tensors (its state dict), as config (sae_config) describes it.
+
+        The tensors are taken as they are (no copy); a field or tensor that does not fit
+        raises ValueError/TypeError, or torch's error for the state dict.
+        """
+        config = sae_config.complete(config)
+        options = {name: value for name, value in config.items() if name != "dtype"}
+        sae = cls(**options, dtype=sae_config.dtype(config), device="meta", backend=backend)
+        sae.load_state_dict(tensors, assign=True)
+        return sae
+
     def save(self, path: str | Path, format: str = "sae_fast") -> None:
-        """Write the SAE into the folder path (created if needed), atomically.
+        """Write the SAE into the folder path (created if needed), atomically per file.
 
         format: "sae_fast" (sae.safetensors + cfg.json) or another library's layout
         (sae_fast.formats.writable() lists them).
         """
-        from . import formats
-
-        formats.save(self, path, format)
+        tensors = {name: t.detach().cpu() for name, t in self.state_dict().items()}
+        formats.save(self.config(), tensors, path, format)
 
     @classmethod
     def load(
@@ -351,9 +352,9 @@ class SparseAutoencoder(nn.Module):
         format: None detects it (sae_fast.formats.readable() lists them); device and dtype
         override where the weights land.
         """
-        from . import formats
-
-        return formats.load(path, format, device=device, dtype=dtype, backend=backend)
+        config, tensors = formats.load(path, format)
+        sae = cls.from_config(config, tensors, backend=backend)
+        return sae.to(device=device, dtype=dtype).eval()
 
 
 @contextmanager

@@ -215,7 +215,7 @@ class SAESite:
             delta = self.edits.delta(sae, self.code)
             if sae.input_norm != "none":
                 # The edit acts in the SAE's normalised space; forward maps x_hat back by scale.
-                delta = delta * sae._normalize(x)[1][0]
+                delta = delta * sae.normalize_input(x)[1][0]
         if x_hat is None:
             # Add in the wider of the two dtypes; h is returned as is when nothing is edited.
             return h if delta is None else (h + delta.to(h.device)).to(h.dtype)

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-ACTIVATION_CHOICES = ("topk", "batchtopk", "relu", "jumprelu", "gated")
+from . import backends
+from .sae_config import ACTIVATIONS
+from .validation import ACTIVATION_DTYPES, PARAMETER_DTYPES, is_int
+
 SOURCE_CHOICES = ("model", "cache", "synthetic")
-MODEL_DTYPES = ("float32", "bfloat16", "float16")
-BACKENDS = ("torch", "triton", "cuda")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -55,7 +56,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _is_a(value: Any, kind: type) -> bool:
-    if isinstance(value, bool):  # bool is an int subclass, but True is not a step count
+    if kind is int:
+        return is_int(value)  # bool is an int subclass, but True is not a step count
+    if isinstance(value, bool):
         return kind is bool
     if kind is float:
         return isinstance(value, (int, float))
@@ -95,7 +98,7 @@ class TrainConfig:
     model_batch_size: int = _opt(32, "windows per model forward", "data")
     shuffle_buffer: int = _opt(16384, "activations held for shuffling (source=model)", "data")
     model_dtype: str | None = _opt(
-        None, "dtype to load the model in (default: its own)", "data", MODEL_DTYPES
+        None, "dtype to load the model in (default: its own)", "data", ACTIVATION_DTYPES
     )
     cache_dir: str | None = _opt(None, "activation cache folder (source=cache)", "data")
     synthetic_d: int = _opt(64, "width of synthetic activations", "data")
@@ -104,17 +107,18 @@ class TrainConfig:
     synthetic_noise: float = _opt(0.02, "gaussian noise scale of synthetic rows", "data")
 
     # --- the SAE -----------------------------------------------------------------------
-    activation: str = _opt("topk", "SAE activation", "sae", ACTIVATION_CHOICES)
+    activation: str = _opt("topk", "SAE activation", "sae", ACTIVATIONS)
     n_latents: int | None = _opt(
         None, "dictionary size m (default: expansion_factor * d_in)", "sae"
     )
     expansion_factor: int = _opt(16, "m / d_in when n_latents is not given", "sae")
     k: int = _opt(32, "active latents per token (topk; batchtopk: mean per token)", "sae")
-    dtype: str = _opt(
-        "float32", "parameter dtype", "sae", ("float32", "bfloat16", "float16", "float64")
-    )
+    dtype: str = _opt("float32", "parameter dtype", "sae", PARAMETER_DTYPES)
     backend: str | None = _opt(
-        None, "sparse-op backend (default: the best that runs on the device)", "sae", BACKENDS
+        None,
+        "sparse-op backend (default: the best that runs on the inputs)",
+        "sae",
+        tuple(backends.registered()),
     )
     device: str = _opt("auto", "device to train on: auto (cuda if available), cpu, cuda", "sae")
     normalize_decoder: bool = _opt(

@@ -25,8 +25,10 @@ from .checkpoint import atomic_path
 from .losses import LossWeights, training_loss
 from .metrics import LatentStats, MetricsLog, firing_counts, reconstruction_metrics
 from .sae import SparseAutoencoder
+from .sae_config import SPARSE_ACTIVATIONS
 from .sources.base import ActivationSource
 from .train_config import ConfigError, TrainConfig, resolve_device
+from .validation import parse_dtype
 
 # Fields a resumed run must share with its checkpoint: they shape the parameters.
 _ARCHITECTURE = ("activation", "k", "dtype")
@@ -73,11 +75,11 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.checkpoints = self.out_dir / "checkpoints"
         self.device = resolve_device(cfg.device)
-        self.dtype = getattr(torch, cfg.dtype)
+        self.dtype = parse_dtype(cfg.dtype)
         d_in = source.d_in
         m = cfg.latents(d_in)
         k_aux = cfg.k_aux if cfg.k_aux is not None else max(1, d_in // 2)
-        sparse = cfg.activation in ("topk", "batchtopk")
+        sparse = cfg.activation in SPARSE_ACTIVATIONS
         if sparse and cfg.k > m:
             raise ConfigError(f"k={cfg.k} is larger than the dictionary (n_latents={m})")
         self.weights = LossWeights(

@@ -59,7 +59,7 @@ def dense_oracle(sae, x, edit, add_error):
     x = x.to(sae.W_dec.dtype)
     # input_norm: forward maps the normalised-space reconstruction back by x_hat * scale + shift
     # (test_without_the_error_the_output_is_the_reconstruction ties this to forward).
-    _, stats = sae._normalize(x)
+    _, stats = sae.normalize_input(x)
     scale, shift = stats if stats is not None else (torch.ones(()), torch.zeros(()))
     z = dense(sae.encode(x))
     edited = edit(z.clone())

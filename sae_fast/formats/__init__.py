@@ -1,8 +1,9 @@
 """Checkpoint formats: sae_fast's own and the layouts other SAE libraries save.
 
-Each format says whether a path holds one of its checkpoints (detect), loads it as a
-SparseAutoencoder computing the same function, and, where its layout can hold our SAE, saves
-one. SparseAutoencoder.load and .save dispatch here.
+Each format says whether a path holds one of its checkpoints (detect), reads it as an SAE
+config and tensors in our layout (sae_fast.sae_config) computing the same function, and,
+where its layout can hold such an SAE, writes one from a config and tensors. Formats never
+import the module: SparseAutoencoder.load and .save build and take apart the pair.
 """
 
 from __future__ import annotations
@@ -10,24 +11,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
+from torch import Tensor
 
 from ..checkpoint import CheckpointError
-from ..sae import SparseAutoencoder
 
-Loader = Callable[[Path, str | None], SparseAutoencoder]
+Config = dict[str, Any]  # an SAE config, as sae_fast.sae_config describes it
+Tensors = dict[str, Tensor]  # its tensors by name, in our layout, on the CPU
 
 
 @dataclass(frozen=True)
 class Format:
-    """name; detect(path) -> bool; load(path, backend) -> SAE (any device, eval mode);
-    save(sae, path) or None when the layout cannot hold an SAE of ours."""
+    """name; detect(path) -> bool; load(path) -> (config, tensors), checked against each
+    other; save(config, tensors, path), or None when the layout cannot hold an SAE of ours."""
 
     name: str
     detect: Callable[[Path], bool]
-    load: Loader
-    save: Callable[[SparseAutoencoder, Path], None] | None = None
+    load: Callable[[Path], tuple[Config, Tensors]]
+    save: Callable[[Config, Tensors, Path], None] | None = None
 
 
 _FORMATS: dict[str, Format] = {}
@@ -65,23 +67,14 @@ def _get(name: str, names: list[str]) -> Format:
     return _FORMATS[name]
 
 
-def load(
-    path: str | Path,
-    format: str | None = None,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    backend: str | None = None,
-) -> SparseAutoencoder:
-    """The SAE at path (format detected when None), in eval mode, on device in dtype."""
-    fmt = _get(format or detect(path), readable())
-    sae = fmt.load(Path(path), backend)
-    return sae.to(device=device, dtype=dtype).eval()
+def load(path: str | Path, format: str | None = None) -> tuple[Config, Tensors]:
+    """(config, tensors) of the SAE at path (format detected when None)."""
+    return _get(format or detect(path), readable()).load(Path(path))
 
 
-def save(sae: SparseAutoencoder, path: str | Path, format: str = "sae_fast") -> None:
-    """Write sae at path in format."""
-    _get(format, writable()).save(sae, Path(path))
+def save(config: Config, tensors: Tensors, path: str | Path, format: str = "sae_fast") -> None:
+    """Write the SAE that config and tensors describe at path in format."""
+    _get(format, writable()).save(config, tensors, Path(path))
 
 
 def _register_all() -> None:

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError, atomic_path
-from ..sae import SparseAutoencoder
-from . import Format, layout, register
+from ..sae_config import SPARSE_ACTIVATIONS
+from . import Config, Format, Tensors, layout, register
 
 WEIGHTS_FILE = "ae.pt"
 CONFIG_FILE = "config.json"
@@ -158,7 +158,7 @@ def _batchtopk_threshold(where: str, state: dict) -> float:
     return max(float(value.item()), 0.0)
 
 
-def load(path: Path, backend: str | None) -> SparseAutoencoder:
+def load(path: Path) -> tuple[Config, Tensors]:
     weights, config = _files(path)
     if not weights.is_file():
         raise CheckpointError(f"{path} has no {WEIGHTS_FILE}")
@@ -190,7 +190,7 @@ def load(path: Path, backend: str | None) -> SparseAutoencoder:
         )
     if cls.activation == "jumprelu":
         tensors["log_threshold"] = tensors["log_threshold"].clamp_min(0).log()
-    k = _k(where, state, trainer) if cls.activation in ("topk", "batchtopk") else None
+    k = _k(where, state, trainer) if cls.activation in SPARSE_ACTIVATIONS else None
     if cls.activation == "batchtopk":
         tensors["threshold"] = torch.tensor(_batchtopk_threshold(where, state))
     bandwidth = trainer.get("bandwidth", 1e-3) if cls.activation == "jumprelu" else 1e-3
@@ -201,23 +201,23 @@ def load(path: Path, backend: str | None) -> SparseAutoencoder:
         tensors,
         activation=cls.activation,
         k=k,
-        backend=backend,
         jumprelu_bandwidth=float(bandwidth),
     )
 
 
-def save(sae: SparseAutoencoder, path: Path) -> None:
+def save(config: Config, tensors: Tensors, path: Path) -> None:
     """Write folder path: ae.pt in the layout of the class _SAVED_AS names, then config.json."""
-    if sae.input_norm != "none":
+    activation, input_norm = config["activation"], config["input_norm"]
+    if input_norm != "none":
         raise CheckpointError(
-            f"dictionary_learning has no input normalisation; this SAE uses {sae.input_norm!r}"
+            f"dictionary_learning has no input normalisation; this SAE uses {input_norm!r}"
         )
-    name, trainer_class = _SAVED_AS[sae.activation]
+    name, trainer_class = _SAVED_AS[activation]
     cls = _CLASSES[name]
-    ours = layout.exported(sae)
+    ours = dict(tensors)
     if not cls.subtracts_b_dec:
         ours["b_enc"] = layout.shift_encoder_bias(ours["W_enc"], ours["b_enc"], ours["b_dec"], -1)
-    if sae.activation == "jumprelu":
+    if activation == "jumprelu":
         ours["log_threshold"] = ours["log_threshold"].exp()
     state: dict[str, Any] = {
         theirs: ours[o].T if o in cls.transposed else ours[o] for o, theirs in cls.keys.items()
@@ -225,20 +225,20 @@ def save(sae: SparseAutoencoder, path: Path) -> None:
     trainer: dict[str, Any] = {
         "dict_class": name,
         "trainer_class": trainer_class,
-        "activation_dim": sae.d_in,
-        "dict_size": sae.n_latents,
+        "activation_dim": config["d_in"],
+        "dict_size": config["n_latents"],
     }
-    if sae.activation in ("topk", "batchtopk"):
+    if activation in SPARSE_ACTIVATIONS:
         threshold = ours.get("threshold", torch.tensor(-1.0))  # topk: their unused default
-        if sae.activation == "batchtopk" and threshold < 0:
+        if activation == "batchtopk" and threshold < 0:
             raise CheckpointError(
                 "this batchtopk SAE has no calibrated threshold; dictionary_learning's "
                 "BatchTopKSAE would run it with threshold -1, keeping every positive latent"
             )
-        state["k"], state["threshold"] = torch.tensor(sae.k, dtype=torch.int32), threshold
-        trainer["k"] = sae.k
-    if sae.activation == "jumprelu":
-        trainer["bandwidth"] = sae.jumprelu_bandwidth
+        state["k"], state["threshold"] = torch.tensor(config["k"], dtype=torch.int32), threshold
+        trainer["k"] = config["k"]
+    if activation == "jumprelu":
+        trainer["bandwidth"] = config["jumprelu_bandwidth"]
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     layout.write_torch_file(folder / WEIGHTS_FILE, state)

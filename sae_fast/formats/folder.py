@@ -18,9 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ..checkpoint import CheckpointError, atomic_path
-
-CONFIG_FILE = "cfg.json"
+from ..checkpoint import CONFIG_FILE, CheckpointError, atomic_path
+from ..validation import check_int
 
 
 def peek_json(path: Path) -> dict[str, Any] | None:
@@ -68,9 +67,7 @@ def integer(where: str, name: str, value: Any, minimum: int = 1) -> int:
     """A config field that must be an integer >= minimum (an integral float such as 32.0 too)."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise CheckpointError(f"{where}: {name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return check_int(value, f"{where}: {name}", minimum=minimum, error=CheckpointError)
 
 
 def positive(where: str, name: str, value: Any) -> float:

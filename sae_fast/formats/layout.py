@@ -2,7 +2,8 @@
 
 Every foreign checkpoint ends up as the same thing: tensors in our layout (W_enc, W_dec (m, d),
 one row per latent; b_enc (m,); b_dec (d,); the activation's extras) handed to assemble(),
-which builds the SparseAutoencoder and turns every inconsistency into a CheckpointError.
+which makes the SAE config that describes them (sae_fast.sae_config) and turns every
+inconsistency into a CheckpointError.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import sae_config
 from ..checkpoint import CheckpointError, atomic_path
-from ..sae import SparseAutoencoder
+from ..validation import check_int, dtype_name
+from . import Config, Tensors
 
 
 def _load(path: Path, mmap: bool) -> Any:
@@ -89,9 +92,7 @@ def get_int(where: str, name: str, value: Any) -> int:
     """An integer hyperparameter stored as an int or a one-element integer tensor."""
     if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = int(value.item())
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise CheckpointError(f"{where}: {name} must be an integer, got {value!r}")
-    return value
+    return check_int(value, f"{where}: {name}", minimum=None, error=CheckpointError)
 
 
 def shift_encoder_bias(W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, sign: int) -> Tensor:
@@ -107,15 +108,14 @@ def shift_encoder_bias(W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, sign: int) -
 
 def assemble(
     where: str,
-    tensors: dict[str, Tensor],
+    tensors: Tensors,
     *,
     activation: str,
     k: int | None = None,
     input_norm: str = "none",
-    backend: str | None = None,
     jumprelu_bandwidth: float = 1e-3,
-) -> SparseAutoencoder:
-    """A SparseAutoencoder holding tensors, given in our layout and names.
+) -> tuple[Config, Tensors]:
+    """The SAE config that describes tensors, given in our layout and names, and the tensors.
 
     tensors: W_enc, W_dec (m, d), b_enc (m,), b_dec (d,) and the activation's extras
     (log_threshold; r_mag, b_mag; threshold). All are cast to W_enc's dtype, which must be
@@ -125,37 +125,30 @@ def assemble(
     if not W_enc.is_floating_point():
         raise CheckpointError(f"{where}: the encoder weight is {W_enc.dtype}, not floating point")
     m, d = W_enc.shape
+    config = {
+        "d_in": d,
+        "n_latents": m,
+        "k": k,
+        "activation": activation,
+        "dtype": dtype_name(W_enc.dtype),
+        "jumprelu_bandwidth": jumprelu_bandwidth,
+        "input_norm": input_norm,
+    }
     try:
-        sae = SparseAutoencoder(
-            d,
-            m,
-            k=k,
-            activation=activation,
-            dtype=W_enc.dtype,
-            device="meta",
-            backend=backend,
-            input_norm=input_norm,
-            jumprelu_bandwidth=jumprelu_bandwidth,
-        )
+        config = sae_config.complete(config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where} does not describe an SAE sae_fast runs: {e}") from e
-    expected = sae.state_dict()
+    expected = sae_config.tensor_shapes(config)
     if set(expected) != set(tensors):  # a bug in a format module, not in the file
         raise AssertionError(f"tensors {sorted(tensors)} != {sorted(expected)}")
-    for name, want in expected.items():
-        if tensors[name].shape != want.shape:
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
             raise CheckpointError(
                 f"{where}: {name} would be {tuple(tensors[name].shape)} but the encoder weight "
-                f"implies {tuple(want.shape)}"
+                f"implies {shape}"
             )
     state = {n: t.detach().to(W_enc.dtype).contiguous().clone() for n, t in tensors.items()}
-    sae.load_state_dict(state, assign=True)
-    return sae
-
-
-def exported(sae: SparseAutoencoder) -> dict[str, Tensor]:
-    """sae's parameters and buffers, detached, on the CPU: what the save functions lay out."""
-    return {name: t.detach().cpu() for name, t in sae.state_dict().items()}
+    return config, state
 
 
 def write_torch_file(path: Path, body: dict[str, Any]) -> None:

@@ -5,11 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from .. import checkpoint
-from ..sae import SparseAutoencoder
-from . import Format, register
+from .. import checkpoint, sae_config
+from . import Config, Format, Tensors, register
 
 
 def detect(path: Path) -> bool:
@@ -24,22 +21,21 @@ def detect(path: Path) -> bool:
     return isinstance(body, dict) and body.get("format") == checkpoint.FORMAT
 
 
-def load(path: Path, backend: str | None) -> SparseAutoencoder:
+def load(path: Path) -> tuple[Config, Tensors]:
     config, tensors = checkpoint.read(path)
     try:
-        config["dtype"] = getattr(torch, config["dtype"])
-        sae = SparseAutoencoder(**config, device="meta", backend=backend)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        config = sae_config.complete(config)
+    except (TypeError, ValueError) as e:
         raise checkpoint.CheckpointError(
             f"{path / checkpoint.CONFIG_FILE} does not describe an SAE: {e!r}"
         ) from e
-    checkpoint.check_tensors(path, tensors, sae.state_dict())
-    sae.load_state_dict(tensors, assign=True)
-    return sae
+    shapes = sae_config.tensor_shapes(config)
+    checkpoint.check_tensors(path, tensors, shapes, sae_config.dtype(config))
+    return config, tensors
 
 
-def save(sae: SparseAutoencoder, path: Path) -> None:
-    checkpoint.write(path, sae.config(), sae.state_dict())
+def save(config: Config, tensors: Tensors, path: Path) -> None:
+    checkpoint.write(path, config, tensors)
 
 
 register(Format("sae_fast", detect, load, save))

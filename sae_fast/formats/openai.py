@@ -26,8 +26,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError
-from ..sae import SparseAutoencoder
-from . import Format, layout, register
+from . import Config, Format, Tensors, layout, register
 
 SUFFIXES = (".pt", ".pth")
 SAVED_NAME = "autoencoder.pt"
@@ -82,7 +81,7 @@ def _activation(where: str, state: dict[str, Any]) -> tuple[str, int | None]:
     return "topk", layout.get_int(where, "activation_state_dict['k']", params["k"])
 
 
-def load(path: Path, backend: str | None) -> SparseAutoencoder:
+def load(path: Path) -> tuple[Config, Tensors]:
     file = _file(path)
     if file is None:
         raise CheckpointError(f"{path} is not a .pt/.pth file or a folder holding exactly one")
@@ -113,23 +112,22 @@ def load(path: Path, backend: str | None) -> SparseAutoencoder:
         activation=activation,
         k=k,
         input_norm="layer_norm" if activation == "topk" else "none",
-        backend=backend,
     )
 
 
-def save(sae: SparseAutoencoder, path: Path) -> None:
+def save(config: Config, ours: Tensors, path: Path) -> None:
     """Write the state dict their Autoencoder.from_state_dict loads: ReLU, or TopK with LN."""
+    activation, input_norm = config["activation"], config["input_norm"]
     wanted = {"relu": "none", "topk": "layer_norm"}
-    if sae.activation not in wanted:
-        raise CheckpointError(f"openai's Autoencoder has no {sae.activation!r} activation")
-    if sae.input_norm != wanted[sae.activation]:
+    if activation not in wanted:
+        raise CheckpointError(f"openai's Autoencoder has no {activation!r} activation")
+    if input_norm != wanted[activation]:
         # Their loader decides LayerNorm from the activation alone (TopK <=> LN).
         raise CheckpointError(
-            f"openai's Autoencoder runs {sae.activation} with input_norm "
-            f"{wanted[sae.activation]!r} only; this SAE uses {sae.input_norm!r}"
+            f"openai's Autoencoder runs {activation} with input_norm "
+            f"{wanted[activation]!r} only; this SAE uses {input_norm!r}"
         )
-    ours = layout.exported(sae)
-    m = sae.n_latents
+    m = config["n_latents"]
     state: dict[str, Any] = {
         "pre_bias": ours["b_dec"],
         "encoder.weight": ours["W_enc"],
@@ -140,9 +138,9 @@ def save(sae: SparseAutoencoder, path: Path) -> None:
         "latents_activation_frequency": torch.ones(m),
         "latents_mean_square": torch.zeros(m),
     }
-    if sae.activation == "topk":
+    if activation == "topk":
         state["activation"] = "TopK"
-        state["activation_state_dict"] = {"k": sae.k, "postact_fn": "ReLU"}
+        state["activation_state_dict"] = {"k": config["k"], "postact_fn": "ReLU"}
     else:
         state["activation"], state["activation_state_dict"] = "ReLU", {}
     path = Path(path)

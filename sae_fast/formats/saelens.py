@@ -40,8 +40,9 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError
-from ..sae import SparseAutoencoder
-from . import Format, folder, layout, register
+from ..sae_config import SPARSE_ACTIVATIONS
+from ..validation import dtype_name, parse_dtype
+from . import Config, Format, Tensors, folder, layout, register
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 SCALER_FILE = "activation_scaler.json"  # SAELens's trainer state beside mid-training saves
@@ -112,8 +113,8 @@ def _modernize(where: str, cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dtype(where: str, value: Any) -> torch.dtype:
-    dtype = getattr(torch, str(value).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    dtype = parse_dtype(value)
+    if dtype is None:
         raise CheckpointError(f"{where}: dtype {value!r} is not a floating-point torch dtype")
     return dtype
 
@@ -142,7 +143,7 @@ def _input_norm(path: Path, where: str, cfg: dict[str, Any]) -> tuple[str, float
 
 
 def _k(where: str, cfg: dict[str, Any], activation: str) -> int | None:
-    if activation not in ("topk", "batchtopk"):
+    if activation not in SPARSE_ACTIVATIONS:
         return None
     value = cfg.get("k")
     if isinstance(value, float) and not value.is_integer():
@@ -186,7 +187,7 @@ def _tensors(where: str, state: dict[str, Tensor], arch: str, d: int, m: int) ->
     return out
 
 
-def load(path: Path, backend: str | None) -> SparseAutoencoder:
+def load(path: Path) -> tuple[Config, Tensors]:
     where = str(path / folder.CONFIG_FILE)
     cfg = _modernize(where, folder.read_config(path))
     arch = cfg.get("architecture")
@@ -266,51 +267,50 @@ def load(path: Path, backend: str | None) -> SparseAutoencoder:
         activation=activation,
         k=k,
         input_norm=input_norm,
-        backend=backend,
         jumprelu_bandwidth=bandwidth,
     )
 
 
-def save(sae: SparseAutoencoder, path: Path) -> None:
+def save(config: Config, ours: Tensors, path: Path) -> None:
     """Write folder path in the SAELens 6 inference layout (see the module docstring)."""
-    ours = layout.exported(sae)
+    activation, input_norm = config["activation"], config["input_norm"]
     tensors = {"W_enc": ours["W_enc"].T, "W_dec": ours["W_dec"], "b_dec": ours["b_dec"]}
-    if sae.activation == "gated":
+    if activation == "gated":
         tensors |= {"b_gate": ours["b_enc"], "r_mag": ours["r_mag"], "b_mag": ours["b_mag"]}
     else:
         tensors["b_enc"] = ours["b_enc"]
-    if sae.activation == "jumprelu":
+    if activation == "jumprelu":
         tensors["threshold"] = ours["log_threshold"].exp()
-    if sae.activation == "batchtopk":
+    if activation == "batchtopk":
         if ours["threshold"] < 0:
             raise CheckpointError(
                 "this batchtopk SAE has no calibrated threshold yet (training sets one); SAELens "
                 "stores BatchTopK SAEs as JumpReLU with that threshold, and batch top-k itself "
                 "has no SAELens inference class"
             )
-        tensors["threshold"] = ours["threshold"].expand(sae.n_latents)
+        tensors["threshold"] = ours["threshold"].expand(config["n_latents"])
     norms = {ours_name: theirs for theirs, ours_name in _NORMS.items()}
-    config: dict[str, Any] = {
-        "architecture": _SAVED_AS[sae.activation],
-        "d_in": sae.d_in,
-        "d_sae": sae.n_latents,
-        "dtype": str(ours["W_enc"].dtype).removeprefix("torch."),
+    cfg: dict[str, Any] = {
+        "architecture": _SAVED_AS[activation],
+        "d_in": config["d_in"],
+        "d_sae": config["n_latents"],
+        "dtype": dtype_name(ours["W_enc"].dtype),
         "device": "cpu",
         "apply_b_dec_to_input": True,
-        "normalize_activations": norms[sae.input_norm],
+        "normalize_activations": norms[input_norm],
         "reshape_activations": "none",
         "metadata": {
             "sae_lens_version": LAYOUT_VERSION,
             "sae_fast": {
-                "activation": sae.activation,
-                "k": sae.k,
-                "jumprelu_bandwidth": sae.jumprelu_bandwidth,
+                "activation": activation,
+                "k": config["k"],
+                "jumprelu_bandwidth": config["jumprelu_bandwidth"],
             },
         },
     }
-    if sae.activation == "topk":
-        config |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
-    folder.write(Path(path), WEIGHTS_FILE, tensors, config)
+    if activation == "topk":
+        cfg |= {"k": config["k"], "rescale_acts_by_decoder_norm": False}
+    folder.write(Path(path), WEIGHTS_FILE, tensors, cfg)
 
 
 register(Format("saelens", detect, load, save))

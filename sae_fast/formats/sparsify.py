@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CheckpointError
-from ..sae import SparseAutoencoder
-from . import Format, folder, layout, register
+from . import Config, Format, Tensors, folder, layout, register
 
 WEIGHTS_FILE = "sae.safetensors"
 _TENSORS = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "W_dec", "b_dec": "b_dec"}
@@ -72,7 +71,7 @@ def _coder_folder(path: Path) -> Path:
     )
 
 
-def load(path: Path, backend: str | None) -> SparseAutoencoder:
+def load(path: Path) -> tuple[Config, Tensors]:
     path = _coder_folder(path)
     where = str(path / folder.CONFIG_FILE)
     cfg = folder.read_config(path)
@@ -96,34 +95,34 @@ def load(path: Path, backend: str | None) -> SparseAutoencoder:
         ours: layout.get_tensor(weights, state, theirs, shapes[ours])
         for ours, theirs in _TENSORS.items()
     }
-    return layout.assemble(where, tensors, activation="topk", k=k, backend=backend)
+    return layout.assemble(where, tensors, activation="topk", k=k)
 
 
-def save(sae: SparseAutoencoder, path: Path) -> None:
+def save(config: Config, ours: Tensors, path: Path) -> None:
     """Write folder path as SparseCoder.save_to_disk does (topk without input_norm only)."""
-    if sae.activation != "topk":
+    activation, input_norm = config["activation"], config["input_norm"]
+    if activation != "topk":
         raise CheckpointError(
-            f"sparsify's SparseCoder runs per-row top-k only; this SAE is {sae.activation!r}"
+            f"sparsify's SparseCoder runs per-row top-k only; this SAE is {activation!r}"
         )
-    if sae.input_norm != "none":
+    if input_norm != "none":
         raise CheckpointError(
-            f"sparsify has no input normalisation; this SAE uses input_norm={sae.input_norm!r}"
+            f"sparsify has no input normalisation; this SAE uses input_norm={input_norm!r}"
         )
-    ours = layout.exported(sae)
-    config = {
+    cfg = {
         "activation": "topk",
         # sparsify reads num_latents first; expansion_factor is informational beside it.
-        "expansion_factor": max(1, sae.n_latents // sae.d_in),
+        "expansion_factor": max(1, config["n_latents"] // config["d_in"]),
         "normalize_decoder": True,
-        "num_latents": sae.n_latents,
-        "k": sae.k,
+        "num_latents": config["n_latents"],
+        "k": config["k"],
         "multi_topk": False,
         "skip_connection": False,
         "transcode": False,
-        "d_in": sae.d_in,
+        "d_in": config["d_in"],
     }
     tensors = {theirs: ours[name] for name, theirs in _TENSORS.items()}
-    folder.write(Path(path), WEIGHTS_FILE, tensors, config, metadata={"format": "pt"})
+    folder.write(Path(path), WEIGHTS_FILE, tensors, cfg, metadata={"format": "pt"})
 
 
 register(Format("sparsify", detect, load, save))

@@ -8,6 +8,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ..validation import check_int
+
 
 class SourceError(ValueError):
     """A source is configured wrongly or cannot produce data (empty text, bad cache, ...)."""
@@ -35,8 +37,7 @@ class ActivationSource(Protocol):
 
 
 def check_batch_size(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise SourceError(f"n must be a non-negative int, got {n!r}")
+    check_int(n, "n", minimum=0, error=SourceError)
 
 
 def check_state(state: dict, identity: dict) -> None:
@@ -69,8 +70,7 @@ class ShuffleBuffer:
         seed: int = 0,
         device: torch.device | str = "cpu",
     ) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise SourceError(f"capacity must be a positive int, got {capacity!r}")
+        check_int(capacity, "capacity", error=SourceError)
         self.capacity, self.refill, self.device = capacity, refill, torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
         self._rows: Tensor | None = None  # storage; only the first _count rows are live

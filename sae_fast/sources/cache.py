@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..checkpoint import atomic_path, read_stamped_json
+from ..validation import ACTIVATION_DTYPES, check_int, dtype_name, is_int, parse_dtype
 from .base import SourceError, check_batch_size, check_state
 from .model import model_activations, model_description, token_windows
 from .text import documents
@@ -31,7 +32,7 @@ FORMAT = "sae_fast_activations"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TENSOR = "activations"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: parse_dtype(name) for name in ACTIVATION_DTYPES}
 _LAYOUT_FIELDS = ("format", "format_version", "dtype", "d_in", "rows", "tokens", "shards")
 
 
@@ -57,8 +58,7 @@ def write_cache(
     (model, hook point, context size, text source, ...). Warns if activations run out first.
     """
     for name, value in (("tokens", tokens), ("shard_rows", shard_rows)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SourceError(f"{name} must be a positive int, got {value!r}")
+        check_int(value, name, error=SourceError)
     dtype_name = _dtype_name(dtype)
     meta = dict(meta or {})
     clash = sorted(set(meta) & {*_LAYOUT_FIELDS, "created"})
@@ -154,10 +154,6 @@ def cache_from_model(
     )
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def read_manifest(cache_dir: str | Path) -> dict:
     """The checked manifest of the cache in cache_dir; SourceError says what is wrong."""
     folder = Path(cache_dir)
@@ -170,10 +166,10 @@ def read_manifest(cache_dir: str | Path) -> dict:
     shards = manifest.get("shards")
     if (
         manifest.get("dtype") not in DTYPES
-        or not _is_count(manifest.get("d_in"))
-        or not _is_count(manifest.get("rows"))
+        or not is_int(manifest.get("d_in"), 1)
+        or not is_int(manifest.get("rows"), 1)
         or not isinstance(shards, list)
-        or not all(isinstance(s, dict) and _is_count(s.get("rows")) for s in shards)
+        or not all(isinstance(s, dict) and is_int(s.get("rows"), 1) for s in shards)
     ):
         raise SourceError(f"{path} lacks a valid dtype, d_in, rows or shards [{{file, rows}}]")
     for shard in shards:
@@ -286,7 +282,7 @@ class CacheSource:
             "path": str(self.folder),
             "d_in": self.d_in,
             "rows": self.manifest["rows"],
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.dtype),
             "seed": self.seed,
             **made_by,
         }

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ..validation import check_int, dtype_name
 from .base import ShuffleBuffer, SourceError, check_state
 from .hooks import hook_module_path, model_device, probe_hook, run_to_hook
 from .text import documents
@@ -26,8 +27,7 @@ def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SourceError(f"{name} must be a positive int, got {value!r}")
+        check_int(value, name, error=SourceError)
 
 
 def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -209,7 +209,7 @@ class ModelSource:
             "kind": "model",
             **model_description(self.model, self.hook),
             "d_in": self.d_in,
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.dtype),
             "text": str(self.documents_spec),
             "context_size": self.context_size,
             "batch_size": self.batch_size,

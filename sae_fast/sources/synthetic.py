@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..validation import check_int
 from .base import SourceError, check_batch_size, check_state
 
 
@@ -30,8 +31,7 @@ class SyntheticSource:
         stream_seed: int | None = None,
     ) -> None:
         for name, value in (("d_in", d_in), ("n_features", n_features), ("k_active", k_active)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SourceError(f"{name} must be a positive int, got {value!r}")
+            check_int(value, name, error=SourceError)
         if k_active > n_features:
             raise SourceError(f"k_active ({k_active}) must be <= n_features ({n_features})")
         if noise < 0:

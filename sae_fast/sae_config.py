@@ -1,0 +1,93 @@
+"""An SAE's config without the module: its fields, their checks, and the tensors it implies.
+
+The config is the JSON-able dict that rebuilds a SparseAutoencoder (its cfg.json): d_in,
+n_latents, k, activation, dtype, jumprelu_bandwidth, input_norm. Checkpoint formats read and
+write (config, tensors) with these helpers and never import the module, which builds itself
+from the pair (SparseAutoencoder.from_config).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .validation import check_int, check_k, parse_dtype
+
+ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "gated")
+# The activations with a k, computed by the sparse TopK ops (and trained with AuxK).
+SPARSE_ACTIVATIONS = ("topk", "batchtopk")
+INPUT_NORMS = ("none", "layer_norm", "constant_norm")
+# Every field, with the default of those a config may leave out.
+REQUIRED = ("d_in", "n_latents", "dtype")
+DEFAULTS: dict[str, Any] = {
+    "k": None,
+    "activation": "topk",
+    "jumprelu_bandwidth": 1e-3,
+    "input_norm": "none",
+}
+
+
+def check_hyperparameters(
+    d_in: object,
+    n_latents: object,
+    k: object,
+    activation: object,
+    input_norm: object,
+    jumprelu_bandwidth: object,
+) -> None:
+    """Raise ValueError (TypeError for a k that is not an int) naming the first bad field."""
+    check_int(d_in, "d_in")
+    check_int(n_latents, "n_latents")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+    if activation in SPARSE_ACTIVATIONS:
+        if k is None:
+            raise ValueError(f"k is required for activation={activation!r}")
+        check_k(k, n_latents)
+    elif k is not None:
+        raise ValueError(f"k is only used by activations {SPARSE_ACTIVATIONS}, not {activation!r}")
+    if not (isinstance(jumprelu_bandwidth, int | float) and jumprelu_bandwidth > 0):
+        raise ValueError(f"jumprelu_bandwidth must be > 0, got {jumprelu_bandwidth!r}")
+
+
+def complete(config: Mapping[str, Any]) -> dict[str, Any]:
+    """config with its defaults filled in, checked: ValueError/TypeError naming what is wrong."""
+    unknown = sorted(set(config) - set(REQUIRED) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown fields {unknown}")
+    missing = [name for name in REQUIRED if name not in config]
+    if missing:
+        raise ValueError(f"missing fields {missing}")
+    full = {**DEFAULTS, **config}
+    if parse_dtype(full["dtype"]) is None:
+        raise ValueError(f"dtype must name a floating-point torch dtype, got {full['dtype']!r}")
+    fields = ("d_in", "n_latents", "k", "activation", "input_norm", "jumprelu_bandwidth")
+    check_hyperparameters(*(full[name] for name in fields))
+    return full
+
+
+def dtype(config: Mapping[str, Any]) -> torch.dtype:
+    """The parameter dtype a checked config names."""
+    return parse_dtype(config["dtype"])
+
+
+def tensor_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The tensors an SAE of this (checked) config holds, by name, with their shapes.
+
+    W_enc, W_dec (m, d), b_enc (m,), b_dec (d,); jumprelu adds log_threshold (m,); gated
+    r_mag and b_mag (m,) (b_enc is its gate bias); batchtopk the scalar threshold.
+    """
+    m, d, activation = config["n_latents"], config["d_in"], config["activation"]
+    shapes: dict[str, tuple[int, ...]] = {"W_dec": (m, d), "W_enc": (m, d), "b_enc": (m,)}
+    shapes["b_dec"] = (d,)
+    if activation == "jumprelu":
+        shapes["log_threshold"] = (m,)
+    if activation == "gated":
+        shapes["r_mag"] = shapes["b_mag"] = (m,)
+    if activation == "batchtopk":
+        shapes["threshold"] = ()
+    return shapes
