@@ -13,19 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from .backends import BackendUnavailableError
 from .checkpoint import CheckpointError
-from .sources.base import ActivationSource, SourceError
-from .sources.hooks import HookPointError
-from .train_config import (
-    ConfigError,
-    TrainConfig,
-    check_device,
-    field_type,
-    resolve_device,
-)
+from .sources import HookPointError, SourceError, build_source
+from .training.config import ConfigError, TrainConfig, check_device, field_type, resolve_device
 from .validation import ACTIVATION_DTYPES, parse_dtype
 
 USER_ERRORS = (
@@ -76,47 +67,11 @@ def config_from_args(args: argparse.Namespace, groups: tuple[str, ...]) -> Train
     return TrainConfig(**given)
 
 
-def build_source(
-    cfg: TrainConfig, device: torch.device | str, held_out: bool = False
-) -> ActivationSource:
-    """The activation source cfg describes, producing on device.
-
-    held_out: synthetic rows other than the training run's, over the same dictionary.
-    """
-    from .evaluate import HELD_OUT_STREAM
-    from .sources import CacheSource, ModelSource, SyntheticSource, load_model
-
-    if cfg.source == "synthetic":
-        return SyntheticSource(
-            cfg.synthetic_d,
-            cfg.synthetic_features,
-            cfg.synthetic_active,
-            cfg.synthetic_noise,
-            seed=cfg.seed,
-            stream_seed=cfg.seed + HELD_OUT_STREAM if held_out else None,
-        )
-    if cfg.source == "cache":
-        return CacheSource(cfg.cache_dir, seed=cfg.seed, device=device)
-    dtype = parse_dtype(cfg.model_dtype) if cfg.model_dtype else None
-    model, tokenizer = load_model(cfg.model, device, dtype)
-    return ModelSource(
-        model,
-        tokenizer,
-        cfg.hook,
-        cfg.text,
-        context_size=cfg.context_size,
-        batch_size=cfg.model_batch_size,
-        shuffle_buffer=cfg.shuffle_buffer,
-        seed=cfg.seed,
-        device=device,
-    )
-
-
 # --- commands ------------------------------------------------------------------------------
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .trainer import Trainer
+    from .training.trainer import Trainer
 
     cfg = config_from_args(args, tuple(_GROUPS))
     source = build_source(cfg, resolve_device(cfg.device))
@@ -155,7 +110,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import ce_loss_recovered, check_causal_lm, evaluate
+    from .analysis.evaluate import ce_loss_recovered, check_causal_lm, evaluate
     from .sae import SparseAutoencoder
 
     cfg = dataclasses.replace(config_from_args(args, ("data",)), seed=args.seed)
@@ -186,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .apps.demo import run_demo
 
     summary = run_demo(
         args.out,
@@ -201,7 +156,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_toy(args: argparse.Namespace) -> int:
-    from .toy import run_toy
+    from .apps.toy import run_toy
 
     run_toy(args.out, steps=args.steps)
     return 0
@@ -218,8 +173,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from . import formats
+    from .analysis.summary import summarize
     from .sae import SparseAutoencoder
-    from .summary import summarize
 
     fmt = args.format or formats.detect(args.path)
     sae = SparseAutoencoder.load(args.path, format=fmt)
@@ -352,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .trainer import TrainingDivergedError
+    from .training.trainer import TrainingDivergedError
 
     try:
         return args.fn(args)

@@ -14,12 +14,13 @@ import torch
 from model_folders import identity_sae, save_bert, save_model, write_corpus
 from models import WIDTH, minilm_tokenizer
 
-from sae_fast import SparseAutoencoder, demo, toy
+from sae_fast import SparseAutoencoder
+from sae_fast.apps import demo, toy
 from sae_fast.cli import main
-from sae_fast.metrics import read_jsonl
 from sae_fast.sources import read_manifest
-from sae_fast.train_checkpoint import list_checkpoints
-from sae_fast.train_config import TrainConfig
+from sae_fast.training.checkpoints import list_checkpoints
+from sae_fast.training.config import TrainConfig
+from sae_fast.training.metrics import read_jsonl
 
 SYNTHETIC = {
     "source": "synthetic",

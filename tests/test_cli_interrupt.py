@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from sae_fast.train_checkpoint import list_checkpoints
+from sae_fast.training.checkpoints import list_checkpoints
 
 
 def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path):

@@ -8,10 +8,11 @@ import signal
 
 from model_folders import write_corpus
 
-from sae_fast import SparseAutoencoder, demo
-from sae_fast.metrics import read_jsonl
+from sae_fast import SparseAutoencoder
+from sae_fast.apps import demo
 from sae_fast.sources import ModelSource
-from sae_fast.train_checkpoint import list_checkpoints
+from sae_fast.training.checkpoints import list_checkpoints
+from sae_fast.training.metrics import read_jsonl
 
 SMALL = {"steps": 4, "n_latents": 256, "k": 8, "batch_size": 64, "eval_tokens": 256}
 

@@ -11,7 +11,7 @@ from models import WIDTH, tiny_bert, tiny_causal_lm
 from transformers import BertForMaskedLM
 
 from sae_fast import SparseAutoencoder, reference
-from sae_fast.evaluate import ce_loss_recovered, evaluate
+from sae_fast.analysis.evaluate import ce_loss_recovered, evaluate
 from sae_fast.sources import SourceError, SyntheticSource
 
 

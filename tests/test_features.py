@@ -10,7 +10,7 @@ from model_folders import write_corpus
 from models import WIDTH, minilm_tokenizer, tiny_bert
 
 from sae_fast import SparseAutoencoder
-from sae_fast.features import collect_activations, context, pick_features
+from sae_fast.analysis.features import collect_activations, context, pick_features
 from sae_fast.sources import model_activations, token_windows
 from sae_fast.sources.text import documents
 

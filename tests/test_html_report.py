@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 
-from sae_fast.html_report import FeatureCard, write_report
+from sae_fast.analysis.html_report import FeatureCard, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256))  # only embedded, never decoded
 
@@ -50,7 +50,7 @@ def test_report_without_images_or_cards(tmp_path):
 def test_report_is_utf8_under_an_ascii_locale(tmp_path):
     """The file says charset utf-8, so it is written as UTF-8 whatever the locale."""
     script = (  # ASCII only: the command line is decoded in the locale too
-        "import sys; from sae_fast.html_report import FeatureCard, write_report; "
+        "import sys; from sae_fast.analysis.html_report import FeatureCard, write_report; "
         "write_report(sys.argv[1], 'na\\u00efve', {}, [], "
         "[FeatureCard(1, 0.5, [(1.0, '\\u00e9', '\\u00fc', '')])])"
     )

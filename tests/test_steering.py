@@ -13,8 +13,8 @@ import torch
 from models import WIDTH, tiny_causal_lm
 
 from sae_fast import SparseAutoencoder, SparseCode
+from sae_fast.analysis.steering import FeatureEdits, SAESite, attach, steer
 from sae_fast.sources import HookPointError, capture, resolve_hook, splice
-from sae_fast.steering import FeatureEdits, SAESite, attach, steer
 
 N_LATENTS = 64
 HOOK = "resid_post.1"

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from sae_fast import toy
+from sae_fast.apps import toy
 from sae_fast.cli import main
 from sae_fast.sources.synthetic import SyntheticSource
 

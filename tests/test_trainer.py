@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from sae_fast import SparseAutoencoder, reference
-from sae_fast.losses import LossWeights, auxk_term, training_loss
-from sae_fast.metrics import read_jsonl
 from sae_fast.sources.synthetic import SyntheticSource, feature_recovery
-from sae_fast.train_checkpoint import list_checkpoints
-from sae_fast.train_config import ConfigError, TrainConfig
-from sae_fast.trainer import Trainer, TrainingDivergedError, lr_factor
+from sae_fast.training.checkpoints import list_checkpoints
+from sae_fast.training.config import ConfigError, TrainConfig
+from sae_fast.training.losses import LossWeights, auxk_term, training_loss
+from sae_fast.training.metrics import read_jsonl
+from sae_fast.training.trainer import Trainer, TrainingDivergedError, lr_factor
 
 
 def config(tmp_path, name: str = "run", **kw) -> TrainConfig:

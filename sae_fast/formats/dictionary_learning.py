@@ -35,7 +35,8 @@ from torch import Tensor
 
 from ..checkpoint import CheckpointError, atomic_path
 from ..sae_config import SPARSE_ACTIVATIONS
-from . import Config, Format, Tensors, layout, register
+from . import layout
+from .registry import Config, Format, Tensors, register
 
 WEIGHTS_FILE = "ae.pt"
 CONFIG_FILE = "config.json"

@@ -18,7 +18,7 @@ from torch import Tensor
 from .. import sae_config
 from ..checkpoint import CheckpointError, atomic_path
 from ..validation import check_int, dtype_name
-from . import Config, Tensors
+from .registry import Config, Tensors
 
 
 def _load(path: Path, mmap: bool) -> Any:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .. import checkpoint, sae_config
-from . import Config, Format, Tensors, register
+from .registry import Config, Format, Tensors, register
 
 
 def detect(path: Path) -> bool:

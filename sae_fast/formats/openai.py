@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError
-from . import Config, Format, Tensors, layout, register
+from . import layout
+from .registry import Config, Format, Tensors, register
 
 SUFFIXES = (".pt", ".pth")
 SAVED_NAME = "autoencoder.pt"

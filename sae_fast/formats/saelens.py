@@ -42,7 +42,8 @@ from torch import Tensor
 from ..checkpoint import CheckpointError
 from ..sae_config import SPARSE_ACTIVATIONS
 from ..validation import dtype_name, parse_dtype
-from . import Config, Format, Tensors, folder, layout, register
+from . import folder, layout
+from .registry import Config, Format, Tensors, register
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 SCALER_FILE = "activation_scaler.json"  # SAELens's trainer state beside mid-training saves

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CheckpointError
-from . import Config, Format, Tensors, folder, layout, register
+from . import folder, layout
+from .registry import Config, Format, Tensors, register
 
 WEIGHTS_FILE = "sae.safetensors"
 _TENSORS = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "W_dec", "b_dec": "b_dec"}

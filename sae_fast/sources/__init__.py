@@ -1,16 +1,19 @@
 """Activation sources for SAE training: synthetic data, model activations, on-disk caches.
 
 Every source implements ActivationSource: next_batch(n) -> (n, d_in), state_dict(),
-load_state_dict(state) (exact resume) and describe(). transformers is needed only to load models.
+load_state_dict(state) (exact resume) and describe(); build_source makes the one a run's data
+options name. transformers is needed only to load models.
 """
 
 from .base import ActivationSource, ShuffleBuffer, SourceError
 from .cache import CacheSource, cache_from_model, read_manifest, write_cache
+from .factory import DataOptions, build_source
 from .hooks import (
     HookPointError,
     capture,
     hook_module_path,
     hook_points,
+    is_causal_lm,
     load_model,
     minilm_path,
     model_device,
@@ -27,23 +30,27 @@ from .model import (
     special_tokens,
     token_windows,
 )
-from .synthetic import SyntheticSource, feature_recovery
+from .synthetic import HELD_OUT_STREAM, SyntheticSource, feature_recovery
 from .text import documents, stdlib_docstrings, text_file
 
 __all__ = [
+    "HELD_OUT_STREAM",
     "ActivationSource",
     "CacheSource",
+    "DataOptions",
     "HookPointError",
     "ModelSource",
     "ShuffleBuffer",
     "SourceError",
     "SyntheticSource",
+    "build_source",
     "cache_from_model",
     "capture",
     "documents",
     "feature_recovery",
     "hook_module_path",
     "hook_points",
+    "is_causal_lm",
     "load_model",
     "minilm_path",
     "model_activations",

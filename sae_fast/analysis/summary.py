@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .sae import SparseAutoencoder
+from ..sae import SparseAutoencoder
 
 
 def _stats(values: torch.Tensor) -> dict[str, float]:

@@ -11,18 +11,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .metrics import active_latents, firing_counts
-from .sae import SparseAutoencoder, eval_mode
-from .sources.base import ActivationSource, SourceError
-from .sources.hooks import _CAUSAL_SUFFIXES, model_device, splice
-from .sources.model import pad_windows, token_windows
-from .sources.text import documents
+from ..sae import SparseAutoencoder, eval_mode
+from ..sources.base import ActivationSource, SourceError
+from ..sources.hooks import is_causal_lm, model_device, splice
+from ..sources.model import pad_windows, token_windows
+from ..sources.text import documents
+from ..training.metrics import active_latents, firing_counts
+from ..validation import check_int
 from .steering import attach
-from .validation import check_int
-
-# Held-out synthetic rows: the training dictionary (fixed by the seed), with the rows drawn
-# by SyntheticSource(..., seed=seed, stream_seed=seed + HELD_OUT_STREAM) instead.
-HELD_OUT_STREAM = 1000
 
 
 @torch.no_grad()
@@ -93,9 +89,7 @@ def check_causal_lm(model: nn.Module) -> None:
         raise SourceError(
             f"CE loss recovered needs a causal language model; {name} has no language-model head"
         )
-    config = getattr(model, "config", None)
-    causal = name.endswith(_CAUSAL_SUFFIXES) or getattr(config, "is_decoder", False)
-    if not causal:
+    if not is_causal_lm(getattr(model, "config", None), [name]):
         raise SourceError(
             f"CE loss recovered needs a causal language model; {name} does not predict the "
             "next token"

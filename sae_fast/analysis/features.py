@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .ops import SparseCode
-from .sae import SparseAutoencoder, eval_mode
-from .sources.model import model_activations, token_windows
-from .sources.text import documents
+from ..ops import SparseCode
+from ..sae import SparseAutoencoder, eval_mode
+from ..sources.model import model_activations, token_windows
+from ..sources.text import documents
 
 
 @dataclass

@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import train_checkpoint
-from .checkpoint import atomic_path
+from ..checkpoint import atomic_path
+from ..sae import SparseAutoencoder
+from ..sae_config import SPARSE_ACTIVATIONS
+from ..sources.base import ActivationSource
+from ..validation import parse_dtype
+from . import checkpoints
+from .config import ConfigError, TrainConfig, resolve_device
 from .losses import LossWeights, training_loss
 from .metrics import LatentStats, MetricsLog, firing_counts, reconstruction_metrics
-from .sae import SparseAutoencoder
-from .sae_config import SPARSE_ACTIVATIONS
-from .sources.base import ActivationSource
-from .train_config import ConfigError, TrainConfig, resolve_device
-from .validation import parse_dtype
 
 # Fields a resumed run must share with its checkpoint: they shape the parameters.
 _ARCHITECTURE = ("activation", "k", "dtype")
@@ -116,7 +116,7 @@ class Trainer:
         if resume:
             self._resume(resume)
         else:
-            if train_checkpoint.list_checkpoints(self.checkpoints):
+            if checkpoints.list_checkpoints(self.checkpoints):
                 raise ConfigError(
                     f"out_dir {self.out_dir} already holds checkpoints: resume it (--resume) "
                     "or choose another out_dir"
@@ -289,7 +289,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write the checkpoint of the current step (atomic; keeps the newest few)."""
-        return train_checkpoint.save(
+        return checkpoints.save(
             self.checkpoints,
             self.step,
             self.sae.config(),
@@ -300,13 +300,13 @@ class Trainer:
 
     def _resume(self, resume: bool | str | Path) -> None:
         if resume is True:
-            found = train_checkpoint.list_checkpoints(self.checkpoints)
+            found = checkpoints.list_checkpoints(self.checkpoints)
             if not found:
                 raise ConfigError(f"--resume: no checkpoint in {self.checkpoints}")
             folder = found[-1]
         else:
             folder = Path(resume)
-        config, tensors, state = train_checkpoint.load(folder, self.device)
+        config, tensors, state = checkpoints.load(folder, self.device)
         saved = state["config"]
         for name in _ARCHITECTURE:
             if saved[name] != getattr(self.cfg, name):

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import reference as ref
-from .ops import SparseCode
-from .sae import SAEOutput, SparseAutoencoder
-from .sae_config import SPARSE_ACTIVATIONS
+from .. import reference as ref
+from ..ops import SparseCode
+from ..sae import SAEOutput, SparseAutoencoder
+from ..sae_config import SPARSE_ACTIVATIONS
 
 
 @dataclass

@@ -12,10 +12,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from .evaluate import HELD_OUT_STREAM, evaluate
-from .sources.synthetic import SyntheticSource, feature_recovery
-from .train_config import TrainConfig
-from .trainer import Trainer
+from ..analysis.evaluate import evaluate
+from ..sources.synthetic import HELD_OUT_STREAM, SyntheticSource, feature_recovery
+from ..training.config import TrainConfig
+from ..training.trainer import Trainer
 
 TOY = {"d_in": 10, "n_features": 24, "k_active": 3, "noise": 0.02}
 L1_COEFS = (0.0005, 0.01, 0.1, 0.3, 1.0, 3.0)
@@ -66,9 +66,9 @@ def k_sweep(ks: tuple[int, ...] = KS, steps: int = 1000) -> list[dict]:
 
 def plot_frontier(l1: list[dict], topk: list[dict], path: str | Path) -> Path:
     """MSE against L0 for both sweeps, each point labelled with its k or coefficient."""
-    from .plots import _pyplot
+    from ..training.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for rows, key, label in ((topk, "k", "TopK"), (l1, "l1_coef", "ReLU + L1")):
         ax.plot([r["l0"] for r in rows], [r["mse"] for r in rows], "o-", label=label)

@@ -13,13 +13,13 @@ import json
 import time
 from pathlib import Path
 
-from .evaluate import evaluate
-from .features import collect_activations, context, pick_features
-from .html_report import FeatureCard, write_report
-from .sources import ModelSource, documents, load_model, minilm_path
-from .train_checkpoint import list_checkpoints
-from .train_config import TrainConfig
-from .trainer import Trainer
+from ..analysis.evaluate import evaluate
+from ..analysis.features import collect_activations, context, pick_features
+from ..analysis.html_report import FeatureCard, write_report
+from ..sources import ModelSource, documents, load_model, minilm_path
+from ..training.checkpoints import list_checkpoints
+from ..training.config import TrainConfig
+from ..training.trainer import Trainer
 
 HELD_OUT_EVERY = 10  # every 10th document is held out
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from . import backends
-from .sae_config import ACTIVATIONS
-from .validation import ACTIVATION_DTYPES, PARAMETER_DTYPES, is_int
+from .. import backends
+from ..sae_config import ACTIVATIONS
+from ..validation import ACTIVATION_DTYPES, PARAMETER_DTYPES, is_int
 
 SOURCE_CHOICES = ("model", "cache", "synthetic")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")

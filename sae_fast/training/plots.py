@@ -22,7 +22,7 @@ _CURVES = (
 )
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,7 +33,7 @@ def _pyplot():
 
 def training_curves(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """One panel per metric present in rows (metrics.jsonl lines) against the step."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = [c for c in _CURVES if any(c[0] in r for r in rows)]
     cols = 3
     fig, axes = plt.subplots(
@@ -57,7 +57,7 @@ def training_curves(rows: list[dict], path: str | Path, title: str = "") -> Path
 
 def firing_histogram(frequencies: Tensor, path: str | Path, title: str = "") -> Path:
     """Histogram of log10 firing frequency per latent; latents that never fired counted apart."""
-    plt = _pyplot()
+    plt = pyplot()
     freq = frequencies.detach().double().cpu()
     never = int((freq == 0).sum())
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -28,9 +28,9 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 from torch import Tensor, nn
 
-from .ops import SparseCode
-from .sae import SparseAutoencoder, eval_mode
-from .sources.hooks import splice
+from ..ops import SparseCode
+from ..sae import SparseAutoencoder, eval_mode
+from ..sources.hooks import splice
 
 Positions = slice | Tensor | None
 

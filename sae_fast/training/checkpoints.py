@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from .. import checkpoint
 
 STATE_FILE = "train_state.pt"
 _NAME = re.compile(r"^step-(\d{8})$")

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import reference as ref
-from .ops import SparseCode
+from .. import reference as ref
+from ..ops import SparseCode
 
 
 def firing_counts(code: SparseCode | Tensor, n_latents: int) -> Tensor:

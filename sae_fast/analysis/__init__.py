@@ -1,0 +1,13 @@
+"""Reading what an SAE learned: evaluation, feature contexts, steering, summaries, reports.
+
+- evaluate: held-out MSE, FVU, L0, dead and dense fractions; CE loss recovered;
+- features: the token contexts on which latents activate most;
+- steering: splice an SAE into a transformers model, read latents, steer features;
+- summary: what `sae-fast inspect` prints;
+- html_report: a standalone HTML report of a run.
+"""
+
+from .evaluate import ce_loss_recovered, evaluate
+from .steering import FeatureEdits, SAESite, attach, steer
+
+__all__ = ["FeatureEdits", "SAESite", "attach", "ce_loss_recovered", "evaluate", "steer"]

@@ -1,0 +1,1 @@
+"""Complete runs on embedded defaults: `sae-fast demo` (demo) and `sae-fast toy` (toy)."""

@@ -1,0 +1,66 @@
+"""The activation source that a run's data options describe (source=model, cache, synthetic)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..validation import parse_dtype
+from .base import ActivationSource
+from .cache import CacheSource
+from .hooks import load_model
+from .model import ModelSource
+from .synthetic import HELD_OUT_STREAM, SyntheticSource
+
+
+class DataOptions(Protocol):
+    """The data options of a run, by the names TrainConfig gives them (its "data" group)."""
+
+    source: str
+    model: str | None
+    hook: str | None
+    text: str
+    context_size: int
+    model_batch_size: int
+    shuffle_buffer: int
+    model_dtype: str | None
+    cache_dir: str | None
+    synthetic_d: int
+    synthetic_features: int
+    synthetic_active: int
+    synthetic_noise: float
+    seed: int
+
+
+def build_source(
+    options: DataOptions, device: torch.device | str, held_out: bool = False
+) -> ActivationSource:
+    """The activation source options describe, producing on device.
+
+    held_out: synthetic rows other than the training run's, over the same dictionary.
+    """
+    if options.source == "synthetic":
+        return SyntheticSource(
+            options.synthetic_d,
+            options.synthetic_features,
+            options.synthetic_active,
+            options.synthetic_noise,
+            seed=options.seed,
+            stream_seed=options.seed + HELD_OUT_STREAM if held_out else None,
+        )
+    if options.source == "cache":
+        return CacheSource(options.cache_dir, seed=options.seed, device=device)
+    dtype = parse_dtype(options.model_dtype) if options.model_dtype else None
+    model, tokenizer = load_model(options.model, device, dtype)
+    return ModelSource(
+        model,
+        tokenizer,
+        options.hook,
+        options.text,
+        context_size=options.context_size,
+        batch_size=options.model_batch_size,
+        shuffle_buffer=options.shuffle_buffer,
+        seed=options.seed,
+        device=device,
+    )
