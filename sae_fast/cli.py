@@ -71,6 +71,7 @@ def config_from_args(args: argparse.Namespace, groups: tuple[str, ...]) -> Train
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .training.checkpoints import SAE_DIR
     from .training.trainer import Trainer
 
     cfg = config_from_args(args, tuple(_GROUPS))
@@ -80,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"interrupted at step {result.step}; continue with --resume --out-dir {cfg.out_dir}")
         return 130
-    print(f"saved the SAE to {result.out_dir / 'sae'}")
+    print(f"saved the SAE to {result.out_dir / SAE_DIR}")
     return 0
 
 

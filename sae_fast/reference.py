@@ -2,7 +2,7 @@
 
 Everything here materialises the full (n, m) pre-activation matrix and works in any floating
 dtype, float64 included. Shapes: x (n, d); W_enc, W_dec (m, d); b_enc (m,); b_dec (d,).
-The math is DESIGN.md §2.
+The math is that of docs/ARCHITECTURE.md ("The rules the code keeps").
 """
 
 from __future__ import annotations

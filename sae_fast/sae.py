@@ -39,7 +39,7 @@ class SAEOutput:
 class SparseAutoencoder(nn.Module):
     """Sparse autoencoder over activations of width d_in with n_latents latents.
 
-    Parameters, one row per latent (DESIGN §2): W_enc (m, d), b_enc (m,), W_dec (m, d),
+    Parameters, one row per latent (docs/ARCHITECTURE.md): W_enc (m, d), b_enc (m,), W_dec (m, d),
     b_dec (d,); jumprelu adds log_threshold (m,); gated adds r_mag (m,) and b_mag (m,), with
     b_enc serving as the gate bias. batchtopk keeps a buffer ``threshold`` (scalar) used at
     inference once a trainer has calibrated it (negative means not yet: batch top-k is used).
@@ -305,13 +305,8 @@ class SparseAutoencoder(nn.Module):
     def config(self) -> dict:
         """The hyperparameters that rebuild this module (stored in cfg.json; sae_config)."""
         return {
-            "d_in": self.d_in,
-            "n_latents": self.n_latents,
-            "k": self.k,
-            "activation": self.activation,
-            "dtype": dtype_name(self.W_enc.dtype),
-            "jumprelu_bandwidth": self.jumprelu_bandwidth,
-            "input_norm": self.input_norm,
+            name: dtype_name(self.W_enc.dtype) if name == "dtype" else getattr(self, name)
+            for name in sae_config.FIELDS
         }
 
     @classmethod

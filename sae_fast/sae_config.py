@@ -19,7 +19,8 @@ ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "gated")
 # The activations with a k, computed by the sparse TopK ops (and trained with AuxK).
 SPARSE_ACTIVATIONS = ("topk", "batchtopk")
 INPUT_NORMS = ("none", "layer_norm", "constant_norm")
-# Every field, with the default of those a config may leave out.
+# Every field in cfg.json's order; those a config must hold, and the defaults of the others.
+FIELDS = ("d_in", "n_latents", "k", "activation", "dtype", "jumprelu_bandwidth", "input_norm")
 REQUIRED = ("d_in", "n_latents", "dtype")
 DEFAULTS: dict[str, Any] = {
     "k": None,
@@ -56,7 +57,7 @@ def check_hyperparameters(
 
 def complete(config: Mapping[str, Any]) -> dict[str, Any]:
     """config with its defaults filled in, checked: ValueError/TypeError naming what is wrong."""
-    unknown = sorted(set(config) - set(REQUIRED) - set(DEFAULTS))
+    unknown = sorted(set(config) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown fields {unknown}")
     missing = [name for name in REQUIRED if name not in config]

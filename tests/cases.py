@@ -6,7 +6,7 @@ Two kinds of case:
   with fewer than k positive pre-activations and all-negative rows.
 - separated_case: continuous random data whose rows have no near-ties around the top k+1
   (nor near-zero pre-activations where zeros enter the top k), so float32 rounding cannot
-  change which latents win and errors can be held to DESIGN §5's 2x-PyTorch rule.
+  change which latents win and errors can be held to the 2x-PyTorch rule of docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def max_err(a: Tensor, b: Tensor) -> float:
 
 
 def assert_within_torch_error(ours: Tensor, plain: Tensor, oracle: Tensor, what: str) -> None:
-    """DESIGN §5: |ours - oracle| <= 2 |plain - oracle| (+ a few ulps of scale), never NaN."""
+    """2x PyTorch: |ours - oracle| <= 2 |plain - oracle| (+ a few ulps of scale), never NaN."""
     assert not torch.isnan(ours).any(), f"{what}: NaN"
     assert ours.shape == oracle.shape, f"{what}: shape {ours.shape} != {oracle.shape}"
     if not ours.numel():

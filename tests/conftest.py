@@ -1,6 +1,6 @@
 """Test setup: the Triton interpreter where there is no GPU, and GPU tests that skip without one.
 
-TRITON_INTERPRET must be set before triton is imported (DESIGN §5), so it is set here, before
+TRITON_INTERPRET must be set before triton is imported, so it is set here, before
 anything else imports torch or triton.
 """
 

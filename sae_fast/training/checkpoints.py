@@ -19,6 +19,11 @@ import torch
 
 from .. import checkpoint
 
+# A run folder: what the trainer writes, by the names every reader uses.
+RUN_CONFIG_FILE = "config.json"  # options, source, input scale
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+SAE_DIR = "sae"  # the final SAE, for raw activations
 STATE_FILE = "train_state.pt"
 _NAME = re.compile(r"^step-(\d{8})$")
 

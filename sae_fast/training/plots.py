@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .checkpoints import METRICS_FILE
 from .metrics import read_jsonl
 
 _CURVES = (
@@ -75,7 +76,7 @@ def firing_histogram(frequencies: Tensor, path: str | Path, title: str = "") -> 
 def plot_run(run_dir: str | Path, frequencies: Tensor) -> list[Path]:
     """training_curves.png and firing_frequency.png in run_dir from its metrics.jsonl."""
     run_dir = Path(run_dir)
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+    rows = read_jsonl(run_dir / METRICS_FILE)
     return [
         training_curves(rows, run_dir / "training_curves.png", run_dir.name),
         firing_histogram(frequencies, run_dir / "firing_frequency.png", run_dir.name),

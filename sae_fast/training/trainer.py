@@ -73,7 +73,7 @@ class Trainer:
     ) -> None:
         self.cfg, self.source = cfg, source
         self.out_dir = Path(cfg.out_dir)
-        self.checkpoints = self.out_dir / "checkpoints"
+        self.checkpoints = self.out_dir / checkpoints.CHECKPOINTS_DIR
         self.device = resolve_device(cfg.device)
         self.dtype = parse_dtype(cfg.dtype)
         d_in = source.d_in
@@ -212,7 +212,7 @@ class Trainer:
         stop = min(cfg.steps, until) if until is not None else cfg.steps
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._write_run_config()
-        log = MetricsLog(self.out_dir / "metrics.jsonl")
+        log = MetricsLog(self.out_dir / checkpoints.METRICS_FILE)
         log.truncate_after(self.step)
         bar = _progress(cfg, self.step)
         row: dict = {}
@@ -235,7 +235,7 @@ class Trainer:
         self.save_checkpoint()
         sae = self.export()
         if self.step == cfg.steps:
-            sae.save(self.out_dir / "sae")
+            sae.save(self.out_dir / checkpoints.SAE_DIR)
             if cfg.plots:
                 from .plots import plot_run
 
@@ -259,7 +259,7 @@ class Trainer:
             "n_latents": self.sae.n_latents,
             "input_scale": self.scale,
         }
-        with atomic_path(self.out_dir / "config.json") as tmp:
+        with atomic_path(self.out_dir / checkpoints.RUN_CONFIG_FILE) as tmp:
             tmp.write_text(json.dumps(body, indent=2) + "\n")
 
     # --- saving and resuming ---------------------------------------------------------------
