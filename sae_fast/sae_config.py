@@ -51,8 +51,8 @@ def check_hyperparameters(
         check_k(k, n_latents)
     elif k is not None:
         raise ValueError(f"k is only used by activations {SPARSE_ACTIVATIONS}, not {activation!r}")
-    if not (isinstance(jumprelu_bandwidth, int | float) and jumprelu_bandwidth > 0):
-        raise ValueError(f"jumprelu_bandwidth must be > 0, got {jumprelu_bandwidth!r}")
+    if jumprelu_bandwidth <= 0:
+        raise ValueError(f"jumprelu_bandwidth must be > 0, got {jumprelu_bandwidth}")
 
 
 def complete(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -41,10 +41,10 @@ def check_int(
     return value
 
 
-def check_chunk_size(chunk_size: object) -> None:
+def check_chunk_size(chunk_size: int | None) -> None:
     """chunk_size: None or latents per encoder chunk, >= 1."""
-    if chunk_size is not None and not is_int(chunk_size, 1):
-        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size!r}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
 
 
 def _tensor(name: str, t: object, rank: int) -> Tensor:

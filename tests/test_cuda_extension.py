@@ -1,7 +1,7 @@
 """The CUDA extension sae_fast._C: it builds and imports here; its kernels run on a GPU.
 
 Without a GPU, the latent-major index that drives its kernels is checked through a Python
-model of the two segment kernels (same items, same order), against a dense reference.
+model of its two scatter_sum kernels (same items, same order), against a dense reference.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def test_python_side_passes_the_names_the_extension_takes(monkeypatch):
     assert torch.equal(cuda_backend.scatter_sum(W, coeff, indices, rows), torch.zeros(10, 6))
 
 
-def model_segment_rows(index, coeff, rows):
-    """What segment_rows_kernel + reduce_partials_kernel compute, item by item, in order."""
+def model_scatter_sum(index, coeff, rows):
+    """What scatter_sum_kernel + reduce_partials_kernel compute, item by item, in order."""
     coeff = coeff.reshape(-1)[index.order].double()
     out = torch.zeros(index.n_latents, rows.shape[1], dtype=torch.float64)
     workspace = torch.zeros(index.workspace_rows, rows.shape[1], dtype=torch.float64)
@@ -98,7 +98,7 @@ def test_latent_index_covers_every_pair_once_even_for_a_hot_latent(monkeypatch):
     tokens_of_7 = index.token[index.item_start[latent_of_item.index(7)] :][:30]
     assert tokens_of_7.tolist() == list(range(30))
     dense = torch.zeros(n, m, dtype=torch.float64).scatter(1, indices, coeff.double())
-    torch.testing.assert_close(model_segment_rows(index, coeff, rows), dense.T @ rows.double())
+    torch.testing.assert_close(model_scatter_sum(index, coeff, rows), dense.T @ rows.double())
 
 
 def test_latent_index_is_cached_for_the_same_indices_only():

@@ -59,7 +59,7 @@ def write_cache(
     """
     for name, value in (("tokens", tokens), ("shard_rows", shard_rows)):
         check_int(value, name, error=SourceError)
-    dtype_name = _dtype_name(dtype)
+    stored = _dtype_name(dtype)
     meta = dict(meta or {})
     clash = sorted(set(meta) & {*_LAYOUT_FIELDS, "created"})
     if clash:
@@ -108,7 +108,7 @@ def write_cache(
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "dtype": dtype_name,
+        "dtype": stored,
         "d_in": d_in,
         "rows": total,
         "tokens": total,
