@@ -5,6 +5,7 @@
     python -m benchmarks run --preset cpu --m 98304 --out /tmp/bench
     python -m benchmarks run --preset gpu-large --suite memory   # largest m each can train
     python -m benchmarks table benchmarks/results/*.json        # the README's summary table
+    python -m benchmarks kernels                               # compile level, sm_90, no GPU
 
 Writes <out>/<preset>-<time>.json, .md and .png and prints the markdown table.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,6 +65,13 @@ def parser() -> argparse.ArgumentParser:
     table = sub.add_parser("table", help="summary table of committed runs (for READMEs)")
     table.add_argument("files", nargs="+", type=Path, help="run JSON files")
     sub.add_parser("_child", help=argparse.SUPPRESS).add_argument("spec")
+    kernels = sub.add_parser(
+        "kernels",
+        help="compile the Triton kernels for sm_90 as real launches would, without a GPU: "
+        "registers, spills, shared memory, instruction mix",
+    )
+    kernels.add_argument("--presets", default="gpu,gpu-large", help="comma-separated presets")
+    kernels.add_argument("--out", default="benchmarks/out", help="output folder")
     return ap
 
 
@@ -123,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "_child":
         print(json.dumps(suites.memory_child(json.loads(args.spec))))
         return 0
+    if args.command == "kernels":  # a process of its own: the JIT, not the interpreter
+        env = {**os.environ, "TRITON_INTERPRET": "0"}
+        command = [sys.executable, "-m", "benchmarks.compile", "--presets", args.presets]
+        command += ["--out", args.out]
+        return subprocess.run(command, env=env).returncode
     if args.command == "table":
         print(report.summary({f.name: json.loads(f.read_text()) for f in args.files}))
         return 0

@@ -14,9 +14,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sae_fast.backends.pairs import decode_function, scatter_sum
+from sae_fast.backends import pairs
 
 from . import interpreting
+from .fallback import Fallback
+from .launch import Launch
 
 
 @triton.jit
@@ -27,14 +29,14 @@ def _gathered_rows(W, idx, stride_wm, ds, j_ok, d_ok):
 
 
 @triton.jit
-def _gather_sum_kernel(
+def gather_sum_kernel(
     W, V, IDX, B, OUT, k, d, stride_wm, stride_vn, stride_in, stride_on,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # One program per (row, d tile); the bias is added last, in fp32.
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = ds < d
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # int64: n * d may pass 2^31
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for j0 in range(0, k, BLOCK_K):
         js = j0 + tl.arange(0, BLOCK_K)
@@ -47,12 +49,12 @@ def _gather_sum_kernel(
 
 
 @triton.jit
-def _pair_dot_kernel(
+def pair_dot_kernel(
     W, G, IDX, OUT, k, d, stride_wm, stride_gn, stride_in, stride_on,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # One program per (row, k tile), a loop over d.
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # int64: n * d may pass 2^31
     js = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     j_ok = js < k
     idx = tl.load(IDX + row * stride_in + js, mask=j_ok, other=0)
@@ -71,21 +73,29 @@ def _blocks(k: int, d: int) -> tuple[int, int]:
     return min(triton.next_power_of_2(k), 32), 128
 
 
-def _launch(kernel, out: Tensor, tiles_over_k: bool, W: Tensor, *args: Tensor) -> Tensor:
-    """Run a kernel of this file on contiguous operands (W, per-row values, indices[, bias]):
-    one program per (row of out, tile of its k or d columns)."""
+def plan(kernel, out: Tensor, tiles_over_k: bool, W: Tensor, *args: Tensor) -> Launch:
+    """The launch of a kernel of this file on contiguous operands (W, per-row values,
+    indices[, bias]): one program per (row of out, tile of its k or d columns)."""
     W, rows, indices, *bias = (t.contiguous() for t in (W, *args))
     n, k = indices.shape
     d = W.shape[1]
-    if n:
-        block_k, block_d = _blocks(k, d)
-        grid = (n, triton.cdiv(k, block_k) if tiles_over_k else triton.cdiv(d, block_d))
-        kernel[grid](
-            W, rows, indices, *bias, out, k, d,
-            W.stride(0), rows.stride(0), indices.stride(0), out.stride(0),
-            BLOCK_K=block_k, BLOCK_D=block_d,
-        )  # fmt: skip
+    block_k, block_d = _blocks(k, d)
+    grid = (n, triton.cdiv(k, block_k) if tiles_over_k else triton.cdiv(d, block_d))
+    args = (W, rows, indices, *bias, out, k, d, W.stride(0), rows.stride(0), indices.stride(0))
+    return Launch(kernel, grid, (*args, out.stride(0)), {"BLOCK_K": block_k, "BLOCK_D": block_d})
+
+
+def _launch(kernel, out: Tensor, tiles_over_k: bool, W: Tensor, *args: Tensor) -> Tensor:
+    if out.shape[0]:
+        plan(kernel, out, tiles_over_k, W, *args).run()
     return out
+
+
+_fallback = Fallback("decoder")
+
+
+def _key(W: Tensor, indices: Tensor) -> tuple:
+    return (W.dtype, W.shape[1], indices.shape[1])
 
 
 def gather_sum(W: Tensor, coeff: Tensor, indices: Tensor, bias: Tensor) -> Tensor:
@@ -94,14 +104,22 @@ def gather_sum(W: Tensor, coeff: Tensor, indices: Tensor, bias: Tensor) -> Tenso
     W (m, d); coeff, indices (n, k); bias (d,) -> (n, d) in W's dtype.
     """
     out = torch.empty(indices.shape[0], W.shape[1], dtype=W.dtype, device=W.device)
-    return _launch(_gather_sum_kernel, out, False, W, coeff, indices, bias)
+    return _fallback(
+        ("gather_sum", *_key(W, indices)),
+        lambda: _launch(gather_sum_kernel, out, False, W, coeff, indices, bias),
+        lambda: pairs.gather_sum(W, coeff.to(W.dtype), indices, bias),
+    )
 
 
 def pair_dot(W: Tensor, g: Tensor, indices: Tensor) -> Tensor:
     """out[t, j] = W[indices[t, j]] . g[t] in fp32.  (m, d), (n, d), (n, k) -> (n, k)."""
     out = torch.empty(indices.shape, dtype=torch.float32, device=W.device)
-    return _launch(_pair_dot_kernel, out, True, W, g, indices)
+    return _fallback(
+        ("pair_dot", *_key(W, indices)),
+        lambda: _launch(pair_dot_kernel, out, True, W, g, indices),
+        lambda: pairs.pair_dot(W, g, indices),
+    )
 
 
 # The sparse decoder: x_hat (n, d) from values (n, k), indices (n, k), W_dec (m, d), b_dec (d,).
-decode = decode_function("TritonDecode", gather_sum, scatter_sum, pair_dot).apply
+decode = pairs.decode_function("TritonDecode", gather_sum, pairs.scatter_sum, pair_dot).apply

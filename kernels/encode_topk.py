@@ -1,21 +1,31 @@
-"""Fused encoder -> ReLU -> TopK in Triton: only (n, k) values and indices reach memory.
+"""Fused encoder -> ReLU -> TopK in Triton: only (n, k) keys per latent split reach memory.
 
 Each program takes BLOCK_N rows and one split of the latents, and streams over latent tiles:
 the tile's pre-activations (x - b_dec) @ W_enc[tile].T + b_enc accumulate in fp32 with
-tl.dot, go through ReLU, are rounded to x's dtype (so order follows the values returned),
-and become int64 keys: the value's float32 bits above the bit-flipped latent index. Integer
-order on keys is the canonical order (values descending, ties to the lower index; zeros at
-the lowest indices), so a running top-KP of keys per row is exact. Per tile: tl.topk of the
-tile, then the bitonic merge max(best, flip(tile_top)) and a sort. With few rows, latents are
-split across programs and the (n, splits, KP) partial lists merge in a small torch top-k.
-With a dead-latent mask the same keys feed a second running top-k_aux (AuxK), live latents
-counting as value 0, so AuxK costs no second GEMM. fused_forward is the triton backend's
-encoder forward; its backward is the shared pair-sparse one (sae_fast.backends.pairs).
+tl.dot (x - b_dec is formed once, before the launch), go through ReLU (NaN propagates), are
+rounded to x's dtype (so order follows the values returned) and become keys: the value's bits
+above the bit-flipped latent index. Integer order on keys is the canonical order (values
+descending, ties to the lower index; zeros at the lowest indices). For 16-bit inputs a key is
+int32, (value << 16) | (0xFFFF - index in the split), with splits of at most 2^16 - 1 latents;
+for float32 it is int64, (value << 32) | (0xFFFFFFFF - index). Key 0 is "none".
+
+Selection is light. Each row keeps its running best KP keys, sorted, and their k-th, the
+threshold; a tile's key counts only if it beats its row's threshold. Per tile:
+- no row has a candidate (most tiles, once the threshold is high): one compare per key;
+- no row has more than LIGHT: the candidates go, largest first, into a buffer of BUF keys a
+  row, which joins the running best (one sort and one bitonic merge) only when it would
+  overflow, before a full tile, and at the end;
+- else (the first tiles): the tile's top KP joins the running best by one bitonic merge.
+The threshold is stale while candidates wait, which lets more keys through, never fewer, so
+the first k of the running best stay exact; the rest are not kept exact, so a program stores
+k keys, and with few rows the (n, splits, k) lists of the splits merge in a small torch top-k.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -23,185 +33,287 @@ import triton.language as tl
 from torch import Tensor
 
 from . import interpreting
+from .launch import Launch
 
-# Kernels spell this mask as a literal: they can read no Python global, and the interpreter
+# Kernels spell these masks as literals: they can read no Python global, and the interpreter
 # cannot take a global tl.constexpr in arithmetic.
-_LOW32 = 0xFFFFFFFF
+_LOW16, _LOW32 = 0xFFFF, 0xFFFFFFFF
+SPLIT16 = (1 << 16) - 1  # latents a split may hold with int32 keys (index 65535 would be key 0)
+# Env switch: autotune the encoder's tiles instead of the pinned config (compiles them all).
+AUTOTUNE_ENV = "SAE_FAST_AUTOTUNE"
 
 
 @triton.jit
-def _encode_topk_kernel(
-    X, W, B_ENC, B_DEC, KEYS, DEAD, AUX_KEYS,
-    n, d, m, m_per_split,
-    stride_xn, stride_xd, stride_wm, stride_wd, stride_kn, stride_ks, stride_an, stride_as,
-    KP: tl.constexpr, KAP: tl.constexpr, HAS_AUX: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+def ascending(cand, C: tl.constexpr, KP: tl.constexpr):
+    """cand (rows, C) descending as a KP-wide ascending sequence: zeros, then cand reversed."""
+    up = tl.flip(cand, 1)
+    if C < KP:
+        rows: tl.constexpr = up.shape[0]
+        wide = tl.reshape(tl.broadcast_to(up[:, None, :], (rows, KP // C, C)), (rows, KP))
+        last = (tl.arange(0, KP) // C) == (KP // C - 1)
+        up = tl.where(last[None, :], wide, 0)
+    return up
+
+
+@triton.jit
+def merge_candidates(best, up, K: tl.constexpr, KP: tl.constexpr):
+    """best (rows, KP) descending with up (rows, KP) ascending: the top KP of both, and the
+    k-th of them (the new threshold)."""
+    best = tl.bitonic_merge(tl.maximum(best, up), descending=True)
+    theta = tl.max(tl.where(tl.arange(0, KP)[None, :] == K - 1, best, 0), 1)
+    return best, theta
+
+
+@triton.jit
+def flush(best, buf, K: tl.constexpr, KP: tl.constexpr, BUF: tl.constexpr):
+    """best with the candidate buffer (rows, BUF), unsorted, merged in; and the threshold."""
+    up = ascending(tl.sort(buf, 1, descending=True), BUF, KP)
+    return merge_candidates(best, up, K, KP)
+
+
+@triton.jit
+def encode_topk_kernel(
+    XC, W, B_ENC, KEYS,
+    n, d, m, m_per_split, stride_xn, stride_wm, stride_kn, stride_ks,
+    K: tl.constexpr, KP: tl.constexpr, LIGHT: tl.constexpr, BUF: tl.constexpr,
+    KEY16: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PROBE: tl.constexpr = 0,
 ):  # fmt: skip
+    # PROBE: 0 in every launch; the compile benchmark sets 1 to 4 to compile one part of the
+    # tile's selection alone (skip, light, full: each without its flush; flush) and count its
+    # instructions.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
+    x_rows = XC + rows.to(tl.int64)[:, None] * stride_xn  # int64: n * d may pass 2^31
     lo = tl.program_id(1) * m_per_split
     hi = tl.minimum(lo + m_per_split, m)
-    # Key 0 ranks below every real key (a zero value at index i has key 2^32 - 1 - i > 0).
-    best = tl.zeros((BLOCK_N, KP), dtype=tl.int64)
-    aux_best = tl.zeros((BLOCK_N, KAP), dtype=tl.int64)
+    key_type = tl.int32 if KEY16 else tl.int64
+    best = tl.zeros((BLOCK_N, KP), dtype=key_type)
+    theta = tl.zeros((BLOCK_N,), dtype=key_type)
+    # Light tiles' candidates wait in buf (fill per row) and join best BUF at a time.
+    buf = tl.zeros((BLOCK_N, BUF), dtype=key_type)
+    fill = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    slots = tl.arange(0, BUF)
     for tile in range(lo, hi, BLOCK_M):
         cols = tile + tl.arange(0, BLOCK_M)
         col_ok = cols < hi
+        w_rows = W + cols.to(tl.int64)[:, None] * stride_wm  # int64: m * d may pass 2^31
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for d0 in range(0, d, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             d_ok = ds < d
-            x = tl.load(
-                X + rows[:, None] * stride_xn + ds[None, :] * stride_xd,
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            b_dec = tl.load(B_DEC + ds, mask=d_ok, other=0.0)
-            w = tl.load(
-                W + cols[:, None] * stride_wm + ds[None, :] * stride_wd,
-                mask=col_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            xc = (x - b_dec[None, :]).to(W.dtype.element_ty)
+            x = tl.load(x_rows + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            w = tl.load(w_rows + ds[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             if IEEE:
-                acc += tl.dot(xc, tl.trans(w), input_precision="ieee")
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
             else:
-                acc += tl.dot(xc, tl.trans(w))
+                acc += tl.dot(x, tl.trans(w))
         b_enc = tl.load(B_ENC + cols, mask=col_ok, other=0.0).to(tl.float32)
-        acts = tl.maximum(acc + b_enc[None, :], 0.0)
-        acts = acts.to(X.dtype.element_ty).to(tl.float32)
-        bits = acts.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # -0.0 sorts as 0.0
-        keys = (bits.to(tl.int64) << 32) | (0xFFFFFFFF - cols.to(tl.int64))[None, :]
-        keys = tl.where(col_ok[None, :], keys, 0)
-        top = tl.topk(keys, KP)
-        best = tl.sort(tl.maximum(best, tl.flip(top, 1)), dim=1, descending=True)
-        if HAS_AUX:  # AuxK: the same keys, live latents counting as value 0
-            dead = tl.load(DEAD + cols, mask=col_ok, other=0)
-            zero_keys = (0xFFFFFFFF - cols.to(tl.int64))[None, :]
-            aux = tl.where(dead[None, :] != 0, keys, zero_keys)
-            aux = tl.where(col_ok[None, :], aux, 0)
-            aux_top = tl.topk(aux, KAP)
-            aux_best = tl.sort(tl.maximum(aux_best, tl.flip(aux_top, 1)), dim=1, descending=True)
-    split = tl.program_id(1)
+        acts = tl.maximum(acc + b_enc[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
+        acts = acts.to(XC.dtype.element_ty)
+        if KEY16:  # & 0x7FFF: -0.0 sorts as 0.0
+            value = acts.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+            tile_keys = (value << 16) | (0xFFFF - (cols - lo))[None, :]
+        else:
+            value = acts.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+            tile_keys = (value.to(tl.int64) << 32) | (0xFFFFFFFF - cols.to(tl.int64))[None, :]
+        beats = (tile_keys > theta[:, None]) & col_ok[None, :]
+        tile_keys = tl.where(beats, tile_keys, 0)
+        count = tl.sum(beats.to(tl.int32), 1)
+        most = tl.max(count, 0)  # candidates of the busiest row
+        full = (most > LIGHT) & (PROBE == 0) | (PROBE == 3)
+        light = (most > 0) & (most <= LIGHT) & (PROBE == 0) | (PROBE == 2)
+        if full:  # the buffer first, then the tile's top KP
+            # A loop of 0 or 1 trips, not an if: Triton's layout pass keeps loop-carried values
+            # in one layout, where an if that yields a merged best may not compile.
+            for _ in range(((tl.max(fill, 0) > 0) & (PROBE == 0)).to(tl.int32)):
+                best, theta = flush(best, buf, K, KP, BUF)
+                buf = tl.zeros((BLOCK_N, BUF), dtype=key_type)
+                fill = tl.zeros((BLOCK_N,), dtype=tl.int32)
+            up = ascending(tl.topk(tile_keys, KP), KP, KP)
+            best, theta = merge_candidates(best, up, K, KP)
+        if light:  # at most LIGHT candidates a row: into the buffer, largest first
+            for _ in range(((tl.max(fill + count, 0) > BUF) & (PROBE == 0)).to(tl.int32)):
+                best, theta = flush(best, buf, K, KP, BUF)
+                buf = tl.zeros((BLOCK_N, BUF), dtype=key_type)
+                fill = tl.zeros((BLOCK_N,), dtype=tl.int32)
+            for _ in range(most):  # per row, the largest candidate left
+                top = tl.max(tile_keys, 1)
+                tile_keys = tl.where(tile_keys == top[:, None], 0, tile_keys)
+                slot = (slots[None, :] == fill[:, None]) & (top > 0)[:, None]
+                buf = tl.where(slot, top[:, None], buf)
+                fill += (top > 0).to(tl.int32)
+        if PROBE == 1:  # keeps the tile's work alive (stored), as a merge would
+            best += most
+        if PROBE == 4:
+            best, theta = flush(best, buf, K, KP, BUF)
+            buf += most
+    for _ in range((tl.max(fill, 0) > 0).to(tl.int32)):
+        best, theta = flush(best, buf, K, KP, BUF)
     ks = tl.arange(0, KP)
-    out = KEYS + rows[:, None] * stride_kn + split * stride_ks + ks[None, :]
-    tl.store(out, best, mask=row_ok[:, None])
-    if HAS_AUX:
-        ks = tl.arange(0, KAP)
-        out = AUX_KEYS + rows[:, None] * stride_an + split * stride_as + ks[None, :]
-        tl.store(out, aux_best, mask=row_ok[:, None])
+    out = KEYS + rows.to(tl.int64)[:, None] * stride_kn + tl.program_id(1) * stride_ks
+    tl.store(out + ks[None, :], best, mask=row_ok[:, None] & (ks[None, :] < K))
 
 
-def _configs() -> list[triton.Config]:
-    """Tiles for Hopper (H100/H200) and Ampere: 64-128 row blocks, 64-256 latent tiles."""
-    out = []
-    for bn, bm, bd, warps, stages in [
-        (128, 128, 64, 8, 3),
-        (128, 64, 64, 4, 3),
-        (64, 128, 64, 4, 4),
-        (64, 256, 32, 8, 3),
-        (64, 64, 64, 4, 4),
-        (32, 256, 64, 8, 3),
-        (16, 256, 64, 4, 3),
-    ]:
-        config = {"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_D": bd}
-        out.append(triton.Config(config, num_warps=warps, num_stages=stages))
-    return out
+@dataclass(frozen=True)
+class Tiles:
+    """A launch config of the encoder: tile sizes, warps and pipeline stages."""
+
+    block_n: int
+    block_m: int
+    block_d: int
+    warps: int
+    stages: int
+
+    def fit(self, kp: int) -> Tiles:
+        """These tiles for a running top-kp: tl.topk needs block_m >= kp, and block_n * kp
+        keys of the running best must fit the registers."""
+        block_m = max(self.block_m, kp)
+        return Tiles(min(self.block_n, max(16, 8192 // kp)), block_m, self.block_d, self.warps,
+                     self.stages)  # fmt: skip
+
+    def meta(self) -> dict:
+        return {"BLOCK_N": self.block_n, "BLOCK_M": self.block_m, "BLOCK_D": self.block_d}
 
 
-def _prune(configs, named_args, **kwargs):
-    """tl.topk needs BLOCK_M >= KP; the running top-k of BLOCK_N x KP keys must fit registers."""
-    args = {**named_args, **kwargs}
-    kp = max(args["KP"], args["KAP"])
-    fit = [
-        c for c in configs
-        if c.kwargs["BLOCK_M"] >= kp and c.kwargs["BLOCK_N"] * kp <= 8192
-    ]  # fmt: skip
-    return fit or [triton.Config({"BLOCK_N": 16, "BLOCK_M": max(kp, 64), "BLOCK_D": 32})]
+# The pinned config per (compute capability major, 16-bit input): compiled once, chosen at
+# compile level (python -m benchmarks kernels). SAE_FAST_AUTOTUNE=1 tunes among CANDIDATES.
+PINNED = {
+    (9, True): Tiles(64, 128, 64, 8, 3),
+    (9, False): Tiles(64, 64, 32, 8, 3),
+    (8, True): Tiles(64, 128, 64, 8, 3),
+    (8, False): Tiles(64, 64, 32, 8, 3),
+}
+CANDIDATES = (
+    Tiles(128, 128, 64, 8, 3),
+    Tiles(64, 128, 64, 4, 3),
+    Tiles(64, 64, 64, 4, 4),
+    Tiles(64, 128, 32, 4, 4),
+    Tiles(32, 128, 64, 4, 3),
+)
+_INTERPRETED = Tiles(16, 32, 16, 1, 1)  # the interpreter is ~1000x slower than a GPU
+LIGHT = 8  # light tiles: no row has more candidates than this
+BUF = 32  # candidates a row holds from light tiles before they join its running best
 
 
-_encode_topk_tuned = triton.autotune(
-    configs=_configs(),
-    key=["d", "m_per_split", "KP", "KAP", "IEEE"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_encode_topk_kernel)
+def pinned(capability: tuple[int, int], dtype: torch.dtype) -> Tiles:
+    """The pinned tiles for a GPU of this compute capability and an input dtype."""
+    major = 9 if capability[0] >= 9 else 8
+    return PINNED[(major, dtype != torch.float32)]
 
 
 @functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _device(device_index: int) -> tuple[tuple[int, int], int]:
+    props = torch.cuda.get_device_properties(device_index)
+    return (props.major, props.minor), props.multi_processor_count
 
 
-def _splits(n: int, m: int, device: torch.device) -> int:
-    """Latent splits so that about one program per SM runs when rows alone are too few."""
-    if device.type != "cuda":
-        return 1 if m <= 64 else 2  # the interpreter: exercise the split merge on small shapes
-    row_blocks = triton.cdiv(n, 64)
-    return max(1, min(triton.cdiv(_sm_count(device.index or 0), row_blocks), triton.cdiv(m, 256)))
+def splits_for(n: int, m: int, block_n: int, sm_count: int) -> int:
+    """Latent splits so that about one program per SM runs when row blocks alone are few."""
+    row_blocks = triton.cdiv(n, block_n)
+    return max(1, min(triton.cdiv(sm_count, row_blocks), triton.cdiv(m, 256)))
 
 
-def topk_keys(
-    x: Tensor,
+def plan(
+    xc: Tensor,
     W_enc: Tensor,
     b_enc: Tensor,
-    b_dec: Tensor,
     k: int,
-    dead_mask: Tensor | None = None,
-    k_aux: int = 0,
-) -> tuple[Tensor, Tensor | None]:
-    """Top-k keys per row in canonical order, and the AuxK keys when dead_mask is given.
+    tiles: Tiles | None = None,
+    sm_count: int | None = None,
+) -> Launch:
+    """The launch that writes the top k keys of relu(xc @ W_enc.T + b_enc) per row and split.
 
-    x: (n, d), n >= 1 -> (n, k) int64 and (n, k_aux) int64 or None.
+    xc (n, d) = x - b_dec and W_enc (m, d) with contiguous rows; the keys go to a new
+    (n, splits, k) int64 tensor, args[3]. tiles, sm_count: the GPU's (the current device's
+    pinned tiles and multiprocessor count when None).
     """
-    n, d = x.shape
+    n, d = xc.shape
     m = W_enc.shape[0]
     kp = triton.next_power_of_2(k)
-    has_aux = dead_mask is not None
-    kap = triton.next_power_of_2(k_aux) if has_aux else 1
-    splits = _splits(n, m, x.device)
-    m_per_split = triton.cdiv(m, splits)
-    keys = torch.empty(n, splits, kp, dtype=torch.int64, device=x.device)
-    aux_keys = torch.empty(n, splits, kap, dtype=torch.int64, device=x.device) if has_aux else keys
-    dead = dead_mask.to(torch.int8).contiguous() if has_aux else keys
-    ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    args = (x, W_enc, b_enc.contiguous(), b_dec.contiguous(), keys, dead, aux_keys)
-    args += (n, d, m, m_per_split, x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1))
-    args += (keys.stride(0), keys.stride(1), aux_keys.stride(0), aux_keys.stride(1))
-    meta = {"KP": kp, "KAP": kap, "HAS_AUX": has_aux, "IEEE": ieee}
-    if interpreting():  # one small tile shape: the interpreter is ~1000x slower than a GPU
-        grid = (triton.cdiv(n, 16), splits)
-        tiles = {"BLOCK_N": 16, "BLOCK_M": max(32, kp, kap), "BLOCK_D": 16}
-        _encode_topk_kernel[grid](*args, **meta, **tiles)
+    autotune = os.environ.get(AUTOTUNE_ENV) == "1"
+    if interpreting():
+        tiles, splits, autotune = _INTERPRETED.fit(kp), (1 if m <= 64 else 2), False
     else:
+        if tiles is None or sm_count is None:
+            capability, count = _device(xc.device.index or 0)
+            tiles, sm_count = tiles or pinned(capability, xc.dtype), sm_count or count
+        tiles = tiles.fit(kp)
+        splits = splits_for(n, m, tiles.block_n, sm_count)
+    key16 = xc.dtype != torch.float32
+    if key16:  # int32 keys index a split's latents in 16 bits
+        splits = max(splits, triton.cdiv(m, SPLIT16))
+    key_dtype = torch.int32 if key16 else torch.int64
+    keys = torch.empty(n, splits, k, dtype=key_dtype, device=xc.device)
+    meta = {
+        "K": k,
+        "KP": kp,
+        "LIGHT": LIGHT if kp > LIGHT else 0,  # 0: no light path (it would be the full one)
+        "BUF": min(BUF, kp),
+        "KEY16": key16,
+        "IEEE": xc.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
+    }
+    args = (xc, W_enc, b_enc, keys, n, d, m, triton.cdiv(m, splits))
+    args += (xc.stride(0), W_enc.stride(0), keys.stride(0), keys.stride(1))
+    grid = (triton.cdiv(n, tiles.block_n), splits)
+    if autotune:
+        return Launch(_autotuned(), lambda tuned: (triton.cdiv(n, tuned["BLOCK_N"]), splits),
+                      args, meta)  # fmt: skip
+    if not interpreting():
+        meta |= {"num_warps": tiles.warps, "num_stages": tiles.stages}
+    return Launch(encode_topk_kernel, grid, args, {**meta, **tiles.meta()})
 
-        def grid(tiles):
-            return (triton.cdiv(n, tiles["BLOCK_N"]), splits)
 
-        _encode_topk_tuned[grid](*args, **meta)
-    return _merge(keys, k), (_merge(aux_keys, k_aux) if has_aux else None)
+def _fitting(configs, named_args, **kwargs):
+    kp = kwargs["KP"]
+    return [c for c in configs if c.kwargs["BLOCK_M"] >= kp and c.kwargs["BLOCK_N"] * kp <= 8192]
 
 
-def _merge(keys: Tensor, k: int) -> Tensor:
-    """(n, splits, kp) sorted partial lists -> the top k keys per row, sorted."""
-    n, splits, kp = keys.shape
-    keys = keys.view(n, splits * kp)
-    return keys[:, :k] if splits == 1 else keys.topk(k, dim=1).values
+@functools.cache
+def _autotuned():
+    configs = [triton.Config(t.meta(), num_warps=t.warps, num_stages=t.stages) for t in CANDIDATES]
+    return triton.autotune(
+        configs=configs,
+        key=["d", "m_per_split", "K", "KEY16", "IEEE"],
+        prune_configs_by={"early_config_prune": _fitting},
+    )(encode_topk_kernel)
+
+
+def wide_keys(keys: Tensor, m_per_split: int) -> Tensor:
+    """The kernel's keys (n, splits, k) as int64 keys (value << 32) | (0xFFFFFFFF - index):
+    int32 keys hold the value's 16 bits over the bit-flipped index within their split."""
+    if keys.dtype == torch.int64:
+        return keys
+    base = torch.arange(keys.shape[1], device=keys.device)[None, :, None] * m_per_split
+    keys = keys.to(torch.int64)
+    index = base + (_LOW16 - (keys & _LOW16))
+    return torch.where(keys > 0, ((keys >> 16) << 32) | (_LOW32 - index), 0)
+
+
+def merge_splits(keys: Tensor, k: int) -> Tensor:
+    """(n, splits, k) int64 partial lists, each exact and sorted -> the top k keys per row."""
+    n, splits, _ = keys.shape
+    keys = keys.reshape(n, splits * k)
+    return keys if splits == 1 else keys.topk(k, dim=1).values
 
 
 def unkey(keys: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """int64 keys -> values in dtype (exact: they were rounded to it), int64 indices."""
-    values = (keys >> 32).to(torch.int32).view(torch.float32).to(dtype)
-    return values, _LOW32 - (keys & _LOW32)
+    """int64 keys -> values in dtype (exact: they were rounded to it), int64 indices.
+
+    The value field holds the value's own bits: 32 for float32, 16 for 16-bit dtypes.
+    """
+    bits = (keys >> 32).to(torch.int32)
+    values = bits.view(torch.float32) if dtype == torch.float32 else bits.to(torch.int16)
+    return values.view(dtype), _LOW32 - (keys & _LOW32)
 
 
-def fused_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> tuple[Tensor, ...]:
-    """(values, indices[, aux_values, aux_indices]) by the fused kernel: a backend's
-    encoder_forward (chunk_size unused: tiles are autotuned here)."""
+def topk_code(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """The TopK code: values (n, k) in x's dtype and int64 indices, by the fused kernel."""
     if x.shape[0] == 0:
-        outputs = ()
-        for width in (k, k_aux) if dead_mask is not None else (k,):
-            empty = torch.zeros(0, width, dtype=torch.int64, device=x.device)
-            outputs += (x.new_zeros(0, width), empty)
-        return outputs
-    keys, aux_keys = topk_keys(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
-    return unkey(keys, x.dtype) + (unkey(aux_keys, x.dtype) if aux_keys is not None else ())
+        return x.new_zeros(0, k), torch.zeros(0, k, dtype=torch.int64, device=x.device)
+    launch = plan((x - b_dec).contiguous(), W_enc.contiguous(), b_enc.contiguous(), k)
+    launch.run()
+    keys = wide_keys(launch.args[3], launch.args[7])
+    return unkey(merge_splits(keys, k), x.dtype)

@@ -147,3 +147,23 @@ def test_is_oom():
     assert measure.is_oom(torch.OutOfMemoryError("CUDA out of memory"))
     assert measure.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate: out of memory"))
     assert not measure.is_oom(RuntimeError("shape mismatch"))
+
+
+def test_compile_level_benchmark_at_the_gpu_preset(tmp_path, capsys):
+    """python -m benchmarks kernels: no GPU, the real launch's code for sm_90."""
+    pytest.importorskip("triton")
+    out = tmp_path / "kernels"
+    assert cli.main(["kernels", "--presets", "gpu", "--out", str(out)]) == 0
+    (json_file,) = out.glob("kernels-sm90-*.json")
+    result = json.loads(json_file.read_text())
+    gpu = result["presets"]["gpu"]
+    assert gpu["shape"] == {"n": 8192, "d": 2304, "m": 65536, "k": 64, "dtype": "bf16"}
+    encoder = gpu["encoder"]
+    assert encoder["spill_stores"] == 0 and encoder["grid"][1] >= 2  # latent splits
+    assert encoder["gemm_per_tile"] == encoder["gemm_loop_body"] * -(-2304 // 64)
+    assert encoder["gemm_mix_per_tile"]["mma"] > 0  # the loop found is the tensor-core one
+    seen = encoder["replay"]
+    assert abs(seen["skip"] + seen["light"] + seen["full"] - 1) < 1e-9 and seen["full"] > 0
+    assert 0 < encoder["selection_per_tile"] < encoder["epilogue_static"]
+    assert gpu["plain_gemm"]["gemm_per_tile"] > 0
+    assert "| gpu | encoder |" in json_file.with_suffix(".md").read_text()

@@ -10,8 +10,10 @@ these names and this argument order (W (m, d); coeff, indices (n, k)):
   grad W_dec, grad W_enc (and, with rows of ones, grad b_enc);
 - pair_dot(W, g, indices) -> (n, k) fp32: out[t, j] = W[indices[t, j]] . g[t]: grad values.
 Here they are plain PyTorch: gather_sum is one embedding_bag with per-sample weights (no
-(n, k, d) temporary) and scatter_sum its native sparse weight gradient; no pair_dot is needed,
-as autograd takes that embedding_bag's gradient of its per-sample weights.
+(n, k, d) temporary), scatter_sum its native sparse weight gradient and pair_dot its gradient
+of the per-sample weights (the torch backend's decoder needs neither: autograd takes them).
+The canonical form of a code (zero_fill) and the AuxK code from the dead latents alone
+(dead_code) are shared too.
 
 code_function builds the autograd.Function of an encoder from its forward and a backward
 with encoder_backward's contract, which sees only the code's pairs; decode_function that of
@@ -43,6 +45,59 @@ def scatter_sum(W: Tensor, coeff: Tensor, indices: Tensor, rows: Tensor) -> Tens
         leaf = W.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(gather_sum(leaf, coeff.to(W.dtype), indices), leaf, rows)
     return grad
+
+
+def pair_dot(W: Tensor, g: Tensor, indices: Tensor) -> Tensor:
+    """out[t, j] = W[indices[t, j]] . g[t] in fp32.  (m, d), (n, d), (n, k) -> (n, k).
+
+    gather_sum's gradient of its per-sample weights (the fallback of the GPU kernels).
+    """
+    with torch.enable_grad():
+        coeff = torch.zeros(indices.shape, dtype=W.dtype, device=W.device, requires_grad=True)
+        out = gather_sum(W.detach(), coeff, indices)
+        (grad,) = torch.autograd.grad(out, coeff, g.to(W.dtype))
+    return grad.float()
+
+
+def zero_fill(values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """A code (n, w) in canonical order whose non-positive entries (a suffix of each row)
+    become 0 at the lowest unused latent indices, which all lie in [0, w). NaN stays."""
+    n, k = values.shape
+    keep = ~(values <= 0)
+    slot = torch.where(keep & (indices < k), indices, k)
+    used = torch.zeros(n, k + 1, dtype=torch.int8, device=values.device).scatter_(1, slot, 1)
+    free = used[:, :k].sort(dim=1, stable=True).indices  # unused indices < k, ascending
+    rank = torch.arange(k, device=values.device) - keep.sum(dim=1, keepdim=True)
+    fill = free.gather(1, rank.clamp_min(0))
+    return torch.where(keep, values, 0.0), torch.where(keep, indices, fill)
+
+
+def dead_code(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    dead_mask: Tensor,
+    k_aux: int,
+    forward: Callable,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor]:
+    """The AuxK code from the dead latents alone: top k_aux of relu(pre) among them, live ones
+    counting as 0, (n, k_aux) each, canonical.
+
+    forward (a backend's encoder forward) runs the TopK encoder on the compacted rows
+    W_enc[dead] only, so the code needs no running top-k_aux beside the main one and costs
+    a GEMM over the dead latents; their indices map back in order, which keeps ties to the
+    lower index, and zero_fill gives the zeros their lowest unused latents.
+    """
+    dead = dead_mask.nonzero().squeeze(1)
+    width = min(k_aux, dead.numel())
+    values = x.new_zeros(x.shape[0], k_aux)
+    indices = torch.zeros(x.shape[0], k_aux, dtype=torch.int64, device=x.device)
+    if width:
+        found, local = forward(x, W_enc[dead], b_enc[dead], b_dec, width, None, 0, chunk_size)
+        values[:, :width], indices[:, :width] = found, dead[local]
+    return zero_fill(values, indices)
 
 
 def encoder_backward(

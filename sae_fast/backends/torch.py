@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .pairs import gather_sum
+from .pairs import gather_sum, zero_fill
 from .registry import Backend, register
 
 # Extra bytes the encoder may use for one chunk of pre-activations.
@@ -44,7 +44,7 @@ def _canonical_merge(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, T
 def _chunk_candidates(acts: Tensor, start: int, k: int) -> tuple[Tensor, Tensor]:
     """A chunk's top min(k, c) of pre-activations (n, c), exact for positive values.
 
-    Non-positive values may come out in any order; _zero_fill replaces them.
+    Non-positive values may come out in any order; zero_fill replaces them.
     """
     n, c = acts.shape
     if c <= k:
@@ -58,18 +58,6 @@ def _chunk_candidates(acts: Tensor, start: int, k: int) -> tuple[Tensor, Tensor]
         row_values, row_pos = acts[rows].sort(dim=1, descending=True, stable=True)
         values[rows], pos[rows] = row_values[:, :k], row_pos[:, :k]
     return values, pos + start
-
-
-def _zero_fill(values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
-    """ReLU: non-positive entries (a suffix of each row) become 0 at the lowest unused indices."""
-    n, k = values.shape
-    keep = ~(values <= 0)  # NaN stays visible
-    slot = torch.where(keep & (indices < k), indices, k)
-    used = torch.zeros(n, k + 1, dtype=torch.int8, device=values.device).scatter_(1, slot, 1)
-    free = used[:, :k].sort(dim=1, stable=True).indices  # unused indices < k, ascending
-    rank = torch.arange(k, device=values.device) - keep.sum(dim=1, keepdim=True)
-    fill = free.gather(1, rank.clamp_min(0))
-    return torch.where(keep, values, 0.0), torch.where(keep, indices, fill)
 
 
 class _RunningTopK:
@@ -88,7 +76,7 @@ class _RunningTopK:
         self.values, self.indices = _canonical_merge(values, indices, self.k)
 
     def result(self) -> tuple[Tensor, Tensor]:
-        return _zero_fill(self.values, self.indices)
+        return zero_fill(self.values, self.indices)
 
 
 def encoder_forward(

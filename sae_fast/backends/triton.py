@@ -1,8 +1,10 @@
 """The ``triton`` backend: the fused kernels of sae_fast.kernels, imported on first use.
 
 Runs on CUDA tensors (picked automatically there) in float32, float16 and bfloat16, and on CPU
-tensors only under TRITON_INTERPRET=1 when asked for by name (tests). Its encoder backward is
-the shared pair-sparse one until the CUDA extension provides its own.
+tensors only under TRITON_INTERPRET=1 when asked for by name (tests). The encoder's TopK code
+comes from the fused kernel, its AuxK code from the dead latents alone (pairs.dead_code, on
+the torch backend's encoder); its backward is the shared pair-sparse one. A kernel that
+cannot be built for the device falls back to the torch computation with one warning.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch
 from torch import Tensor
 
 from ..kernels import interpreting
-from .registry import Backend, register
+from .pairs import dead_code
+from .registry import Backend, get, register
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -35,15 +38,30 @@ def requirement(device: torch.device) -> str | None:
     return _import_error()
 
 
-def encoder_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> tuple[Tensor, ...]:
-    """The fused encoder (kernels.encode_topk.fused_forward; triton loads on the first call)."""
-    from ..kernels.encode_topk import fused_forward
+@functools.cache
+def _encoder_fallback():
+    from ..kernels.fallback import Fallback
 
-    return fused_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size)
+    return Fallback("encoder")
+
+
+def encoder_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> tuple[Tensor, ...]:
+    """The fused kernel's TopK code (triton loads on the first call), and the AuxK code."""
+    from ..kernels.encode_topk import topk_code
+
+    torch_forward = get("torch").encoder_forward
+    code = _encoder_fallback()(
+        (x.dtype, x.shape[1], W_enc.shape[0], k),
+        lambda: topk_code(x, W_enc, b_enc, b_dec, k),
+        lambda: torch_forward(x, W_enc, b_enc, b_dec, k, None, 0, chunk_size),
+    )
+    if dead_mask is None:
+        return code
+    return code + dead_code(x, W_enc, b_enc, b_dec, dead_mask, k_aux, torch_forward, chunk_size)
 
 
 def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
-    """The sparse decode kernel with its backward (kernels.decode)."""
+    """The sparse decode kernels with their backward (kernels.decode)."""
     from ..kernels.decode import decode as triton_decode
 
     return triton_decode(values, indices, W_dec, b_dec)

@@ -1,0 +1,44 @@
+"""When a kernel cannot be built for the device: the torch computation instead, one warning.
+
+Triton raises a compile or resource error (too much shared memory, registers, a ptxas
+failure) at the first launch of a specialisation. Fallback remembers the launch keys that
+failed, warns once for each, naming the reason, and runs the torch computation for them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Hashable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def build_errors() -> tuple[type[Exception], ...]:
+    """The errors of a kernel that cannot be built or launched for this device."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    return (CompilationError, OutOfResources, PTXASError)
+
+
+class Fallback:
+    """kernel() for a launch key, or torch() once that key's kernel failed to build."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failed: set[Hashable] = set()
+
+    def __call__(self, key: Hashable, kernel: Callable[[], T], torch: Callable[[], T]) -> T:
+        if key not in self.failed:
+            try:
+                return kernel()
+            except build_errors() as e:
+                self.failed.add(key)
+                warnings.warn(
+                    f"sae_fast: the Triton {self.what} kernel cannot run here for {key} "
+                    f"({type(e).__name__}: {e}); the torch backend computes it instead",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return torch()
