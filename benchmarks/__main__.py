@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(suites.memory_child(json.loads(args.spec))))
         return 0
     if args.command == "kernels":  # a process of its own: the JIT, not the interpreter
-        env = {**os.environ, "TRITON_INTERPRET": "0"}
+        # TRITON_ALWAYS_COMPILE: compile times are real, not the cache's.
+        env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_ALWAYS_COMPILE": "1"}
         command = [sys.executable, "-m", "benchmarks.compile", "--presets", args.presets]
         command += ["--out", args.out]
         return subprocess.run(command, env=env).returncode

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 CAPABILITY = (9, 0)  # Hopper: H100, H200
+ARCH = CAPABILITY[0] * 10 + CAPABILITY[1]
 SM_COUNT = 132  # H200 SXM
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 # SASS opcode families, by the first dot-separated part of the opcode.
@@ -64,7 +65,7 @@ def fake_hopper_driver() -> None:
             return 0
 
         def get_current_target(self) -> GPUTarget:
-            return GPUTarget("cuda", CAPABILITY[0] * 10 + CAPABILITY[1], 32)
+            return GPUTarget("cuda", ARCH, 32)
 
         def get_active_torch_device(self) -> torch.device:
             return torch.device("cpu")
@@ -78,6 +79,13 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
+def _ptxas_version() -> str:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    version = subprocess.run([get_ptxas(ARCH).path, "--version"], capture_output=True, text=True)
+    return version.stdout.strip().splitlines()[-1]
+
+
 def resources(compiled: Any) -> dict[str, int]:
     """Registers, spill bytes, stack and shared memory of a CompiledKernel (ptxas -v on its
     PTX with the ptxas Triton uses; cuobjdump for the binary's own register count)."""
@@ -89,7 +97,7 @@ def resources(compiled: Any) -> dict[str, int]:
         ptx.write_text(compiled.asm["ptx"])
         cubin.write_bytes(compiled.asm["cubin"])
         log = subprocess.run(
-            [get_ptxas(CAPABILITY[0] * 10 + CAPABILITY[1]).path, "-v", f"--gpu-name={arch}",
+            [get_ptxas(ARCH).path, "-v", f"--gpu-name={arch}",
              str(ptx), "-o", str(Path(tmp, "v"))],
             capture_output=True, text=True, check=True,
         ).stderr  # fmt: skip
@@ -378,7 +386,12 @@ def run(names: list[str]) -> dict[str, Any]:
     plain_gemm = _kernels()
     result = {
         "target": {"capability": list(CAPABILITY), "sm_count": SM_COUNT, "arch": "sm_90a"},
-        "env": {**environment("cpu"), "triton": triton.__version__, "torch": torch.__version__},
+        "env": {
+            **environment("cpu"),
+            "triton": triton.__version__,
+            "torch": torch.__version__,
+            "ptxas": _ptxas_version(),
+        },
         "presets": {},
     }
     for name in names:
@@ -396,7 +409,7 @@ def markdown(result: dict[str, Any]) -> str:
     env = result["env"]
     lines = [
         f"Compiled for sm_90a (H200: {result['target']['sm_count']} SMs) with Triton "
-        f"{env['triton']}, torch {env['torch']}, commit {env['commit']}"
+        f"{env['triton']} ({env['ptxas']}), torch {env['torch']}, commit {env['commit']}"
         f"{' (with uncommitted changes)' if env['uncommitted_changes'] else ''}; no GPU ran.",
         "",
         "| preset | kernel | tiles (n, m, d) / warps / stages | registers | spills (B) "
@@ -444,12 +457,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     result = run(args.presets.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"kernels-sm90-triton{result['env']['triton']}-{time.strftime('%Y%m%d')}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = f"kernels-sm90-triton{result['env']['triton']}-{time.strftime('%Y%m%d')}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    stem.with_suffix(".md").write_text(table + "\n")
+    (args.out / f"{stem}.md").write_text(table + "\n")
     print(table)
-    print(f"\nwrote {stem}.json and .md")
+    print(f"\nwrote {args.out / stem}.json and .md")
     return 0
 
 
