@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from cases import encode_decode_grads, integer_case, separated_case
+from cases import auxk_grads, encode_decode_grads, integer_case, reference_auxk, separated_case
 
 from sae_fast import backends, ops
 from sae_fast import reference as ref
@@ -40,8 +40,9 @@ def test_extension_takes_named_arguments_only():
     pointers = ("out", "workspace", "rows", "coeff", "token", "item_latent", "item_start")
     pointers += ("item_end", "item_slot", "split_latent", "split_start", "split_end")
     ext.scatter_sum(
-        **dict.fromkeys(pointers, 0), items=0, split_latents=0, d=8, row_stride=8, dtype=0, stream=0
-    )
+        **dict.fromkeys(pointers, 0), items=0, split_latents=0, d=8, row_stride=8,
+        accumulate=False, dtype=0, stream=0,
+    )  # fmt: skip
     with pytest.raises(TypeError):
         ext.gather_sum(0, 0, 0, 0, 0, 4, 8, 0, 0)
     with pytest.raises(TypeError):
@@ -58,14 +59,19 @@ def test_python_side_passes_the_names_the_extension_takes(monkeypatch):
     assert cuda_backend.gather_sum(W, coeff, indices).shape == (0, 6)
     assert cuda_backend.pair_dot(W, rows, indices).shape == (0, 3)
     assert torch.equal(cuda_backend.scatter_sum(W, coeff, indices, rows), torch.zeros(10, 6))
+    out = torch.ones(10, 6)
+    assert cuda_backend.scatter_sum(W, coeff, indices, rows, out) is out
 
 
 def model_scatter_sum(index, coeff, rows):
-    """What scatter_sum_kernel + reduce_partials_kernel compute, item by item, in order."""
+    """What scatter_sum_kernel + reduce_partials_kernel compute, item by item, in order; the
+    entries that name latent -1 (past the real ones) are skipped, as the kernels skip them."""
     coeff = coeff.reshape(-1)[index.order].double()
     out = torch.zeros(index.n_latents, rows.shape[1], dtype=torch.float64)
     workspace = torch.zeros(index.workspace_rows, rows.shape[1], dtype=torch.float64)
     for item in range(index.item_latent.numel()):
+        if index.item_latent[item] < 0:
+            continue
         lo, hi = int(index.item_start[item]), int(index.item_end[item])
         acc = (coeff[lo:hi, None] * rows[index.token[lo:hi]].double()).sum(dim=0)
         slot = int(index.item_slot[item])
@@ -74,6 +80,8 @@ def model_scatter_sum(index, coeff, rows):
         else:
             workspace[slot] = acc
     for i in range(index.split_latent.numel()):
+        if index.split_latent[i] < 0:
+            continue
         lo, hi = int(index.split_start[i]), int(index.split_end[i])
         out[index.split_latent[i]] = workspace[lo:hi].sum(dim=0)
     return out
@@ -91,7 +99,7 @@ def test_latent_index_covers_every_pair_once_even_for_a_hot_latent(monkeypatch):
     index = cuda_backend.LatentIndex.build(indices, m)
     latent_of_item = index.item_latent.tolist()
     assert latent_of_item.count(7) == 4
-    assert index.split_latent.tolist() == [7]
+    assert [latent for latent in index.split_latent.tolist() if latent >= 0] == [7]
     sizes = (index.item_end - index.item_start).tolist()
     assert sum(sizes) == n * k and max(sizes) <= 8
     # Pairs of a latent stay in token order: the stable sort keeps the result deterministic.
@@ -101,9 +109,39 @@ def test_latent_index_covers_every_pair_once_even_for_a_hot_latent(monkeypatch):
     torch.testing.assert_close(model_scatter_sum(index, coeff, rows), dense.T @ rows.double())
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_latent_index_of_random_codes_matches_the_dense_sum(monkeypatch, seed):
+    """Skewed latents, many split into items of 4 pairs; what the kernels do, modelled."""
+    monkeypatch.setattr(cuda_backend, "ITEM_PAIRS", 4)
+    g = torch.Generator().manual_seed(seed)
+    n, k, m, d = 37, 5, 23, 3
+    rows_of_latents = []
+    for row in range(n):  # distinct latents a row; latents 0, 1, 2 hot in the first half
+        order = torch.randperm(m, generator=g)
+        if row < n // 2:
+            order = torch.cat([torch.tensor([row % 3]), order[order != row % 3]])
+        rows_of_latents.append(order[:k])
+    indices = torch.stack(rows_of_latents)
+    coeff, rows = torch.randn(n, k, generator=g), torch.randn(n, d, generator=g)
+    index = cuda_backend.LatentIndex.build(indices, m)
+    dense = torch.zeros(n, m, dtype=torch.float64).scatter(1, indices, coeff.double())
+    torch.testing.assert_close(model_scatter_sum(index, coeff, rows), dense.T @ rows.double())
+    # The real entries come first, and the sizes of every array follow from (n, k, m) alone:
+    # nothing in building it waits for the device.
+    real = index.item_latent >= 0
+    assert not real[real.long().sum() :].any()
+    assert (index.item_end - index.item_start)[real].sum() == n * k
+    other = cuda_backend.LatentIndex.build(torch.zeros_like(indices), m)
+    for name in cuda_backend.LatentIndex.KERNEL_ARGS:
+        assert getattr(other, name).shape == getattr(index, name).shape, name
+
+
 def test_latent_index_is_cached_for_the_same_indices_only():
     indices = torch.randint(0, 20, (6, 2))
     first = cuda_backend.latent_index(indices, 20)
+    assert cuda_backend.latent_index(indices, 20) is first
+    aux = torch.randint(0, 20, (6, 3))  # the AuxK code's, built in between: both stay cached
+    assert cuda_backend.latent_index(aux, 20) is cuda_backend.latent_index(aux, 20)
     assert cuda_backend.latent_index(indices, 20) is first
     assert cuda_backend.latent_index(indices.clone(), 20) is not first
     indices.add_(0)  # an in-place write bumps the version: no stale reuse
@@ -162,3 +200,45 @@ def test_gpu_backward_allocates_no_n_by_m_or_n_k_d_tensor():
     torch.cuda.synchronize()
     extra_elements = (torch.cuda.max_memory_allocated() - before) / 2
     assert extra_elements < min(n * m, n * k * d) / 2
+
+
+@pytest.mark.gpu
+def test_gpu_latent_index_builds_without_waiting_for_the_device():
+    indices = torch.randint(0, 4096, (512, 32), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cuda_backend.LatentIndex.build(indices, 4096)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_kernels_run_on_their_tensors_device():
+    case = separated_case(33, 64, 300, 8, seed=5).to(torch.float32, True, "cuda:1")
+    oracle = encode_decode_grads(ref.encode_topk, ref.decode, case.to(torch.float64, True), 8)
+    with torch.cuda.device(0):
+        ours = encode_decode_grads(cuda_encode, cuda_decode, case, 8)
+    for name in oracle:
+        if name != "indices":
+            torch.testing.assert_close(
+                ours[name].cpu().double(), oracle[name], rtol=1e-3, atol=1e-3
+            )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("k", "k_aux"), [(3, 5), (8, 64)])
+def test_gpu_auxk_gradients_exact(k, k_aux):
+    """Both codes of one pass: each code's latent-major sums on its own index, the AuxK
+    code's added to the TopK code's."""
+    case = integer_case(300, 64, 96, seed=k)
+    dead = torch.arange(96) % 2 == 0
+    oracle = auxk_grads(reference_auxk, case.to(torch.float64, True), k, dead, k_aux)
+
+    def ours(*args):
+        return ops.encode_topk_auxk(*args, backend="cuda")
+
+    got = auxk_grads(ours, case.to(torch.float32, True, "cuda"), k, dead, k_aux)
+    for name, want in oracle.items():
+        assert torch.equal(got[name].cpu().to(want.dtype), want), name

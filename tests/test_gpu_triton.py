@@ -56,3 +56,21 @@ def test_decode_matches_torch_backend():
     want = ops.decode(*code, W, b_dec, backend="torch")
     got = ops.decode(*code, W, b_dec, backend="triton")
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_keys_round_to_nearest_as_the_torch_backend():
+    """pre of latent 1 is 1 + 0.0047 (nearest bf16: 1.0078125), of latent 0 is 1 + 0.001
+    (nearest: 1.0): latent 1 ranks first. Truncating to bf16, as Triton's CPU interpreter
+    does, would make both 1.0 and put latent 0 first; so this runs on a GPU only."""
+    d = 16
+    x = torch.zeros(3, d)
+    x[:, :2] = 1.0
+    W = torch.zeros(8, d)
+    W[0, :2] = torch.tensor([1.0, 0.001])
+    W[1, :2] = torch.tensor([1.0, 0.0047])
+    args = [t.to("cuda", torch.bfloat16) for t in (x, W, torch.zeros(8), torch.zeros(d))]
+    assert args[1][1, 1].item() != 0 and args[1][0, 1].item() != 0  # representable offsets
+    want = ops.encode_topk(*args, 2, backend="torch")
+    got = ops.encode_topk(*args, 2, backend="triton")
+    assert want.indices[:, 0].tolist() == [1, 1, 1]
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)

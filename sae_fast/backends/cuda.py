@@ -54,18 +54,23 @@ def _stream(device: torch.device) -> int:
 
 @dataclass
 class LatentIndex:
-    """The n*k pairs of a code (n, k), latent-major, cut into work items."""
+    """The n*k pairs of a code (n, k), latent-major, cut into work items.
+
+    Built on the device with shapes known from (n, k, m) alone, so nothing waits for the GPU:
+    the item and split arrays have an upper bound of entries, and those past the real ones
+    name latent -1 (the kernels skip them).
+    """
 
     indices: Tensor  # the code's indices, held so their memory cannot be reused while cached
     n_latents: int
     order: Tensor  # (n*k,) pair ids sorted stably by latent
     token: Tensor  # (n*k,) token of each sorted pair
-    item_latent: Tensor
-    item_start: Tensor
+    item_latent: Tensor  # (items,) the latent of each work item, -1 past the real ones
+    item_start: Tensor  # first and one-past-last sorted pair of each item
     item_end: Tensor
     item_slot: Tensor  # -1: the latent's only item; else its row in the fp32 workspace
-    split_latent: Tensor  # latents with several items, and their workspace rows
-    split_start: Tensor
+    split_latent: Tensor  # (splits,) latents with several items, -1 past the real ones
+    split_start: Tensor  # their workspace rows
     split_end: Tensor
     # The fields sae_fast._C.scatter_sum reads, by their argument names there.
     KERNEL_ARGS: ClassVar[tuple[str, ...]] = (
@@ -75,43 +80,66 @@ class LatentIndex:
 
     @classmethod
     def build(cls, indices: Tensor, n_latents: int) -> LatentIndex:
-        k = indices.shape[1]
+        n, k = indices.shape
+        pairs, device = n * k, indices.device
         flat = indices.reshape(-1)
         order = torch.sort(flat, stable=True).indices
-        counts = torch.bincount(flat, minlength=n_latents)
+        latent = flat[order]
+        counts = torch.zeros(n_latents, dtype=torch.int64, device=device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
         ends = counts.cumsum(0)
-        used = counts.nonzero().squeeze(1)
-        per = (counts[used] + ITEM_PAIRS - 1) // ITEM_PAIRS  # work items per used latent
-        item_latent = used.repeat_interleave(per)
-        first_item = per.cumsum(0) - per
-        within = torch.arange(item_latent.numel(), device=flat.device)
-        within -= first_item.repeat_interleave(per)
-        latent_start = (ends - counts)[item_latent]
-        item_start = latent_start + within * ITEM_PAIRS
-        item_end = torch.minimum(item_start + ITEM_PAIRS, ends[item_latent])
-        split = per > 1
-        slot_counts = torch.where(split, per, 0)
-        slot_first = slot_counts.cumsum(0) - slot_counts
-        item_slot = torch.where(
-            split.repeat_interleave(per), slot_first.repeat_interleave(per) + within, -1
+        starts = ends - counts
+        position = torch.arange(pairs, device=device)
+        within = position - starts[latent]  # a pair's rank within its latent
+        first = within % ITEM_PAIRS == 0  # a work item starts here
+        items, splits = _bounds(pairs, n_latents)
+        # Each item's first pair, by a scatter with the other pairs sent to a spare entry.
+        item_of = torch.where(first, first.cumsum(0) - 1, items)
+        item_start = torch.full((items + 1,), pairs, dtype=torch.int64, device=device)
+        item_start = item_start.scatter_(0, item_of, position)[:items]
+        real = item_start < pairs
+        item_latent = torch.where(real, latent[item_start.clamp(max=max(pairs - 1, 0))], -1)
+        known = item_latent.clamp(min=0)
+        item_end = torch.where(
+            real, torch.minimum(item_start + ITEM_PAIRS, ends[known]), item_start
         )
+        split = real & (counts[known] > ITEM_PAIRS)
+        item_slot = torch.where(split, split.cumsum(0) - 1, -1)
+        # A split latent's items are consecutive, so are its workspace rows.
+        lead = split & (item_start == starts[known])
+        slot_of = torch.where(lead, lead.cumsum(0) - 1, splits)
+        split_latent = torch.full((splits + 1,), -1, dtype=torch.int64, device=device)
+        split_latent = split_latent.scatter_(0, slot_of, item_latent)[:splits]
+        split_start = torch.zeros(splits + 1, dtype=torch.int64, device=device)
+        split_start = split_start.scatter_(0, slot_of, item_slot)[:splits]
+        per = (counts[split_latent.clamp(min=0)] + ITEM_PAIRS - 1) // ITEM_PAIRS
+        split_end = torch.where(split_latent >= 0, split_start + per, split_start)
         return cls(
             indices, n_latents, order, order // k, item_latent, item_start, item_end, item_slot,
-            used[split], slot_first[split], (slot_first + slot_counts)[split],
+            split_latent, split_start, split_end,
         )  # fmt: skip
 
     @property
     def workspace_rows(self) -> int:
-        return int(self.split_end[-1]) if self.split_end.numel() else 0
+        """An upper bound on the split latents' items, from the sizes alone."""
+        return self.order.numel() // ITEM_PAIRS + self.split_latent.numel()
+
+
+def _bounds(pairs: int, n_latents: int) -> tuple[int, int]:
+    """Upper bounds of the work items and of the latents with several, from the sizes alone:
+    a latent with c pairs has ceil(c / ITEM_PAIRS) <= c // ITEM_PAIRS + 1 items, several only
+    when c > ITEM_PAIRS."""
+    return pairs // ITEM_PAIRS + min(n_latents, pairs), pairs // (ITEM_PAIRS + 1)
 
 
 _cached: list[LatentIndex] = []
+_CACHED = 2  # the TopK code's index and the AuxK code's: each serves decoder and encoder
 
 
 def latent_index(indices: Tensor, n_latents: int) -> LatentIndex:
-    """The index of these pairs: built once per step, reused by decoder and encoder backward."""
-    if _cached:
-        hit = _cached[0]
+    """The index of these pairs: built once per step for each code, reused by its decoder's
+    and the encoder's backward."""
+    for hit in _cached:
         if (
             hit.n_latents == n_latents
             and hit.indices.data_ptr() == indices.data_ptr()
@@ -120,29 +148,35 @@ def latent_index(indices: Tensor, n_latents: int) -> LatentIndex:
         ):
             return hit
     index = LatentIndex.build(indices, n_latents)
-    _cached[:] = [index]
+    _cached[:] = [index, *_cached][:_CACHED]
     return index
 
 
 def _launch(kernel: str, like: Tensor, **args: Tensor | int) -> None:
     """sae_fast._C.<kernel>(...) with every argument by name, tensors as device pointers, and
-    the dtype code and current stream of like (the operand whose dtype the kernel runs in)."""
+    the dtype code and current stream of like (the operand whose dtype the kernel runs in), on
+    like's device: the extension launches on the current one."""
     ptrs = {name: v.data_ptr() if isinstance(v, Tensor) else v for name, v in args.items()}
-    getattr(_extension(), kernel)(
-        **ptrs, dtype=_dtype_code(like.dtype), stream=_stream(like.device)
-    )
+    with torch.cuda.device_of(like):
+        dtype, stream = _dtype_code(like.dtype), _stream(like.device)
+        getattr(_extension(), kernel)(**ptrs, dtype=dtype, stream=stream)
 
 
-def scatter_sum(W: Tensor, coeff: Tensor, indices: Tensor, rows: Tensor) -> Tensor:
+def scatter_sum(
+    W: Tensor, coeff: Tensor, indices: Tensor, rows: Tensor, out: Tensor | None = None
+) -> Tensor:
     """out[l] = sum over pairs (t, j) of latent l of coeff[t, j] * rows[t].
 
     W (m, d') for the latent count and dtype, rows (n, d) -> (m, d) in W's dtype; the
-    latent-major index of indices is built once per step (latent_index).
+    latent-major index of indices is built once per step (latent_index). out: add the sums to
+    this (m, d) tensor instead of to zeros.
     """
     index = latent_index(indices, W.shape[0])
     rows = rows.to(W.dtype).contiguous()
     d = rows.shape[1]
-    out = torch.zeros(index.n_latents, d, dtype=W.dtype, device=rows.device)
+    accumulate = out is not None
+    if out is None:
+        out = torch.zeros(index.n_latents, d, dtype=W.dtype, device=rows.device)
     _launch(
         "scatter_sum",
         rows,
@@ -155,6 +189,7 @@ def scatter_sum(W: Tensor, coeff: Tensor, indices: Tensor, rows: Tensor) -> Tens
         split_latents=index.split_latent.numel(),
         d=d,
         row_stride=rows.stride(0),
+        accumulate=accumulate,
     )
     return out
 
@@ -177,18 +212,25 @@ def gather_sum(W: Tensor, coeff: Tensor, indices: Tensor, bias: Tensor | None = 
     return out if bias is None else out + bias
 
 
-def encoder_backward(needs, x, W_enc, b_dec, values, indices, grad_values):
-    """pairs.encoder_backward's contract, by the CUDA kernels."""
+def encoder_backward(needs, x, W_enc, b_dec, codes, grads):
+    """pairs.encoder_backward's contract, by the CUDA kernels. The latent-major gradients run
+    code by code, each on the index its decoder's backward built (with AuxK: two codes), the
+    second adding to the first."""
     need_x, need_W, need_b_enc, need_b_dec = needs
-    grad_pre = (grad_values * (values > 0)).float()
+    grad_pres = [(g * (values > 0)).float() for (values, _), g in zip(codes, grads, strict=True)]
     grad_x = grad_W_enc = grad_b_enc = grad_b_dec = None
-    if need_W:
-        grad_W_enc = scatter_sum(W_enc, grad_pre, indices, x - b_dec)
+    xc = x - b_dec if need_W else None
+    ones = torch.ones(x.shape[0], 1, dtype=W_enc.dtype, device=x.device) if need_b_enc else None
+    for (_, indices), grad_pre in zip(codes, grad_pres, strict=True):
+        if need_W:
+            grad_W_enc = scatter_sum(W_enc, grad_pre, indices, xc, grad_W_enc)
+        if need_b_enc:
+            grad_b_enc = scatter_sum(W_enc, grad_pre, indices, ones, grad_b_enc)
     if need_b_enc:
-        ones = torch.ones(x.shape[0], 1, dtype=W_enc.dtype, device=x.device)
-        grad_b_enc = scatter_sum(W_enc, grad_pre, indices, ones).view(-1)
+        grad_b_enc = grad_b_enc.view(-1)
     if need_x or need_b_dec:
-        grad_xc = gather_sum(W_enc, grad_pre, indices)
+        indices = torch.cat([indices for _, indices in codes], dim=1)
+        grad_xc = gather_sum(W_enc, torch.cat(grad_pres, dim=1), indices)
         if need_x:
             grad_x = grad_xc.to(x.dtype)
         if need_b_dec:

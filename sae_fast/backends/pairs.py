@@ -100,22 +100,26 @@ def dead_code(
     return zero_fill(values, indices)
 
 
+Codes = list[tuple[Tensor, Tensor]]  # (values, indices) of each code of one encoder pass
+
+
 def encoder_backward(
     needs: tuple[bool, ...],
     x: Tensor,
     W_enc: Tensor,
     b_dec: Tensor,
-    values: Tensor,
-    indices: Tensor,
-    grad_values: Tensor,
+    codes: Codes,
+    grads: list[Tensor],
 ) -> tuple[Tensor | None, ...]:
-    """Gradients (x, W_enc, b_enc, b_dec) of a TopK code over its n*k pairs only.
+    """Gradients (x, W_enc, b_enc, b_dec) of the codes of one encoder pass (the TopK code, and
+    the AuxK code with it) from the gradients of their values, over their pairs only.
 
     needs: which of the four are wanted. The backward of every backend without its own.
     """
     need_x, need_W, need_b_enc, need_b_dec = needs
+    values, indices = (torch.cat(parts, dim=1) for parts in zip(*codes, strict=True))
     # ReLU passes gradient only where the selected value is positive; zero fills get none.
-    grad_pre = grad_values * (values > 0)
+    grad_pre = torch.cat(grads, dim=1) * (values > 0)
     grad_x = grad_W_enc = grad_b_enc = grad_b_dec = None
     if need_b_enc:
         acc = torch.promote_types(W_enc.dtype, torch.float32)
@@ -143,23 +147,20 @@ def code_function(name: str, forward: Callable, backward: Callable = encoder_bac
 
     apply(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) runs forward(same
     arguments) -> (values, indices[, aux_values, aux_indices]); dead_mask None gives the TopK
-    code alone. backward has encoder_backward's contract and sees only the code's pairs (of
-    both codes, concatenated, with AuxK).
+    code alone. backward has encoder_backward's contract and sees only the codes' pairs; each
+    code is the forward's own tensors, on which the cuda backend keys its index cache.
     """
 
     def fwd(ctx, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size):
         outputs = forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size)
-        if len(outputs) == 2:
-            values, indices = outputs  # the code's own: the cuda backend's index cache keys on them
-        else:
-            values, indices = torch.cat(outputs[0::2], dim=1), torch.cat(outputs[1::2], dim=1)
-        ctx.save_for_backward(x, W_enc, b_dec, values, indices)
+        ctx.save_for_backward(x, W_enc, b_dec, *outputs)
         ctx.mark_non_differentiable(*outputs[1::2])
         return outputs
 
     def bwd(ctx, *grads):
-        grad_values = torch.cat(grads[0::2], dim=1)
-        grads = backward(ctx.needs_input_grad[:4], *ctx.saved_tensors, grad_values)
+        x, W_enc, b_dec, *outputs = ctx.saved_tensors
+        codes = list(zip(outputs[0::2], outputs[1::2], strict=True))
+        grads = backward(ctx.needs_input_grad[:4], x, W_enc, b_dec, codes, list(grads[0::2]))
         return (*grads, None, None, None, None)
 
     body = {"forward": staticmethod(fwd), "backward": staticmethod(once_differentiable(bwd))}
