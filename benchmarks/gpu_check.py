@@ -1,0 +1,213 @@
+"""The checks a lent GPU runs in one call (benchmarks/gpu_check.sh is the one command).
+
+Steps, each timed and reported with its status, so one failing step does not hide the others:
+- exact: the fused encoder at the `gpu` preset against an exact canonical top-k on sampled
+  rows (float64 pre-activations of the same bf16 inputs, rounded to bf16 as the kernel rounds),
+  for the triton and cuda backends;
+- offsets: m * d past 2^31 (d=4096, m=655360: W is 5 GiB), with latents planted beyond the
+  int32 range that must win, against the torch backend;
+- bench: encode, decode, forward + backward and a train step per backend and the peers
+  installed, against the cuBLAS GEMM, in one run of the benchmark suite (ops, train_step);
+- the GPU tests (`pytest -m gpu`) run from the shell script, beside this.
+Writes gpu_check.json and gpu_check.md (and the benchmark's json, md and png) into --out.
+
+--dry runs the same steps on tiny shapes on the CPU, the Triton kernels under the interpreter:
+the test suite runs it, so the logic is checked without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+# Shapes per mode: the real ones, and the dry run's (the interpreter is ~1000x slower).
+SHAPES = {
+    False: {"exact": (8192, 2304, 65536, 64, 256), "offsets": (64, 4096, 655360, 32)},
+    True: {"exact": (48, 32, 256, 8, 16), "offsets": (8, 16, 300, 4)},
+}
+
+
+def _inputs(n: int, d: int, m: int, device: str, dtype, seed: int = 0):
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    W = torch.randn(m, d, generator=g) / d**0.5
+    tensors = (torch.randn(n, d, generator=g), W, 0.01 * torch.randn(m, generator=g))
+    tensors += (0.1 * torch.randn(d, generator=g),)
+    return [t.to(device, dtype) for t in tensors]
+
+
+def exact_topk(x, W_enc, b_enc, b_dec, k: int, chunk: int = 8192):
+    """The canonical top-k of relu(pre) rounded to x's dtype, pre exact in float64 from the
+    kernel's own inputs (x - b_dec as x's dtype forms it), over latent chunks."""
+    import torch
+
+    xc = (x - b_dec).double()
+    best_v = best_i = None
+    for start in range(0, W_enc.shape[0], chunk):
+        pre = xc @ W_enc[start : start + chunk].double().T + b_enc[start : start + chunk].double()
+        values = torch.relu(pre).to(x.dtype).double()
+        index = torch.arange(start, start + values.shape[1], device=x.device).expand_as(values)
+        if best_v is not None:
+            values, index = torch.cat([best_v, values], 1), torch.cat([best_i, index], 1)
+        values, order = values.sort(dim=1, descending=True, stable=True)
+        best_v, best_i = values[:, :k], index.gather(1, order[:, :k])
+    return best_v, best_i
+
+
+def check_exact(dry: bool, device: str) -> dict[str, Any]:
+    import torch
+
+    from sae_fast import backends, ops
+
+    n, d, m, k, sampled = SHAPES[dry]["exact"]
+    dtype = torch.float32 if dry else torch.bfloat16  # the interpreter mishandles bf16
+    x, W, b_enc, b_dec = _inputs(n, d, m, device, dtype)
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:sampled].to(device)
+    want_values, want = exact_topk(x[rows], W, b_enc, b_dec, k)
+    out = {"shape": {"n": n, "d": d, "m": m, "k": k, "dtype": str(dtype), "rows": sampled}}
+    for name in ("triton", "cuda"):
+        reason = backends.get(name).why_not(x)
+        if reason is not None:
+            out[name] = {"status": "skipped", "reason": reason}
+            continue
+        code = ops.encode_topk(x, W, b_enc, b_dec, k, backend=name)
+        got, values = code.indices[rows], code.values[rows].double()
+        same = (got == want).all(dim=1)
+        # A value may differ by fp32 accumulation: across one bf16 rounding step at most.
+        ulp = want_values.abs() * (2**-7 if dtype == torch.bfloat16 else 2**-18)
+        close = ((values - want_values).abs() <= ulp).all(dim=1)
+        out[name] = {
+            "status": "ok" if bool(close.all()) and same.float().mean() >= 0.99 else "failed",
+            "rows_identical": float(same.float().mean()),
+            "rows_within_one_rounding_step": float(close.float().mean()),
+        }
+    return _overall(out)
+
+
+def _overall(out: dict[str, Any]) -> dict[str, Any]:
+    """out with a status of its own: failed if a backend's check failed."""
+    statuses = [v["status"] for v in out.values() if isinstance(v, dict) and "status" in v]
+    return {"status": "failed" if "failed" in statuses else "ok", **out}
+
+
+def check_offsets(dry: bool, device: str) -> dict[str, Any]:
+    """Latents whose W_enc rows start past 2^31 elements win the rows they are planted in."""
+    import torch
+
+    from sae_fast import backends, ops
+
+    n, d, m, k = SHAPES[dry]["offsets"]
+    dtype = torch.float32 if dry else torch.bfloat16
+    x = torch.randn(n, d, device=device).to(dtype)
+    W = torch.empty(m, d, dtype=dtype, device=device).normal_(0, d**-0.5)
+    far = torch.arange(m - n, m, device=device)  # the last n latents: offsets past 2^31
+    W[far] = 4 * x / x.norm(dim=1, keepdim=True)  # latent m - n + r aligns with row r
+    b_enc = torch.zeros(m, dtype=dtype, device=device)
+    b_dec = torch.zeros(d, dtype=dtype, device=device)
+    want = ops.encode_topk(x, W, b_enc, b_dec, k, backend="torch")
+    out = {"shape": {"n": n, "d": d, "m": m, "k": k}, "max_offset": (m - 1) * d,
+           "past_int32": (m - 1) * d >= 2**31}  # fmt: skip
+    assert bool((want.indices[:, 0] == far).all()), "the planted latents do not win in torch"
+    for name in ("triton", "cuda"):
+        reason = backends.get(name).why_not(x)
+        if reason is not None:
+            out[name] = {"status": "skipped", "reason": reason}
+            continue
+        got = ops.encode_topk(x, W, b_enc, b_dec, k, backend=name)
+        first = bool((got.indices[:, 0] == far).all())
+        agree = float((got.indices == want.indices).all(dim=1).float().mean())
+        out[name] = {"status": "ok" if first else "failed", "planted_first": first,
+                     "rows_as_torch": agree}  # fmt: skip
+    return _overall(out)
+
+
+def bench(dry: bool, out: Path) -> dict[str, Any]:
+    from . import __main__ as cli
+
+    args = ["run", "--out", str(out), "--suite", "ops,train_step"]
+    if dry:
+        args += ["--preset", "smoke", "--repeats", "1", "--backends", "torch,triton"]
+        args += ["--impls", "sae_fast,reference"]
+    else:
+        args += ["--preset", "gpu", "--repeats", "3"]
+    status = cli.main(args)
+    runs = sorted(out.glob("*-*.json"), key=lambda p: p.stat().st_mtime)
+    if status != 0 or not runs:
+        return {"status": "failed", "exit": status}
+    run = json.loads(runs[-1].read_text())
+    ok = [r for r in run["records"] if r["status"] == "ok"]
+    return {"status": "ok", "file": runs[-1].name, "records": len(run["records"]), "ok": len(ok)}
+
+
+def run(dry: bool, out: Path, steps: list[str]) -> dict[str, Any]:
+    import torch
+
+    from .report import environment
+
+    device = "cpu" if dry else "cuda"
+    result = {"dry": dry, "env": environment(device), "steps": {}}
+    result["env"]["commit"] = os.environ.get("SAE_FAST_COMMIT") or result["env"]["commit"]
+    if not dry:
+        result["env"]["capability"] = list(torch.cuda.get_device_capability())
+    checks = {
+        "exact": lambda: check_exact(dry, device),
+        "offsets": lambda: check_offsets(dry, device),
+        "bench": lambda: bench(dry, out),
+    }
+    for step in steps:
+        started = time.perf_counter()
+        try:
+            report = checks[step]()
+        except Exception as e:  # one step's failure is a result, and the next steps still run
+            report = {"status": "error", "error": f"{type(e).__name__}: {e}",
+                      "traceback": traceback.format_exc()[-2000:]}  # fmt: skip
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        result["steps"][step] = report
+        print(f"gpu_check {step}: {json.dumps(report)[:300]}", file=sys.stderr, flush=True)
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    env = result["env"]
+    lines = [
+        f"GPU check{' (dry run: CPU, Triton interpreter, tiny shapes)' if result['dry'] else ''}: "
+        f"{env.get('gpu') or env['cpu']}, torch {env['versions']['torch']}, triton "
+        f"{env['versions']['triton']}, commit {env['commit']}",
+        "",
+        "| step | status | seconds | details |",
+        "|---|---|---:|---|",
+    ]
+    for step, report in result["steps"].items():
+        details = {k: v for k, v in report.items() if k not in ("status", "seconds", "traceback")}
+        lines.append(
+            f"| {step} | {report['status']} | {report['seconds']} | `{json.dumps(details)}` |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--out", type=Path, required=True, help="folder for the results")
+    ap.add_argument("--dry", action="store_true", help="tiny shapes on the CPU (interpreter)")
+    ap.add_argument("--steps", default="exact,offsets,bench", help="comma-separated steps")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = run(args.dry, args.out, args.steps.split(","))
+    (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (args.out / "gpu_check.md").write_text(table + "\n")
+    print(table)
+    return 0 if all(r["status"] in ("ok", "skipped") for r in result["steps"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
