@@ -41,12 +41,25 @@ def _csv_ints(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _suites(text: str) -> tuple[str, ...]:
+    chosen = suites.SUITES if text == "all" else tuple(text.split(","))
+    for suite in chosen:
+        if suite not in suites.SUITES:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice: {suite!r} (choose from all, {', '.join(suites.SUITES)})"
+            )
+    return chosen
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run suites and write JSON, markdown and a plot")
     run.add_argument(
-        "--suite", default="all", help=f"all, or comma-separated from {', '.join(suites.SUITES)}"
+        "--suite",
+        default=suites.SUITES,
+        type=_suites,
+        help=f"all, or comma-separated from {', '.join(suites.SUITES)}",
     )
     run.add_argument("--preset", default="cpu", choices=sorted(presets.PRESETS))
     for name in ("n", "d", "m", "k"):
@@ -111,10 +124,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     names = implementations(args, p.device)
-    chosen = suites.SUITES if args.suite == "all" else tuple(args.suite.split(","))
-    unknown = [s for s in chosen if s not in suites.SUITES]
-    if unknown:
-        raise ValueError(f"--suite: unknown {unknown}; known: all, {', '.join(suites.SUITES)}")
+    chosen = args.suite
     if p.m_sweep and chosen != ("memory",):
         raise ValueError("an m sweep (preset gpu-large or --m-sweep) runs with --suite memory only")
     torch.manual_seed(0)

@@ -64,7 +64,7 @@ def exact_topk(x, W_enc, b_enc, b_dec, k: int, chunk: int = 8192):
 def check_exact(dry: bool, device: str) -> dict[str, Any]:
     import torch
 
-    from sae_fast import backends, ops
+    from sae_fast import ops
 
     n, d, m, k, sampled = SHAPES[dry]["exact"]
     dtype = torch.float32 if dry else torch.bfloat16  # the interpreter mishandles bf16
@@ -72,36 +72,41 @@ def check_exact(dry: bool, device: str) -> dict[str, Any]:
     rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:sampled].to(device)
     want_values, want = exact_topk(x[rows], W, b_enc, b_dec, k)
     out = {"shape": {"n": n, "d": d, "m": m, "k": k, "dtype": str(dtype), "rows": sampled}}
-    for name in ("triton", "cuda"):
-        reason = backends.get(name).why_not(x)
-        if reason is not None:
-            out[name] = {"status": "skipped", "reason": reason}
-            continue
+
+    def check(name: str) -> dict[str, Any]:
         code = ops.encode_topk(x, W, b_enc, b_dec, k, backend=name)
         got, values = code.indices[rows], code.values[rows].double()
         same = (got == want).all(dim=1)
         # A value may differ by fp32 accumulation: across one bf16 rounding step at most.
         ulp = want_values.abs() * (2**-7 if dtype == torch.bfloat16 else 2**-18)
         close = ((values - want_values).abs() <= ulp).all(dim=1)
-        out[name] = {
+        return {
             "status": "ok" if bool(close.all()) and same.float().mean() >= 0.99 else "failed",
             "rows_identical": float(same.float().mean()),
             "rows_within_one_rounding_step": float(close.float().mean()),
         }
-    return _overall(out)
+
+    return out | _per_gpu_backend(x, check)
 
 
-def _overall(out: dict[str, Any]) -> dict[str, Any]:
-    """out with a status of its own: failed if a backend's check failed."""
-    statuses = [v["status"] for v in out.values() if isinstance(v, dict) and "status" in v]
-    return {"status": "failed" if "failed" in statuses else "ok", **out}
+def _per_gpu_backend(x, check) -> dict[str, Any]:
+    """check(name) for the triton and cuda backends where they run on x (else why not), and
+    a status of the whole: failed if one failed."""
+    from sae_fast import backends
+
+    out = {}
+    for name in ("triton", "cuda"):
+        reason = backends.get(name).why_not(x)
+        out[name] = check(name) if reason is None else {"status": "skipped", "reason": reason}
+    failed = any(r["status"] == "failed" for r in out.values())
+    return {"status": "failed" if failed else "ok", **out}
 
 
 def check_offsets(dry: bool, device: str) -> dict[str, Any]:
     """Latents whose W_enc rows start past 2^31 elements win the rows they are planted in."""
     import torch
 
-    from sae_fast import backends, ops
+    from sae_fast import ops
 
     n, d, m, k = SHAPES[dry]["offsets"]
     dtype = torch.float32 if dry else torch.bfloat16
@@ -115,17 +120,15 @@ def check_offsets(dry: bool, device: str) -> dict[str, Any]:
     out = {"shape": {"n": n, "d": d, "m": m, "k": k}, "max_offset": (m - 1) * d,
            "past_int32": (m - 1) * d >= 2**31}  # fmt: skip
     assert bool((want.indices[:, 0] == far).all()), "the planted latents do not win in torch"
-    for name in ("triton", "cuda"):
-        reason = backends.get(name).why_not(x)
-        if reason is not None:
-            out[name] = {"status": "skipped", "reason": reason}
-            continue
+
+    def check(name: str) -> dict[str, Any]:
         got = ops.encode_topk(x, W, b_enc, b_dec, k, backend=name)
         first = bool((got.indices[:, 0] == far).all())
         agree = float((got.indices == want.indices).all(dim=1).float().mean())
-        out[name] = {"status": "ok" if first else "failed", "planted_first": first,
-                     "rows_as_torch": agree}  # fmt: skip
-    return _overall(out)
+        return {"status": "ok" if first else "failed", "planted_first": first,
+                "rows_as_torch": agree}  # fmt: skip
+
+    return out | _per_gpu_backend(x, check)
 
 
 def bench(dry: bool, out: Path) -> dict[str, Any]:

@@ -15,11 +15,12 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t token, std::uintptr_t item_latent, std::uintptr_t item_start,
          std::uintptr_t item_end, std::uintptr_t item_slot, std::uintptr_t split_latent,
          std::uintptr_t split_start, std::uintptr_t split_end, int64_t items,
-         int64_t split_latents, int64_t d, int64_t row_stride, bool accumulate, int dtype,
-         std::uintptr_t stream) {
+         int64_t split_latents, int64_t d, int64_t row_stride, bool accumulate, int out_dtype,
+         int dtype, std::uintptr_t stream) {
         sae_fast::scatter_sum({out, workspace, rows, coeff, token, item_latent, item_start,
                                item_end, item_slot, split_latent, split_start, split_end, items,
-                               split_latents, d, row_stride, accumulate, dtype, stream});
+                               split_latents, d, row_stride, accumulate, out_dtype, dtype,
+                               stream});
       },
       "Per-latent sums of coeff-weighted rows over a latent-major pair index (grad W_enc, grad "
       "W_dec, grad b_enc).",
@@ -27,7 +28,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("token"), py::arg("item_latent"), py::arg("item_start"), py::arg("item_end"),
       py::arg("item_slot"), py::arg("split_latent"), py::arg("split_start"),
       py::arg("split_end"), py::arg("items"), py::arg("split_latents"), py::arg("d"),
-      py::arg("row_stride"), py::arg("accumulate"), py::arg("dtype"), py::arg("stream"));
+      py::arg("row_stride"), py::arg("accumulate"), py::arg("out_dtype"), py::arg("dtype"),
+      py::arg("stream"));
   m.def("pair_dot", &sae_fast::pair_dot, "Row dot products per pair (grad values).",
         py::kw_only(), py::arg("out"), py::arg("W"), py::arg("g"), py::arg("indices"),
         py::arg("n"), py::arg("k"), py::arg("d"), py::arg("g_stride"), py::arg("dtype"),

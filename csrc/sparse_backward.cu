@@ -45,29 +45,45 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 
 constexpr int kThreads = 128;  // threads per block, VEC columns of d each
 
-// VEC consecutive elements, loaded and stored as one aligned access (16 bytes for VEC > 1).
-template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
+// N consecutive elements, loaded or stored as one aligned access.
+template <typename T, int N> struct alignas(sizeof(T) * N) Pack {
+  T v[N];
 };
 
+// Elements per 16-byte access of T when rows are read VEC at a time (VEC 1: one each).
+template <typename T, int VEC> __host__ __device__ constexpr int chunk() {
+  return VEC == 1 ? 1 : 16 / sizeof(T);
+}
+
+// acc[i] += c * row[i] for VEC consecutive elements, 16 bytes at a time when VEC > 1.
 template <typename T, int VEC> __device__ __forceinline__ void add_row(float* acc, const T* row, float c) {
-  const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(row);
+  constexpr int kChunk = chunk<T, VEC>();
+  static_assert(VEC % kChunk == 0, "VEC must be a whole number of 16-byte accesses");
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) acc[i] += c * to_float(p.v[i]);
+  for (int i0 = 0; i0 < VEC; i0 += kChunk) {
+    const Pack<T, kChunk> p = *reinterpret_cast<const Pack<T, kChunk>*>(row + i0);
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) acc[i0 + i] += c * to_float(p.v[i]);
+  }
 }
 
 template <typename T, int VEC> __device__ __forceinline__ void store_row(T* row, const float* acc) {
-  Pack<T, VEC> p;
+  constexpr int kChunk = chunk<T, VEC>();
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) p.v[i] = from_float<T>(acc[i]);
-  *reinterpret_cast<Pack<T, VEC>*>(row) = p;
+  for (int i0 = 0; i0 < VEC; i0 += kChunk) {
+    Pack<T, kChunk> p;
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) p.v[i] = from_float<T>(acc[i0 + i]);
+    *reinterpret_cast<Pack<T, kChunk>*>(row + i0) = p;
+  }
 }
 
 // One block per (work item, d tile): out_row (+)= sum over the item's pairs p of
-// coeff[p] * rows[token[p]] (fp32). Single-item latents store into out (dtype T; ACCUMULATE:
-// added to what out holds), multi-item latents store fp32 partials into workspace[slot].
-template <typename T, int VEC, bool ACCUMULATE>
-__global__ void scatter_sum_kernel(T* __restrict__ out, float* __restrict__ workspace,
+// coeff[p] * rows[token[p]] (fp32). Single-item latents store into out (dtype O, T or fp32;
+// ACCUMULATE: added to what out holds), multi-item latents store fp32 partials into
+// workspace[slot].
+template <typename T, typename O, int VEC, bool ACCUMULATE>
+__global__ void scatter_sum_kernel(O* __restrict__ out, float* __restrict__ workspace,
                                    const T* __restrict__ rows, const float* __restrict__ coeff,
                                    const int64_t* __restrict__ token,
                                    const int64_t* __restrict__ item_latent,
@@ -85,18 +101,17 @@ __global__ void scatter_sum_kernel(T* __restrict__ out, float* __restrict__ work
   }
   const int64_t slot = item_slot[item];
   if (slot < 0) {
-    T* dst = out + latent * d + col;
-    if (ACCUMULATE) add_row<T, VEC>(acc, dst, 1.f);
-    store_row<T, VEC>(dst, acc);
+    O* dst = out + latent * d + col;
+    if (ACCUMULATE) add_row<O, VEC>(acc, dst, 1.f);
+    store_row<O, VEC>(dst, acc);
   } else {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) workspace[slot * d + col + i] = acc[i];
+    store_row<float, VEC>(workspace + slot * d + col, acc);
   }
 }
 
 // One block per (multi-item latent, d tile): add its partials in item order.
-template <typename T, int VEC, bool ACCUMULATE>
-__global__ void reduce_partials_kernel(T* __restrict__ out, const float* __restrict__ workspace,
+template <typename O, int VEC, bool ACCUMULATE>
+__global__ void reduce_partials_kernel(O* __restrict__ out, const float* __restrict__ workspace,
                                        const int64_t* __restrict__ split_latent,
                                        const int64_t* __restrict__ slot_start,
                                        const int64_t* __restrict__ slot_end, int64_t d) {
@@ -108,9 +123,9 @@ __global__ void reduce_partials_kernel(T* __restrict__ out, const float* __restr
   for (int64_t s = slot_start[i]; s < slot_end[i]; ++s) {
     add_row<float, VEC>(acc, workspace + s * d + col, 1.f);
   }
-  T* dst = out + latent * d + col;
-  if (ACCUMULATE) add_row<T, VEC>(acc, dst, 1.f);
-  store_row<T, VEC>(dst, acc);
+  O* dst = out + latent * d + col;
+  if (ACCUMULATE) add_row<O, VEC>(acc, dst, 1.f);
+  store_row<O, VEC>(dst, acc);
 }
 
 // One warp per pair (t, j): grad_values[t, j] = W[indices[t, j]] . g[t], fp32.
@@ -193,10 +208,11 @@ template <typename T, typename Body> void with_width(int vec, Body&& body) {
   }
 }
 
-template <typename T, int VEC, bool ACCUMULATE> void launch_scatter(const ScatterArgs& a, cudaStream_t stream) {
+template <typename T, typename O, int VEC, bool ACCUMULATE>
+void launch_scatter(const ScatterArgs& a, cudaStream_t stream) {
   if (a.items > 0) {
-    scatter_sum_kernel<T, VEC, ACCUMULATE><<<tiles(a.items, a.d, VEC), kThreads, 0, stream>>>(
-        reinterpret_cast<T*>(a.out), reinterpret_cast<float*>(a.workspace),
+    scatter_sum_kernel<T, O, VEC, ACCUMULATE><<<tiles(a.items, a.d, VEC), kThreads, 0, stream>>>(
+        reinterpret_cast<O*>(a.out), reinterpret_cast<float*>(a.workspace),
         reinterpret_cast<const T*>(a.rows), reinterpret_cast<const float*>(a.coeff),
         reinterpret_cast<const int64_t*>(a.token), reinterpret_cast<const int64_t*>(a.item_latent),
         reinterpret_cast<const int64_t*>(a.item_start), reinterpret_cast<const int64_t*>(a.item_end),
@@ -204,8 +220,8 @@ template <typename T, int VEC, bool ACCUMULATE> void launch_scatter(const Scatte
     check_launch("scatter_sum_kernel");
   }
   if (a.split_latents > 0) {
-    reduce_partials_kernel<T, VEC, ACCUMULATE><<<tiles(a.split_latents, a.d, VEC), kThreads, 0, stream>>>(
-        reinterpret_cast<T*>(a.out), reinterpret_cast<const float*>(a.workspace),
+    reduce_partials_kernel<O, VEC, ACCUMULATE><<<tiles(a.split_latents, a.d, VEC), kThreads, 0, stream>>>(
+        reinterpret_cast<O*>(a.out), reinterpret_cast<const float*>(a.workspace),
         reinterpret_cast<const int64_t*>(a.split_latent),
         reinterpret_cast<const int64_t*>(a.split_start),
         reinterpret_cast<const int64_t*>(a.split_end), a.d);
@@ -217,18 +233,29 @@ template <typename T, int VEC, bool ACCUMULATE> void launch_scatter(const Scatte
 
 void scatter_sum(const ScatterArgs& a) {
   auto stream = reinterpret_cast<cudaStream_t>(a.stream);
+  if (a.out_dtype != a.dtype && a.out_dtype != kFloat32) {
+    throw std::invalid_argument("sae_fast._C scatter_sum: out_dtype must be dtype or 0 (fp32)");
+  }
   dispatch(a.dtype, [&](auto zero) {
     using T = decltype(zero);
-    // The workspace rows are d floats apart: 16-byte aligned rows need d % 4 == 0, which
-    // d % (16 / sizeof(T)) == 0 implies.
+    // Every array is read 16 bytes at a time when d and the rows' stride are whole numbers of
+    // 16 / sizeof(T) elements: then so is every fp32 offset (4 per 16 bytes).
     const int vec = vector_width<T>(a.d, {a.row_stride}, {a.out, a.rows, a.workspace});
-    with_width<T>(vec, [&](auto width) {
-      if (a.accumulate) {
-        launch_scatter<T, decltype(width)::value, true>(a, stream);
-      } else {
-        launch_scatter<T, decltype(width)::value, false>(a, stream);
-      }
-    });
+    auto run = [&](auto out_zero) {
+      using O = decltype(out_zero);
+      with_width<T>(vec, [&](auto width) {
+        if (a.accumulate) {
+          launch_scatter<T, O, decltype(width)::value, true>(a, stream);
+        } else {
+          launch_scatter<T, O, decltype(width)::value, false>(a, stream);
+        }
+      });
+    };
+    if (a.out_dtype == a.dtype) {
+      run(T{});
+    } else {
+      run(float{});
+    }
   });
 }
 

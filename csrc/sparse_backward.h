@@ -13,13 +13,15 @@ constexpr int kBFloat16 = 2;
 // out[latent] (+)= sum over the latent's pairs p of coeff[p] * rows[token[p]], from a
 // latent-major index cut into work items (see sparse_backward.cu); items and split_latents
 // are the sizes of its arrays, whose entries past the real ones name latent -1. accumulate:
-// add to what out holds. Pointers are device addresses.
+// add to what out holds; out_dtype: dtype, or fp32 (sums held in fp32 across calls). Pointers
+// are device addresses.
 struct ScatterArgs {
   std::uintptr_t out, workspace, rows, coeff, token;
   std::uintptr_t item_latent, item_start, item_end, item_slot;
   std::uintptr_t split_latent, split_start, split_end;
   int64_t items, split_latents, d, row_stride;
   bool accumulate;
+  int out_dtype;
   int dtype;
   std::uintptr_t stream;
 };

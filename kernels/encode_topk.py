@@ -257,26 +257,21 @@ def plan(
     args += (xc.stride(0), W_enc.stride(0), keys.stride(0), keys.stride(1))
     grid = (triton.cdiv(n, tiles.block_n), splits)
     if autotune:
-        return Launch(_autotuned(), lambda tuned: (triton.cdiv(n, tuned["BLOCK_N"]), splits),
+        return Launch(_autotuned(kp), lambda tuned: (triton.cdiv(n, tuned["BLOCK_N"]), splits),
                       args, meta)  # fmt: skip
     if not interpreting():
         meta |= {"num_warps": tiles.warps, "num_stages": tiles.stages}
     return Launch(encode_topk_kernel, grid, args, {**meta, **tiles.meta()})
 
 
-def _fitting(configs, named_args, **kwargs):
-    kp = kwargs["KP"]
-    return [c for c in configs if c.kwargs["BLOCK_M"] >= kp and c.kwargs["BLOCK_N"] * kp <= 8192]
-
-
 @functools.cache
-def _autotuned():
-    configs = [triton.Config(t.meta(), num_warps=t.warps, num_stages=t.stages) for t in CANDIDATES]
-    return triton.autotune(
-        configs=configs,
-        key=["d", "m_per_split", "K", "KEY16", "IEEE"],
-        prune_configs_by={"early_config_prune": _fitting},
-    )(encode_topk_kernel)
+def _autotuned(kp: int):
+    """The encoder autotuned over CANDIDATES, each fitted to a running top-kp."""
+    fitted = dict.fromkeys(t.fit(kp) for t in CANDIDATES)  # in order, without repeats
+    configs = [triton.Config(t.meta(), num_warps=t.warps, num_stages=t.stages) for t in fitted]
+    return triton.autotune(configs=configs, key=["d", "m_per_split", "K", "KEY16", "IEEE"])(
+        encode_topk_kernel
+    )
 
 
 def wide_keys(keys: Tensor, m_per_split: int) -> Tensor:

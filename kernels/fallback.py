@@ -17,9 +17,17 @@ T = TypeVar("T")
 def build_errors() -> tuple[type[Exception], ...]:
     """The errors of a kernel that cannot be built or launched for this device."""
     from triton.compiler.errors import CompilationError
-    from triton.runtime.errors import OutOfResources, PTXASError
+    from triton.runtime.errors import AutotunerError, OutOfResources, PTXASError
 
-    return (CompilationError, OutOfResources, PTXASError)
+    return (CompilationError, OutOfResources, PTXASError, AutotunerError)
+
+
+def is_build_error(error: Exception) -> bool:
+    """Whether error says the kernel could not be built: Triton's own errors, and the plain
+    RuntimeError of a failed compiler pass (a bug of Triton's, seen with some layouts)."""
+    if isinstance(error, build_errors()):
+        return True
+    return isinstance(error, RuntimeError) and "PassManager::run failed" in str(error)
 
 
 class Fallback:
@@ -33,7 +41,9 @@ class Fallback:
         if key not in self.failed:
             try:
                 return kernel()
-            except build_errors() as e:
+            except Exception as e:
+                if not is_build_error(e):
+                    raise
                 self.failed.add(key)
                 warnings.warn(
                     f"sae_fast: the Triton {self.what} kernel cannot run here for {key} "

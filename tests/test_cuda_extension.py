@@ -41,7 +41,7 @@ def test_extension_takes_named_arguments_only():
     pointers += ("item_end", "item_slot", "split_latent", "split_start", "split_end")
     ext.scatter_sum(
         **dict.fromkeys(pointers, 0), items=0, split_latents=0, d=8, row_stride=8,
-        accumulate=False, dtype=0, stream=0,
+        accumulate=False, out_dtype=0, dtype=0, stream=0,
     )  # fmt: skip
     with pytest.raises(TypeError):
         ext.gather_sum(0, 0, 0, 0, 0, 4, 8, 0, 0)
@@ -61,6 +61,10 @@ def test_python_side_passes_the_names_the_extension_takes(monkeypatch):
     assert torch.equal(cuda_backend.scatter_sum(W, coeff, indices, rows), torch.zeros(10, 6))
     out = torch.ones(10, 6)
     assert cuda_backend.scatter_sum(W, coeff, indices, rows, out) is out
+    held = torch.ones(10, 6)  # a 16-bit W's sums held in fp32
+    assert cuda_backend.scatter_sum(W.bfloat16(), coeff, indices, rows, held) is held
+    with pytest.raises(ValueError, match="out_dtype must be dtype or 0"):
+        cuda_backend.scatter_sum(W.bfloat16(), coeff, indices, rows, out.half())
 
 
 def model_scatter_sum(index, coeff, rows):
@@ -242,3 +246,23 @@ def test_gpu_auxk_gradients_exact(k, k_aux):
     got = auxk_grads(ours, case.to(torch.float32, True, "cuda"), k, dead, k_aux)
     for name, want in oracle.items():
         assert torch.equal(got[name].cpu().to(want.dtype), want), name
+
+
+@pytest.mark.gpu
+def test_gpu_two_codes_round_a_16_bit_gradient_once():
+    """257 pairs of one code and 1 of the other on latent 0: 258 in bfloat16, where rounding
+    the first code's sum (256) before adding the second's would give 256."""
+    n, d, m = 258, 8, 4
+    x = torch.ones(n, d, dtype=torch.bfloat16, device="cuda")
+    W_enc = torch.zeros(m, d, dtype=torch.bfloat16, device="cuda")
+    b_dec = torch.zeros(d, dtype=torch.bfloat16, device="cuda")
+    code = (torch.ones_like(x[:, :1]), torch.zeros(n, 1, dtype=torch.int64, device="cuda"))
+    first = torch.ones_like(x[:, :1])
+    first[-1] = 0
+    needs = (False, True, True, False)
+    _, grad_W, grad_b, _ = cuda_backend.encoder_backward(
+        needs, x, W_enc, b_dec, [code, code], [first, 1 - first]
+    )
+    assert grad_W.dtype == grad_b.dtype == torch.bfloat16
+    assert torch.equal(grad_W[0].float().cpu(), torch.full((d,), 258.0))
+    assert grad_b[0].item() == 258.0 and not grad_W[1:].any() and not grad_b[1:].any()

@@ -96,3 +96,17 @@ def test_tiles_fit_k():
                 tiles.warps,
                 tiles.stages,
             )
+
+
+def test_autotune_candidates_are_fitted_to_k_without_repeats():
+    """SAE_FAST_AUTOTUNE=1 tunes among CANDIDATES as they fit the running top-kp; candidates
+    that fit to the same tiles are compiled once."""
+    from sae_fast.kernels import encode_topk
+
+    for kp in (8, 256):
+        tuned = encode_topk._autotuned(kp).configs
+        configs = [(c.kwargs, c.num_warps, c.num_stages) for c in tuned]
+        want = [(t.fit(kp).meta(), t.warps, t.stages) for t in encode_topk.CANDIDATES]
+        assert configs == [c for i, c in enumerate(want) if c not in want[:i]]
+        assert all(c["BLOCK_M"] >= kp for c, _, _ in configs)
+    assert len(encode_topk._autotuned(256).configs) < len(encode_topk.CANDIDATES)

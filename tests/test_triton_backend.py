@@ -208,6 +208,25 @@ def test_a_kernel_that_cannot_be_built_falls_back_to_torch_with_one_warning(monk
         torch.testing.assert_close(got[name].double(), want[name].double())
 
 
+def test_a_failed_compiler_pass_falls_back_and_other_errors_do_not():
+    """Triton reports a crashed MLIR pass as a plain RuntimeError: that one means the kernel
+    cannot be built here; any other error is the caller's to see."""
+    from sae_fast.kernels.fallback import Fallback
+
+    def fails(message):
+        def kernel():
+            raise RuntimeError(message)
+
+        return kernel
+
+    fallback = Fallback("test")
+    with pytest.warns(RuntimeWarning, match="PassManager::run failed"):
+        assert fallback("a", fails("PassManager::run failed"), lambda: "torch") == "torch"
+    assert fallback("a", fails("not reached: the key failed before"), lambda: 1) == 1
+    with pytest.raises(RuntimeError, match="an illegal memory access"):
+        fallback("b", fails("an illegal memory access"), lambda: "torch")
+
+
 def test_training_with_default_auxk_runs_on_the_triton_backend(tmp_path):
     """The trainer's defaults (k_aux = d/2) with AuxK active: the dead latents' code comes
     from the dead rows alone, with no Triton top-k_aux to build."""

@@ -83,8 +83,7 @@ class LatentIndex:
         n, k = indices.shape
         pairs, device = n * k, indices.device
         flat = indices.reshape(-1)
-        order = torch.sort(flat, stable=True).indices
-        latent = flat[order]
+        latent, order = torch.sort(flat, stable=True)
         counts = torch.zeros(n_latents, dtype=torch.int64, device=device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))
         ends = counts.cumsum(0)
@@ -169,7 +168,7 @@ def scatter_sum(
 
     W (m, d') for the latent count and dtype, rows (n, d) -> (m, d) in W's dtype; the
     latent-major index of indices is built once per step (latent_index). out: add the sums to
-    this (m, d) tensor instead of to zeros.
+    this (m, d) tensor, in W's dtype or fp32, instead of to zeros.
     """
     index = latent_index(indices, W.shape[0])
     rows = rows.to(W.dtype).contiguous()
@@ -190,6 +189,7 @@ def scatter_sum(
         d=d,
         row_stride=rows.stride(0),
         accumulate=accumulate,
+        out_dtype=_dtype_code(out.dtype),
     )
     return out
 
@@ -214,20 +214,28 @@ def gather_sum(W: Tensor, coeff: Tensor, indices: Tensor, bias: Tensor | None = 
 
 def encoder_backward(needs, x, W_enc, b_dec, codes, grads):
     """pairs.encoder_backward's contract, by the CUDA kernels. The latent-major gradients run
-    code by code, each on the index its decoder's backward built (with AuxK: two codes), the
-    second adding to the first."""
+    code by code, each on the index its decoder's backward built (with AuxK: two codes); with
+    several, the sums are held in fp32 until the last code is added, so a 16-bit W_enc's
+    gradient is rounded once, as with one code."""
     need_x, need_W, need_b_enc, need_b_dec = needs
     grad_pres = [(g * (values > 0)).float() for (values, _), g in zip(codes, grads, strict=True)]
     grad_x = grad_W_enc = grad_b_enc = grad_b_dec = None
     xc = x - b_dec if need_W else None
     ones = torch.ones(x.shape[0], 1, dtype=W_enc.dtype, device=x.device) if need_b_enc else None
+    if len(codes) > 1:
+        m, d = W_enc.shape
+        held = functools.partial(torch.zeros, dtype=torch.float32, device=x.device)
+        grad_W_enc = held(m, d) if need_W else None
+        grad_b_enc = held(m, 1) if need_b_enc else None
     for (_, indices), grad_pre in zip(codes, grad_pres, strict=True):
         if need_W:
             grad_W_enc = scatter_sum(W_enc, grad_pre, indices, xc, grad_W_enc)
         if need_b_enc:
             grad_b_enc = scatter_sum(W_enc, grad_pre, indices, ones, grad_b_enc)
+    if need_W:
+        grad_W_enc = grad_W_enc.to(W_enc.dtype)
     if need_b_enc:
-        grad_b_enc = grad_b_enc.view(-1)
+        grad_b_enc = grad_b_enc.view(-1).to(W_enc.dtype)
     if need_x or need_b_dec:
         indices = torch.cat([indices for _, indices in codes], dim=1)
         grad_xc = gather_sum(W_enc, torch.cat(grad_pres, dim=1), indices)
