@@ -25,6 +25,7 @@ import torch
 import sae_fast
 
 from . import presets, report, suites
+from .compile import DEFAULT_OUT, DEFAULT_PRESETS
 from .impls import PEERS
 
 
@@ -76,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
         help="implementations, comma-separated, from: sae_fast," + ",".join(PEERS),
     )
     run.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up")
-    run.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="output folder")
+    run.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output folder")
     table = sub.add_parser("table", help="summary table of committed runs (for READMEs)")
     table.add_argument("files", nargs="+", type=Path, help="run JSON files")
     sub.add_parser("_child", help=argparse.SUPPRESS).add_argument("spec")
@@ -85,8 +86,8 @@ def parser() -> argparse.ArgumentParser:
         help="compile the Triton kernels for sm_90 as real launches would, without a GPU: "
         "registers, spills, shared memory, instruction mix",
     )
-    kernels.add_argument("--presets", default="gpu,gpu-large", help="comma-separated presets")
-    kernels.add_argument("--out", default="benchmarks/out", help="output folder")
+    kernels.add_argument("--presets", default=DEFAULT_PRESETS, help="comma-separated presets")
+    kernels.add_argument("--out", default=DEFAULT_OUT, help="output folder")
     return ap
 
 

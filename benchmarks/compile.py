@@ -14,7 +14,7 @@ that takes each path at the preset from a replay of the kernel's decisions on i.
 pre-activations (as at initialisation; a trained SAE's differ), and the expected selection
 instructions per tile that follow.
 
-    python -m benchmarks kernels [--presets gpu,gpu-large] [--out benchmarks/results]
+    python -m benchmarks kernels [--presets gpu,gpu-large] [--out DIR]
 
 Needs Triton with its NVIDIA backend (ptxas and cuobjdump ship with it); runs in a process of
 its own with TRITON_INTERPRET=0.
@@ -22,7 +22,6 @@ its own with TRITON_INTERPRET=0.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -36,6 +35,8 @@ from typing import Any
 CAPABILITY = (9, 0)  # Hopper: H100, H200
 ARCH = CAPABILITY[0] * 10 + CAPABILITY[1]
 SM_COUNT = 132  # H200 SXM
+DEFAULT_PRESETS = "gpu,gpu-large"
+DEFAULT_OUT = "benchmarks/out"  # where every benchmark writes unless told
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 # SASS opcode families, by the first dot-separated part of the opcode.
 _MMA = {"HGMMA", "HMMA", "WARPGROUP", "IMMA", "WGMMA"}
@@ -155,10 +156,11 @@ def body(code: list[tuple[int, str, str]], span: tuple[int, int]) -> list[str]:
     return [op for offset, op, _ in code if span[0] <= offset <= span[1]]
 
 
-def gemm_and_tile_loops(code: list) -> tuple[tuple[int, int], tuple[int, int] | None]:
-    """The GEMM loop (of the innermost loops, the one with the most MMA or FFMA work) and the
-    smallest loop around it (the latent-tile loop)."""
-    spans = loops(code)
+def gemm_and_tile_loops(
+    code: list, spans: list[tuple[int, int]]
+) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """Of the loops spans of code: the GEMM loop (of the innermost loops, the one with the
+    most MMA or FFMA work) and the smallest loop around it (the latent-tile loop)."""
 
     def inside(a, b):
         return b[0] <= a[0] and a[1] <= b[1] and a != b
@@ -184,7 +186,8 @@ def loop_profile(compiled: Any, d: int, block_d: int) -> dict[str, Any]:
     """Instructions of the GEMM loop per tile (its body times the d iterations), and of the
     tile loop outside it (static: every path of the epilogue counted once)."""
     code = sass(compiled)
-    inner, tile = gemm_and_tile_loops(code)
+    spans = loops(code)
+    inner, tile = gemm_and_tile_loops(code, spans)
     gemm = body(code, inner)
     iterations = -(-d // block_d)
     out = {"gemm_loop_body": len(gemm), "gemm_per_tile": len(gemm) * iterations}
@@ -197,7 +200,7 @@ def loop_profile(compiled: Any, d: int, block_d: int) -> dict[str, Any]:
         ]
         out["epilogue_static"] = len(outside)
         out["epilogue_mix"] = mix(outside)
-        nested = [s for s in loops(code) if tile[0] <= s[0] and s[1] <= tile[1] and s != tile]
+        nested = [s for s in spans if tile[0] <= s[0] and s[1] <= tile[1] and s != tile]
         nested = [s for s in nested if s != inner and not (s[0] <= inner[0] <= s[1])]
         out["extraction_loop_body"] = sum(len(body(code, s)) for s in nested)
     return out
@@ -237,29 +240,27 @@ def _kernels():
     return plain_gemm
 
 
-def replay(preset, tiles, splits: int, rows: int = 64) -> dict[str, float]:
-    """What the kernel's selection does per latent tile at preset, replayed on rows of i.i.d.
-    N(0, 1) pre-activations over one latent split: the share of tiles that skip, go light or
-    full, the mean extraction iterations of a light tile, and flushes of the buffer per tile."""
+def replay(launch, dtype, rows: int = 64) -> dict[str, float]:
+    """What the kernel's selection does per latent tile in launch (inputs of dtype), replayed
+    on rows of i.i.d. N(0, 1) pre-activations over one latent split: the share of tiles that
+    skip, go light or full, the mean extraction iterations of a light tile, and flushes of the
+    buffer per tile."""
     import torch
-    import triton
-    from sae_fast.kernels.encode_topk import BUF, LIGHT
 
-    k, dtype = preset.k, preset.torch_dtype
-    kp = triton.next_power_of_2(k)
-    light_max, width = (LIGHT if kp > LIGHT else 0), min(BUF, kp)
-    m_split = -(-preset.m // splits)
+    meta = launch.meta
+    k, light_max, width, block_m = meta["K"], meta["LIGHT"], meta["BUF"], meta["BLOCK_M"]
+    m_split = launch.args[7]  # m_per_split
     g = torch.Generator().manual_seed(0)
     counts = Counter()
-    best = torch.zeros(min(rows, tiles.block_n), k, dtype=torch.int64)
+    best = torch.zeros(min(rows, meta["BLOCK_N"]), k, dtype=torch.int64)
     buf = torch.zeros(best.shape[0], 0, dtype=torch.int64)
 
     def flushed(best, buf):
         counts["flush"] += 1
         return torch.cat([best, buf], dim=1).topk(k, dim=1).values, buf[:, :0]
 
-    for start in range(0, m_split, tiles.block_m):
-        cols = torch.arange(start, min(start + tiles.block_m, m_split))
+    for start in range(0, m_split, block_m):
+        cols = torch.arange(start, min(start + block_m, m_split))
         acts = torch.randn(best.shape[0], cols.numel(), generator=g).relu().to(dtype)
         if dtype == torch.float32:
             bits = acts.view(torch.int32).to(torch.int64)
@@ -292,19 +293,27 @@ def replay(preset, tiles, splits: int, rows: int = 64) -> dict[str, float]:
     }
 
 
-def encoder_report(preset, plain_gemm) -> dict[str, Any]:
-    """Resources and instruction mix of the encoder at preset, next to the plain GEMM."""
+def encoder_launch(preset):
+    """The encoder's launch at preset on the target, and its pinned tiles (as pinned)."""
     import torch
-    import triton
     from sae_fast.kernels import encode_topk
-    from sae_fast.kernels.launch import Launch
 
     dtype = preset.torch_dtype
     xc = torch.empty(preset.n, preset.d, dtype=dtype)
     W = torch.empty(preset.m, preset.d, dtype=dtype)
     b_enc = torch.empty(preset.m, dtype=dtype)
     tiles = encode_topk.pinned(CAPABILITY, dtype)
-    launch = encode_topk.plan(xc, W, b_enc, preset.k, tiles=tiles, sm_count=SM_COUNT)
+    return encode_topk.plan(xc, W, b_enc, preset.k, tiles=tiles, sm_count=SM_COUNT), tiles
+
+
+def encoder_report(preset, plain_gemm) -> dict[str, Any]:
+    """Resources and instruction mix of the encoder at preset, next to the plain GEMM."""
+    import torch
+    import triton
+    from sae_fast.kernels.launch import Launch
+
+    launch, tiles = encoder_launch(preset)
+    xc, W = launch.args[:2]
     tiles = tiles.fit(launch.meta["KP"])
     started = time.perf_counter()
     compiled = launch.compile()
@@ -331,7 +340,7 @@ def encoder_report(preset, plain_gemm) -> dict[str, Any]:
         "light": probes["light"]["epilogue_static"] - always - loop_body,
         "full": probes["full"]["epilogue_static"] - always,
     }
-    seen = replay(preset, tiles, launch.grid[1])
+    seen = replay(launch, preset.torch_dtype)
     expected = (
         always
         + seen["light"] * (parts["light"] + seen["iterations_per_light_tile"] * loop_body)
@@ -449,16 +458,18 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from .report import write_json
+
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks kernels", description=__doc__.split("\n")[0]
     )
-    ap.add_argument("--presets", default="gpu,gpu-large", help="comma-separated preset names")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="output folder")
+    ap.add_argument("--presets", default=DEFAULT_PRESETS, help="comma-separated preset names")
+    ap.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output folder")
     args = ap.parse_args(argv)
     result = run(args.presets.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"kernels-sm90-triton{result['env']['triton']}-{time.strftime('%Y%m%d')}"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out / f"{stem}.json", result)
     table = markdown(result)
     (args.out / f"{stem}.md").write_text(table + "\n")
     print(table)

@@ -26,11 +26,23 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from .presets import PRESETS
+from .report import environment, write_json
+
+_GPU = PRESETS["gpu"]
 # Shapes per mode: the real ones, and the dry run's (the interpreter is ~1000x slower).
+# exact: (n, d, m, k, rows sampled), at the gpu preset on the GPU.
 SHAPES = {
-    False: {"exact": (8192, 2304, 65536, 64, 256), "offsets": (64, 4096, 655360, 32)},
+    False: {"exact": (_GPU.n, _GPU.d, _GPU.m, _GPU.k, 256), "offsets": (64, 4096, 655360, 32)},
     True: {"exact": (48, 32, 256, 8, 16), "offsets": (8, 16, 300, 4)},
 }
+
+
+def _dtype(dry: bool):
+    """The checks' input dtype: bf16 on the GPU; fp32 dry, as the interpreter mishandles bf16."""
+    import torch
+
+    return torch.float32 if dry else torch.bfloat16
 
 
 def _inputs(n: int, d: int, m: int, device: str, dtype, seed: int = 0):
@@ -67,7 +79,7 @@ def check_exact(dry: bool, device: str) -> dict[str, Any]:
     from sae_fast import ops
 
     n, d, m, k, sampled = SHAPES[dry]["exact"]
-    dtype = torch.float32 if dry else torch.bfloat16  # the interpreter mishandles bf16
+    dtype = _dtype(dry)
     x, W, b_enc, b_dec = _inputs(n, d, m, device, dtype)
     rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:sampled].to(device)
     want_values, want = exact_topk(x[rows], W, b_enc, b_dec, k)
@@ -109,7 +121,7 @@ def check_offsets(dry: bool, device: str) -> dict[str, Any]:
     from sae_fast import ops
 
     n, d, m, k = SHAPES[dry]["offsets"]
-    dtype = torch.float32 if dry else torch.bfloat16
+    dtype = _dtype(dry)
     x = torch.randn(n, d, device=device).to(dtype)
     W = torch.empty(m, d, dtype=dtype, device=device).normal_(0, d**-0.5)
     far = torch.arange(m - n, m, device=device)  # the last n latents: offsets past 2^31
@@ -151,8 +163,6 @@ def bench(dry: bool, out: Path) -> dict[str, Any]:
 
 def run(dry: bool, out: Path, steps: list[str]) -> dict[str, Any]:
     import torch
-
-    from .report import environment
 
     device = "cpu" if dry else "cuda"
     result = {"dry": dry, "env": environment(device), "steps": {}}
@@ -205,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args.dry, args.out, args.steps.split(","))
-    (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out / "gpu_check.json", result)
     table = markdown(result)
     (args.out / "gpu_check.md").write_text(table + "\n")
     print(table)

@@ -22,36 +22,19 @@ SCRIPT = r"""
 import json, time
 from dataclasses import replace
 
-import torch
-
 from benchmarks import compile, presets
-from sae_fast.kernels import decode, encode_topk
 
 compile.fake_hopper_driver()
 out = {}
 gpu = presets.PRESETS["gpu"]
 for name, preset in {"bf16 k=64": gpu, "fp32 k=8": replace(gpu, dtype="fp32", k=8, m=4096)}.items():
-    dtype = preset.torch_dtype
-    xc = torch.empty(preset.n, preset.d, dtype=dtype)
-    W = torch.empty(preset.m, preset.d, dtype=dtype)
-    b_enc = torch.empty(preset.m, dtype=dtype)
-    tiles = encode_topk.pinned(compile.CAPABILITY, dtype)
-    launch = encode_topk.plan(xc, W, b_enc, preset.k, tiles=tiles, sm_count=compile.SM_COUNT)
+    launch, tiles = compile.encoder_launch(preset)
     started = time.perf_counter()
     report = compile.resources(launch.compile())
     report["seconds"] = time.perf_counter() - started
     report["pinned"] = [tiles.warps, tiles.stages]
     out[name] = report
-W = torch.empty(gpu.m, gpu.d, dtype=torch.bfloat16)
-rows = torch.empty(gpu.n, gpu.d, dtype=torch.bfloat16)
-values = torch.empty(gpu.n, gpu.k, dtype=torch.bfloat16)
-indices = torch.empty(gpu.n, gpu.k, dtype=torch.int64)
-bias = torch.empty(gpu.d, dtype=torch.bfloat16)
-plans = {
-    "gather_sum": decode.plan(decode.gather_sum_kernel, rows, False, W, values, indices, bias),
-    "pair_dot": decode.plan(decode.pair_dot_kernel, values.float(), True, W, rows, indices),
-}
-out |= {name: compile.resources(launch.compile()) for name, launch in plans.items()}
+out |= compile.decode_report(gpu)
 print(json.dumps(out))
 """
 
