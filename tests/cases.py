@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sae_fast import ops
 from sae_fast import reference as ref
 
 
@@ -145,3 +146,19 @@ def reference_auxk(x, W_enc, b_enc, b_dec, k, dead, k_aux):
     """The oracle's (code, AuxK code) pair."""
     pre = ref.pre_activation(x, W_enc, b_enc, b_dec)
     return ref.topk(pre, k), ref.masked_topk(pre, dead, k_aux)
+
+
+def assert_auxk_exact(
+    case: Case, k: int, dead: Tensor, k_aux: int, device: str = "cpu", **options
+) -> dict[str, Tensor]:
+    """ops.encode_topk_auxk(..., **options) on an exact-in-float32 case, in float32 on device:
+    both codes and every encoder gradient equal the float64 oracle's bit for bit. -> ours."""
+    oracle = auxk_grads(reference_auxk, case.to(torch.float64, True), k, dead, k_aux)
+
+    def ours(*args):
+        return ops.encode_topk_auxk(*args, **options)
+
+    got = auxk_grads(ours, case.to(torch.float32, True, device), k, dead, k_aux)
+    for name, want in oracle.items():
+        assert torch.equal(got[name].cpu().to(want.dtype), want), name
+    return got

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from cases import auxk_grads, encode_decode_grads, integer_case, reference_auxk, separated_case
+from cases import assert_auxk_exact, encode_decode_grads, integer_case, separated_case
 
 from sae_fast import backends, ops
 from sae_fast import reference as ref
@@ -238,14 +238,7 @@ def test_gpu_auxk_gradients_exact(k, k_aux):
     code's added to the TopK code's."""
     case = integer_case(300, 64, 96, seed=k)
     dead = torch.arange(96) % 2 == 0
-    oracle = auxk_grads(reference_auxk, case.to(torch.float64, True), k, dead, k_aux)
-
-    def ours(*args):
-        return ops.encode_topk_auxk(*args, backend="cuda")
-
-    got = auxk_grads(ours, case.to(torch.float32, True, "cuda"), k, dead, k_aux)
-    for name, want in oracle.items():
-        assert torch.equal(got[name].cpu().to(want.dtype), want), name
+    assert_auxk_exact(case, k, dead, k_aux, "cuda", backend="cuda")
 
 
 @pytest.mark.gpu

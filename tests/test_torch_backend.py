@@ -7,11 +7,10 @@ import itertools
 import pytest
 import torch
 from cases import (
+    assert_auxk_exact,
     assert_within_torch_error,
-    auxk_grads,
     encode_decode_grads,
     integer_case,
-    reference_auxk,
     separated_case,
 )
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -192,13 +191,6 @@ def test_auxk_code_from_the_same_pass_exact(k, k_aux, chunk_size):
     """AuxK on integer data (ties, few positives): codes and gradients exactly the oracle's."""
     case = integer_case(13, 16, 40, seed=k + k_aux)
     dead = torch.arange(40) % 3 == 0
-    oracle = auxk_grads(reference_auxk, case.to(torch.float64, True), k, dead, k_aux)
-
-    def ours(*args):
-        return ops.encode_topk_auxk(*args, backend="torch", chunk_size=chunk_size)
-
-    got = auxk_grads(ours, case.to(torch.float32, True), k, dead, k_aux)
-    for name, want in oracle.items():
-        assert torch.equal(got[name].to(want.dtype), want), name
+    got = assert_auxk_exact(case, k, dead, k_aux, backend="torch", chunk_size=chunk_size)
     live_picked = ~dead[got["aux_indices"]] & (got["aux_values"] != 0)
     assert not live_picked.any()  # only dead latents carry AuxK values

@@ -13,11 +13,10 @@ import pytest
 import torch
 from cases import (
     Case,
+    assert_auxk_exact,
     assert_within_torch_error,
-    auxk_grads,
     encode_decode_grads,
     integer_case,
-    reference_auxk,
     separated_case,
 )
 
@@ -111,14 +110,15 @@ def test_auxk_code_exact(k, k_aux, dead_every):
     case = integer_case(13, 16, 64, seed=k + k_aux)
     every = torch.arange(64)
     dead = every % dead_every == 0 if dead_every else every < 0
-    oracle = auxk_grads(reference_auxk, case.to(torch.float64, True), k, dead, k_aux)
+    assert_auxk_exact(case, k, dead, k_aux, DEVICE, backend="triton")
 
-    def ours(*args):
-        return ops.encode_topk_auxk(*args, backend="triton")
 
-    got = auxk_grads(ours, case.to(torch.float32, True, DEVICE), k, dead, k_aux)
-    for name, want in oracle.items():
-        assert torch.equal(got[name].cpu().to(want.dtype), want), name
+def identity_case(x: torch.Tensor) -> Case:
+    """pre = x exactly: W_enc and W_dec the identity (m = x's width), biases 0."""
+    m = x.shape[1]
+    eye = torch.eye(m, dtype=x.dtype)
+    zeros = torch.zeros(m, dtype=x.dtype)
+    return Case(x, eye, zeros, zeros, eye)
 
 
 def staged_case(k: int) -> Case:
@@ -137,9 +137,7 @@ def staged_case(k: int) -> Case:
         x[r, 40] = kth[r]  # ties it: a higher index than every tied key so far, so it loses
     x[:, 48:80] = torch.randint(-5, 50, (n, 32), generator=g).double()
     x[:, 80:] = -1.0
-    eye = torch.eye(m, dtype=torch.float64)
-    return Case(x, eye, torch.zeros(m, dtype=torch.float64), torch.zeros(m, dtype=torch.float64),
-                eye)  # fmt: skip
+    return identity_case(x)
 
 
 def buffered_case(k: int) -> Case:
@@ -156,9 +154,7 @@ def buffered_case(k: int) -> Case:
     x[:, 192:197] = 60.0  # split 1, tile 1: light (5 keys, tied)
     x[:, 224:236] = 70.0 + torch.arange(12).double()  # tile 2: full, the buffer holding 5
     x[:, 256:259] = 90.0  # tile 3: light again
-    eye = torch.eye(m, dtype=torch.float64)
-    return Case(x, eye, torch.zeros(m, dtype=torch.float64), torch.zeros(m, dtype=torch.float64),
-                eye)  # fmt: skip
+    return identity_case(x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
