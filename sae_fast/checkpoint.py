@@ -2,8 +2,8 @@
 
 cfg.json holds {"format": "sae_fast", "format_version": N, ...hyperparameters}; the weights
 are stored bit-exactly by safetensors. Reading checks both files and says what is wrong:
-missing, truncated or corrupt, another format, a newer version, missing or extra tensors,
-shapes or dtypes that disagree with the config.
+missing, truncated or corrupt, another format, a newer version (the tensors against the
+config: the sae_fast format, sae_fast.formats.native).
 """
 
 from __future__ import annotations
@@ -95,25 +95,3 @@ def read(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict, di
         raise CheckpointError(f"{folder / WEIGHTS_FILE} is truncated or corrupt: {e}") from e
     config = {k: v for k, v in config.items() if k not in ("format", "format_version")}
     return config, tensors
-
-
-def check_tensors(
-    folder: str | Path,
-    tensors: dict[str, Tensor],
-    shapes: dict[str, tuple[int, ...]],
-    dtype: torch.dtype,
-) -> None:
-    """Raise CheckpointError unless tensors has exactly the names in shapes, each of its shape
-    and of dtype (what cfg.json implies: sae_config.tensor_shapes)."""
-    where = Path(folder) / WEIGHTS_FILE
-    missing = sorted(set(shapes) - set(tensors))
-    extra = sorted(set(tensors) - set(shapes))
-    if missing or extra:
-        raise CheckpointError(f"{where}: missing tensors {missing}, unexpected tensors {extra}")
-    for name, shape in shapes.items():
-        got = tensors[name]
-        if tuple(got.shape) != shape or got.dtype != dtype:
-            raise CheckpointError(
-                f"{where}: {name} is {tuple(got.shape)} {got.dtype} but {CONFIG_FILE} implies "
-                f"{shape} {dtype}"
-            )

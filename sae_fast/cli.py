@@ -16,6 +16,8 @@ from pathlib import Path
 from .backends import BackendUnavailableError
 from .checkpoint import CheckpointError
 from .sources import HookPointError, SourceError, build_source
+from .training import Trainer, TrainingDivergedError
+from .training.checkpoints import SAE_DIR
 from .training.config import ConfigError, TrainConfig, check_device, field_type, resolve_device
 from .validation import ACTIVATION_DTYPES, parse_dtype
 
@@ -71,9 +73,6 @@ def config_from_args(args: argparse.Namespace, groups: tuple[str, ...]) -> Train
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training.checkpoints import SAE_DIR
-    from .training.trainer import Trainer
-
     cfg = config_from_args(args, tuple(_GROUPS))
     source = build_source(cfg, resolve_device(cfg.device))
     result = Trainer(cfg, source, resume=args.resume or False).train()
@@ -308,8 +307,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .training.trainer import TrainingDivergedError
-
     try:
         return args.fn(args)
     except USER_ERRORS as e:

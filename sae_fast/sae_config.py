@@ -66,8 +66,7 @@ def complete(config: Mapping[str, Any]) -> dict[str, Any]:
     full = {**DEFAULTS, **config}
     if parse_dtype(full["dtype"]) is None:
         raise ValueError(f"dtype must name a floating-point torch dtype, got {full['dtype']!r}")
-    fields = ("d_in", "n_latents", "k", "activation", "input_norm", "jumprelu_bandwidth")
-    check_hyperparameters(*(full[name] for name in fields))
+    check_hyperparameters(**{name: full[name] for name in FIELDS if name != "dtype"})
     return full
 
 

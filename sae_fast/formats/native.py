@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .. import checkpoint, sae_config
+from .folder import check_names
 from .registry import Config, Format, Tensors, register
 
 
@@ -29,9 +30,23 @@ def load(path: Path) -> tuple[Config, Tensors]:
         raise checkpoint.CheckpointError(
             f"{path / checkpoint.CONFIG_FILE} does not describe an SAE: {e!r}"
         ) from e
-    shapes = sae_config.tensor_shapes(config)
-    checkpoint.check_tensors(path, tensors, shapes, sae_config.dtype(config))
+    _check_tensors(path, config, tensors)
     return config, tensors
+
+
+def _check_tensors(path: Path, config: Config, tensors: Tensors) -> None:
+    """Raise CheckpointError unless tensors has exactly the names, shapes and dtype that
+    config implies (sae_config.tensor_shapes)."""
+    where = path / checkpoint.WEIGHTS_FILE
+    shapes, dtype = sae_config.tensor_shapes(config), sae_config.dtype(config)
+    check_names(str(where), tensors, shapes)
+    for name, shape in shapes.items():
+        got = tensors[name]
+        if tuple(got.shape) != shape or got.dtype != dtype:
+            raise checkpoint.CheckpointError(
+                f"{where}: {name} is {tuple(got.shape)} {got.dtype} but "
+                f"{checkpoint.CONFIG_FILE} implies {shape} {dtype}"
+            )
 
 
 def save(config: Config, tensors: Tensors, path: Path) -> None:

@@ -36,13 +36,6 @@ DTYPES = {name: parse_dtype(name) for name in ACTIVATION_DTYPES}
 _LAYOUT_FIELDS = ("format", "format_version", "dtype", "d_in", "rows", "tokens", "shards")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    names = {v: k for k, v in DTYPES.items()}
-    if dtype not in names:
-        raise SourceError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
-    return names[dtype]
-
-
 def write_cache(
     out_dir: str | Path,
     activations: Iterable[Tensor],
@@ -59,7 +52,9 @@ def write_cache(
     """
     for name, value in (("tokens", tokens), ("shard_rows", shard_rows)):
         check_int(value, name, error=SourceError)
-    stored = _dtype_name(dtype)
+    if dtype not in DTYPES.values():
+        raise SourceError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
+    stored = dtype_name(dtype)
     meta = dict(meta or {})
     clash = sorted(set(meta) & {*_LAYOUT_FIELDS, "created"})
     if clash:
