@@ -67,7 +67,7 @@ def pair_dot_kernel(
     tl.store(OUT + row * stride_on + js, acc, mask=j_ok)
 
 
-def _blocks(k: int, d: int) -> tuple[int, int]:
+def _blocks(k: int) -> tuple[int, int]:
     if interpreting():
         return min(triton.next_power_of_2(k), 8), 16
     return min(triton.next_power_of_2(k), 32), 128
@@ -79,7 +79,7 @@ def plan(kernel, out: Tensor, tiles_over_k: bool, W: Tensor, *args: Tensor) -> L
     W, rows, indices, *bias = (t.contiguous() for t in (W, *args))
     n, k = indices.shape
     d = W.shape[1]
-    block_k, block_d = _blocks(k, d)
+    block_k, block_d = _blocks(k)
     grid = (n, triton.cdiv(k, block_k) if tiles_over_k else triton.cdiv(d, block_d))
     args = (W, rows, indices, *bias, out, k, d, W.stride(0), rows.stride(0), indices.stride(0))
     return Launch(kernel, grid, (*args, out.stride(0)), {"BLOCK_K": block_k, "BLOCK_D": block_d})

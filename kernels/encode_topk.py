@@ -225,8 +225,9 @@ def plan(
     """The launch that writes the top k keys of relu(xc @ W_enc.T + b_enc) per row and split.
 
     xc (n, d) = x - b_dec and W_enc (m, d) with contiguous rows; the keys go to a new
-    (n, splits, k) int64 tensor, args[3]. tiles, sm_count: the GPU's (the current device's
-    pinned tiles and multiprocessor count when None).
+    (n, splits, k) tensor, args[3]: int32 for 16-bit inputs, int64 for float32. tiles,
+    sm_count: the GPU's (the current device's pinned tiles and multiprocessor count when
+    None).
     """
     n, d = xc.shape
     m = W_enc.shape[0]

@@ -14,18 +14,14 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def build_errors() -> tuple[type[Exception], ...]:
-    """The errors of a kernel that cannot be built or launched for this device."""
+def is_build_error(error: Exception) -> bool:
+    """Whether error says the kernel could not be built or launched for this device: Triton's
+    own errors, and the plain RuntimeError of a failed compiler pass (a bug of Triton's, seen
+    with some layouts)."""
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import AutotunerError, OutOfResources, PTXASError
 
-    return (CompilationError, OutOfResources, PTXASError, AutotunerError)
-
-
-def is_build_error(error: Exception) -> bool:
-    """Whether error says the kernel could not be built: Triton's own errors, and the plain
-    RuntimeError of a failed compiler pass (a bug of Triton's, seen with some layouts)."""
-    if isinstance(error, build_errors()):
+    if isinstance(error, (CompilationError, OutOfResources, PTXASError, AutotunerError)):
         return True
     return isinstance(error, RuntimeError) and "PassManager::run failed" in str(error)
 
