@@ -1,25 +1,26 @@
-"""sae_fast: custom-kernel accelerated sparse autoencoders for PyTorch."""
+"""sae_fast: custom-kernel accelerated sparse autoencoders for PyTorch.
 
-from . import reference
-from .backends import BackendUnavailableError
-from .backends import status as backend_status
-from .checkpoint import CheckpointError
-from .ops import SparseCode, decode, encode_topk, encode_topk_auxk
-from .sae import SAEOutput, SparseAutoencoder
-from .sae_config import ACTIVATIONS
+The names below import on first use (sae_fast.lazy), so the command line starts without
+torch; `sae_fast.SparseAutoencoder` and `from sae_fast import encode_topk` work as usual.
+"""
 
-__version__ = "0.1.0"
+from .lazy import exports
+from .version import VERSION
 
-__all__ = [
-    "ACTIVATIONS",
-    "BackendUnavailableError",
-    "CheckpointError",
-    "SAEOutput",
-    "SparseAutoencoder",
-    "SparseCode",
-    "backend_status",
-    "decode",
-    "encode_topk",
-    "encode_topk_auxk",
-    "reference",
-]
+__version__ = VERSION
+
+_EXPORTS = {
+    "ACTIVATIONS": ".options",
+    "BackendUnavailableError": ".backends",
+    "CheckpointError": ".checkpoint",
+    "SAEOutput": ".sae",
+    "SparseAutoencoder": ".sae",
+    "SparseCode": ".ops",
+    "backend_status": ".backends:status",
+    "decode": ".ops",
+    "encode_topk": ".ops",
+    "encode_topk_auxk": ".ops",
+    "reference": ".reference",
+}
+__all__ = sorted([*_EXPORTS, "__version__"])
+__getattr__ = exports(__name__, _EXPORTS)

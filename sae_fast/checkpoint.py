@@ -9,16 +9,14 @@ config: the sae_fast format, sae_fast.formats.native).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
+
+from .files import atomic_path, check_regular, read_json, save_safetensors
 
 FORMAT = "sae_fast"
 FORMAT_VERSION = 1
@@ -30,36 +28,13 @@ class CheckpointError(ValueError):
     """A checkpoint folder is missing, damaged or does not match its config."""
 
 
-@contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside target; on success fsync it and rename it over target.
-
-    A reader sees the old file or the complete new one, never a partial write; on error the
-    temp file is removed and target is untouched.
-    """
-    target = Path(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def read_stamped_json(path: Path, fmt: str, version: int, error: type[ValueError]) -> dict:
     """The JSON object in path, which must carry "format": fmt and "format_version" <= version.
 
     Anything else raises `error` saying what is wrong: not JSON, another format, a version
     newer than this sae_fast reads.
     """
-    try:
-        body = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path} is not valid JSON: {e}") from e
+    body = read_json(path, error)
     if not isinstance(body, dict) or body.get("format") != fmt:
         raise error(f"{path} is not a {fmt} file (no format field)")
     found = body.get("format_version")
@@ -74,7 +49,8 @@ def write(path: str | Path, config: dict, tensors: dict[str, Tensor]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION)}
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        body = {k: v.detach().contiguous() for k, v in tensors.items()}
+        save_safetensors(body, tmp, meta)
     with atomic_path(folder / CONFIG_FILE) as tmp:
         body = {"format": FORMAT, "format_version": FORMAT_VERSION, **config}
         tmp.write_text(json.dumps(body, indent=2) + "\n")
@@ -86,8 +62,9 @@ def read(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict, di
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
+        if not (folder / name).exists():
             raise CheckpointError(f"{folder} has no {name}")
+        check_regular(folder / name, CheckpointError)
     config = read_stamped_json(folder / CONFIG_FILE, FORMAT, FORMAT_VERSION, CheckpointError)
     try:
         tensors = load_file(folder / WEIGHTS_FILE, device=str(device))

@@ -1,35 +1,25 @@
-"""The `sae-fast` command: train, cache, eval, demo, toy, convert and inspect.
+"""The `sae-fast` command: train, cache, eval, report, demo, toy, convert and inspect.
 
-Errors a user can fix (bad options, missing files, a hook point the model lacks, widths that
-disagree) print one line and exit with code 2; training that diverges exits with 1; Ctrl-C
-during training saves a checkpoint and exits with 130 (elsewhere it just exits with 130).
+Errors a user can fix (bad options, missing or damaged files, a folder in use, a hook point
+the model lacks, widths that disagree) print one line and exit with code 2; training that
+diverges exits with 1; Ctrl-C during training saves a checkpoint and exits with 130
+(elsewhere it just exits with 130). The parser needs no torch: `--help` answers at once, and
+each command imports what it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import sys
 from pathlib import Path
 
-from .backends import BackendUnavailableError
-from .checkpoint import CheckpointError
-from .sources import HookPointError, SourceError, build_source
-from .training import Trainer, TrainingDivergedError
-from .training.checkpoints import SAE_DIR
-from .training.config import ConfigError, TrainConfig, check_device, field_type, resolve_device
-from .validation import ACTIVATION_DTYPES, parse_dtype
+from .options import ACTIVATION_DTYPES
+from .training.config import ConfigError, TrainConfig, check_device, field_type
+from .version import VERSION
 
-USER_ERRORS = (
-    ConfigError,
-    SourceError,
-    HookPointError,
-    CheckpointError,
-    BackendUnavailableError,
-    ImportError,
-    OSError,
-)
 _GROUPS = {
     "data": "activations",
     "sae": "the SAE",
@@ -48,8 +38,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...
             continue
         kind, _ = field_type(f)
         flag = "--" + f.name.replace("_", "-")
+        # None means a derived default, which the help text describes.
+        shown = "" if f.default is None else f" (default: {f.default})"
         # argparse %-formats help texts: a literal % must be doubled.
-        text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")
+        text = f"{f.metadata['help']}{shown}".replace("%", "%%")
         if kind is bool:
             sections[group].add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=text
@@ -60,25 +52,69 @@ def add_config_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...
             )
 
 
-def config_from_args(args: argparse.Namespace, groups: tuple[str, ...]) -> TrainConfig:
-    """TrainConfig from --config (if given) overridden by the flags given."""
+def given_options(args: argparse.Namespace, groups: tuple[str, ...]) -> dict:
+    """The TrainConfig options of groups given on the command line."""
     names = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["group"] in groups}
-    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def config_from_args(args: argparse.Namespace, groups: tuple[str, ...]) -> TrainConfig:
+    """TrainConfig from --config (or, for --resume, the run's own options) and the flags
+    given, which win."""
+    given = given_options(args, groups)
     if getattr(args, "config", None):
         return TrainConfig.from_file(args.config, **given)
+    if getattr(args, "resume", None):
+        return _resumed_config(args.resume, given)
     return TrainConfig(**given)
+
+
+def _resumed_config(resume: bool | str, given: dict) -> TrainConfig:
+    """The options of the run that --resume continues (its config.json), then the flags.
+
+    --resume alone names the run by --out-dir; --resume CHECKPOINT by the run folder the
+    checkpoint is in, or by the options recorded in the checkpoint's cfg.json.
+    """
+    from .files import read_json
+    from .training.checkpoints import CHECKPOINTS_DIR, RUN_CONFIG_FILE
+
+    if resume is True:
+        run = Path(given.get("out_dir", TrainConfig.out_dir))
+    else:
+        checkpoint = Path(resume)
+        run = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS_DIR else None
+        if run is None or not (run / RUN_CONFIG_FILE).exists():
+            cfg = read_json(checkpoint / "cfg.json", ConfigError)
+            train = (cfg.get("provenance") or {}).get("train") if isinstance(cfg, dict) else None
+            if not isinstance(train, dict):
+                raise ConfigError(
+                    f"--resume: {checkpoint} records no training options; give them with "
+                    "--config or the flags"
+                )
+            return TrainConfig.from_dict({**train, **given}, where=str(checkpoint))
+    if not (run / RUN_CONFIG_FILE).exists():  # no run there: the trainer says what lacks
+        return TrainConfig(**given)
+    return TrainConfig.from_file(run / RUN_CONFIG_FILE, **{"out_dir": str(run), **given})
 
 
 # --- commands ------------------------------------------------------------------------------
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .sources import build_source
+    from .training import Trainer
+    from .training.checkpoints import SAE_DIR
+    from .training.config import resolve_device
+
     cfg = config_from_args(args, tuple(_GROUPS))
     source = build_source(cfg, resolve_device(cfg.device))
     result = Trainer(cfg, source, resume=args.resume or False).train()
     print(json.dumps({"step": result.step, **result.final}, indent=2))
     if result.interrupted:
-        print(f"interrupted at step {result.step}; continue with --resume --out-dir {cfg.out_dir}")
+        print(
+            f"interrupted at step {result.step}; continue with: sae-fast train --resume "
+            f"--out-dir {cfg.out_dir}"
+        )
         return 130
     print(f"saved the SAE to {result.out_dir / SAE_DIR}")
     return 0
@@ -87,6 +123,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from .sources import cache_from_model, load_model, read_manifest
     from .sources.cache import DTYPES
+    from .training.config import resolve_device
+    from .validation import parse_dtype
 
     device = resolve_device(check_device(args.device, "--device"))
     model_dtype = parse_dtype(args.model_dtype) if args.model_dtype else None
@@ -109,15 +147,44 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def recorded_data_options(provenance: dict, given: dict) -> dict:
+    """The data options an SAE was trained on (its provenance), under those given.
+
+    Warns, on stderr, where a given model or hook point differs from the recorded one: an SAE
+    of the same width at another layer evaluates without an error, and wrongly.
+    """
+    train = provenance.get("train") or {}
+    names = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["group"] == "data"}
+    recorded = {k: v for k, v in train.items() if k in names and k != "text" and v is not None}
+    for key in ("model", "hook"):
+        if key not in recorded and provenance.get(key):  # another library's record
+            recorded[key] = provenance[key]
+            recorded.setdefault("source", "model")
+    if "source" in given and given["source"] != recorded.get("source"):
+        recorded = {}  # another kind of data: nothing recorded applies
+    for key in ("model", "hook"):
+        if key in given and key in recorded and given[key] != recorded[key]:
+            print(
+                f"sae-fast: warning: this SAE was trained with {key}={recorded[key]!r}, not "
+                f"{given[key]!r}",
+                file=sys.stderr,
+            )
+    return {**recorded, **given}
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .analysis.evaluate import ce_loss_recovered, check_causal_lm, evaluate
     from .sae import SparseAutoencoder
+    from .sources import build_source
+    from .training.config import resolve_device
 
-    cfg = dataclasses.replace(config_from_args(args, ("data",)), seed=args.seed)
-    if args.ce and cfg.source != "model":
-        raise ConfigError("--ce needs source=model (a causal LM and its hook point)")
     device = resolve_device(check_device(args.device, "--device"))
     sae = SparseAutoencoder.load(args.sae, device=device)
+    options = recorded_data_options(sae.provenance, given_options(args, ("data",)))
+    seed = args.seed if args.seed is not None else sae.provenance.get("train", {}).get("seed", 0)
+    cfg = TrainConfig.from_dict({**options, "seed": seed}, where="the data options")
+    if args.ce and cfg.source != "model":
+        raise ConfigError("--ce needs source=model (a causal LM and its hook point)")
     source = build_source(cfg, device, held_out=True)
     if args.ce:
         check_causal_lm(source.model)  # before the evaluation, not after it
@@ -136,7 +203,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        from .files import atomic_path
+
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(text + "\n")
     return 0
 
 
@@ -153,6 +223,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress=args.progress,
     )
     return 130 if summary.get("interrupted") else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .apps.report import write_run_report
+
+    check_device(args.device, "--device")
+    path = write_run_report(
+        args.run,
+        text=args.text,
+        tokens=args.tokens,
+        n_features=args.features,
+        device=args.device,
+        out=args.out,
+    )
+    print(f"report: {path}")
+    return 0
 
 
 def cmd_toy(args: argparse.Namespace) -> int:
@@ -182,13 +268,41 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none or the help gives it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """The error for arguments parser does not know, with the nearest flag of each."""
+    flags = [f for action in parser._actions for f in action.option_strings]
+    parts = []
+    for arg in extra:
+        near = difflib.get_close_matches(arg.split("=")[0], flags, n=1) if arg[:1] == "-" else []
+        parts.append(f"{arg} (did you mean {near[0]}?)" if near else arg)
+    return "unrecognized arguments: " + " ".join(parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sae-fast", description="Train, cache, evaluate and demo sparse autoencoders."
+        prog="sae-fast",
+        description="Train, cache, evaluate, report and demo sparse autoencoders.",
+        allow_abbrev=False,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"sae-fast {VERSION}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser(
+    def sub(name: str, **kw) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, formatter_class=_Formatter, allow_abbrev=False, **kw)
+        command.set_defaults(parser=command)
+        return command
+
+    train = sub(
         "train",
         help="train an SAE",
         description="Train an SAE on model activations, a cache or synthetic data. Options "
@@ -206,13 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train, tuple(_GROUPS))
     train.set_defaults(fn=cmd_train)
 
-    cache = sub.add_parser(
+    cache = sub(
         "cache",
         help="write model activations to an on-disk cache",
         description="Run a transformers model over text and store the activations at a hook "
         "point as safetensors shards with a manifest; `train --source cache` streams them.",
     )
-    cache.add_argument("--model", required=True, help="transformers model name or folder")
+    cache.add_argument(
+        "--model", required=True, help="transformers model name or folder, or minilm"
+    )
     cache.add_argument("--hook", required=True, help="hook point, e.g. resid_post.3")
     cache.add_argument("--out", required=True, help="cache folder to write")
     cache.add_argument("--tokens", type=int, required=True, help="activations to store")
@@ -226,10 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ACTIVATION_DTYPES,
         help="dtype to load the model in (default: its own)",
     )
-    cache.add_argument("--device", default="cpu", help="device to run the model on")
+    cache.add_argument("--device", default="auto", help="device to run the model on")
     cache.set_defaults(fn=cmd_cache)
 
-    ev = sub.add_parser(
+    ev = sub(
         "eval",
         help="evaluate a trained SAE on held-out activations",
         description="MSE, FVU, L0, dead and dense fractions on held-out activations; with "
@@ -239,13 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sae", required=True, help="SAE folder (sae.safetensors + cfg.json)")
     ev.add_argument("--tokens", type=int, default=65536, help="activations to evaluate on")
     ev.add_argument("--batch-size", type=int, default=4096, help="activations per batch")
-    ev.add_argument("--device", default="cpu", help="device")
+    ev.add_argument("--device", default="auto", help="device (auto: cuda if available)")
     ev.add_argument(
         "--seed",
         type=int,
-        default=0,
-        help="the training run's seed: for synthetic data it fixes the true dictionary (the "
-        "rows evaluated on are others than the run's)",
+        help="the training run's seed (default: the SAE's recorded one, else 0): for synthetic "
+        "data it fixes the true dictionary (the rows evaluated on are others than the run's)",
     )
     ev.add_argument("--ce", action="store_true", help="also CE loss recovered (causal LMs)")
     ev.add_argument("--ce-windows", type=int, default=64, help="text windows for --ce")
@@ -253,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(ev, ("data",))
     ev.set_defaults(fn=cmd_eval)
 
-    demo = sub.add_parser(
+    demo = sub(
         "demo",
         help="train a TopK SAE on all-MiniLM-L6-v2 activations, offline, in minutes",
         description="Train a TopK SAE on the residual stream of the packaged all-MiniLM-L6-v2 "
@@ -272,7 +387,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(fn=cmd_demo)
 
-    toy = sub.add_parser(
+    report = sub(
+        "report",
+        help="write the demo's report (curves, histogram, feature contexts) for any run",
+        description="Write report.html for a training run folder: its summary, training "
+        "curves, the latent firing histogram and the top activating contexts of a few "
+        "features, on the run's own model and text (or --text). A run without sae/ yet is "
+        "reported from its newest checkpoint.",
+    )
+    report.add_argument("run", help="run folder (the --out-dir of sae-fast train)")
+    report.add_argument("--text", help="text for the contexts (default: the run's own)")
+    report.add_argument("--tokens", type=int, default=32768, help="tokens to read")
+    report.add_argument("--features", type=int, default=8, help="feature cards")
+    report.add_argument("--device", default="cpu", help="device")
+    report.add_argument("--out", help="the HTML file (default: RUN/report.html)")
+    report.set_defaults(fn=cmd_report)
+
+    toy = sub(
         "toy",
         help="reproduce the L1 and TopK sparsity trade-offs on the seed toy data",
         description="On the toy data (d=10, 24 true features, 3 active, noise 0.02): ReLU+L1 "
@@ -283,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--steps", type=int, default=1000, help="optimizer steps per SAE")
     toy.set_defaults(fn=cmd_toy)
 
-    convert = sub.add_parser(
+    convert = sub(
         "convert",
         help="convert an SAE checkpoint between formats",
         description="Load an SAE in any format sae_fast reads (detected) and write it in "
@@ -295,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--from", dest="source_format", help="format of src (default: detect)")
     convert.set_defaults(fn=cmd_convert)
 
-    inspect = sub.add_parser(
+    inspect = sub(
         "inspect",
         help="print an SAE checkpoint's format, shapes, dtype, architecture and norms",
     )
@@ -306,10 +437,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # the subcommand's usage and the nearest flag, not the top-level usage
+        args.parser.error(_unrecognized(args.parser, extra))
+    from .backends import BackendUnavailableError
+    from .checkpoint import CheckpointError
+    from .files import FolderInUseError
+    from .sources import HookPointError, SourceError
+    from .training import TrainingDivergedError
+
+    user_errors = (
+        ConfigError,
+        SourceError,
+        HookPointError,
+        CheckpointError,
+        BackendUnavailableError,
+        FolderInUseError,
+        ImportError,
+        OSError,
+    )
     try:
         return args.fn(args)
-    except USER_ERRORS as e:
+    except user_errors as e:
         print(f"sae-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingDivergedError as e:

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from . import formats, ops, sae_config
 from . import reference as ref
 from .ops import SparseCode
-from .sae_config import SPARSE_ACTIVATIONS, check_hyperparameters
+from .options import SPARSE_ACTIVATIONS
+from .sae_config import check_hyperparameters
 from .validation import check_activations, dtype_name
 
 _LN_EPS = 1e-5
@@ -68,10 +69,12 @@ class SparseAutoencoder(nn.Module):
         jumprelu_bandwidth: float = 1e-3,
         jumprelu_init_threshold: float = 1e-3,
         input_norm: str = "none",
+        provenance: dict | None = None,
     ) -> None:
         super().__init__()
         check_hyperparameters(d_in, n_latents, k, activation, input_norm, jumprelu_bandwidth)
         self.input_norm = input_norm
+        self.provenance = dict(provenance or {})  # what it was trained on (sae_config)
         if jumprelu_init_threshold <= 0:
             raise ValueError(f"jumprelu_init_threshold must be > 0, got {jumprelu_init_threshold}")
         self.d_in, self.n_latents, self.k, self.activation = d_in, n_latents, k, activation
@@ -325,7 +328,8 @@ class SparseAutoencoder(nn.Module):
         return sae
 
     def save(self, path: str | Path, format: str = "sae_fast") -> None:
-        """Write the SAE into the folder path (created if needed), atomically per file.
+        """Write the SAE into the folder path, which appears whole: a reader sees the SAE
+        saved before or this one (a folder holding other files is refused, not replaced).
 
         format: "sae_fast" (sae.safetensors + cfg.json) or another library's layout
         (sae_fast.formats.writable() lists them).

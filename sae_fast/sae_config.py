@@ -1,7 +1,8 @@
 """An SAE's config without the module: its fields, their checks, and the tensors it implies.
 
 The config is the JSON-able dict that rebuilds a SparseAutoencoder (its cfg.json): d_in,
-n_latents, k, activation, dtype, jumprelu_bandwidth, input_norm. Checkpoint formats read and
+n_latents, k, activation, dtype, jumprelu_bandwidth, input_norm, and provenance: what the SAE
+was trained on (PROVENANCE_KEYS; empty when unknown). Checkpoint formats read and
 write (config, tensors) with these helpers and never import the module, which builds itself
 from the pair (SparseAutoencoder.from_config).
 """
@@ -13,21 +14,32 @@ from typing import Any
 
 import torch
 
+from .options import ACTIVATIONS, INPUT_NORMS, SPARSE_ACTIVATIONS
 from .validation import check_int, check_k, parse_dtype
 
-ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "gated")
-# The activations with a k, computed by the sparse TopK ops (and trained with AuxK).
-SPARSE_ACTIVATIONS = ("topk", "batchtopk")
-INPUT_NORMS = ("none", "layer_norm", "constant_norm")
 # Every field in cfg.json's order; those a config must hold, and the defaults of the others.
-FIELDS = ("d_in", "n_latents", "k", "activation", "dtype", "jumprelu_bandwidth", "input_norm")
+FIELDS = (
+    "d_in",
+    "n_latents",
+    "k",
+    "activation",
+    "dtype",
+    "jumprelu_bandwidth",
+    "input_norm",
+    "provenance",
+)
 REQUIRED = ("d_in", "n_latents", "dtype")
 DEFAULTS: dict[str, Any] = {
     "k": None,
     "activation": "topk",
     "jumprelu_bandwidth": 1e-3,
     "input_norm": "none",
+    "provenance": {},
 }
+# What provenance may say: the model and hook point (as sae_fast names them), the text, the
+# activations trained on (tokens) and the steps, the sae_fast version, the source's own
+# description and the training options.
+PROVENANCE_KEYS = ("model", "hook", "text", "tokens", "step", "sae_fast_version", "source", "train")
 
 
 def check_hyperparameters(
@@ -64,9 +76,14 @@ def complete(config: Mapping[str, Any]) -> dict[str, Any]:
     if missing:
         raise ValueError(f"missing fields {missing}")
     full = {**DEFAULTS, **config}
-    if parse_dtype(full["dtype"]) is None:
+    if not isinstance(full["dtype"], str) or parse_dtype(full["dtype"]) is None:
         raise ValueError(f"dtype must name a floating-point torch dtype, got {full['dtype']!r}")
-    check_hyperparameters(**{name: full[name] for name in FIELDS if name != "dtype"})
+    provenance = full["provenance"]
+    if not isinstance(provenance, dict) or set(provenance) - set(PROVENANCE_KEYS):
+        raise ValueError(f"provenance must be an object with keys among {PROVENANCE_KEYS}")
+    full["provenance"] = dict(provenance)
+    hyper = ("dtype", "provenance")
+    check_hyperparameters(**{name: full[name] for name in FIELDS if name not in hyper})
     return full
 
 

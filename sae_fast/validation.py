@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
-# The dtypes activations come in (models, caches, the CUDA kernels); parameters may also be
-# float64. Names as configs and command lines spell them.
-ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")
-PARAMETER_DTYPES = (*ACTIVATION_DTYPES, "float64")
+from .options import is_int
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -20,13 +19,6 @@ def parse_dtype(name: object) -> torch.dtype | None:
     """The floating torch dtype a config names ("float32", "torch.bfloat16", ...), else None."""
     dtype = getattr(torch, str(name).removeprefix("torch."), None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
-
-
-def is_int(value: object, minimum: int | None = None) -> bool:
-    """Whether value is an int (a bool is not) and, given a minimum, >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        return False
-    return minimum is None or value >= minimum
 
 
 def check_int(
@@ -147,3 +139,21 @@ def check_activations(x: object, d_in: int, like: Tensor, name: str = "x") -> Te
     _floating(name, x)
     _same_dtype_device(name, x, **{"the SAE's parameters": like})
     return x
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory on device: the GPU's total, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(nbytes: int, what: str, device: torch.device, error: type[Exception]) -> None:
+    """Raise error when nbytes (what, e.g. "n_latents=... x d_in=...") exceeds device memory,
+    before an allocation that would fail with a raw RuntimeError or exhaust the machine."""
+    total = device_memory(device)
+    if nbytes > total:
+        raise error(
+            f"{what} needs {nbytes / 2**30:,.1f} GiB, more than the {total / 2**30:,.1f} GiB "
+            f"of {device}"
+        )

@@ -20,7 +20,8 @@ ROOTS = {"sae_fast": REPO / "sae_fast", "sae_fast.kernels": REPO / "kernels"}
 # Lowest first; a module belongs to the first entry that names it or a package above it.
 # "sae_fast" itself (its __init__) is the public face over everything but the CLI.
 LAYERS = [
-    ("foundation", ["sae_fast.reference", "sae_fast.validation", "sae_fast.sae_config",
+    ("foundation", ["sae_fast.version", "sae_fast.options", "sae_fast.lazy", "sae_fast.files",
+                    "sae_fast.reference", "sae_fast.validation", "sae_fast.sae_config",
                     "sae_fast.checkpoint"]),
     ("engine", ["sae_fast.backends", "sae_fast.kernels", "sae_fast._C"]),
     ("ops", ["sae_fast.ops"]),
@@ -30,7 +31,7 @@ LAYERS = [
     ("analysis", ["sae_fast.analysis"]),
     ("apps", ["sae_fast.apps"]),
     ("package", ["sae_fast"]),
-    ("cli", ["sae_fast.cli"]),
+    ("cli", ["sae_fast.cli", "sae_fast.__main__"]),
 ]  # fmt: skip
 
 

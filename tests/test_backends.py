@@ -10,6 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from sae_fast import BackendUnavailableError, backend_status, backends, encode_topk
 from sae_fast.ops import SparseCode
+from sae_fast.options import BACKENDS
 
 
 def _fake_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size):
@@ -118,3 +119,24 @@ def test_device_types_are_declared():
     assert status["torch"] is None  # any device
     if backends.get("cuda").requirement(torch.device("meta")) is None:
         assert status["cuda"] == "the cuda backend runs on cuda tensors, not meta"
+
+
+def test_the_option_names_list_the_registered_backends():
+    real = [name for name in backends.registered() if name in BACKENDS]
+    assert real == list(BACKENDS)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_double_backward_is_refused_not_silently_first_order(backend):
+    """create_graph=True through the sparse ops used to give a gradient whose own gradient
+    came back as None: the second-order term dropped without a word."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, requires_grad=True)
+    W = torch.randn(16, 8, requires_grad=True)
+    b_enc, b_dec = torch.zeros(16), torch.zeros(8)
+    code = encode_topk(x, W, b_enc, b_dec, k=3, backend=backend)
+    with pytest.raises(RuntimeError, match="no second derivative: backward with create_graph"):
+        torch.autograd.grad(code.values.pow(2).sum(), x, create_graph=True)
+    code = encode_topk(x, W, b_enc, b_dec, k=3, backend=backend)
+    (grad,) = torch.autograd.grad(code.values.pow(2).sum(), x)  # first order still works
+    assert grad.shape == x.shape and not grad.requires_grad

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae_fast import ACTIVATIONS, CheckpointError, SparseAutoencoder
-from sae_fast.checkpoint import atomic_path
+from sae_fast.files import atomic_path
 
 
 def trained_like(activation: str, dtype=torch.float32) -> SparseAutoencoder:

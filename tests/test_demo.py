@@ -10,6 +10,7 @@ from model_folders import write_corpus
 
 from sae_fast import SparseAutoencoder
 from sae_fast.apps import demo
+from sae_fast.apps.report import write_run_report
 from sae_fast.sources import ModelSource
 from sae_fast.training.checkpoints import list_checkpoints
 from sae_fast.training.metrics import read_jsonl
@@ -36,6 +37,12 @@ def test_demo_stops_on_ctrl_c_resumes_and_reports_again(tmp_path, monkeypatch):
     assert stopped == {"interrupted": True, "steps": 2}
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000002"]
     assert not (out / "sae").exists() and not (out / "report.html").exists()
+    # `sae-fast report` on the stopped demo: its newest checkpoint, its recorded model and text.
+    stopped = write_run_report(out, tokens=128, n_features=2, out=tmp_path / "stopped.html")
+    stopped = stopped.read_text(encoding="utf-8")
+    assert "<th>sae</th><td>checkpoints/step-00000002 (newest checkpoint" in stopped
+    assert "<th>step</th><td>2</td>" in stopped and "<th>steps</th><td>4</td>" in stopped
+    assert stopped.count("<h3>latent ") == 2 and not (out / "report.html").exists()
 
     summary = demo.run_demo(out, text=text, progress=False, **SMALL)  # resumes at step 2
     assert summary["steps"] == 4 and summary["train_tokens"] == 4 * 64
@@ -46,7 +53,8 @@ def test_demo_stops_on_ctrl_c_resumes_and_reports_again(tmp_path, monkeypatch):
     sae = SparseAutoencoder.load(out / "sae")
     assert (sae.d_in, sae.n_latents, sae.k) == (384, 256, 8)
     report = (out / "report.html").read_text(encoding="utf-8")
-    assert "<h3>latent " in report and "data:image/png;base64," in report
+    assert report.count("<h3>latent ") == 8 and report.count("data:image/png;base64,") == 2
+    assert "fires on" in report and "of held-out tokens" in report
     held = (out / "data" / "heldout.jsonl").read_text().splitlines()
     assert len(held) == 4  # every 10th of the 40 paragraphs
     logged = read_jsonl(out / "metrics.jsonl")
@@ -57,3 +65,11 @@ def test_demo_stops_on_ctrl_c_resumes_and_reports_again(tmp_path, monkeypatch):
         k: v for k, v in summary.items() if k != "seconds"
     }
     assert (out / "report.html").is_file()
+
+    # The same report for the demo's run folder through `sae-fast report`'s function.
+    held_path = str(out / "data" / "heldout.jsonl")
+    again_report = write_run_report(out, text=held_path, tokens=512, out=tmp_path / "r.html")
+    text_again = again_report.read_text(encoding="utf-8")
+    assert text_again.count("<h3>latent ") == 8 and "<td>sae/ (final)</td>" in text_again
+    assert f"<th>report_text</th><td>{held_path}</td>" in text_again
+    assert "<th>step</th><td>4</td>" in text_again and "report-text tokens" in text_again

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_fast import CheckpointError, SparseAutoencoder, formats
 from sae_fast import reference as ref
+from sae_fast.formats import saelens as saelens_format
 from sae_fast.ops import SparseCode
 
 sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is the `bench` extra")
@@ -435,3 +437,27 @@ def test_detection_keeps_to_its_own_layout(tmp_path):
         assert formats.detect(tmp_path / name) == name
     assert not saelens.detect(tmp_path / "sparsify") and not saelens.detect(tmp_path / "sae_fast")
     assert not sparsify.detect(tmp_path / "saelens") and not sparsify.detect(tmp_path / "sae_fast")
+
+
+def test_the_export_says_what_it_was_trained_on_and_which_saelens_it_targets(tmp_path):
+    ours = SparseAutoencoder(16, 32, k=4)
+    train = {"context_size": 64, "seed": 0}
+    ours.provenance = {"model": "gpt2", "hook": "resid_post.3", "text": "c.txt", "train": train}
+    ours.save(tmp_path, format="saelens")
+    theirs = sae_lens.SAE.load_from_disk(tmp_path)
+    meta = theirs.cfg.metadata
+    assert (meta.model_name, meta.hook_name) == ("gpt2", "blocks.3.hook_resid_post")
+    assert (meta.context_size, meta.dataset_path) == (64, "c.txt")
+    assert meta.sae_lens_version == saelens_format.SAELENS_VERSION == version("sae-lens")
+    assert SparseAutoencoder.load(tmp_path).provenance == ours.provenance  # ours, whole
+
+
+def test_saelens_records_become_provenance(tmp_path):
+    ours = SparseAutoencoder(16, 32, k=4)
+    ours.save(tmp_path, format="saelens")
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    cfg["metadata"] = {"sae_lens_version": "6.5.0", "model_name": "gemma-2-2b",
+                       "hook_name": "blocks.12.hook_mlp_out"}  # fmt: skip
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    loaded = SparseAutoencoder.load(tmp_path)
+    assert loaded.provenance == {"model": "gemma-2-2b", "hook": "mlp_out.12"}

@@ -61,3 +61,19 @@ def test_report_is_utf8_under_an_ascii_locale(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "<h1>naïve</h1>" in path.read_bytes().decode("utf-8")
+
+
+def test_report_names_its_corpus_and_shows_notes(tmp_path):
+    card = FeatureCard(3, 0.5, [(1.0, "left", "tok", "right")])
+    notes = ["SAE: checkpoints/step-00000002 <not final>", "second note"]
+    path = write_report(
+        tmp_path / "r.html", "t", {}, [], [card], corpus="training-text tokens", notes=notes
+    )
+    text = path.read_text(encoding="utf-8")
+    assert "<h2>Features: the training-text tokens that activate them most</h2>" in text
+    assert "fires on 50.00% of training-text tokens" in text and "held-out" not in text
+    assert "<p>SAE: checkpoints/step-00000002 &lt;not final&gt;</p>" in text
+    assert text.index("second note") < text.index("<h2>Summary</h2>")
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"]  # no temp file left beside it
+    without_cards = write_report(tmp_path / "r.html", "t", {}, [], []).read_text("utf-8")
+    assert "<h2>Features" not in without_cards

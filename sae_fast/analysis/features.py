@@ -60,10 +60,15 @@ def collect_activations(
     hook: str,
     documents_spec: str,
     context_size: int = 64,
-    max_windows: int = 256,
+    max_windows: int | None = 256,
     batch_size: int = 32,
+    max_tokens: int | None = None,
 ) -> Activations:
-    """The SAE's latents on the first max_windows windows of documents_spec at hook."""
+    """The SAE's latents on the first windows of documents_spec at hook.
+
+    It stops after max_windows windows, or once max_tokens tokens (special tokens not
+    counted) have been seen, whichever comes first; None sets no limit.
+    """
     param = sae.W_dec
     windows = token_windows(tokenizer, documents(documents_spec), context_size)
     kept: list[list[int]] = []
@@ -71,6 +76,8 @@ def collect_activations(
     rows = model_activations(model, tokenizer, hook, islice(windows, max_windows), batch_size)
     n_tokens = 0
     for ids, acts in rows:
+        if max_tokens is not None and n_tokens >= max_tokens:
+            break
         with eval_mode(sae):
             code = sae.encode(acts.to(param.device, param.dtype))
         value, latent, pos = _entries(code)

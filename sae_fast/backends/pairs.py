@@ -27,7 +27,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 
 def gather_sum(W: Tensor, coeff: Tensor, indices: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -142,6 +141,25 @@ def encoder_backward(
     return grad_x, grad_W_enc, grad_b_enc, grad_b_dec
 
 
+DOUBLE_BACKWARD = (
+    "sae_fast's sparse ops have no second derivative: backward with create_graph=True "
+    "(double backward, e.g. a gradient penalty) through encode_topk or decode is not "
+    "supported; compute that term with sae_fast.reference's dense ops"
+)
+
+
+def _body(fwd: Callable, bwd: Callable) -> dict:
+    """The Function body of fwd and bwd, refusing double backward (with once_differentiable,
+    torch.autograd.grad would answer it with None, dropping the second-order term)."""
+
+    def first_order(ctx, *grads):
+        if torch.is_grad_enabled():  # autograd enables grad in backward for create_graph only
+            raise RuntimeError(DOUBLE_BACKWARD)
+        return bwd(ctx, *grads)
+
+    return {"forward": staticmethod(fwd), "backward": staticmethod(first_order)}
+
+
 def code_function(name: str, forward: Callable, backward: Callable = encoder_backward) -> type:
     """The autograd.Function of a TopK (+ AuxK) encoder.
 
@@ -163,8 +181,7 @@ def code_function(name: str, forward: Callable, backward: Callable = encoder_bac
         grads = backward(ctx.needs_input_grad[:4], x, W_enc, b_dec, codes, list(grads[0::2]))
         return (*grads, None, None, None, None)
 
-    body = {"forward": staticmethod(fwd), "backward": staticmethod(once_differentiable(bwd))}
-    return type(name, (torch.autograd.Function,), body)
+    return type(name, (torch.autograd.Function,), _body(fwd, bwd))
 
 
 def decode_function(
@@ -192,5 +209,4 @@ def decode_function(
             grad_b = grad_x_hat.float().sum(dim=0).to(W_dec.dtype)
         return grad_v, None, grad_W, grad_b
 
-    body = {"forward": staticmethod(fwd), "backward": staticmethod(once_differentiable(bwd))}
-    return type(name, (torch.autograd.Function,), body)
+    return type(name, (torch.autograd.Function,), _body(fwd, bwd))

@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checkpoint import CheckpointError, atomic_path
-from ..sae_config import SPARSE_ACTIVATIONS
+from ..checkpoint import CheckpointError
+from ..files import atomic_path, read_json
+from ..options import SPARSE_ACTIVATIONS
 from . import layout
 from .registry import Config, Format, Tensors, register
 
@@ -116,10 +117,7 @@ def _trainer_config(weights: Path, config: Path) -> dict[str, Any]:
             f"{weights} has no {CONFIG_FILE} beside it: dictionary_learning needs it to know "
             "the dictionary class (trainer.dict_class)"
         )
-    try:
-        body = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{config} is not valid JSON: {e}") from e
+    body = read_json(config, CheckpointError)
     trainer = body.get("trainer") if isinstance(body, dict) else None
     if not isinstance(trainer, dict) or not isinstance(trainer.get("dict_class"), str):
         raise CheckpointError(f"{config} has no trainer.dict_class")
@@ -247,4 +245,4 @@ def save(config: Config, tensors: Tensors, path: Path) -> None:
         tmp.write_text(json.dumps({"trainer": trainer}, indent=4) + "\n")
 
 
-register(Format("dictionary_learning", detect, load, save))
+register(Format("dictionary_learning", detect, load, save, files=(WEIGHTS_FILE, CONFIG_FILE)))

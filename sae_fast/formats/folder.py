@@ -15,31 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from ..checkpoint import CONFIG_FILE, CheckpointError, atomic_path
+from ..checkpoint import CONFIG_FILE, CheckpointError
+from ..files import atomic_path, check_regular, read_json, save_safetensors
 from ..validation import check_int
-
-
-def peek_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in the file at path; None when it is absent or not one (for detect)."""
-    try:
-        body = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return body if isinstance(body, dict) else None
 
 
 def read_config(folder: Path) -> dict[str, Any]:
     """folder/cfg.json, which must hold a JSON object."""
     path = folder / CONFIG_FILE
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{folder} has no {CONFIG_FILE}")
-    try:
-        body = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    body = read_json(path, CheckpointError)
     if not isinstance(body, dict):
         raise CheckpointError(f"{path} holds a JSON {type(body).__name__}, not an object")
     return body
@@ -47,8 +36,9 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 def read_weights(path: Path) -> dict[str, Tensor]:
     """The tensors of the safetensors file at path, on the CPU."""
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path.parent} has no {path.name}")
+    check_regular(path, CheckpointError)
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError) as e:
@@ -95,6 +85,6 @@ def write(
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / weights_file) as tmp:
         body = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-        save_file(body, tmp, metadata=metadata)
+        save_safetensors(body, tmp, metadata)
     with atomic_path(folder / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")

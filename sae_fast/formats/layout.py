@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from .. import sae_config
-from ..checkpoint import CheckpointError, atomic_path
+from ..checkpoint import CheckpointError
+from ..files import atomic_path, save_torch
 from ..validation import check_int, dtype_name
 from .registry import Config, Tensors
 
@@ -114,11 +115,13 @@ def assemble(
     k: int | None = None,
     input_norm: str = "none",
     jumprelu_bandwidth: float = 1e-3,
+    provenance: dict | None = None,
 ) -> tuple[Config, Tensors]:
     """The SAE config that describes tensors, given in our layout and names, and the tensors.
 
     tensors: W_enc, W_dec (m, d), b_enc (m,), b_dec (d,) and the activation's extras
-    (log_threshold; r_mag, b_mag; threshold). All are cast to W_enc's dtype, which must be
+    (log_threshold; r_mag, b_mag; threshold); provenance what the file records of the
+    training (sae_config.PROVENANCE_KEYS). All are cast to W_enc's dtype, which must be
     floating point; sizes come from W_enc, and any disagreement raises CheckpointError.
     """
     W_enc = tensors["W_enc"]
@@ -133,6 +136,7 @@ def assemble(
         "dtype": dtype_name(W_enc.dtype),
         "jumprelu_bandwidth": jumprelu_bandwidth,
         "input_norm": input_norm,
+        "provenance": provenance or {},
     }
     try:
         config = sae_config.complete(config)
@@ -152,7 +156,7 @@ def assemble(
 
 
 def write_torch_file(path: Path, body: dict[str, Any]) -> None:
-    """torch.save body (tensors contiguous) at path, atomically (see checkpoint.atomic_path)."""
+    """torch.save body (tensors contiguous) at path, atomically (see files.atomic_path)."""
     body = {k: v.contiguous() if isinstance(v, Tensor) else v for k, v in body.items()}
     with atomic_path(path) as tmp:
-        torch.save(body, tmp)
+        save_torch(body, tmp)

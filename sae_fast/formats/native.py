@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .. import checkpoint, sae_config
+from ..files import read_json
 from .folder import check_names
 from .registry import Config, Format, Tensors, register
 
@@ -13,11 +13,11 @@ from .registry import Config, Format, Tensors, register
 def detect(path: Path) -> bool:
     """cfg.json names this format, or only sae.safetensors is there (reading says what lacks)."""
     config = path / checkpoint.CONFIG_FILE
-    if not config.is_file():
-        return (path / checkpoint.WEIGHTS_FILE).is_file()
+    if not config.exists():
+        return (path / checkpoint.WEIGHTS_FILE).exists()
     try:
-        body = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = read_json(config, checkpoint.CheckpointError)
+    except checkpoint.CheckpointError:
         return True  # reading reports the damage
     return isinstance(body, dict) and body.get("format") == checkpoint.FORMAT
 
@@ -53,4 +53,6 @@ def save(config: Config, tensors: Tensors, path: Path) -> None:
     checkpoint.write(path, config, tensors)
 
 
-register(Format("sae_fast", detect, load, save))
+register(
+    Format("sae_fast", detect, load, save, files=(checkpoint.WEIGHTS_FILE, checkpoint.CONFIG_FILE))
+)

@@ -151,4 +151,13 @@ def save(config: Config, ours: Tensors, path: Path) -> None:
     layout.write_torch_file(path, state)
 
 
-register(Format("openai", detect, load, save))
+register(
+    Format(
+        "openai",
+        detect,
+        load,
+        save,
+        files=(SAVED_NAME,),
+        saves_file=lambda path: path.suffix in SUFFIXES,
+    )
+)

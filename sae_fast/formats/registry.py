@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 from torch import Tensor
 
 from ..checkpoint import CheckpointError
+from ..files import atomic_folder, read_stable
 
 Config = dict[str, Any]  # an SAE config, as sae_fast.sae_config describes it
 Tensors = dict[str, Tensor]  # its tensors by name, in our layout, on the CPU
@@ -18,12 +20,16 @@ Tensors = dict[str, Tensor]  # its tensors by name, in our layout, on the CPU
 @dataclass(frozen=True)
 class Format:
     """name; detect(path) -> bool; load(path) -> (config, tensors), checked against each
-    other; save(config, tensors, path), or None when the layout cannot hold an SAE of ours."""
+    other; save(config, tensors, path), or None when the layout cannot hold an SAE of ours;
+    files: the names save writes in a folder; saves_file(path): whether save writes the
+    single file path rather than a folder."""
 
     name: str
     detect: Callable[[Path], bool]
     load: Callable[[Path], tuple[Config, Tensors]]
     save: Callable[[Config, Tensors, Path], None] | None = None
+    files: tuple[str, ...] = ()
+    saves_file: Callable[[Path], bool] = lambda path: False
 
 
 _FORMATS: dict[str, Format] = {}
@@ -46,6 +52,8 @@ def detect(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise CheckpointError(f"{path} cannot be read: permission denied")
     for name, fmt in _FORMATS.items():
         if fmt.detect(path):
             return name
@@ -62,10 +70,29 @@ def _get(name: str, names: list[str]) -> Format:
 
 
 def load(path: str | Path, format: str | None = None) -> tuple[Config, Tensors]:
-    """(config, tensors) of the SAE at path (format detected when None)."""
-    return _get(format or detect(path), readable()).load(Path(path))
+    """(config, tensors) of the SAE at path (format detected when None), all from one save
+    even while another process saves over it (files.read_stable)."""
+    path = Path(path)
+    return read_stable(path, lambda: _get(format or detect(path), readable()).load(path))
 
 
 def save(config: Config, tensors: Tensors, path: str | Path, format: str = "sae_fast") -> None:
-    """Write the SAE that config and tensors describe at path in format."""
-    _get(format, writable()).save(config, tensors, Path(path))
+    """Write the SAE that config and tensors describe at path in format.
+
+    A folder appears whole (files.atomic_folder): readers see the SAE saved before or this
+    one. It replaces a folder that holds only SAE files, and refuses to delete anything else.
+    """
+    fmt, path = _get(format, writable()), Path(path)
+    if fmt.saves_file(path):
+        fmt.save(config, tensors, path)
+        return
+    try:
+        with atomic_folder(path, _sae_files()) as tmp:
+            fmt.save(config, tensors, tmp)
+    except FileExistsError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _sae_files() -> set[str]:
+    """The names any format writes in an SAE folder: what a save may replace."""
+    return {name for fmt in _FORMATS.values() for name in fmt.files}

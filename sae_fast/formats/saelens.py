@@ -40,15 +40,24 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import CheckpointError
-from ..sae_config import SPARSE_ACTIVATIONS
+from ..files import peek_json
+from ..options import SPARSE_ACTIVATIONS
 from ..validation import dtype_name, parse_dtype
 from . import folder, layout
 from .registry import Config, Format, Tensors, register
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 SCALER_FILE = "activation_scaler.json"  # SAELens's trainer state beside mid-training saves
-# The layout we write is SAELens 6's; its loader reads configs without a 6.x version as pre-6.
-LAYOUT_VERSION = "6.0.0"
+# The SAELens release whose layout save writes (and the tests load with); its loader reads
+# configs without a 6.x version as pre-6.
+SAELENS_VERSION = "6.54.12"
+# Our hook points in TransformerLens's names, which SAELens's hook_name uses.
+_TL_HOOKS = {
+    "resid_post": "hook_resid_post",
+    "mlp_out": "hook_mlp_out",
+    "attn_out": "hook_attn_out",
+}
+_OUR_HOOKS = {theirs: ours for ours, theirs in _TL_HOOKS.items()}
 
 _ACTIVATIONS = {
     "standard": "relu",
@@ -77,7 +86,7 @@ def detect(path: Path) -> bool:
         return False
     if (path / WEIGHTS_FILE).is_file():
         return True
-    config = folder.peek_json(path / folder.CONFIG_FILE)
+    config = peek_json(path / folder.CONFIG_FILE)
     return config is not None and "d_sae" in config
 
 
@@ -132,7 +141,7 @@ def _input_norm(path: Path, where: str, cfg: dict[str, Any]) -> tuple[str, float
         )
     # The trainer scaled x by s while training and folds s in when it ends; a folder saved
     # before that keeps s in the trainer state beside it, or nowhere.
-    scaler = folder.peek_json(path / SCALER_FILE)
+    scaler = peek_json(path / SCALER_FILE)
     if scaler is None or scaler.get("scaling_factor") is None:
         raise CheckpointError(
             f"{where}: normalize_activations 'expected_average_only_in' means the SAE saw x "
@@ -269,7 +278,37 @@ def load(path: Path) -> tuple[Config, Tensors]:
         k=k,
         input_norm=input_norm,
         jumprelu_bandwidth=bandwidth,
+        provenance=_provenance(metadata),
     )
+
+
+def _tl_hook(hook: str | None) -> str | None:
+    """resid_post.3 -> blocks.3.hook_resid_post; a module path stays as it is."""
+    kind, _, layer = (hook or "").partition(".")
+    return f"blocks.{layer}.{_TL_HOOKS[kind]}" if kind in _TL_HOOKS and layer.isdigit() else hook
+
+
+def _our_hook(hook: Any) -> str | None:
+    """blocks.3.hook_resid_post -> resid_post.3 (the inverse of _tl_hook)."""
+    if not isinstance(hook, str):
+        return None
+    parts = hook.split(".")
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in _OUR_HOOKS:
+        return f"{_OUR_HOOKS[parts[2]]}.{parts[1]}"
+    return hook
+
+
+def _provenance(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Ours where we wrote it, else what SAELens records: model_name, hook_name, dataset."""
+    ours = metadata.get("sae_fast")
+    if isinstance(ours, dict) and isinstance(ours.get("provenance"), dict):
+        return ours["provenance"]
+    found = {
+        "model": metadata.get("model_name"),
+        "hook": _our_hook(metadata.get("hook_name")),
+        "text": metadata.get("dataset_path"),
+    }
+    return {key: value for key, value in found.items() if isinstance(value, str) and value}
 
 
 def save(config: Config, ours: Tensors, path: Path) -> None:
@@ -291,6 +330,7 @@ def save(config: Config, ours: Tensors, path: Path) -> None:
             )
         tensors["threshold"] = ours["threshold"].expand(config["n_latents"])
     norms = {ours_name: theirs for theirs, ours_name in _NORMS.items()}
+    provenance = config["provenance"]
     cfg: dict[str, Any] = {
         "architecture": _SAVED_AS[activation],
         "d_in": config["d_in"],
@@ -301,11 +341,16 @@ def save(config: Config, ours: Tensors, path: Path) -> None:
         "normalize_activations": norms[input_norm],
         "reshape_activations": "none",
         "metadata": {
-            "sae_lens_version": LAYOUT_VERSION,
+            "sae_lens_version": SAELENS_VERSION,
+            "model_name": provenance.get("model"),
+            "hook_name": _tl_hook(provenance.get("hook")),
+            "context_size": (provenance.get("train") or {}).get("context_size"),
+            "dataset_path": provenance.get("text"),
             "sae_fast": {
                 "activation": activation,
                 "k": config["k"],
                 "jumprelu_bandwidth": config["jumprelu_bandwidth"],
+                "provenance": provenance,
             },
         },
     }
@@ -314,4 +359,13 @@ def save(config: Config, ours: Tensors, path: Path) -> None:
     folder.write(Path(path), WEIGHTS_FILE, tensors, cfg)
 
 
-register(Format("saelens", detect, load, save))
+# SAELens writes its sparsity and scaler files beside the weights: a save may replace them.
+register(
+    Format(
+        "saelens",
+        detect,
+        load,
+        save,
+        files=(WEIGHTS_FILE, folder.CONFIG_FILE, SCALER_FILE, "sparsity.safetensors"),
+    )
+)

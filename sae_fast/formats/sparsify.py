@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CheckpointError
+from ..files import peek_json
 from . import folder, layout
 from .registry import Config, Format, Tensors, register
 
@@ -37,7 +38,7 @@ _REFUSED = {
 
 def _config(path: Path) -> dict[str, Any] | None:
     """path/cfg.json if it is a sparsify one (k and a width, none of SAELens's or ours)."""
-    cfg = folder.peek_json(path / folder.CONFIG_FILE)
+    cfg = peek_json(path / folder.CONFIG_FILE)
     if cfg is None or "d_sae" in cfg or "format" in cfg:
         return None
     return cfg if "k" in cfg and ("num_latents" in cfg or "expansion_factor" in cfg) else None
@@ -126,4 +127,4 @@ def save(config: Config, ours: Tensors, path: Path) -> None:
     folder.write(Path(path), WEIGHTS_FILE, tensors, cfg, metadata={"format": "pt"})
 
 
-register(Format("sparsify", detect, load, save))
+register(Format("sparsify", detect, load, save, files=(WEIGHTS_FILE, folder.CONFIG_FILE)))

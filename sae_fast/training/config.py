@@ -8,18 +8,17 @@ on the command line override it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from .. import backends
-from ..sae_config import ACTIVATIONS
-from ..validation import ACTIVATION_DTYPES, PARAMETER_DTYPES, is_int
+from ..files import parse_json, read_text
+from ..options import ACTIVATION_DTYPES, ACTIVATIONS, BACKENDS, PARAMETER_DTYPES, is_int
 
 SOURCE_CHOICES = ("model", "cache", "synthetic")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -47,6 +46,8 @@ def check_device(name: str, option: str = "device") -> str:
 
 def resolve_device(name: str) -> torch.device:
     """The torch device for a checked device name; 'auto' is cuda where there is one."""
+    import torch  # here: the command line reads this module before torch is needed
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -65,8 +66,15 @@ def _is_a(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def _opt(default: Any, help: str, group: str, choices: tuple | None = None) -> Any:
-    meta = {"help": help, "group": group, "choices": choices}
+# On --resume an option either applies from the resumed step on (logged when it changed) or
+# must equal the checkpoint's (refused otherwise): it shaped the parameters or the data.
+APPLY, REFUSE = "apply", "refuse"
+
+
+def _opt(
+    default: Any, help: str, group: str, choices: tuple | None = None, resume: str = APPLY
+) -> Any:
+    meta = {"help": help, "group": group, "choices": choices, "resume": resume}
     return field(default=default, metadata=meta)
 
 
@@ -81,75 +89,100 @@ class TrainConfig:
         "cache written by `sae-fast cache`, or synthetic data with a known dictionary",
         "data",
         SOURCE_CHOICES,
+        resume=REFUSE,
     )
-    model: str | None = _opt(None, "transformers model name or local folder (source=model)", "data")
+    model: str | None = _opt(
+        None, "transformers model name or local folder (source=model)", "data", resume=REFUSE
+    )
     hook: str | None = _opt(
         None,
         "hook point: resid_post.L, mlp_out.L, attn_out.L or a module path (source=model)",
         "data",
+        resume=REFUSE,
     )
     text: str = _opt(
         "stdlib",
         "text to run the model on: 'stdlib' (Python's standard-library docstrings), a .txt "
         "file (documents split at blank lines) or a .jsonl file with a 'text' field",
         "data",
+        resume=REFUSE,
     )
-    context_size: int = _opt(128, "tokens per model forward window", "data")
-    model_batch_size: int = _opt(32, "windows per model forward", "data")
-    shuffle_buffer: int = _opt(16384, "activations held for shuffling (source=model)", "data")
+    context_size: int = _opt(128, "tokens per model forward window", "data", resume=REFUSE)
+    model_batch_size: int = _opt(32, "windows per model forward", "data", resume=REFUSE)
+    shuffle_buffer: int = _opt(
+        16384, "activations held for shuffling (source=model)", "data", resume=REFUSE
+    )
     model_dtype: str | None = _opt(
-        None, "dtype to load the model in (default: its own)", "data", ACTIVATION_DTYPES
+        None,
+        "dtype to load the model in (default: its own)",
+        "data",
+        ACTIVATION_DTYPES,
+        resume=REFUSE,
     )
     cache_dir: str | None = _opt(None, "activation cache folder (source=cache)", "data")
-    synthetic_d: int = _opt(64, "width of synthetic activations", "data")
-    synthetic_features: int = _opt(256, "true features in the synthetic dictionary", "data")
-    synthetic_active: int = _opt(4, "true features active per synthetic row", "data")
-    synthetic_noise: float = _opt(0.02, "gaussian noise scale of synthetic rows", "data")
+    synthetic_d: int = _opt(64, "width of synthetic activations", "data", resume=REFUSE)
+    synthetic_features: int = _opt(
+        256, "true features in the synthetic dictionary", "data", resume=REFUSE
+    )
+    synthetic_active: int = _opt(4, "true features active per synthetic row", "data", resume=REFUSE)
+    synthetic_noise: float = _opt(
+        0.02, "gaussian noise scale of synthetic rows", "data", resume=REFUSE
+    )
 
     # --- the SAE -----------------------------------------------------------------------
-    activation: str = _opt("topk", "SAE activation", "sae", ACTIVATIONS)
+    activation: str = _opt("topk", "SAE activation", "sae", ACTIVATIONS, resume=REFUSE)
     n_latents: int | None = _opt(
-        None, "dictionary size m (default: expansion_factor * d_in)", "sae"
+        None, "dictionary size m (default: expansion_factor * d_in)", "sae", resume=REFUSE
     )
-    expansion_factor: int = _opt(16, "m / d_in when n_latents is not given", "sae")
-    k: int = _opt(32, "active latents per token (topk; batchtopk: mean per token)", "sae")
-    dtype: str = _opt("float32", "parameter dtype", "sae", PARAMETER_DTYPES)
+    expansion_factor: int = _opt(16, "m / d_in when n_latents is not given", "sae", resume=REFUSE)
+    k: int = _opt(
+        32, "active latents per token (topk; batchtopk: mean per token)", "sae", resume=REFUSE
+    )
+    dtype: str = _opt("float32", "parameter dtype", "sae", PARAMETER_DTYPES, resume=REFUSE)
     backend: str | None = _opt(
         None,
         "sparse-op backend (default: the best that runs on the inputs)",
         "sae",
-        tuple(backends.registered()),
+        BACKENDS,
     )
     device: str = _opt("auto", "device to train on: auto (cuda if available), cpu, cuda", "sae")
     normalize_decoder: bool = _opt(
         True,
         "keep decoder rows at unit norm and drop each row's gradient component along it",
         "sae",
+        resume=REFUSE,
     )
     b_dec_init: str = _opt(
         "geometric_median",
         "initial b_dec from the first batch",
         "sae",
         ("geometric_median", "mean", "zeros"),
+        resume=REFUSE,
     )
     normalize_input: bool = _opt(
         True,
         "scale activations so their mean norm is sqrt(d_in) while training; the scale is "
         "folded into the saved SAE, which works on raw activations",
         "sae",
+        resume=REFUSE,
     )
     init_tokens: int = _opt(
-        4096, "activations drawn before training to set b_dec and the input scale", "sae"
+        4096,
+        "activations drawn before training to set b_dec and the input scale",
+        "sae",
+        resume=REFUSE,
     )
 
     # --- optimisation --------------------------------------------------------------------
     steps: int = _opt(1000, "optimizer steps", "optim")
-    batch_size: int = _opt(4096, "activations (tokens) per micro-batch", "optim")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step", "optim")
+    batch_size: int = _opt(4096, "activations (tokens) per micro-batch", "optim", resume=REFUSE)
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", "optim", resume=REFUSE)
     lr: float | None = _opt(
         None, "peak learning rate (default: 2e-4 / sqrt(m / 2**14), Gao et al. 2024)", "optim"
     )
-    lr_warmup_steps: int = _opt(100, "linear warmup from 0 to lr", "optim")
+    lr_warmup_steps: int | None = _opt(
+        None, "linear warmup from 0 to lr (default: min(100, steps // 10))", "optim"
+    )
     lr_decay: str = _opt(
         "linear", "decay to 0 after lr_decay_start", "optim", ("linear", "cosine", "none")
     )
@@ -161,7 +194,7 @@ class TrainConfig:
     autocast: str = _opt(
         "none", "mixed precision on GPU (fp16 adds loss scaling)", "optim", ("none", "bf16", "fp16")
     )
-    seed: int = _opt(0, "seed of the SAE init and the data order", "optim")
+    seed: int = _opt(0, "seed of the SAE init and the data order", "optim", resume=REFUSE)
 
     # --- sparsity and dead latents -------------------------------------------------------
     k_aux: int | None = _opt(None, "AuxK latents (default: d_in // 2)", "sparsity")
@@ -177,7 +210,9 @@ class TrainConfig:
     sparsity_warmup_steps: int = _opt(
         0, "linear warmup of the l1/l0 coefficient from 0", "sparsity"
     )
-    jumprelu_bandwidth: float = _opt(1e-3, "JumpReLU straight-through bandwidth", "sparsity")
+    jumprelu_bandwidth: float = _opt(
+        1e-3, "JumpReLU straight-through bandwidth", "sparsity", resume=REFUSE
+    )
 
     # --- output --------------------------------------------------------------------------
     out_dir: str = _opt("runs/sae", "run folder: checkpoints, final SAE, metrics, plots", "output")
@@ -186,6 +221,15 @@ class TrainConfig:
     log_every: int = _opt(10, "steps between metric lines", "output")
     progress: bool = _opt(True, "show a progress bar", "output")
     plots: bool = _opt(True, "write training-curve and firing-frequency PNGs at the end", "output")
+    tensorboard: bool = _opt(
+        False, "also log the metrics to TensorBoard, in out_dir/tensorboard", "output"
+    )
+    wandb: bool = _opt(
+        False,
+        "also log the metrics to Weights & Biases (offline unless WANDB_MODE says otherwise)",
+        "output",
+    )
+    wandb_project: str = _opt("sae-fast", "the wandb project (with --wandb)", "output")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -227,14 +271,20 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         nonneg = ("checkpoint_every", "lr_warmup_steps", "sparsity_warmup_steps")
         for name in nonneg:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value!r}")
         for name in ("auxk_coef", "l1_coef", "l0_coef", "grad_clip", "synthetic_noise"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        for name in ("lr", "adam_eps", "jumprelu_bandwidth"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         check_device(self.device)
         if not 0 <= self.lr_decay_start <= 1:
             raise ConfigError(f"lr_decay_start must be in [0, 1], got {self.lr_decay_start!r}")
@@ -250,6 +300,12 @@ class TrainConfig:
     def latents(self, d_in: int) -> int:
         """The dictionary size m for activations of width d_in."""
         return self.n_latents or self.expansion_factor * d_in
+
+    def warmup_steps(self) -> int:
+        """lr_warmup_steps, or by default 100 scaled down for short runs (a tenth of them)."""
+        if self.lr_warmup_steps is not None:
+            return self.lr_warmup_steps
+        return min(100, self.steps // 10)
 
     def peak_lr(self, n_latents: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
@@ -268,20 +324,21 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        """Read a .json or .toml file of options; overrides win over the file."""
+        """Read a .json or .toml file of options, or a run's config.json (its "train"
+        options); overrides win over the file."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
-        try:
-            if path.suffix == ".toml":
-                import tomllib
+        text = read_text(path, ConfigError)
+        if path.suffix == ".toml":
+            import tomllib
 
+            try:
                 values = tomllib.loads(text)
-            else:
-                values = json.loads(text)
-        except ValueError as e:
-            raise ConfigError(f"config file {path} does not parse: {e}") from e
+            except (ValueError, RecursionError) as e:
+                raise ConfigError(f"config file {path} does not parse: {e}") from None
+        else:
+            values = parse_json(text, f"config file {path}", ConfigError)
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a table of options")
+        if isinstance(values.get("train"), dict) and "source" in values:  # a run's config.json
+            values = values["train"]
         return cls.from_dict({**values, **overrides}, where=str(path))

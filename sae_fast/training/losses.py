@@ -14,8 +14,8 @@ from torch import Tensor
 
 from .. import reference as ref
 from ..ops import SparseCode
+from ..options import SPARSE_ACTIVATIONS
 from ..sae import SAEOutput, SparseAutoencoder
-from ..sae_config import SPARSE_ACTIVATIONS
 
 
 @dataclass

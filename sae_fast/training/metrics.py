@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import reference as ref
+from ..files import atomic_path
 from ..ops import SparseCode
 
 
@@ -107,10 +108,14 @@ class MetricsLog:
         self.path = Path(path)
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines past step: a resumed run rewrites them, so no step appears twice."""
+        """Drop lines past step: a resumed run rewrites them, so no step appears twice.
+
+        The kept lines replace the file atomically: a crash leaves the old log or the new one.
+        """
         if self.path.exists():
             kept = [row for row in read_jsonl(self.path) if row.get("step", 0) <= step]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as f:

@@ -9,29 +9,32 @@ step depends on, so N steps, a stop and N resumed steps give the weights of 2N s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
+import os
 import signal
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..checkpoint import atomic_path
+from ..files import atomic_path, clean_stale, lock_folder
+from ..options import SPARSE_ACTIVATIONS
 from ..sae import SparseAutoencoder
-from ..sae_config import SPARSE_ACTIVATIONS
 from ..sources.base import ActivationSource
-from ..validation import parse_dtype
+from ..validation import check_fits, parse_dtype
+from ..version import VERSION
 from . import checkpoints
-from .config import ConfigError, TrainConfig, resolve_device
+from .config import REFUSE, ConfigError, TrainConfig, resolve_device
+from .loggers import open_sinks
 from .losses import LossWeights, training_loss
 from .metrics import LatentStats, MetricsLog, firing_counts, reconstruction_metrics
 
-# Fields a resumed run must share with its checkpoint: they shape the parameters.
-_ARCHITECTURE = ("activation", "k", "dtype")
 _BATCHTOPK_EMA = 0.01  # threshold estimate update rate (Bussmann et al. 2024)
 
 
@@ -52,8 +55,9 @@ class TrainResult:
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of the peak lr at optimizer step `step` (0-based): warmup, flat, decay."""
-    if step < cfg.lr_warmup_steps:
-        return (step + 1) / cfg.lr_warmup_steps
+    warmup = cfg.warmup_steps()
+    if step < warmup:
+        return (step + 1) / warmup
     start = int(cfg.lr_decay_start * cfg.steps)
     if cfg.lr_decay == "none" or step < start:
         return 1.0
@@ -65,7 +69,11 @@ class Trainer:
     """Train an SAE on source as cfg says, in cfg.out_dir.
 
     resume: False starts a new run (refusing a folder that already holds checkpoints), True
-    continues from the newest checkpoint in out_dir, a path continues from that checkpoint.
+    continues from the newest checkpoint in out_dir, a path continues from that checkpoint
+    (the newer checkpoints of out_dir, another branch of the run, move to checkpoints/
+    abandoned-TIME/). Options that shaped the SAE or its data must match the checkpoint's;
+    the others apply from the resumed step on (config.py marks which). out_dir is locked
+    from here to the end of train(): a second trainer on it gets FolderInUseError.
     """
 
     def __init__(
@@ -78,6 +86,13 @@ class Trainer:
         self.dtype = parse_dtype(cfg.dtype)
         d_in = source.d_in
         m = cfg.latents(d_in)
+        # Parameters, their gradients and Adam's two moments: four copies of W_enc and W_dec.
+        check_fits(
+            8 * m * d_in * self.dtype.itemsize,
+            f"n_latents={m} x d_in={d_in} ({cfg.dtype}, with gradients and Adam state)",
+            self.device,
+            ConfigError,
+        )
         k_aux = cfg.k_aux if cfg.k_aux is not None else max(1, d_in // 2)
         sparse = cfg.activation in SPARSE_ACTIVATIONS
         if sparse and cfg.k > m:
@@ -113,17 +128,35 @@ class Trainer:
         self.step = 0
         self.scale = 1.0
         self.batchtopk_threshold: float | None = None
-        if resume:
-            self._resume(resume)
-        else:
-            if checkpoints.list_checkpoints(self.checkpoints):
+        self._lock = None
+        self._acquire()
+        try:
+            clean_stale(self.checkpoints)
+            if resume:
+                self._resume(resume)
+            elif checkpoints.list_checkpoints(self.checkpoints):
                 raise ConfigError(
                     f"out_dir {self.out_dir} already holds checkpoints: resume it (--resume) "
                     "or choose another out_dir"
                 )
-            self._initialise()
+            else:
+                self._initialise()
+        except BaseException:
+            self.close()
+            raise
 
     # --- setup -------------------------------------------------------------------------
+
+    def _acquire(self) -> None:
+        if self._lock is None:
+            self._lock = lock_folder(self.out_dir, "sae-fast training run")
+            self._lock.__enter__()
+
+    def close(self) -> None:
+        """Release out_dir (train() does at its end; a later train() takes it again)."""
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.__exit__(None, None, None)
 
     def _batch(self, n: int) -> Tensor:
         x = self.source.next_batch(n).to(self.device, self.dtype)
@@ -208,16 +241,31 @@ class Trainer:
         Ctrl-C finishes the step, saves a checkpoint and returns with interrupted=True;
         NaN/Inf raises TrainingDivergedError without saving over the last good checkpoint.
         """
+        self._acquire()
+        try:
+            return self._train(until)
+        finally:
+            self.close()
+
+    def _train(self, until: int | None) -> TrainResult:
         cfg = self.cfg
         stop = min(cfg.steps, until) if until is not None else cfg.steps
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self._write_run_config()
+        self._warn_about_short_runs()
         log = MetricsLog(self.out_dir / checkpoints.METRICS_FILE)
         log.truncate_after(self.step)
+        sinks = open_sinks(
+            self.out_dir,
+            {"train": cfg.to_dict(), "source": self.source.describe()},
+            tensorboard=cfg.tensorboard,
+            wandb=cfg.wandb,
+            wandb_project=cfg.wandb_project,
+            resume_step=self.step or None,
+        )
         bar = _progress(cfg, self.step)
         row: dict = {}
         started, tokens_at = time.perf_counter(), self.stats.tokens
-        with _StopOnInterrupt() as interrupt, bar:
+        with _StopOnInterrupt() as interrupt, bar, sinks:
             while self.step < stop and not interrupt.requested:
                 row = self._train_step()
                 bar.update(1)
@@ -226,6 +274,9 @@ class Trainer:
                     row = self._log_row(row, (self.stats.tokens - tokens_at) / (now - started))
                     started, tokens_at = now, self.stats.tokens
                     log.write(row)
+                    sinks.write(row)
+                    if not cfg.progress:
+                        print(_log_line(row, cfg.steps), flush=True)
                     bar.set_postfix(
                         fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=row["dead_fraction"]
                     )
@@ -241,6 +292,23 @@ class Trainer:
 
                 plot_run(self.out_dir, self.stats.frequencies())
         return TrainResult(sae, self.step, row, self.out_dir, interrupted)
+
+    def _warn_about_short_runs(self) -> None:
+        """Say when defaults meant for long runs cannot act in this one."""
+        cfg = self.cfg
+        tokens = cfg.steps * cfg.batch_size * cfg.grad_accum
+        if cfg.lr_warmup_steps is not None and cfg.lr_warmup_steps >= cfg.steps:
+            print(
+                f"sae-fast: warning: lr_warmup_steps={cfg.lr_warmup_steps} >= steps={cfg.steps}: "
+                "the learning rate never reaches its peak"
+            )
+        sparse = self.sae.activation in SPARSE_ACTIVATIONS
+        if sparse and self.weights.auxk > 0 and cfg.dead_tokens > tokens:
+            print(
+                f"sae-fast: warning: dead_tokens={cfg.dead_tokens:,} is more than this run's "
+                f"{tokens:,} tokens: no latent can count as dead, so AuxK never acts and "
+                "dead_fraction stays 0 (lower --dead-tokens)"
+            )
 
     def _log_row(self, row: dict, tokens_per_s: float) -> dict:
         return {
@@ -264,12 +332,29 @@ class Trainer:
 
     # --- saving and resuming ---------------------------------------------------------------
 
+    def provenance(self) -> dict:
+        """What the SAE was trained on, for its cfg.json (sae_config.PROVENANCE_KEYS)."""
+        described = self.source.describe()
+        found = {
+            "model": described.get("model"),
+            "hook": described.get("hook"),
+            "text": described.get("text"),
+            "tokens": self.stats.tokens,
+            "step": self.step,
+            "sae_fast_version": VERSION,
+            "source": described,
+            "train": self.cfg.to_dict(),
+        }
+        return {key: value for key, value in found.items() if value is not None}
+
     def export(self) -> SparseAutoencoder:
-        """A copy of the SAE for raw activations: input scale folded in, threshold set."""
+        """A copy of the SAE for raw activations: input scale folded in, threshold set,
+        provenance recorded."""
         sae = copy.deepcopy(self.sae).eval()
         if sae.activation == "batchtopk" and self.batchtopk_threshold is not None:
             sae.threshold.fill_(self.batchtopk_threshold)
         sae.fold_input_scale_(self.scale)
+        sae.provenance = self.provenance()
         return sae
 
     def _state(self) -> dict:
@@ -288,13 +373,23 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
-        """Write the checkpoint of the current step (atomic; keeps the newest few)."""
+        """Write the checkpoint of the current step (atomic; keeps the newest few).
+
+        Its SAE is the exported one; the state keeps the training-time values of the
+        tensors that exporting changed (the biases, thresholds), for an exact resume.
+        """
+        exported = self.export()
+        ours, theirs = self.sae.state_dict(), exported.state_dict()
+        state = self._state()
+        state["train_tensors"] = {
+            name: t for name, t in ours.items() if not torch.equal(t, theirs[name])
+        }
         return checkpoints.save(
             self.checkpoints,
             self.step,
-            self.sae.config(),
-            self.sae.state_dict(),
-            self._state(),
+            exported.config(),
+            theirs,
+            state,
             self.cfg.keep_checkpoints,
         )
 
@@ -307,20 +402,15 @@ class Trainer:
         else:
             folder = Path(resume)
         config, tensors, state = checkpoints.load(folder, self.device)
-        saved = state["config"]
-        for name in _ARCHITECTURE:
-            if saved[name] != getattr(self.cfg, name):
-                raise ConfigError(
-                    f"--resume: {name}={getattr(self.cfg, name)!r} but checkpoint {folder} "
-                    f"was trained with {name}={saved[name]!r}"
-                )
+        self._check_options(state["config"], state["step"], folder)
         if (config["d_in"], config["n_latents"]) != (self.sae.d_in, self.sae.n_latents):
             raise ConfigError(
                 f"--resume: checkpoint {folder} has d_in={config['d_in']}, "
                 f"n_latents={config['n_latents']}; this run has d_in={self.sae.d_in}, "
                 f"n_latents={self.sae.n_latents}"
             )
-        self.sae.load_state_dict(tensors)
+        # Before train_tensors existed, a checkpoint's SAE was the training-time one.
+        self.sae.load_state_dict({**tensors, **state.get("train_tensors", {})})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -331,6 +421,70 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        self._apply_optimizer_options()
+        self._abandon_after(self.step)
+
+    def _check_options(self, saved: dict, step: int, folder: Path) -> None:
+        """Refuse the changed options that shaped the checkpoint; log the others."""
+        changed = [
+            (f, saved[f.name], getattr(self.cfg, f.name))
+            for f in dataclasses.fields(TrainConfig)
+            if f.name in saved and saved[f.name] != getattr(self.cfg, f.name)
+        ]
+        refused = [
+            f"{f.name}={new!r} (the checkpoint has {old!r})"
+            for f, old, new in changed
+            if f.metadata["resume"] == REFUSE
+        ]
+        if refused:
+            raise ConfigError(
+                f"--resume: checkpoint {folder} was trained with other values of options "
+                f"that shape the SAE or its data: {'; '.join(refused)}; resume with the "
+                "checkpoint's values, or start a new run"
+            )
+        if self.cfg.steps < step:
+            raise ConfigError(
+                f"--resume: steps={self.cfg.steps} is below the checkpoint's step {step}: "
+                f"give --steps {step} or more"
+            )
+        for f, old, new in changed:
+            if f.name != "out_dir":
+                print(f"sae-fast: resuming with {f.name}={new!r} (the checkpoint had {old!r})")
+
+    def _apply_optimizer_options(self) -> None:
+        """The optimizer's state holds the checkpoint's lr, betas and eps: use this run's."""
+        cfg = self.cfg
+        peak = cfg.peak_lr(self.sae.n_latents)
+        self.scheduler.base_lrs = [peak for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = peak, peak * lr_factor(self.step, cfg)
+            group["betas"], group["eps"] = (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps
+
+    def _abandon_after(self, step: int) -> None:
+        """Move the checkpoints newer than step (and the SAE exported from them) aside."""
+        last = checkpoints.folder_name(step)
+        newer = [p for p in checkpoints.list_checkpoints(self.checkpoints) if p.name > last]
+        if not newer:
+            return
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        aside = self.checkpoints / f"abandoned-{stamp}-{os.getpid()}"
+        aside.mkdir()
+        exported = self.out_dir / checkpoints.SAE_DIR
+        for path in [*newer, *([exported] if exported.exists() else [])]:
+            os.rename(path, aside / path.name)
+        print(
+            f"sae-fast: resumed from step {step}; moved the newer {[p.name for p in newer]} of "
+            f"the abandoned branch to {aside}"
+        )
+
+
+def _log_line(row: dict, steps: int) -> str:
+    """One line of a logged row, for runs without a progress bar."""
+    return (
+        f"step {row['step']}/{steps}  fvu {row['fvu']:.4f}  l0 {row['l0']:.1f}  "
+        f"dead {row['dead_fraction']:.3f}  loss {row['loss']:.4g}  lr {row['lr']:.3g}  "
+        f"{row['tokens_per_s']:,.0f} tokens/s"
+    )
 
 
 class _StopOnInterrupt:

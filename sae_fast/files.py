@@ -1,0 +1,325 @@
+"""Files and folders that readers can trust: atomic writes, atomic folders, locks, safe reads.
+
+Every file sae_fast writes appears whole (written beside its target, synced, renamed over it)
+and with the modes the umask allows, as `open` would give it; a folder of several files (an
+SAE, a checkpoint) is written under a hidden name and swapped in whole, so a reader sees the
+old folder or the new one, never a mix (`read_stable` makes sure of that on its side). A run
+or cache folder is locked while a process writes it; the lock is the kernel's (flock), so a
+killed process leaves no lock behind. Reading never blocks on a pipe or device named like a
+file and never recurses without bound into a nested JSON document.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+LOCK_FILE = ".lock"
+# Hidden siblings of a folder being written (.NAME.saving-PID-RANDOM) or removed
+# (.NAME.removing-PID-RANDOM); a dead PID's are left over from a killed process.
+_SCRATCH = re.compile(r"^\.(?P<name>.+)\.(saving|removing)-(?P<pid>\d+)-[^.]+$")
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_READ_TRIES = 8
+
+
+class FolderInUseError(RuntimeError):
+    """Another process holds the folder's lock."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def shareable(path: Path, folder: bool = False) -> None:
+    """Give path the mode a plain open()/mkdir() would (tempfile makes them private)."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside target; on success fsync it and rename it over target.
+
+    A reader sees the old file or the complete new one, never a partial write; on error the
+    temp file is removed and target is untouched.
+    """
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        shareable(tmp)
+        _fsync(tmp)
+        os.replace(tmp, target)
+    except OSError as e:  # a full disk, above all: name the file, not the temp
+        raise OSError(e.errno, f"cannot write {target}: {e.strerror}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with its I/O errors (a full disk) as OSError, like every
+    other write."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:
+        code = errno.ENOSPC if "os error 28" in str(e) else errno.EIO
+        raise OSError(code, os.strerror(code) if code == errno.ENOSPC else str(e)) from e
+
+
+def save_torch(obj: object, path: Path) -> None:
+    """torch.save through a Python file, so that a full disk is an OSError (ENOSPC), not the
+    zip writer's bare assertion."""
+    import torch
+
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale(parent: str | Path) -> list[Path]:
+    """Remove the scratch folders of killed writes in parent; returns what was removed."""
+    parent = Path(parent)
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for entry in parent.iterdir():
+        found = _SCRATCH.match(entry.name)
+        if found and not _alive(int(found["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _scratch(target: Path, what: str) -> Path:
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{what}-{os.getpid()}-"))
+
+
+def remove_folder(path: str | Path) -> None:
+    """Delete folder path so that it is gone at once: renamed to a scratch name, then removed.
+
+    A crash mid-way leaves a hidden scratch folder (which clean_stale removes), never a
+    half-deleted folder under its own name.
+    """
+    path = Path(path)
+    trash = _scratch(path, "removing")
+    os.rename(path, trash / path.name)
+    shutil.rmtree(trash)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap a and b in one step (Linux renameat2); False where the system cannot."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextmanager
+def atomic_folder(target: str | Path, replaceable: Iterable[str] = ()) -> Iterator[Path]:
+    """Yield an empty scratch folder beside target; on success it replaces target whole.
+
+    target may be absent, empty, or hold only files named in replaceable (what an earlier
+    save of the same kind wrote); anything else is refused with FileExistsError rather than
+    deleted. Readers see the old folder or the new one (swapped by one rename where Linux
+    allows, see read_stable); on error target is untouched and the scratch folder removed.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"{target} exists and is not a folder")
+        foreign = sorted(set(os.listdir(target)) - set(replaceable))
+        if foreign:
+            raise FileExistsError(
+                f"{target} holds files this save would delete ({foreign[:8]}); "
+                "save into a new or empty folder"
+            )
+    clean_stale(target.parent)
+    tmp = _scratch(target, "saving")
+    try:
+        shareable(tmp, folder=True)
+        yield tmp
+        for entry in tmp.rglob("*"):
+            if entry.is_file():
+                _fsync(entry)
+        _fsync(tmp)
+        if not target.exists():
+            os.rename(tmp, target)
+        elif _exchange(tmp, target):
+            pass  # tmp now holds the old folder, removed below
+        else:  # readers retry over the moment target is absent (read_stable)
+            old = _scratch(target, "removing")
+            os.rename(target, old / target.name)
+            os.rename(tmp, target)
+            shutil.rmtree(old)
+        _fsync(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _same_folder(path: Path, fd: int) -> bool:
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    held = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+
+def read_stable(path: str | Path, read: Callable[[], T]) -> T:
+    """read() of the folder path, retried while a save replaces it (atomic_folder).
+
+    The folder is held open while read() runs, so its inode cannot be reused: if path names
+    the same folder before and after, every file read came from that one version. A file
+    path is read once (files are replaced by a single rename).
+    """
+    path = Path(path)
+    for attempt in range(_READ_TRIES):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except NotADirectoryError:
+            return read()
+        except FileNotFoundError:  # between the two renames of a save without renameat2
+            if attempt == _READ_TRIES - 1:
+                return read()  # says what is missing
+            time.sleep(0.01)
+            continue
+        try:
+            try:
+                result = read()
+            except Exception:
+                if _same_folder(path, fd):
+                    raise
+                continue
+            if _same_folder(path, fd):
+                return result
+        finally:
+            os.close(fd)
+    raise FileExistsError(f"{path} was replaced {_READ_TRIES} times while being read; try again")
+
+
+def check_regular(path: Path, error: type[Exception]) -> None:
+    """Raise error unless path is a regular file (a pipe or device would block a read)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{path} does not exist") from None
+    except PermissionError:
+        raise error(f"{path} cannot be read: permission denied") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{path} is not a regular file")
+
+
+def read_text(path: str | Path, error: type[Exception]) -> str:
+    """The UTF-8 text of the regular file at path; anything else raises error naming path."""
+    path = Path(path)
+    check_regular(path, error)
+    try:
+        # O_NONBLOCK: a file swapped for a pipe after the check still cannot hang the read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise error(f"{path} is not a regular file")
+            data = f.read()
+    except PermissionError:
+        raise error(f"{path} cannot be read: permission denied") from None
+    except OSError as e:
+        raise error(f"{path} cannot be read: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not UTF-8 text: {e}") from None
+
+
+def parse_json(text: str, where: str, error: type[Exception]) -> Any:
+    """json.loads(text); malformed or absurdly nested documents raise error naming where."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{where} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise error(f"{where} is nested too deeply to be a config") from None
+
+
+def read_json(path: str | Path, error: type[Exception]) -> Any:
+    """The JSON document in the regular file at path (see read_text and parse_json)."""
+    return parse_json(read_text(path, error), str(path), error)
+
+
+def peek_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in the file at path; None when it is absent, unreadable or not one."""
+    try:
+        body = read_json(path, ValueError)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+@contextmanager
+def lock_folder(folder: str | Path, what: str) -> Iterator[Path]:
+    """Hold folder's lock (folder/.lock) for the with-block; FolderInUseError if taken.
+
+    The kernel releases the lock when its process ends, however it ends, so a killed run
+    never blocks the next one; the file says who holds it, for the message.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            raise FolderInUseError(
+                f"{folder} is in use by another {what} ({holder}); wait for it to finish or "
+                "use another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)

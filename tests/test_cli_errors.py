@@ -1,0 +1,300 @@
+"""The command line without tracebacks: bad values, damaged or odd files, full disks, locked
+folders; --resume alone, run configs, provenance defaults; help, version, typos."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import SafetensorError
+from test_cli import SYNTHETIC, cli, error_line, flags, printed_json, steps_saved, synthetic
+
+from sae_fast import SparseAutoencoder, files
+from sae_fast.cli import build_parser
+from sae_fast.sources import minilm_path, model_location, write_cache
+from sae_fast.training import checkpoints
+
+BAD_VALUES = {
+    "beta1 of 2": (["--adam-beta1", "2"], "adam_beta1 must be in [0, 1), got 2.0"),
+    "beta2 nan": (["--adam-beta2", "nan"], "adam_beta2 must be in [0, 1), got nan"),
+    "negative eps": (["--adam-eps", "-1"], "adam_eps must be a finite number > 0, got -1.0"),
+    "zero bandwidth": (["--jumprelu-bandwidth", "0"], "jumprelu_bandwidth must be a finite"),
+    "infinite lr": (["--lr", "inf"], "lr must be a finite number > 0, got inf"),
+    "huge dictionary": (["--n-latents", str(10**20)], "n_latents=100000000000000000000 x d_in"),
+    "huge width": (["--synthetic-d", str(10**12)], "d_in=1000000000000 needs"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_bad_values_exit_2_with_one_line_naming_the_option(case, tmp_path, capsys):
+    argv, message = BAD_VALUES[case]
+    assert cli(*synthetic(tmp_path / "run", steps=2), *argv) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith("sae-fast train: error: ") and message in line
+
+
+def test_a_config_nested_thousands_deep(tmp_path, capsys):
+    deep = {"deep.json": "[" * 50_000 + "]" * 50_000, "deep.toml": "a = " + "[" * 50_000}
+    for name, text in deep.items():
+        (tmp_path / name).write_text(text)
+        assert cli("train", "--config", tmp_path / name) == 2
+        line = error_line(capsys.readouterr().err)
+        assert name in line and ("nested too deeply" in line or "does not parse" in line)
+
+
+def test_a_cfg_json_with_an_integer_dtype(tmp_path, capsys):
+    SparseAutoencoder(16, 32, k=4).save(tmp_path / "sae")
+    cfg = tmp_path / "sae" / "cfg.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "dtype": "int64"}))
+    assert cli("inspect", tmp_path / "sae") == 2
+    assert "dtype must name a floating-point torch dtype, got 'int64'" in error_line(
+        capsys.readouterr().err
+    )
+
+
+def test_a_cfg_json_that_is_a_named_pipe_does_not_hang(tmp_path, capsys):
+    SparseAutoencoder(16, 32, k=4).save(tmp_path / "sae")
+    (tmp_path / "sae" / "cfg.json").unlink()
+    os.mkfifo(tmp_path / "sae" / "cfg.json")
+    done = subprocess.run(
+        [sys.executable, "-m", "sae_fast", "inspect", str(tmp_path / "sae")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "cfg.json is not a regular file" in done.stderr
+
+
+def test_an_unreadable_folder_says_so(tmp_path, capsys, monkeypatch):
+    SparseAutoencoder(16, 32, k=4).save(tmp_path / "sae")
+    real = os.access
+
+    def access(path, mode):  # as for another user's folder without read permission
+        return False if Path(path).name == "sae" else real(path, mode)
+
+    monkeypatch.setattr(os, "access", access)
+    assert cli("inspect", tmp_path / "sae") == 2
+    assert "sae cannot be read: permission denied" in error_line(capsys.readouterr().err)
+
+
+def _cache(folder: Path, rows: int = 256, **meta) -> Path:
+    chunks = [torch.randn(64, 16) for _ in range(rows // 64)]
+    return write_cache(folder, chunks, tokens=rows, shard_rows=128, meta=meta)
+
+
+def test_a_truncated_cache_shard(tmp_path, capsys):
+    cache = _cache(tmp_path / "cache")
+    shard = cache / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    argv = flags(
+        **{**SYNTHETIC, "out_dir": tmp_path / "run", "source": "cache", "cache_dir": cache}
+    )
+    assert cli("train", *argv, "--steps", "2") == 2
+    assert "shard-00001.safetensors is truncated, corrupt" in error_line(capsys.readouterr().err)
+
+
+def test_a_cache_manifest_must_match_its_shards_dtype(tmp_path, capsys):
+    cache = _cache(tmp_path / "cache")
+    manifest = cache / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "dtype": "float16"}))
+    argv = flags(
+        **{**SYNTHETIC, "out_dir": tmp_path / "run", "source": "cache", "cache_dir": cache}
+    )
+    assert cli("train", *argv, "--steps", "2") == 2
+    assert "holds F32 activations but the manifest says float16" in error_line(
+        capsys.readouterr().err
+    )
+
+
+def test_resume_on_a_cache_rebuilt_from_another_hook_is_refused(tmp_path, capsys):
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    _cache(cache, hook="resid_post.1", model="gpt")
+    argv = flags(**{**SYNTHETIC, "out_dir": run, "source": "cache", "cache_dir": cache})
+    assert cli("train", *argv, "--steps", "2") == 0
+    for f in cache.iterdir():
+        f.unlink()
+    torch.manual_seed(0)
+    _cache(cache, hook="resid_post.2", model="gpt")  # same shapes, another layer
+    assert cli("train", *argv, "--steps", "4", "--resume") == 2
+    line = error_line(capsys.readouterr().err)
+    assert "hook: 'resid_post.1' != 'resid_post.2'" in line
+
+
+def test_a_full_disk_while_training(tmp_path, capsys, monkeypatch):
+    assert Path("/dev/full").is_char_device()
+
+    def to_a_full_disk(obj, path):  # a real ENOSPC from torch.save, through /dev/full
+        files.save_torch(obj, Path("/dev/full"))
+
+    monkeypatch.setattr(checkpoints, "save_torch", to_a_full_disk)
+    assert cli(*synthetic(tmp_path / "run", steps=4, checkpoint_every=2)) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "cannot write" in line and "train_state.pt: No space left on device" in line
+    assert steps_saved(tmp_path / "run") == []
+
+
+@pytest.fixture
+def full_disk(tmp_path, monkeypatch):
+    """fill() -> a folder on a full disk: a 64 KiB tmpfs where mounting one is allowed (a real
+    ENOSPC), else safetensors made to fail as it does on one (its message, os error 28)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    try:
+        command = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)]
+        mounted = subprocess.run(command, capture_output=True).returncode == 0
+    except OSError:  # no mount command
+        mounted = False
+
+    def fill() -> Path:
+        if not mounted:
+            import safetensors.torch
+
+            def no_space(*args, **kw):
+                message = "Error while serializing: I/O error: No space left on device"
+                raise SafetensorError(f"{message} (os error 28)")
+
+            monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+        return mount
+
+    yield fill
+    if mounted:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_while_saving(tmp_path, capsys, full_disk):
+    SparseAutoencoder(64, 512, k=4).save(tmp_path / "sae")  # 256 KiB: more than the disk holds
+    full = full_disk()
+    assert cli("convert", tmp_path / "sae", full / "copy", "--to", "sae_fast") == 2
+    assert "No space left on device" in error_line(capsys.readouterr().err)
+    assert not (full / "copy").exists()
+
+
+def test_two_caches_on_one_folder(tmp_path, capsys):
+    hold = "import sys, time\nfrom sae_fast.files import lock_folder\nwith lock_folder(sys.argv[1], 'x'):\n    print('held', flush=True); time.sleep(60)\n"  # noqa: E501
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path / "cache")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = ["cache", "--model", "minilm", "--hook", "resid_post.0", "--tokens", "64"]
+        assert cli(*argv, "--out", tmp_path / "cache") == 2
+        line = error_line(capsys.readouterr().err)
+        assert f"is in use by another sae-fast cache writing (pid {holder.pid}" in line
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_resume_alone_continues_a_run_from_its_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(*synthetic(run, steps=4, checkpoint_every=2)) == 0
+    capsys.readouterr()
+    assert cli("train", "--resume", "--out-dir", run, "--steps", 6) == 0
+    out = capsys.readouterr().out
+    assert printed_json(out)["step"] == 6 and "resuming with steps=6" in out
+    assert steps_saved(run) == [2, 4, 6]  # checkpoint_every=2 from the run's config.json
+
+
+def test_a_runs_config_json_is_a_config_file(tmp_path):
+    run = tmp_path / "run"
+    assert cli(*synthetic(run, steps=2, n_latents=48)) == 0
+    again = tmp_path / "again"
+    assert cli("train", "--config", run / "config.json", "--out-dir", again) == 0
+    saved = json.loads((again / "config.json").read_text())["train"]
+    assert saved["n_latents"] == 48 and saved["out_dir"] == str(again)
+
+
+def test_eval_takes_the_data_options_from_the_sae_and_warns_on_another_hook(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(*synthetic(run, steps=2)) == 0
+    capsys.readouterr()
+    assert cli("eval", "--sae", run / "sae", "--tokens", 128, "--device", "cpu") == 0
+    assert printed_json(capsys.readouterr().out)["fvu"] > 0  # synthetic d=16 from provenance
+    sae = SparseAutoencoder.load(run / "sae")
+    sae.provenance = {"model": "gpt", "hook": "resid_post.1"}  # as an SAELens export says
+    sae.save(tmp_path / "lens", format="saelens")
+    from sae_fast.cli import recorded_data_options
+
+    loaded = SparseAutoencoder.load(tmp_path / "lens")
+    options = recorded_data_options(loaded.provenance, {"hook": "resid_post.0"})
+    assert options == {"source": "model", "model": "gpt", "hook": "resid_post.0"}
+    assert "trained with hook='resid_post.1', not 'resid_post.0'" in capsys.readouterr().err
+
+
+def test_help_version_abbreviations_and_typos(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli("--version")
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("sae-fast 0.")
+    for argv, expected in [
+        (["train", "--step", "3"], "unrecognized arguments: --step (did you mean --steps?)"),
+        (["eval", "--sae", "x", "--tokns", "3"], "unrecognized arguments: --tokns (did you"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            cli(*argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and expected in err
+        assert err.startswith(f"usage: sae-fast {argv[0]} ")  # the subcommand's usage
+    parser = build_parser()
+    assert parser.parse_args(["eval", "--sae", "x"]).device == "auto"
+    assert (
+        parser.parse_args(
+            ["cache", "--model", "m", "--hook", "h", "--out", "o", "--tokens", "1"]
+        ).device
+        == "auto"
+    )
+    for command in ("demo", "eval", "cache", "report"):
+        with pytest.raises(SystemExit):
+            cli(command, "--help")
+        assert "(default: " in capsys.readouterr().out, command
+
+
+def test_help_answers_without_importing_torch():
+    code = (
+        "import sys\nfrom sae_fast.cli import build_parser\n"
+        "build_parser().format_help()\nprint(sorted(m for m in sys.modules if m == 'torch'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_models_by_name_and_missing_folders(tmp_path, capsys):
+    assert model_location("minilm") == minilm_path()
+    argv = ["cache", "--hook", "resid_post.0", "--tokens", "8", "--out", tmp_path / "c"]
+    assert cli(*argv, "--model", "./no/such/model") == 2
+    assert "model folder no/such/model does not exist" in error_line(capsys.readouterr().err)
+    assert cli(*argv, "--model", "minilm", "--device", "cpu") == 0
+    assert "wrote 8 activations of minilm" in capsys.readouterr().out
+
+
+def test_a_shard_damaged_while_training_is_a_source_error(tmp_path):
+    from sae_fast.sources import CacheSource, SourceError
+
+    cache = _cache(tmp_path / "cache")
+    source = CacheSource(cache)  # the manifest and shard headers are checked here
+    source.next_batch(8)
+    for shard in cache.glob("shard-*"):
+        shard.write_bytes(shard.read_bytes()[:200])
+    with pytest.raises(SourceError, match=r"shard-0000\d.safetensors cannot be read"):
+        for _ in range(64):
+            source.next_batch(64)
+
+
+def test_report_and_the_example_config(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(*synthetic(run, steps=2)) == 0
+    assert cli("report", run) == 0
+    assert f"report: {run / 'report.html'}" in capsys.readouterr().out
+    assert cli("report", tmp_path / "nothing") == 2
+    example = Path(__file__).resolve().parents[1] / "examples" / "run.toml"
+    short = ["--steps", 2, "--batch-size", 64, "--n-latents", 768, "--init-tokens", 64]
+    assert (
+        cli("train", "--config", example, *short, "--out-dir", tmp_path / "ex", "--no-progress")
+        == 0
+    )
+    saved = json.loads((tmp_path / "ex" / "config.json").read_text())
+    assert saved["train"]["model"] == "minilm" and saved["source"]["d_in"] == 384
