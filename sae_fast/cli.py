@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -73,7 +74,8 @@ def _resumed_config(resume: bool | str, given: dict) -> TrainConfig:
     """The options of the run that --resume continues (its config.json), then the flags.
 
     --resume alone names the run by --out-dir; --resume CHECKPOINT by the run folder the
-    checkpoint is in, or by the options recorded in the checkpoint's cfg.json.
+    checkpoint is in, or by the options recorded in the checkpoint's cfg.json (then the new
+    run needs its own --out-dir: the recorded one may be another run's).
     """
     from .files import read_json
     from .training.checkpoints import CHECKPOINTS_DIR, RUN_CONFIG_FILE
@@ -91,9 +93,17 @@ def _resumed_config(resume: bool | str, given: dict) -> TrainConfig:
                     f"--resume: {checkpoint} records no training options; give them with "
                     "--config or the flags"
                 )
+            if "out_dir" not in given:
+                raise ConfigError(
+                    f"--resume: {checkpoint} is not in a run folder; give --out-dir for the "
+                    "run that continues it"
+                )
             return TrainConfig.from_dict({**train, **given}, where=str(checkpoint))
-    if not (run / RUN_CONFIG_FILE).exists():  # no run there: the trainer says what lacks
-        return TrainConfig(**given)
+    if not (run / RUN_CONFIG_FILE).exists():
+        raise ConfigError(
+            f"--resume: {run} holds no run to continue (no {RUN_CONFIG_FILE}); give the "
+            "run's --out-dir"
+        )
     return TrainConfig.from_file(run / RUN_CONFIG_FILE, **{"out_dir": str(run), **given})
 
 
@@ -113,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(
             f"interrupted at step {result.step}; continue with: sae-fast train --resume "
-            f"--out-dir {cfg.out_dir}"
+            f"--out-dir {shlex.quote(cfg.out_dir)}"
         )
         return 130
     print(f"saved the SAE to {result.out_dir / SAE_DIR}")
@@ -155,7 +165,10 @@ def recorded_data_options(provenance: dict, given: dict) -> dict:
     """
     train = provenance.get("train") or {}
     names = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["group"] == "data"}
+    # Not the text: evaluating on the training text would not be held out (give --text).
     recorded = {k: v for k, v in train.items() if k in names and k != "text" and v is not None}
+    if "seed" in train:  # for synthetic data it names the true dictionary
+        recorded["seed"] = train["seed"]
     for key in ("model", "hook"):
         if key not in recorded and provenance.get(key):  # another library's record
             recorded[key] = provenance[key]
@@ -180,9 +193,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     device = resolve_device(check_device(args.device, "--device"))
     sae = SparseAutoencoder.load(args.sae, device=device)
-    options = recorded_data_options(sae.provenance, given_options(args, ("data",)))
-    seed = args.seed if args.seed is not None else sae.provenance.get("train", {}).get("seed", 0)
-    cfg = TrainConfig.from_dict({**options, "seed": seed}, where="the data options")
+    given = given_options(args, ("data",)) | ({"seed": args.seed} if args.seed is not None else {})
+    options = recorded_data_options(sae.provenance, given)
+    cfg = TrainConfig.from_dict(options, where="the data options")
     if args.ce and cfg.source != "model":
         raise ConfigError("--ce needs source=model (a causal LM and its hook point)")
     source = build_source(cfg, device, held_out=True)
@@ -286,6 +299,14 @@ def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> str:
         near = difflib.get_close_matches(arg.split("=")[0], flags, n=1) if arg[:1] == "-" else []
         parts.append(f"{arg} (did you mean {near[0]}?)" if near else arg)
     return "unrecognized arguments: " + " ".join(parts)
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    """Whether torch raised e for an allocation that does not fit (CPU or GPU)."""
+    import torch
+
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -399,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--text", help="text for the contexts (default: the run's own)")
     report.add_argument("--tokens", type=int, default=32768, help="tokens to read")
     report.add_argument("--features", type=int, default=8, help="feature cards")
-    report.add_argument("--device", default="cpu", help="device")
+    report.add_argument("--device", default="auto", help="device (auto: cuda if available)")
     report.add_argument("--out", help="the HTML file (default: RUN/report.html)")
     report.set_defaults(fn=cmd_report)
 
@@ -464,6 +485,16 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDivergedError as e:
         print(f"sae-fast {args.command}: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # an allocation the size checks did not foresee
+        if not _out_of_memory(e):
+            raise
+        first = str(e).strip().splitlines()[0]
+        print(
+            f"sae-fast {args.command}: error: out of memory ({first}); lower the sizes "
+            "(--batch-size, --n-latents, --shuffle-buffer, ...)",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:  # outside training, which stops cleanly by itself
         print(f"sae-fast {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -29,9 +29,11 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 LOCK_FILE = ".lock"
-# Hidden siblings of a folder being written (.NAME.saving-PID-RANDOM) or removed
-# (.NAME.removing-PID-RANDOM); a dead PID's are left over from a killed process.
-_SCRATCH = re.compile(r"^\.(?P<name>.+)\.(saving|removing)-(?P<pid>\d+)-[^.]+$")
+# Hidden siblings of a file or folder being written (.NAME.saving~HOST~PID~RANDOM) or removed
+# (.NAME.removing~HOST~PID~RANDOM); those of a dead process of this host are left over from a
+# kill (a folder shared between machines keeps the others').
+_SCRATCH = re.compile(r"^\.(?P<name>.+)\.(saving|removing)~(?P<host>[^~]+)~(?P<pid>\d+)~")
+_HOST = socket.gethostname().replace("~", "-")
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 _READ_TRIES = 8
@@ -42,6 +44,15 @@ class FolderInUseError(RuntimeError):
 
 
 def _umask() -> int:
+    """The process umask, read without setting it where Linux says it (setting it, even
+    for a moment, would race the files other threads create)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -68,7 +79,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     temp file is removed and target is untouched.
     """
     target = Path(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_prefix(target, "saving"), suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -115,21 +126,29 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale(parent: str | Path) -> list[Path]:
-    """Remove the scratch folders of killed writes in parent; returns what was removed."""
+    """Remove the scratch files and folders that killed writes of this host left in parent;
+    returns what was removed."""
     parent = Path(parent)
     removed = []
     if not parent.is_dir():
         return removed
     for entry in parent.iterdir():
         found = _SCRATCH.match(entry.name)
-        if found and not _alive(int(found["pid"])):
-            shutil.rmtree(entry, ignore_errors=True)
+        if found and found["host"] == _HOST and not _alive(int(found["pid"])):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
 
 
+def _prefix(target: Path, what: str) -> str:
+    return f".{target.name}.{what}~{_HOST}~{os.getpid()}~"
+
+
 def _scratch(target: Path, what: str) -> Path:
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{what}-{os.getpid()}-"))
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=_prefix(target, what)))
 
 
 def remove_folder(path: str | Path) -> None:
@@ -166,7 +185,7 @@ def atomic_folder(target: str | Path, replaceable: Iterable[str] = ()) -> Iterat
     deleted. Readers see the old folder or the new one (swapped by one rename where Linux
     allows, see read_stable); on error target is untouched and the scratch folder removed.
     """
-    target = Path(target)
+    target = Path(os.path.realpath(target))  # a link to a folder: replace the folder
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         if not target.is_dir():
@@ -186,10 +205,8 @@ def atomic_folder(target: str | Path, replaceable: Iterable[str] = ()) -> Iterat
             if entry.is_file():
                 _fsync(entry)
         _fsync(tmp)
-        if not target.exists():
-            os.rename(tmp, target)
-        elif _exchange(tmp, target):
-            pass  # tmp now holds the old folder, removed below
+        if _publish(tmp, target) or _exchange(tmp, target):
+            pass  # tmp now holds the old folder (if any), removed below
         else:  # readers retry over the moment target is absent (read_stable)
             old = _scratch(target, "removing")
             os.rename(target, old / target.name)
@@ -198,6 +215,20 @@ def atomic_folder(target: str | Path, replaceable: Iterable[str] = ()) -> Iterat
         _fsync(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, target: Path) -> bool:
+    """Rename tmp to target where there is no target yet (False: there is one, maybe just
+    saved by another process)."""
+    if target.exists():
+        return False
+    try:
+        os.rename(tmp, target)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+    return True
 
 
 def _same_folder(path: Path, fd: int) -> bool:

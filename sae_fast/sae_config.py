@@ -36,10 +36,20 @@ DEFAULTS: dict[str, Any] = {
     "input_norm": "none",
     "provenance": {},
 }
-# What provenance may say: the model and hook point (as sae_fast names them), the text, the
-# activations trained on (tokens) and the steps, the sae_fast version, the source's own
-# description and the training options.
-PROVENANCE_KEYS = ("model", "hook", "text", "tokens", "step", "sae_fast_version", "source", "train")
+# What provenance says, with the type of each: the model and hook point (as sae_fast names
+# them), the text, the activations trained on (tokens) and the steps, the sae_fast version,
+# the source's own description and the training options. Other keys (a newer sae_fast's)
+# are kept as they are.
+PROVENANCE_KEYS = {
+    "model": str,
+    "hook": str,
+    "text": str,
+    "tokens": int,
+    "step": int,
+    "sae_fast_version": str,
+    "source": dict,
+    "train": dict,
+}
 
 
 def check_hyperparameters(
@@ -79,8 +89,12 @@ def complete(config: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(full["dtype"], str) or parse_dtype(full["dtype"]) is None:
         raise ValueError(f"dtype must name a floating-point torch dtype, got {full['dtype']!r}")
     provenance = full["provenance"]
-    if not isinstance(provenance, dict) or set(provenance) - set(PROVENANCE_KEYS):
-        raise ValueError(f"provenance must be an object with keys among {PROVENANCE_KEYS}")
+    if not isinstance(provenance, dict):
+        raise ValueError(f"provenance must be an object, got {provenance!r}")
+    for key, kind in PROVENANCE_KEYS.items():
+        value = provenance.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise ValueError(f"provenance.{key} must be {kind.__name__}, got {value!r}")
     full["provenance"] = dict(provenance)
     hyper = ("dtype", "provenance")
     check_hyperparameters(**{name: full[name] for name in FIELDS if name not in hyper})

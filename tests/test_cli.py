@@ -67,7 +67,11 @@ def printed_json(text: str) -> dict:
 def error_line(err: str) -> str:
     """The command's one error line (transformers may print progress bars beside it)."""
     assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("sae-fast")]
+    lines = [
+        line
+        for line in err.splitlines()
+        if line.startswith("sae-fast") and not line.startswith("sae-fast: warning:")
+    ]
     assert len(lines) == 1, err
     return lines[0]
 
@@ -175,9 +179,9 @@ EVAL = ["eval", "--sae", "{sae}", "--source", "synthetic"]  # {sae}: d_in=16
 ERRORS = {
     "missing config file": (["train", "--config", "{tmp}/none.toml"], "none.toml does not exist"),
     "model without hook": (["train", "--model", "{gpt}"], "source=model needs both model and hook"),
-    "no checkpoint to resume": (
+    "no run to resume": (
         ["train", "--source", "synthetic", "--out-dir", "{tmp}/run", "--resume"],
-        "--resume: no checkpoint in",
+        "run holds no run to continue (no config.json)",
     ),
     "unknown device": (["train", "--source", "synthetic", "--device", "gpu"], "device must be"),
     "missing sae folder": (

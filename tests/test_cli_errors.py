@@ -16,7 +16,7 @@ from test_cli import SYNTHETIC, cli, error_line, flags, printed_json, steps_save
 
 from sae_fast import SparseAutoencoder, files
 from sae_fast.cli import build_parser
-from sae_fast.sources import minilm_path, model_location, write_cache
+from sae_fast.sources import minilm_path, model_location, read_manifest, write_cache
 from sae_fast.training import checkpoints
 
 BAD_VALUES = {
@@ -269,6 +269,7 @@ def test_models_by_name_and_missing_folders(tmp_path, capsys):
     assert "model folder no/such/model does not exist" in error_line(capsys.readouterr().err)
     assert cli(*argv, "--model", "minilm", "--device", "cpu") == 0
     assert "wrote 8 activations of minilm" in capsys.readouterr().out
+    assert read_manifest(tmp_path / "c")["model"] == "minilm"  # not this venv's path
 
 
 def test_a_shard_damaged_while_training_is_a_source_error(tmp_path):
@@ -298,3 +299,41 @@ def test_report_and_the_example_config(tmp_path, capsys):
     )
     saved = json.loads((tmp_path / "ex" / "config.json").read_text())
     assert saved["train"]["model"] == "minilm" and saved["source"]["d_in"] == 384
+
+
+def test_a_copied_checkpoint_resumes_only_into_a_run_folder_of_its_own(tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    assert cli(*synthetic(run, steps=4, checkpoint_every=2)) == 0
+    copy = tmp_path / "elsewhere" / "ck2"
+    shutil.copytree(run / "checkpoints" / "step-00000002", copy)
+    capsys.readouterr()
+    assert cli("train", "--resume", copy) == 2  # its recorded out_dir is the original run's
+    assert "is not in a run folder; give --out-dir" in error_line(capsys.readouterr().err)
+    assert cli("train", "--resume", copy, "--out-dir", tmp_path / "branch") == 0
+    assert steps_saved(tmp_path / "branch") == [4] and steps_saved(run) == [2, 4]
+
+
+def test_an_old_checkpoint_of_a_cache_still_resumes(tmp_path):
+    from sae_fast.sources import CacheSource
+
+    source = CacheSource(_cache(tmp_path / "cache"))
+    source.next_batch(40)
+    state = source.state_dict()
+    shards = [{k: s[k] for k in ("file", "rows")} for s in source.shards]  # no sha256 then
+    state["identity"] = {"rows": 256, "d_in": 16, "shards": shards, "seed": 0,
+                         "dtype": "torch.float32"}  # fmt: skip
+    again = CacheSource(tmp_path / "cache")
+    again.load_state_dict(state)
+    assert torch.equal(again.next_batch(8), source.next_batch(8))
+
+
+def test_an_allocation_that_does_not_fit_is_one_line(tmp_path, capsys, monkeypatch):
+    def too_big(self, n):  # torch's own allocator refusing 25 TB
+        return torch.empty(10**11, 64)
+
+    monkeypatch.setattr("sae_fast.sources.synthetic.SyntheticSource.next_batch", too_big)
+    assert cli(*synthetic(tmp_path / "run", steps=2)) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "out of memory (" in line and "can't allocate memory" in line

@@ -6,6 +6,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -104,14 +105,20 @@ def test_saved_files_have_the_modes_the_umask_gives(tmp_path, umask, fmt):
 
 def test_scratch_of_a_killed_save_is_removed_by_the_next(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
-                          capture_output=True, text=True)  # fmt: skip
-    stale = tmp_path / f".sae.saving-{dead.stdout.strip()}-x1y2"
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    host = socket.gethostname()
+    stale = tmp_path / f".sae.saving~{host}~{dead}~x1y2"  # a killed folder save
     stale.mkdir()
     (stale / "sae.safetensors").write_bytes(b"half")
-    live = tmp_path / f".sae.saving-{os.getpid()}-a1b2"  # a save under way in this process
+    stale_file = tmp_path / f".cfg.json.saving~{host}~{dead}~abcd.tmp"  # a killed file write
+    stale_file.write_text("{")
+    live = tmp_path / f".sae.saving~{host}~{os.getpid()}~a1b2"  # a save under way here
     live.mkdir()
+    elsewhere = tmp_path / f".sae.saving~another-host~{dead}~c3d4"  # its pid means nothing here
+    elsewhere.mkdir()
     _sae(1.0, 2).save(tmp_path / "sae")
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and not stale_file.exists()
+    assert live.exists() and elsewhere.exists()
 
 
 def test_remove_folder_leaves_no_half_deleted_folder_under_its_name(tmp_path, monkeypatch):
@@ -128,7 +135,7 @@ def test_remove_folder_leaves_no_half_deleted_folder_under_its_name(tmp_path, mo
         files.remove_folder(victim)
     monkeypatch.setattr(files.shutil, "rmtree", real)
     assert not victim.exists()
-    assert [p.name.startswith(".step-00000002.removing-") for p in tmp_path.iterdir()] == [True]
+    assert [p.name.startswith(".step-00000002.removing~") for p in tmp_path.iterdir()] == [True]
 
 
 def test_reading_a_named_pipe_fails_at_once(tmp_path):

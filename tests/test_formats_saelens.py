@@ -441,8 +441,8 @@ def test_detection_keeps_to_its_own_layout(tmp_path):
 
 def test_the_export_says_what_it_was_trained_on_and_which_saelens_it_targets(tmp_path):
     ours = SparseAutoencoder(16, 32, k=4)
-    train = {"context_size": 64, "seed": 0}
-    ours.provenance = {"model": "gpt2", "hook": "resid_post.3", "text": "c.txt", "train": train}
+    source = {"kind": "model", "context_size": 64}
+    ours.provenance = {"model": "gpt2", "hook": "resid_post.3", "text": "c.txt", "source": source}
     ours.save(tmp_path, format="saelens")
     theirs = sae_lens.SAE.load_from_disk(tmp_path)
     meta = theirs.cfg.metadata

@@ -45,3 +45,16 @@ def test_complete_fills_defaults_and_names_what_is_wrong():
         sae_config.complete({**full, "dtype": "int8"})
     with pytest.raises(ValueError, match="k is required for activation='topk'"):
         sae_config.complete({**full, "k": None})
+
+
+def test_provenance_keeps_unknown_keys_and_checks_the_known_ones():
+    from sae_fast.sae_config import complete
+
+    base = {"d_in": 4, "n_latents": 8, "k": 2, "dtype": "float32"}
+    newer = complete({**base, "provenance": {"model": "gpt2", "dataset_revision": "abc"}})
+    assert newer["provenance"] == {"model": "gpt2", "dataset_revision": "abc"}
+    for bad, message in [({"train": "x"}, "provenance.train must be dict"),
+                         ({"model": 5}, "provenance.model must be str"),
+                         ({"step": True}, "provenance.step must be int")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            complete({**base, "provenance": bad})

@@ -4,6 +4,7 @@ are SAEs, provenance, the metrics log, locks and defaults scaled to short runs."
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ def test_resuming_an_older_checkpoint_makes_it_the_newest(tmp_path):
     assert steps_of(run) == [2, 4, 6]
     aside = [p for p in (run / "checkpoints").iterdir() if p.name.startswith("abandoned-")]
     assert sorted(p.name for p in aside[0].iterdir()) == [
+        "metrics.jsonl",  # the branch's rows, which the run's log no longer has
         "sae",
         "step-00000008",
         "step-00000010",
@@ -123,7 +125,7 @@ def test_a_crash_while_rewriting_the_log_keeps_the_history(tmp_path, monkeypatch
 def test_killed_checkpoint_writes_are_cleaned_up_and_never_listed(tmp_path):
     Trainer(config(tmp_path), source()).train(until=4)
     ckpts = tmp_path / "run" / "checkpoints"
-    killed = ckpts / ".step-00000008.saving-999999999-abcd"  # no such process
+    killed = ckpts / f".step-00000008.saving~{socket.gethostname()}~999999999~abcd"  # no such pid
     killed.mkdir()
     (killed / "train_state.pt").write_bytes(b"partial")
     assert steps_of(tmp_path / "run") == [4]
@@ -144,7 +146,7 @@ def test_short_runs_warm_up_for_a_tenth_and_say_what_cannot_act(tmp_path, capsys
     assert cfg.warmup_steps() == 10 and lr_factor(10, cfg) == 1.0
     assert TrainConfig(source="synthetic", steps=5000).warmup_steps() == 100
     Trainer(config(tmp_path, dead_tokens=10_000_000, lr_warmup_steps=20), source()).train()
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "lr_warmup_steps=20 >= steps=12" in out
     assert "dead_tokens=10,000,000 is more than this run's 768 tokens" in out
 
@@ -159,3 +161,10 @@ def test_runs_without_a_progress_bar_print_log_lines(tmp_path, capsys):
 def test_a_dictionary_too_large_for_the_machine_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"n_latents=1000000000000 x d_in=16 .* needs"):
         Trainer(config(tmp_path, n_latents=10**12), source())
+
+
+def test_switching_to_fp16_autocast_on_resume_starts_a_fresh_loss_scaler(tmp_path):
+    Trainer(config(tmp_path), source()).train(until=4)  # autocast none: an empty scaler state
+    resumed = Trainer(config(tmp_path, autocast="fp16"), source(), resume=True)
+    assert resumed.scaler.is_enabled()
+    assert resumed.train().step == 12

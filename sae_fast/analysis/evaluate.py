@@ -34,6 +34,17 @@ def evaluate(
     FVU divides the summed squared error by the summed squared deviation from the mean of
     all rows seen; a latent is dead here when it fired on none of them.
     """
+    return evaluate_with_frequencies(sae, source, tokens, batch_size, dense_threshold)[0]
+
+
+def evaluate_with_frequencies(
+    sae: SparseAutoencoder,
+    source: ActivationSource,
+    tokens: int,
+    batch_size: int = 4096,
+    dense_threshold: float = 0.1,
+) -> tuple[dict[str, float], Tensor]:
+    """evaluate's metrics and, from the same pass, each latent's firing frequency (m,)."""
     for name, value in (("tokens", tokens), ("batch_size", batch_size)):
         check_int(value, name, error=SourceError)
     if source.d_in != sae.d_in:
@@ -58,7 +69,7 @@ def evaluate(
         seen += raw.shape[0]
     variance = sq_norm - total.pow(2).sum().item() / seen
     freq = counts.double() / seen
-    return {
+    metrics = {
         "tokens": seen,
         "mse": sq_err / (seen * sae.d_in),
         "fvu": sq_err / variance,
@@ -66,6 +77,7 @@ def evaluate(
         "dead_fraction": (counts == 0).double().mean().item(),
         "dense_fraction": (freq > dense_threshold).double().mean().item(),
     }
+    return metrics, freq.cpu()
 
 
 def _next_token_loss(model: nn.Module, ids: Tensor, mask: Tensor) -> tuple[float, int]:

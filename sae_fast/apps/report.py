@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..analysis.evaluate import evaluate
+from ..analysis.evaluate import evaluate_with_frequencies
 from ..analysis.features import collect_activations, context, pick_features
 from ..analysis.html_report import FeatureCard, write_report
 from ..checkpoint import CheckpointError
 from ..files import read_json
-from ..sae import SparseAutoencoder, eval_mode
+from ..sae import SparseAutoencoder
 from ..sources import SourceError, build_source, feature_recovery, load_model
 from ..training.checkpoints import (
     CHECKPOINTS_DIR,
@@ -38,7 +38,7 @@ from ..training.checkpoints import (
     list_checkpoints,
 )
 from ..training.config import ConfigError, TrainConfig, check_device, resolve_device
-from ..training.metrics import firing_counts, read_jsonl
+from ..training.metrics import read_jsonl
 from ..training.plots import firing_histogram, training_curves
 from ..validation import check_int, parse_dtype
 
@@ -252,19 +252,6 @@ def _load_model(spec: _ModelSpec, run: Run, device: torch.device) -> tuple[nn.Mo
 
 
 @torch.no_grad()
-def _frequencies(sae: SparseAutoencoder, source: Any, tokens: int, batch: int = 4096) -> Tensor:
-    """(m,) fraction of `tokens` rows of source on which each latent fired."""
-    param = sae.W_dec
-    counts = torch.zeros(sae.n_latents, dtype=torch.int64, device=param.device)
-    seen = 0
-    while seen < tokens:
-        x = source.next_batch(min(batch, tokens - seen)).to(param.device, param.dtype)
-        with eval_mode(sae):
-            counts += firing_counts(sae.encode(x), sae.n_latents)
-        seen += x.shape[0]
-    return counts.double().cpu() / seen
-
-
 def _source_rows(run: Run) -> dict:
     src, train = run.source, run.train
     kind = src.get("kind", "unknown")
@@ -367,10 +354,9 @@ def write_run_report(
         )
     elif kind == "synthetic":
         held_out = build_source(run.train, dev, held_out=True)
-        metrics = evaluate(sae, held_out, tokens)
+        metrics, freq = evaluate_with_frequencies(sae, held_out, tokens)
         summary |= {f"heldout_{key}": value for key, value in metrics.items()}
         summary["feature_recovery"] = feature_recovery(held_out.true_features, sae.W_dec)
-        freq = _frequencies(sae, build_source(run.train, dev, held_out=True), tokens)
         notes.append(
             "Synthetic data has no text, so no feature contexts: feature_recovery is the mean "
             "over the true features of the best cosine similarity with a decoder row."

@@ -66,7 +66,7 @@ def k_sweep(ks: tuple[int, ...] = KS, steps: int = 1000) -> list[dict]:
 
 def plot_frontier(l1: list[dict], topk: list[dict], path: str | Path) -> Path:
     """MSE against L0 for both sweeps, each point labelled with its k or coefficient."""
-    from ..training.plots import pyplot
+    from ..training.plots import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -81,9 +81,7 @@ def plot_frontier(l1: list[dict], topk: list[dict], path: str | Path) -> Path:
     ax.set_title("toy data: d=10, 24 features, 3 active, noise 0.02")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def run_toy(out: str | Path = "runs/toy", steps: int = 1000) -> dict:

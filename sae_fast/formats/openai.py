@@ -46,6 +46,11 @@ def _file(path: Path) -> Path | None:
     return None
 
 
+def _is_file(path: Path) -> bool:
+    """Whether save writes path itself (a .pt/.pth name) rather than a folder."""
+    return path.suffix in SUFFIXES
+
+
 def detect(path: Path) -> bool:
     """A .pt/.pth file (or a folder with exactly one) whose dict holds openai's keys.
 
@@ -145,7 +150,7 @@ def save(config: Config, ours: Tensors, path: Path) -> None:
     else:
         state["activation"], state["activation_state_dict"] = "ReLU", {}
     path = Path(path)
-    if path.suffix not in SUFFIXES:
+    if not _is_file(path):
         path.mkdir(parents=True, exist_ok=True)
         path = path / SAVED_NAME
     layout.write_torch_file(path, state)
@@ -158,6 +163,6 @@ register(
         load,
         save,
         files=(SAVED_NAME,),
-        saves_file=lambda path: path.suffix in SUFFIXES,
+        saves_file=_is_file,
     )
 )

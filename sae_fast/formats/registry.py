@@ -73,7 +73,10 @@ def load(path: str | Path, format: str | None = None) -> tuple[Config, Tensors]:
     """(config, tensors) of the SAE at path (format detected when None), all from one save
     even while another process saves over it (files.read_stable)."""
     path = Path(path)
-    return read_stable(path, lambda: _get(format or detect(path), readable()).load(path))
+    try:
+        return read_stable(path, lambda: _get(format or detect(path), readable()).load(path))
+    except PermissionError as e:
+        raise CheckpointError(f"{e.filename or path} cannot be read: permission denied") from None
 
 
 def save(config: Config, tensors: Tensors, path: str | Path, format: str = "sae_fast") -> None:

@@ -344,7 +344,7 @@ def save(config: Config, ours: Tensors, path: Path) -> None:
             "sae_lens_version": SAELENS_VERSION,
             "model_name": provenance.get("model"),
             "hook_name": _tl_hook(provenance.get("hook")),
-            "context_size": (provenance.get("train") or {}).get("context_size"),
+            "context_size": provenance.get("source", {}).get("context_size"),  # model, cache
             "dataset_path": provenance.get("text"),
             "sae_fast": {
                 "activation": activation,

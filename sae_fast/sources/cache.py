@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from ..checkpoint import read_stamped_json
-from ..files import atomic_path, check_regular, lock_folder, save_safetensors
+from ..files import atomic_path, check_regular, clean_stale, lock_folder, save_safetensors
 from ..options import ACTIVATION_DTYPES, is_int
 from ..validation import check_int, dtype_name, parse_dtype
 from .base import SourceError, check_batch_size, check_state
@@ -68,6 +68,7 @@ def write_cache(
     with lock_folder(folder, "sae-fast cache writing"):
         if (folder / MANIFEST_FILE).exists():
             raise SourceError(f"{folder} already holds an activation cache; choose another out_dir")
+        clean_stale(folder)  # shards a killed writer left half-written
         return _write_shards(folder, activations, tokens, shard_rows, dtype, meta)
 
 
@@ -291,7 +292,13 @@ class CacheSource:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        check_state(state, self._identity())
+        identity = self._identity()
+        saved = state.get("identity") if isinstance(state, dict) else None
+        if isinstance(saved, dict) and "format" not in saved:  # saved before the manifest was
+            shards = [{k: s[k] for k in ("file", "rows")} for s in self.shards]
+            identity = {"rows": self.manifest["rows"], "d_in": self.d_in, "shards": shards}
+            identity |= {"seed": self.seed, "dtype": str(self.dtype)}
+        check_state(state, identity)
         self.epoch, self.shard_pos = state["epoch"], state["shard_pos"]
         self.row_offset = state["row_offset"]
 

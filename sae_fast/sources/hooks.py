@@ -84,7 +84,7 @@ def load_model(
         raise ImportError(
             f"loading models needs transformers; install it with {INSTALL_HINT}"
         ) from e
-    name_or_path = model_location(name_or_path)
+    given, name_or_path = str(name_or_path), model_location(name_or_path)
     try:
         config = transformers.AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:  # not found locally, nor on (or without) the hub
@@ -97,6 +97,8 @@ def load_model(
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = auto.from_pretrained(name_or_path, config=config, dtype=dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+    if given == MINILM:  # recorded (caches, provenance) by its name, not this venv's path
+        model.config._name_or_path = MINILM
     return model.to(device).eval(), tokenizer
 
 

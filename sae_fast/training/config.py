@@ -229,7 +229,9 @@ class TrainConfig:
         "also log the metrics to Weights & Biases (offline unless WANDB_MODE says otherwise)",
         "output",
     )
-    wandb_project: str = _opt("sae-fast", "the wandb project (with --wandb)", "output")
+    wandb_project: str | None = _opt(
+        None, "the wandb project (with --wandb; default: WANDB_PROJECT, else wandb's)", "output"
+    )
 
     def __post_init__(self) -> None:
         self.validate()

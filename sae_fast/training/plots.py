@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..files import atomic_path
 from .checkpoints import METRICS_FILE
 from .metrics import read_jsonl
 
@@ -21,6 +22,14 @@ _CURVES = (
     ("lr", "learning rate", False),
     ("tokens_per_s", "tokens / s", False),
 )
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """fig as a PNG at path, written atomically (reports embed these files), then closed."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    pyplot().close(fig)
+    return Path(path)
 
 
 def pyplot():
@@ -51,9 +60,7 @@ def training_curves(rows: list[dict], path: str | Path, title: str = "") -> Path
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def firing_histogram(frequencies: Tensor, path: str | Path, title: str = "") -> Path:
@@ -68,9 +75,7 @@ def firing_histogram(frequencies: Tensor, path: str | Path, title: str = "") -> 
     ax.set_ylabel("latents")
     ax.set_title(f"{title} ({never} of {freq.numel()} latents never fired)".strip())
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_run(run_dir: str | Path, frequencies: Tensor) -> list[Path]:

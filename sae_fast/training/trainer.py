@@ -13,7 +13,9 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -86,13 +88,16 @@ class Trainer:
         self.dtype = parse_dtype(cfg.dtype)
         d_in = source.d_in
         m = cfg.latents(d_in)
-        # Parameters, their gradients and Adam's two moments: four copies of W_enc and W_dec.
-        check_fits(
-            8 * m * d_in * self.dtype.itemsize,
-            f"n_latents={m} x d_in={d_in} ({cfg.dtype}, with gradients and Adam state)",
-            self.device,
-            ConfigError,
-        )
+        # Parameters, their gradients and Adam's two moments: four copies of W_enc and W_dec;
+        # a batch's rows and, for the dense activations, its (batch, m) latents.
+        size = self.dtype.itemsize
+        dense = 0 if cfg.activation in SPARSE_ACTIVATIONS else 4 * cfg.batch_size * m
+        for nbytes, what in [
+            (8 * m * d_in * size, f"n_latents={m} x d_in={d_in} ({cfg.dtype}, with Adam)"),
+            (4 * max(cfg.batch_size, cfg.init_tokens) * d_in * size + dense * size,
+             f"batch_size={cfg.batch_size} / init_tokens={cfg.init_tokens} x d_in={d_in}"),
+        ]:  # fmt: skip
+            check_fits(nbytes, what, self.device, ConfigError)
         k_aux = cfg.k_aux if cfg.k_aux is not None else max(1, d_in // 2)
         sparse = cfg.activation in SPARSE_ACTIVATIONS
         if sparse and cfg.k > m:
@@ -131,7 +136,8 @@ class Trainer:
         self._lock = None
         self._acquire()
         try:
-            clean_stale(self.checkpoints)
+            for folder in (self.out_dir, self.checkpoints):
+                clean_stale(folder)
             if resume:
                 self._resume(resume)
             elif checkpoints.list_checkpoints(self.checkpoints):
@@ -298,14 +304,14 @@ class Trainer:
         cfg = self.cfg
         tokens = cfg.steps * cfg.batch_size * cfg.grad_accum
         if cfg.lr_warmup_steps is not None and cfg.lr_warmup_steps >= cfg.steps:
-            print(
-                f"sae-fast: warning: lr_warmup_steps={cfg.lr_warmup_steps} >= steps={cfg.steps}: "
+            warn(
+                f"lr_warmup_steps={cfg.lr_warmup_steps} >= steps={cfg.steps}: "
                 "the learning rate never reaches its peak"
             )
         sparse = self.sae.activation in SPARSE_ACTIVATIONS
         if sparse and self.weights.auxk > 0 and cfg.dead_tokens > tokens:
-            print(
-                f"sae-fast: warning: dead_tokens={cfg.dead_tokens:,} is more than this run's "
+            warn(
+                f"dead_tokens={cfg.dead_tokens:,} is more than this run's "
                 f"{tokens:,} tokens: no latent can count as dead, so AuxK never acts and "
                 "dead_fraction stays 0 (lower --dead-tokens)"
             )
@@ -413,7 +419,8 @@ class Trainer:
         self.sae.load_state_dict({**tensors, **state.get("train_tensors", {})})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and self.scaler.is_enabled():  # fp16 on both sides of the resume
+            self.scaler.load_state_dict(state["scaler"])
         self.stats.load_state_dict(state["stats"])
         self.source.load_state_dict(state["source"])
         self.step, self.scale = state["step"], state["scale"]
@@ -472,10 +479,18 @@ class Trainer:
         exported = self.out_dir / checkpoints.SAE_DIR
         for path in [*newer, *([exported] if exported.exists() else [])]:
             os.rename(path, aside / path.name)
+        log = self.out_dir / checkpoints.METRICS_FILE
+        if log.exists():  # its rows past step go with the branch (the run's log is cut back)
+            shutil.copy2(log, aside / log.name)
         print(
             f"sae-fast: resumed from step {step}; moved the newer {[p.name for p in newer]} of "
             f"the abandoned branch to {aside}"
         )
+
+
+def warn(message: str) -> None:
+    """A warning about the run, on stderr as the command line's are."""
+    print(f"sae-fast: warning: {message}", file=sys.stderr)
 
 
 def _log_line(row: dict, steps: int) -> str:
