@@ -24,7 +24,7 @@ LAYERS = [
                     "sae_fast.reference", "sae_fast.validation", "sae_fast.sae_config",
                     "sae_fast.checkpoint"]),
     ("engine", ["sae_fast.backends", "sae_fast.kernels", "sae_fast._C"]),
-    ("ops", ["sae_fast.ops"]),
+    ("ops", ["sae_fast.ops", "sae_fast.sharded"]),
     ("formats and sources", ["sae_fast.formats", "sae_fast.sources"]),
     ("module", ["sae_fast.sae"]),
     ("training", ["sae_fast.training"]),
