@@ -205,9 +205,9 @@ def atomic_folder(target: str | Path, replaceable: Iterable[str] = ()) -> Iterat
             if entry.is_file():
                 _fsync(entry)
         _fsync(tmp)
-        if _publish(tmp, target) or _exchange(tmp, target):
-            pass  # tmp now holds the old folder (if any), removed below
-        else:  # readers retry over the moment target is absent (read_stable)
+        # After either swap tmp holds the old folder (if any), removed below; without them,
+        # readers retry over the moment target is absent (read_stable).
+        if not (_publish(tmp, target) or _exchange(tmp, target)):
             old = _scratch(target, "removing")
             os.rename(target, old / target.name)
             os.rename(tmp, target)

@@ -251,7 +251,6 @@ def _load_model(spec: _ModelSpec, run: Run, device: torch.device) -> tuple[nn.Mo
         ) from e
 
 
-@torch.no_grad()
 def _source_rows(run: Run) -> dict:
     src, train = run.source, run.train
     kind = src.get("kind", "unknown")

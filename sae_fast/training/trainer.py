@@ -91,7 +91,8 @@ class Trainer:
         # Parameters, their gradients and Adam's two moments: four copies of W_enc and W_dec;
         # a batch's rows and, for the dense activations, its (batch, m) latents.
         size = self.dtype.itemsize
-        dense = 0 if cfg.activation in SPARSE_ACTIVATIONS else 4 * cfg.batch_size * m
+        sparse = cfg.activation in SPARSE_ACTIVATIONS
+        dense = 0 if sparse else 4 * cfg.batch_size * m
         for nbytes, what in [
             (8 * m * d_in * size, f"n_latents={m} x d_in={d_in} ({cfg.dtype}, with Adam)"),
             (4 * max(cfg.batch_size, cfg.init_tokens) * d_in * size + dense * size,
@@ -99,7 +100,6 @@ class Trainer:
         ]:  # fmt: skip
             check_fits(nbytes, what, self.device, ConfigError)
         k_aux = cfg.k_aux if cfg.k_aux is not None else max(1, d_in // 2)
-        sparse = cfg.activation in SPARSE_ACTIVATIONS
         if sparse and cfg.k > m:
             raise ConfigError(f"k={cfg.k} is larger than the dictionary (n_latents={m})")
         self.weights = LossWeights(
