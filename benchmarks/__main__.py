@@ -4,6 +4,7 @@
     python -m benchmarks run --suite train_step --preset gpu --impls sae_fast,sparsify
     python -m benchmarks run --preset cpu --m 98304 --out /tmp/bench
     python -m benchmarks run --preset gpu-large --suite memory   # largest m each can train
+    python -m benchmarks run --suite distributed --preset cpu    # 1 process, data=2, latent=2
     python -m benchmarks table benchmarks/results/*.json        # the README's summary table
     python -m benchmarks kernels                               # compile level, sm_90, no GPU
 
@@ -24,7 +25,7 @@ import torch
 
 import sae_fast
 
-from . import presets, report, suites
+from . import distributed, presets, report, suites
 from .compile import DEFAULT_OUT, DEFAULT_PRESETS
 from .impls import PEERS
 
@@ -135,13 +136,16 @@ def run(args: argparse.Namespace) -> dict:
             records += suites.memory(p, names, _progress)
         else:
             records += getattr(suites, suite)(p, names, args.repeats, _progress)
-    return {
+    result = {
         "preset": p.__dict__ | {"m_sweep": list(p.m_sweep)},
         "suites": list(chosen),
         "repeats": args.repeats,
         "env": report.environment(p.device),
         "records": records,
     }
+    if "distributed" in chosen:  # from the formula at the gpu preset: not a measurement
+        result["projection"] = distributed.projection()
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

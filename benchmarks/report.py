@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
+
 PACKAGES = ("sae-fast", "torch", "triton", "eai-sparsify", "sae-lens")
 
 
@@ -58,11 +60,17 @@ def markdown(run: dict) -> str:
     lines = [
         f"preset {p['name']}: n={p['n']} d={p['d']} m={p['m']} k={p['k']} {p['dtype']} on "
         f"{run['env']['gpu'] or run['env']['cpu']}, {run['env']['threads']} threads",
-        "",
-        "| suite | pass | impl | m | median ms | x floor | peak extra MiB | note |",
-        "|---|---|---|---:|---:|---:|---:|---|",
     ]
-    for r in run["records"]:
+    # The distributed suite's records have tables of their own, below.
+    spread = [r for r in run["records"] if r["suite"] == "distributed"]
+    others = [r for r in run["records"] if r["suite"] != "distributed"]
+    if others or not spread:
+        lines += [
+            "",
+            "| suite | pass | impl | m | median ms | x floor | peak extra MiB | note |",
+            "|---|---|---|---:|---:|---:|---:|---|",
+        ]
+    for r in others:
         ms = f"{r['ms']:.2f}" if "ms" in r else ""
         ratio = f"{r['x_floor']:.2f}" if "x_floor" in r else ""
         peak = f"{r['peak_mib']:.1f}" if "peak_mib" in r else ""
@@ -71,6 +79,8 @@ def markdown(run: dict) -> str:
         lines.append(
             f"| {r['suite']} | {r['pass']} | {r['impl']} | {m} | {ms} | {ratio} | {peak} | {note} |"
         )
+    if spread or run.get("projection"):
+        lines += ["", distributed.markdown(spread, run.get("projection"))]
     return "\n".join(lines)
 
 
@@ -85,7 +95,12 @@ def summary(runs: dict[str, dict]) -> str:
         device = run["env"]["gpu"] or f"{run['env']['cpu']} ({run['env']['threads']} threads)"
         figures: dict[str, dict] = {}
         for r in run["records"]:
-            if r["status"] == "ok" and r["impl"] != "floor" and "m" not in r:
+            if (
+                r["status"] == "ok"
+                and r["impl"] != "floor"
+                and "m" not in r
+                and r["suite"] != "distributed"
+            ):
                 figures.setdefault(r["impl"], {})[(r["suite"], r["pass"])] = r
         for impl, f in figures.items():
 

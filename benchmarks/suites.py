@@ -1,9 +1,11 @@
-"""The suites: ops, train_step, memory. Each returns records (one dict per figure).
+"""The suites: ops, train_step, memory, distributed. Each returns records (one dict per figure).
 
 A record: {"suite", "pass", "impl", "status", ...}; status "ok" carries "ms", "floor_ms" and
 "x_floor" (the median ratio of its time to the dense encoder GEMM x @ W_enc.T, the two timed
 in alternation in the same process) or "peak_mib";
-other statuses ("skipped", "mismatch", "oom", "error") carry "reason".
+other statuses ("skipped", "mismatch", "oom", "error") carry "reason". The distributed
+suite's records (benchmarks/distributed.py) carry per-layout step time, collective bytes
+(measured and by formula) and parameter + optimizer-state bytes per rank.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import torch
 
 import sae_fast
 
+from . import distributed as distributed_suite
 from .impls import Impl, Weights, activations, make
 from .measure import is_oom, paired_ms, peak_extra_mib
 from .presets import Preset
 
-SUITES = ("ops", "train_step", "memory")
+SUITES = ("ops", "train_step", "memory", "distributed")
 Progress = Callable[[str], None]
 
 
@@ -149,6 +152,14 @@ def _with_floor(records: list[dict], suite: str, floors: list[float]) -> list[di
 
 
 MEMORY_PASSES = ("encode", "train_step")
+
+
+def distributed(p: Preset, names: list[str], repeats: int, progress: Progress) -> list[dict]:
+    """sae_fast's Trainer on 1 process, (data=2) and (latent=2): see benchmarks/distributed.py.
+
+    names and repeats do not apply: it runs sae_fast alone, a fixed 2 warm-up + 10 timed steps.
+    """
+    return distributed_suite.suite(p, progress)
 
 
 def memory(p: Preset, names: list[str], progress: Progress) -> list[dict]:

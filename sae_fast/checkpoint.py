@@ -1,5 +1,9 @@
 """The sae_fast checkpoint folder: sae.safetensors + cfg.json, written atomically.
 
+An SAE sharded by latents may be stored instead as sae-0000i-of-0000n.safetensors with
+sae.safetensors.index.json (row_shards.py), each shard written by the process that holds it;
+reading gives the same (config, tensors) as the single file.
+
 cfg.json holds {"format": "sae_fast", "format_version": N, ...hyperparameters}; the weights
 are stored bit-exactly by safetensors. Reading checks both files and says what is wrong:
 missing, truncated or corrupt, another format, a newer version (the tensors against the
@@ -16,12 +20,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+from . import row_shards
 from .files import atomic_path, check_regular, read_json, save_safetensors
 
 FORMAT = "sae_fast"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
+SHARD_STEM = "sae"  # sharded weights: row_shards files of this stem instead of WEIGHTS_FILE
+FILES = (WEIGHTS_FILE, CONFIG_FILE, row_shards.index_name(SHARD_STEM),
+         row_shards.shard_name(SHARD_STEM, 0, 1).replace("00001", "?????"))  # fmt: skip
 
 
 class CheckpointError(ValueError):
@@ -51,6 +59,11 @@ def write(path: str | Path, config: dict, tensors: dict[str, Tensor]) -> None:
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         body = {k: v.detach().contiguous() for k, v in tensors.items()}
         save_safetensors(body, tmp, meta)
+    write_config(folder, config)
+
+
+def write_config(folder: Path, config: dict) -> None:
+    """cfg.json of config, stamped with the format (after the weights, single or sharded)."""
     with atomic_path(folder / CONFIG_FILE) as tmp:
         body = {"format": FORMAT, "format_version": FORMAT_VERSION, **config}
         tmp.write_text(json.dumps(body, indent=2) + "\n")
@@ -61,14 +74,23 @@ def read(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict, di
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
+    sharded = row_shards.has_shards(folder, SHARD_STEM)
+    for name in (CONFIG_FILE, *(() if sharded else (WEIGHTS_FILE,))):
         if not (folder / name).exists():
             raise CheckpointError(f"{folder} has no {name}")
         check_regular(folder / name, CheckpointError)
-    config = read_stamped_json(folder / CONFIG_FILE, FORMAT, FORMAT_VERSION, CheckpointError)
-    try:
-        tensors = load_file(folder / WEIGHTS_FILE, device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{folder / WEIGHTS_FILE} is truncated or corrupt: {e}") from e
-    config = {k: v for k, v in config.items() if k not in ("format", "format_version")}
+    config = read_config(folder)
+    if sharded:
+        tensors = row_shards.RowShards(folder, SHARD_STEM, CheckpointError).read_all(device)
+    else:
+        try:
+            tensors = load_file(folder / WEIGHTS_FILE, device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{folder / WEIGHTS_FILE} is truncated or corrupt: {e}") from e
     return config, tensors
+
+
+def read_config(folder: Path) -> dict:
+    """cfg.json of folder without the format fields."""
+    config = read_stamped_json(folder / CONFIG_FILE, FORMAT, FORMAT_VERSION, CheckpointError)
+    return {k: v for k, v in config.items() if k not in ("format", "format_version")}

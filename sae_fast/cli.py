@@ -26,6 +26,7 @@ _GROUPS = {
     "sae": "the SAE",
     "optim": "optimisation",
     "sparsity": "sparsity and dead latents",
+    "parallel": "distributed training (torchrun --nproc-per-node P -m sae_fast train ...)",
     "output": "output",
 }
 
@@ -111,14 +112,37 @@ def _resumed_config(resume: bool | str, given: dict) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .sources import build_source
     from .training import Trainer
     from .training.checkpoints import SAE_DIR
     from .training.config import resolve_device
+    from .training.layout import (
+        DistributedRunError,
+        build_rank_source,
+        close_layout,
+        init_layout,
+        is_collective_failure,
+        local_device,
+    )
 
     cfg = config_from_args(args, tuple(_GROUPS))
-    source = build_source(cfg, resolve_device(cfg.device))
-    result = Trainer(cfg, source, resume=args.resume or False).train()
+    device = resolve_device(local_device(cfg.device))
+    layout = init_layout(cfg, device)
+    try:
+        source = build_rank_source(cfg, device, layout)
+        result = Trainer(cfg, source, resume=args.resume or False, layout=layout).train()
+    except RuntimeError as e:
+        if not (layout.distributed and is_collective_failure(e)):
+            raise
+        first = str(e).strip().splitlines()[0]
+        raise DistributedRunError(
+            f"rank {layout.rank}: another process of the run stopped or did not answer "
+            f"within dist_timeout={cfg.dist_timeout:g} s ({first}); the last complete "
+            f"checkpoint in {cfg.out_dir} resumes with --resume"
+        ) from None
+    finally:
+        close_layout(layout)
+    if not layout.main:
+        return 130 if result.interrupted else 0
     print(json.dumps({"step": result.step, **result.final}, indent=2))
     if result.interrupted:
         print(
@@ -466,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     from .files import FolderInUseError
     from .sources import HookPointError, SourceError
     from .training import TrainingDivergedError
+    from .training.layout import DistributedRunError
 
     user_errors = (
         ConfigError,
@@ -482,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors as e:
         print(f"sae-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except TrainingDivergedError as e:
+    except (TrainingDivergedError, DistributedRunError) as e:
         print(f"sae-fast {args.command}: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:  # an allocation the size checks did not foresee

@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -180,17 +181,21 @@ def _exchange(a: Path, b: Path) -> bool:
 def atomic_folder(target: str | Path, replaceable: Iterable[str] = ()) -> Iterator[Path]:
     """Yield an empty scratch folder beside target; on success it replaces target whole.
 
-    target may be absent, empty, or hold only files named in replaceable (what an earlier
-    save of the same kind wrote); anything else is refused with FileExistsError rather than
-    deleted. Readers see the old folder or the new one (swapped by one rename where Linux
-    allows, see read_stable); on error target is untouched and the scratch folder removed.
+    target may be absent, empty, or hold only files named in replaceable (names or fnmatch
+    patterns of what an earlier save of the same kind wrote); anything else is refused with
+    FileExistsError rather than deleted. Readers see the old folder or the new one (swapped
+    by one rename where Linux allows, see read_stable); on error target is untouched and the
+    scratch folder removed.
     """
     target = Path(os.path.realpath(target))  # a link to a folder: replace the folder
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         if not target.is_dir():
             raise FileExistsError(f"{target} exists and is not a folder")
-        foreign = sorted(set(os.listdir(target)) - set(replaceable))
+        patterns = tuple(replaceable)
+        foreign = sorted(
+            name for name in os.listdir(target) if not any(fnmatch(name, p) for p in patterns)
+        )
         if foreign:
             raise FileExistsError(
                 f"{target} holds files this save would delete ({foreign[:8]}); "

@@ -16,9 +16,11 @@ from . import reference as ref
 from .ops import SparseCode
 from .options import SPARSE_ACTIVATIONS
 from .sae_config import check_hyperparameters
+from .seeds import seeded_generator
 from .validation import check_activations, dtype_name
 
 _LN_EPS = 1e-5
+_SEED_BLOCK = 4096  # latents per seeded block of seed_parameters_
 
 
 @dataclass
@@ -54,6 +56,8 @@ class SparseAutoencoder(nn.Module):
     Initialisation follows Gao et al. 2024: decoder rows are random unit vectors, W_enc is a
     copy of W_dec, biases are zero (see set_b_dec_from_data).
     """
+
+    latent_offset = 0  # the global index of this module's first latent (a shard's is not 0)
 
     def __init__(
         self,
@@ -173,17 +177,26 @@ class SparseAutoencoder(nn.Module):
             )
         check_activations(x, self.d_in, self.W_enc)
         width = self.k if self.activation == "topk" else self._candidates()
-        code, aux = ops.encode_topk_auxk(
+        code, aux = self._topk_auxk(x, width, dead_mask, k_aux)
+        if self.activation == "batchtopk":
+            code = self._batchtopk(x, code)
+        return code, aux
+
+    def _topk_auxk(
+        self, x: Tensor, k: int, dead_mask: Tensor, k_aux: int
+    ) -> tuple[SparseCode, SparseCode]:
+        return ops.encode_topk_auxk(
             *autocast_inputs(x, self.W_enc, self.b_enc, self.b_dec),
-            width,
+            k,
             dead_mask,
             k_aux,
             backend=self.backend,
             chunk_size=self.chunk_size,
         )
-        if self.activation == "batchtopk":
-            code = self._batchtopk(x, code)
-        return code, aux
+
+    def count_latents(self, mask: Tensor) -> int:
+        """How many latents mask (one bool per latent this module holds) marks."""
+        return int(mask.sum())
 
     def _candidates(self) -> int:
         return min(self.n_latents, 2 * self.k)
@@ -221,19 +234,16 @@ class SparseAutoencoder(nn.Module):
             values, indices = code
             lead = values.shape[:-1]
             width = values.shape[-1]
-            values, W_dec, b_dec = autocast_inputs(values, self.W_dec, self.b_dec)
-            x_hat = ops.decode(
-                values.reshape(-1, width),
-                indices.reshape(-1, width),
-                W_dec,
-                b_dec,
-                backend=self.backend,
-            )
+            x_hat = self._decode_sparse(values.reshape(-1, width), indices.reshape(-1, width))
         else:
             check_activations(code, self.n_latents, self.W_dec, name="code")
             lead = code.shape[:-1]
             x_hat = ref.decode_dense(code.reshape(-1, self.n_latents), self.W_dec, self.b_dec)
         return x_hat.reshape(*lead, self.d_in)
+
+    def _decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
+        values, W_dec, b_dec = autocast_inputs(values, self.W_dec, self.b_dec)
+        return ops.decode(values, indices, W_dec, b_dec, backend=self.backend)
 
     def forward(self, x: Tensor) -> SAEOutput:
         """x: (..., d_in) -> SAEOutput with x_hat (..., d_in) and the code."""
@@ -245,6 +255,26 @@ class SparseAutoencoder(nn.Module):
         return SAEOutput(x_hat=x_hat, code=code, pre=pre)
 
     # --- initialisation and constraints ----------------------------------------------------
+
+    @torch.no_grad()
+    def seed_parameters_(self, seed: int) -> None:
+        """Initialise W_dec (and W_enc, its copy) with random unit rows as the constructor
+        does, but from seed alone, the same for each latent whichever process holds it.
+
+        The rows come in blocks of _SEED_BLOCK latents, each from a generator of its own
+        (seeds.seeded_generator(seed, block)), so the latents [offset, offset + m) of a shard
+        (latent_offset) get the rows that one SAE of all the latents gives them.
+        """
+        rows, first = self.W_dec.shape[0], self.latent_offset
+        parts = []
+        for block in range(first // _SEED_BLOCK, (first + rows - 1) // _SEED_BLOCK + 1):
+            g = seeded_generator(seed, block, device=self.W_dec.device)
+            W = torch.randn(_SEED_BLOCK, self.d_in, generator=g, device=g.device)
+            lo = max(first - block * _SEED_BLOCK, 0)
+            parts.append(W[lo : min(first + rows - block * _SEED_BLOCK, _SEED_BLOCK)])
+        W = torch.cat(parts).to(self.W_dec.dtype)
+        self.W_dec.copy_(W / W.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

@@ -21,12 +21,12 @@ ROOTS = {"sae_fast": REPO / "sae_fast", "sae_fast.kernels": REPO / "kernels"}
 # "sae_fast" itself (its __init__) is the public face over everything but the CLI.
 LAYERS = [
     ("foundation", ["sae_fast.version", "sae_fast.options", "sae_fast.lazy", "sae_fast.files",
-                    "sae_fast.reference", "sae_fast.validation", "sae_fast.sae_config",
-                    "sae_fast.checkpoint"]),
+                    "sae_fast.seeds", "sae_fast.reference", "sae_fast.validation",
+                    "sae_fast.sae_config", "sae_fast.row_shards", "sae_fast.checkpoint"]),
     ("engine", ["sae_fast.backends", "sae_fast.kernels", "sae_fast._C"]),
     ("ops", ["sae_fast.ops", "sae_fast.sharded"]),
     ("formats and sources", ["sae_fast.formats", "sae_fast.sources"]),
-    ("module", ["sae_fast.sae"]),
+    ("module", ["sae_fast.sae", "sae_fast.sharded_sae"]),
     ("training", ["sae_fast.training"]),
     ("analysis", ["sae_fast.analysis"]),
     ("apps", ["sae_fast.apps"]),

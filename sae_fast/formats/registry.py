@@ -21,8 +21,8 @@ Tensors = dict[str, Tensor]  # its tensors by name, in our layout, on the CPU
 class Format:
     """name; detect(path) -> bool; load(path) -> (config, tensors), checked against each
     other; save(config, tensors, path), or None when the layout cannot hold an SAE of ours;
-    files: the names save writes in a folder; saves_file(path): whether save writes the
-    single file path rather than a folder."""
+    files: the names (or fnmatch patterns) save writes in a folder; saves_file(path):
+    whether save writes the single file path rather than a folder."""
 
     name: str
     detect: Callable[[Path], bool]
@@ -97,5 +97,5 @@ def save(config: Config, tensors: Tensors, path: str | Path, format: str = "sae_
 
 
 def _sae_files() -> set[str]:
-    """The names any format writes in an SAE folder: what a save may replace."""
+    """The names (patterns) any format writes in an SAE folder: what a save may replace."""
     return {name for fmt in _FORMATS.values() for name in fmt.files}

@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ..options import is_int
 from ..validation import check_int
 
 
@@ -23,6 +24,13 @@ class ActivationSource(Protocol):
     source's seed. state_dict() is torch.save-able, and load_state_dict(state) on a fresh source
     built the same way continues the stream bit for bit. describe() is JSON-able and goes into
     training configs and logs.
+
+    Data parallelism (sources of a distributed run): next_batch(n, part=(i, p)) -> the rows
+    part_rows(n, i, p) of a batch of n that data-parallel rank i of p trains on. A source's
+    attribute broadcast_rows, False when absent: every process draws the same global stream
+    and keeps its slice (synthetic data, a cache: cheap, and the same batches in every
+    layout); True: each data rank has its own stream (a model on its share of the
+    documents), drawn by one process of its latent group and broadcast to the others.
     """
 
     d_in: int
@@ -38,6 +46,14 @@ class ActivationSource(Protocol):
 
 def check_batch_size(n: int) -> None:
     check_int(n, "n", minimum=0, error=SourceError)
+
+
+def part_rows(n: int, part: int, parts: int) -> tuple[int, int]:
+    """Rows [lo, hi) of a batch of n that part `part` of `parts` equal parts holds."""
+    check_int(parts, "parts", error=SourceError)
+    if not is_int(part, 0) or part >= parts:
+        raise SourceError(f"part must be in [0, {parts}), got {part!r}")
+    return n * part // parts, n * (part + 1) // parts
 
 
 def check_state(state: dict, identity: dict) -> None:

@@ -27,8 +27,9 @@ from torch import Tensor, nn
 from ..checkpoint import read_stamped_json
 from ..files import atomic_path, check_regular, clean_stale, lock_folder, save_safetensors
 from ..options import ACTIVATION_DTYPES, is_int
+from ..seeds import seeded_generator
 from ..validation import check_int, dtype_name, parse_dtype
-from .base import SourceError, check_batch_size, check_state
+from .base import SourceError, check_batch_size, check_state, part_rows
 from .model import model_activations, model_description, token_windows
 from .text import documents
 
@@ -211,18 +212,16 @@ def _check_shard(folder: Path, shard: dict, d_in: int, dtype: str) -> None:
         raise SourceError(f"{file} holds {found} activations but the manifest says {dtype}")
 
 
-def _generator(*keys: int) -> torch.Generator:
-    """A generator seeded from keys, so any epoch's or shard's permutation can be rebuilt."""
-    digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
-
-
 class CacheSource:
     """Activations streamed from a cache folder, one shard in memory at a time.
 
     Each epoch visits the shards in a seeded order and each shard's rows in a seeded order;
     a batch may span shards. The state is (epoch, shard position, row offset): small, exact.
+    Data-parallel ranks step through the same order (each loads every shard, as one process
+    would) and each copies out only its rows of a batch: the same batches in every layout.
     """
+
+    broadcast_rows = False
 
     def __init__(
         self,
@@ -244,7 +243,9 @@ class CacheSource:
         """The current shard's rows (r, d_in) on device and this epoch's row order (r,)."""
         key = (self.epoch, self.shard_pos)
         if self._loaded is None or self._loaded[0] != key:
-            order = torch.randperm(len(self.shards), generator=_generator(self.seed, self.epoch))
+            order = torch.randperm(
+                len(self.shards), generator=seeded_generator(self.seed, self.epoch)
+            )
             index = int(order[self.shard_pos])
             file = self.folder / self.shards[index]["file"]
             try:
@@ -257,20 +258,24 @@ class CacheSource:
             if tuple(rows.shape) != (self.shards[index]["rows"], self.d_in):
                 raise SourceError(f"{file} changed since the cache was opened: {tuple(rows.shape)}")
             perm = torch.randperm(
-                rows.shape[0], generator=_generator(self.seed, self.epoch, index)
+                rows.shape[0], generator=seeded_generator(self.seed, self.epoch, index)
             ).to(self.device)
             self._loaded = (key, rows, perm)
         return self._loaded[1], self._loaded[2]
 
-    def next_batch(self, n: int) -> Tensor:
-        """The next n rows: (n, d_in), on device, in dtype."""
+    def next_batch(self, n: int, part: tuple[int, int] = (0, 1)) -> Tensor:
+        """The next n rows: (n, d_in), on device, in dtype; with part=(i, p), only the rows
+        part_rows(n, i, p) of them are read and returned (a data-parallel rank's slice)."""
         check_batch_size(n)
+        lo, hi = part_rows(n, *part)
         parts = [torch.empty(0, self.d_in, dtype=self.dtype, device=self.device)]
-        while n:
+        done = 0
+        while done < n:
             rows, perm = self._shard()
-            pick = perm[self.row_offset : self.row_offset + n]
-            parts.append(rows[pick].to(self.dtype))
-            n -= pick.shape[0]
+            pick = perm[self.row_offset : self.row_offset + n - done]
+            mine = pick[max(lo - done, 0) : max(hi - done, 0)]
+            parts.append(rows[mine].to(self.dtype))
+            done += pick.shape[0]
             self.row_offset += pick.shape[0]
             if self.row_offset == rows.shape[0]:
                 self.row_offset, self.shard_pos = 0, self.shard_pos + 1

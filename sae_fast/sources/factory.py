@@ -34,11 +34,16 @@ class DataOptions(Protocol):
 
 
 def build_source(
-    options: DataOptions, device: torch.device | str, held_out: bool = False
+    options: DataOptions,
+    device: torch.device | str,
+    held_out: bool = False,
+    part: tuple[int, int] = (0, 1),
 ) -> ActivationSource:
     """The activation source options describe, producing on device.
 
     held_out: synthetic rows other than the training run's, over the same dictionary.
+    part: (data rank, data-parallel ranks) of a distributed run: a model source reads that
+    share of the documents (the others share one stream, ActivationSource).
     """
     if options.source == "synthetic":
         return SyntheticSource(
@@ -63,4 +68,5 @@ def build_source(
         shuffle_buffer=options.shuffle_buffer,
         seed=options.seed,
         device=device,
+        part=part,
     )

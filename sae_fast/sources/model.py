@@ -10,8 +10,9 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ..seeds import seeded_generator
 from ..validation import check_int, dtype_name
-from .base import ShuffleBuffer, SourceError, check_state
+from .base import ShuffleBuffer, SourceError, check_state, part_rows
 from .hooks import hook_module_path, model_device, probe_hook, run_to_hook
 from .text import documents
 
@@ -124,7 +125,12 @@ class ModelSource:
     documents cycle (epoch += 1) when they run out. The state is the epoch, the windows consumed
     in it and the buffer: restoring it re-tokenises up to that window (cheap) without running
     the model on the skipped ones.
+
+    part=(i, p): data-parallel rank i of p reads every p-th document from the i-th on, with
+    a shuffle order of its own; next_batch(n, part) gives it its n // p rows of a batch of n.
     """
+
+    broadcast_rows = True  # a model's forward: run once per data rank, sent to its latent group
 
     def __init__(
         self,
@@ -138,7 +144,9 @@ class ModelSource:
         seed: int = 0,
         device: torch.device | str | None = None,
         exclude_special: bool = True,
+        part: tuple[int, int] = (0, 1),
     ) -> None:
+        part_rows(0, *part)  # checks part
         hook_module_path(model, hook)  # a bad hook point fails first, before any text is read
         _check_positive(context_size=context_size, batch_size=batch_size)
         max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -149,17 +157,21 @@ class ModelSource:
         self.model, self.tokenizer, self.hook = model, tokenizer, hook
         self.documents_spec, self.context_size = documents_spec, context_size
         self.batch_size, self.seed, self.exclude_special = batch_size, seed, exclude_special
+        self.part = tuple(part)
         self.device = model_device(model) if device is None else torch.device(device)
         if next(self._epoch_windows(), None) is None:
             raise SourceError(f"text source {str(documents_spec)!r} holds no text")
         probe = probe_hook(model, hook)
         self.d_in, self.dtype = probe.shape[-1], probe.dtype
-        self.buffer = ShuffleBuffer(shuffle_buffer, self._refill, seed, self.device)
+        # Part 0 shuffles as a single process does; the others draw orders of their own.
+        order_seed = seed if part[0] == 0 else seeded_generator(seed, part[0]).initial_seed()
+        self.buffer = ShuffleBuffer(shuffle_buffer, self._refill, order_seed, self.device)
         self.epoch, self.position = 0, 0
         self._windows: Iterator[list[int]] | None = None
 
     def _epoch_windows(self) -> Iterator[list[int]]:
-        return token_windows(self.tokenizer, documents(self.documents_spec), self.context_size)
+        mine = islice(documents(self.documents_spec), self.part[0], None, self.part[1])
+        return token_windows(self.tokenizer, mine, self.context_size)
 
     def _refill(self) -> Tensor:
         """Activations of the next batch_size windows (fewer at the end of an epoch): (r, d)."""
@@ -182,9 +194,13 @@ class ModelSource:
         )
         return torch.cat([acts for _, acts in rows])
 
-    def next_batch(self, n: int) -> Tensor:
-        """The next n shuffled activation rows: (n, d_in), on device, in the hook's dtype."""
-        return self.buffer.take(n)
+    def next_batch(self, n: int, part: tuple[int, int] = (0, 1)) -> Tensor:
+        """The next n shuffled activation rows: (n, d_in), on device, in the hook's dtype;
+        with part (this source's), this part's share of a batch of n."""
+        if tuple(part) != self.part:
+            raise SourceError(f"part {tuple(part)} of a source built for part {self.part}")
+        lo, hi = part_rows(n, *part)
+        return self.buffer.take(hi - lo)
 
     def _identity(self) -> dict:
         # The model's path may move between runs; its class and width still pin the stream.
@@ -216,4 +232,5 @@ class ModelSource:
             "shuffle_buffer": self.buffer.capacity,
             "seed": self.seed,
             "exclude_special": self.exclude_special,
+            **({"part": list(self.part)} if self.part != (0, 1) else {}),
         }

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..validation import check_fits, check_int
-from .base import SourceError, check_batch_size, check_state
+from .base import SourceError, check_batch_size, check_state, part_rows
 
 # Held-out synthetic rows: the training dictionary (fixed by the seed), with the rows drawn by
 # SyntheticSource(..., seed=seed, stream_seed=seed + HELD_OUT_STREAM) instead.
@@ -23,6 +23,8 @@ class SyntheticSource:
     draws them from a generator of their own, so held-out rows over the same dictionary are
     SyntheticSource(..., seed=s, stream_seed=another).
     """
+
+    broadcast_rows = False  # cheap to draw: every process draws the global batch
 
     def __init__(
         self,
@@ -73,9 +75,10 @@ class SyntheticSource:
         self.rows_emitted += n
         return x, codes
 
-    def next_batch(self, n: int) -> Tensor:
-        """The next n rows: (n, d_in)."""
-        return self.sample(n)[0]
+    def next_batch(self, n: int, part: tuple[int, int] = (0, 1)) -> Tensor:
+        """The next n rows: (n, d_in); part=(i, p): the rows part_rows(n, i, p) of them."""
+        lo, hi = part_rows(n, *part)
+        return self.sample(n)[0][lo:hi]
 
     def state_dict(self) -> dict:
         return {

@@ -175,7 +175,12 @@ class TrainConfig:
 
     # --- optimisation --------------------------------------------------------------------
     steps: int = _opt(1000, "optimizer steps", "optim")
-    batch_size: int = _opt(4096, "activations (tokens) per micro-batch", "optim", resume=REFUSE)
+    batch_size: int = _opt(
+        4096,
+        "activations (tokens) per micro-batch, over all data-parallel processes",
+        "optim",
+        resume=REFUSE,
+    )
     grad_accum: int = _opt(1, "micro-batches per optimizer step", "optim", resume=REFUSE)
     lr: float | None = _opt(
         None, "peak learning rate (default: 2e-4 / sqrt(m / 2**14), Gao et al. 2024)", "optim"
@@ -212,6 +217,19 @@ class TrainConfig:
     )
     jumprelu_bandwidth: float = _opt(
         1e-3, "JumpReLU straight-through bandwidth", "sparsity", resume=REFUSE
+    )
+
+    # --- distributed ---------------------------------------------------------------------
+    latent_parallel: int = _opt(
+        1,
+        "processes that split the dictionary by latents (under torchrun; the other factor "
+        "of the world size is data parallel, and batch_size is the global batch)",
+        "parallel",
+    )
+    dist_timeout: float = _opt(
+        600.0,
+        "seconds a process waits for the others in a collective before the run fails",
+        "parallel",
     )
 
     # --- output --------------------------------------------------------------------------
@@ -266,6 +284,7 @@ class TrainConfig:
             "keep_checkpoints",
             "n_latents",  # None (derived) is allowed for these two
             "k_aux",
+            "latent_parallel",
         )
         for name in positive:  # the loop above has checked that each is an int (or None)
             value = getattr(self, name)
@@ -280,7 +299,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name in ("lr", "adam_eps", "jumprelu_bandwidth"):
+        for name in ("lr", "adam_eps", "jumprelu_bandwidth", "dist_timeout"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")

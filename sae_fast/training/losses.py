@@ -65,19 +65,15 @@ def training_loss(
 ) -> StepOutput:
     """Loss of sae on x (n, d_in) for its activation.
 
-    dead_mask (m,) bool enables AuxK for topk/batchtopk when any latent is dead;
-    sparsity_scale multiplies the l1/l0 coefficient (its warmup).
+    dead_mask (m,) bool (a sharded SAE's: its own latents') enables AuxK for topk/batchtopk
+    when any latent is dead; sparsity_scale multiplies the l1/l0 coefficient (its warmup).
     """
     terms: dict[str, Tensor] = {}
     aux = None
-    use_auxk = (
-        sae.activation in SPARSE_ACTIVATIONS
-        and weights.auxk > 0
-        and dead_mask is not None
-        and bool(dead_mask.any())
-    )
-    if use_auxk:
-        k_aux = min(weights.k_aux, int(dead_mask.sum()))
+    use_auxk = sae.activation in SPARSE_ACTIVATIONS and weights.auxk > 0 and dead_mask is not None
+    dead = sae.count_latents(dead_mask) if use_auxk else 0  # over all shards of a sharded SAE
+    if dead:
+        k_aux = min(weights.k_aux, dead)
         code, aux = sae.encode_with_auxk(x, dead_mask, k_aux)
         out = SAEOutput(x_hat=sae.decode(code), code=code)
     else:

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .. import reference as ref
 from ..files import atomic_path
 from ..ops import SparseCode
 
@@ -33,13 +32,31 @@ def active_latents(code: SparseCode | Tensor) -> Tensor:
     return (values.detach() > 0).sum(dim=-1)
 
 
-def reconstruction_metrics(x: Tensor, x_hat: Tensor, code: SparseCode | Tensor) -> dict[str, float]:
-    """mse, fvu and l0 of one batch.  x, x_hat: (n, d); code (n, k) or (n, m)."""
-    x, x_hat = x.detach().float(), x_hat.detach().float()
+def reconstruction_sums(x: Tensor, x_hat: Tensor, code: SparseCode | Tensor) -> Tensor:
+    """The sums a batch's mse, fvu and l0 come from, in float64, to add up over the batch's
+    parts on several processes.  x, x_hat: (n, d); code (n, k) or (n, m) -> (4 + d,):
+    tokens, sum ||x - x_hat||^2, sum ||x||^2, active latents, then sum x (d,)."""
+    x, x_hat = x.detach(), x_hat.detach()
+    f64 = torch.float64  # sums in float64 without float64 copies of the batch
+    head = torch.stack([
+        torch.tensor(float(x.shape[0]), dtype=f64, device=x.device),
+        (x - x_hat).pow(2).sum(dtype=f64),
+        x.pow(2).sum(dtype=f64),
+        active_latents(code).sum().to(f64),
+    ])  # fmt: skip
+    return torch.cat([head, x.sum(dim=0, dtype=f64)])
+
+
+def metrics_from_sums(sums: Tensor) -> dict[str, float]:
+    """mse, fvu and l0 of the batch whose reconstruction_sums (added up) are sums."""
+    n, error, square, active = sums[:4].tolist()
+    mean = sums[4:] / max(n, 1)
+    # sum ||x - mean||^2 = sum ||x||^2 - n ||mean||^2, exact enough in float64.
+    variance = square - n * mean.pow(2).sum().item()
     return {
-        "mse": ref.mse(x, x_hat).item(),
-        "fvu": ref.fvu(x, x_hat).item(),
-        "l0": active_latents(code).float().mean().item(),
+        "mse": error / max(n * mean.numel(), 1),
+        "fvu": error / variance if variance > 0 else float("nan"),
+        "l0": active / max(n, 1),
     }
 
 
@@ -47,8 +64,10 @@ class LatentStats:
     """Per-latent firing counters over a run; part of a training checkpoint.
 
     since_fired: tokens since each latent last fired; total: tokens it fired on in the run;
-    window: tokens it fired on since the last reset_window().
+    window: tokens it fired on since the last window_counts().
     """
+
+    COUNTERS = ("since_fired", "total", "window")  # the per-latent tensors, (m,) int64
 
     def __init__(self, n_latents: int, device: torch.device | str = "cpu") -> None:
         zeros = torch.zeros(n_latents, dtype=torch.int64, device=device)
@@ -69,36 +88,23 @@ class LatentStats:
         """(m,) bool: latents silent for at least dead_tokens tokens."""
         return self.since_fired >= dead_tokens
 
-    def window_summary(self, dead_tokens: int, dense_threshold: float) -> dict[str, float]:
-        """dead and dense latent fractions, then a new window starts."""
+    def window_counts(self, dead_tokens: int, dense_threshold: float) -> Tensor:
+        """(2,) float64: how many latents are dead and how many dense, then a new window
+        starts (counts, so that latent shards add theirs up)."""
         freq = self.window.float() / max(self.window_tokens, 1)
-        summary = {
-            "dead_fraction": self.dead_mask(dead_tokens).float().mean().item(),
-            "dense_fraction": (freq > dense_threshold).float().mean().item(),
-        }
+        dead = self.dead_mask(dead_tokens).sum()
+        counts = torch.stack([dead, (freq > dense_threshold).sum()]).double()
         self.window.zero_()
         self.window_tokens = 0
-        return summary
+        return counts
 
     def frequencies(self) -> Tensor:
         """(m,) fraction of the run's tokens each latent fired on."""
         return self.total.double() / max(self.tokens, 1)
 
     def state_dict(self) -> dict:
-        return {
-            "since_fired": self.since_fired,
-            "total": self.total,
-            "window": self.window,
-            "tokens": self.tokens,
-            "window_tokens": self.window_tokens,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        device = self.since_fired.device
-        self.since_fired = state["since_fired"].to(device)
-        self.total = state["total"].to(device)
-        self.window = state["window"].to(device)
-        self.tokens, self.window_tokens = state["tokens"], state["window_tokens"]
+        counters = {key: getattr(self, key) for key in self.COUNTERS}
+        return {**counters, "tokens": self.tokens, "window_tokens": self.window_tokens}
 
 
 class MetricsLog:

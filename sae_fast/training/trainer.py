@@ -4,6 +4,13 @@ One optimizer step draws grad_accum micro-batches of batch_size activations from
 computes the activation's loss (losses.py), removes the decoder gradient parallel to each row,
 takes a (fused) Adam step and renormalises the decoder. A checkpoint holds everything the next
 step depends on, so N steps, a stop and N resumed steps give the weights of 2N straight steps.
+
+Under torchrun the same loop runs on every process of a Layout (layout.py): each data rank
+trains on its slice of the global batch and the data group averages the gradients; each
+latent shard holds its block of the latents (ShardedSparseAutoencoder: exact sharded ops).
+The losses, metrics and latent counters are the global batch's, so any layout trains the
+weights one process would, up to the order of floating-point sums. Rank 0 logs and writes
+the run's files; every rank of data rank 0 writes its shard of the checkpoints.
 """
 
 from __future__ import annotations
@@ -23,19 +30,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..files import atomic_path, clean_stale, lock_folder
 from ..options import SPARSE_ACTIVATIONS
 from ..sae import SparseAutoencoder
-from ..sources.base import ActivationSource
+from ..sharded_sae import ShardedSparseAutoencoder
+from ..sources.base import ActivationSource, part_rows
 from ..validation import check_fits, parse_dtype
 from ..version import VERSION
 from . import checkpoints
 from .config import REFUSE, ConfigError, TrainConfig, resolve_device
+from .layout import Layout, agree, all_sum, broadcast_first, local_device
 from .loggers import open_sinks
 from .losses import LossWeights, training_loss
-from .metrics import LatentStats, MetricsLog, firing_counts, reconstruction_metrics
+from .metrics import LatentStats, MetricsLog, firing_counts, metrics_from_sums, reconstruction_sums
 
 _BATCHTOPK_EMA = 0.01  # threshold estimate update rate (Bussmann et al. 2024)
 
@@ -76,26 +86,38 @@ class Trainer:
     abandoned-TIME/). Options that shaped the SAE or its data must match the checkpoint's;
     the others apply from the resumed step on (config.py marks which). out_dir is locked
     from here to the end of train(): a second trainer on it gets FolderInUseError.
+    layout: this process's place in a distributed run (layout.init_layout); every process
+    of the run builds its Trainer with the same cfg and source options.
     """
 
     def __init__(
-        self, cfg: TrainConfig, source: ActivationSource, resume: bool | str | Path = False
+        self,
+        cfg: TrainConfig,
+        source: ActivationSource,
+        resume: bool | str | Path = False,
+        layout: Layout | None = None,
     ) -> None:
         self.cfg, self.source = cfg, source
+        self.layout = layout = layout or Layout()
         self.out_dir = Path(cfg.out_dir)
         self.checkpoints = self.out_dir / checkpoints.CHECKPOINTS_DIR
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(local_device(cfg.device))
         self.dtype = parse_dtype(cfg.dtype)
         d_in = source.d_in
         m = cfg.latents(d_in)
-        # Parameters, their gradients and Adam's two moments: four copies of W_enc and W_dec;
-        # a batch's rows and, for the dense activations, its (batch, m) latents.
-        size = self.dtype.itemsize
         sparse = cfg.activation in SPARSE_ACTIVATIONS
-        dense = 0 if sparse else 4 * cfg.batch_size * m
+        self._check_layout(m, sparse)
+        self.offset, self.m_local = layout.latents(m)
+        # Parameters, their gradients and Adam's two moments: four copies of this shard of
+        # W_enc and W_dec; a batch's rows and, for the dense activations, its latents.
+        size = self.dtype.itemsize
+        batch = cfg.batch_size // layout.data
+        dense = 0 if sparse else 4 * batch * m
+        per_shard = f", {self.m_local} latents per shard" if layout.latent > 1 else ""
         for nbytes, what in [
-            (8 * m * d_in * size, f"n_latents={m} x d_in={d_in} ({cfg.dtype}, with Adam)"),
-            (4 * max(cfg.batch_size, cfg.init_tokens) * d_in * size + dense * size,
+            (8 * self.m_local * d_in * size,
+             f"n_latents={m} x d_in={d_in} ({cfg.dtype}, with Adam{per_shard})"),
+            (4 * max(batch, cfg.init_tokens) * d_in * size + dense * size,
              f"batch_size={cfg.batch_size} / init_tokens={cfg.init_tokens} x d_in={d_in}"),
         ]:  # fmt: skip
             check_fits(nbytes, what, self.device, ConfigError)
@@ -106,16 +128,18 @@ class Trainer:
             auxk=cfg.auxk_coef, k_aux=min(k_aux, m), l1=cfg.l1_coef, l0=cfg.l0_coef
         )
         torch.manual_seed(cfg.seed)
-        self.sae = SparseAutoencoder(
-            d_in,
-            m,
-            k=cfg.k if sparse else None,
-            activation=cfg.activation,
-            dtype=self.dtype,
-            device=self.device,
-            backend=cfg.backend,
-            jumprelu_bandwidth=cfg.jumprelu_bandwidth,
-        )
+        options = dict(dtype=self.dtype, device=self.device, backend=cfg.backend)
+        if layout.latent > 1:
+            self.sae: SparseAutoencoder = ShardedSparseAutoencoder(
+                d_in, m, offset=self.offset, size=self.m_local, group=layout.latent_group,
+                k=cfg.k, activation=cfg.activation, **options,
+            )  # fmt: skip
+        else:
+            self.sae = SparseAutoencoder(
+                d_in, m, k=cfg.k if sparse else None, activation=cfg.activation,
+                jumprelu_bandwidth=cfg.jumprelu_bandwidth, **options,
+            )  # fmt: skip
+        self.sae.seed_parameters_(cfg.seed)
         self.optimizer = torch.optim.Adam(
             self.sae.parameters(),
             lr=cfg.peak_lr(m),
@@ -129,18 +153,20 @@ class Trainer:
         amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.autocast]
         self.amp_dtype = amp
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp is torch.float16)
-        self.stats = LatentStats(m, self.device)
+        self.stats = LatentStats(self.m_local, self.device)
         self.step = 0
         self.scale = 1.0
         self.batchtopk_threshold: float | None = None
         self._lock = None
         self._acquire()
         try:
-            for folder in (self.out_dir, self.checkpoints):
-                clean_stale(folder)
+            if layout.main:
+                for folder in (self.out_dir, self.checkpoints):
+                    clean_stale(folder)
+            found = agree(checkpoints.list_checkpoints(self.checkpoints), layout)
             if resume:
-                self._resume(resume)
-            elif checkpoints.list_checkpoints(self.checkpoints):
+                self._resume(resume, found)
+            elif found:
                 raise ConfigError(
                     f"out_dir {self.out_dir} already holds checkpoints: resume it (--resume) "
                     "or choose another out_dir"
@@ -153,8 +179,38 @@ class Trainer:
 
     # --- setup -------------------------------------------------------------------------
 
+    def _check_layout(self, m: int, sparse: bool) -> None:
+        cfg, layout = self.cfg, self.layout
+        if layout.latent > 1:
+            if not sparse:
+                raise ConfigError(
+                    f"latent_parallel={layout.latent} shards the TopK activations "
+                    f"{SPARSE_ACTIVATIONS}, not activation={cfg.activation!r} (use data "
+                    "parallelism alone: latent_parallel=1)"
+                )
+            if m % layout.latent:
+                raise ConfigError(
+                    f"n_latents={m} must be a multiple of latent_parallel={layout.latent}"
+                )
+            if cfg.autocast == "fp16":
+                raise ConfigError(
+                    "autocast=fp16 with latent_parallel > 1: the loss scaler would skip steps "
+                    "on some shards only; use bf16"
+                )
+        if layout.data > 1:
+            if cfg.batch_size % layout.data:
+                raise ConfigError(
+                    f"batch_size={cfg.batch_size} (the global batch) must be a multiple of "
+                    f"the {layout.data} data-parallel ranks"
+                )
+            if cfg.activation == "batchtopk":
+                raise ConfigError(
+                    "activation=batchtopk selects over the whole batch, which data parallelism "
+                    "splits; use latent_parallel = the world size"
+                )
+
     def _acquire(self) -> None:
-        if self._lock is None:
+        if self._lock is None and self.layout.main:
             self._lock = lock_folder(self.out_dir, "sae-fast training run")
             self._lock.__enter__()
 
@@ -164,14 +220,31 @@ class Trainer:
             lock, self._lock = self._lock, None
             lock.__exit__(None, None, None)
 
-    def _batch(self, n: int) -> Tensor:
-        x = self.source.next_batch(n).to(self.device, self.dtype)
+    def _batch(self, n: int, whole: bool = False) -> Tensor:
+        """This rank's rows of the next global batch of n (whole: all n, on every rank)."""
+        layout, source = self.layout, self.source
+        part = (layout.data_rank, layout.data)
+        if not layout.distributed:  # any source, part or not
+            x = source.next_batch(n).to(self.device, self.dtype)
+        elif not _broadcasts(source):  # the same stream on every rank: each keeps its rows
+            x = source.next_batch(n, part=(0, 1) if whole else part).to(self.device, self.dtype)
+        else:  # one rank draws and sends: rank 0 to all (from its own stream), or per group
+            group = None if whole else layout.latent_group
+            drawer = layout.main if whole else layout.latent_rank == 0
+            lo, hi = (0, n) if whole else part_rows(n, *part)
+            x = None
+            if drawer:  # (whole: n * data rows, of which this rank's part is n)
+                x = source.next_batch(n * layout.data if whole else n, part=part)
+                x = x.to(self.device, self.dtype)
+            if whole or group is not None:
+                x = broadcast_first(x, (hi - lo, self.sae.d_in), self.dtype, self.device, group)
         return x * self.scale if self.scale != 1.0 else x
 
     @torch.no_grad()
     def _initialise(self) -> None:
-        """Input scale and b_dec from the first init_tokens activations."""
-        sample = self._batch(self.cfg.init_tokens)
+        """Input scale and b_dec from the first init_tokens activations (the same on every
+        rank)."""
+        sample = self._batch(self.cfg.init_tokens, whole=True)
         if not bool(torch.isfinite(sample).all()):
             raise TrainingDivergedError("the first activations drawn hold NaN or Inf")
         if self.cfg.normalize_input:
@@ -190,7 +263,7 @@ class Trainer:
         return min(1.0, (self.step + 1) / warmup) if warmup else 1.0
 
     def _train_step(self) -> dict[str, float]:
-        cfg, sae = self.cfg, self.sae
+        cfg, sae, layout = self.cfg, self.sae, self.layout
         self.optimizer.zero_grad(set_to_none=True)
         terms: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
@@ -199,7 +272,11 @@ class Trainer:
             amp = self.amp_dtype is not None
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=amp):
                 res = training_loss(sae, x, self.weights, dead, self._sparsity_scale())
-            loss = res.loss.item()
+            # The global batch's loss and terms: the mean of the data ranks' equal parts.
+            names = ["loss", *res.terms]
+            values = torch.stack([res.loss.detach(), *res.terms.values()]).double()
+            values = (all_sum(values, layout.data_group) / layout.data).tolist()
+            loss = values[0]
             if not math.isfinite(loss):
                 bad = "activations" if not bool(torch.isfinite(x).all()) else "loss"
                 raise TrainingDivergedError(
@@ -207,17 +284,22 @@ class Trainer:
                     f"training stopped and the last good checkpoint in {self.checkpoints} is kept"
                 )
             self.scaler.scale(res.loss / cfg.grad_accum).backward()
-            self.stats.update(firing_counts(res.out.code, sae.n_latents), x.shape[0])
+            counts = firing_counts(res.out.code, sae.n_latents)
+            counts = counts[self.offset : self.offset + self.m_local].contiguous()
+            self.stats.update(all_sum(counts, layout.data_group), cfg.batch_size)
             if sae.activation == "batchtopk":
                 self._track_threshold(res.out.code.values)
-            terms["loss"] = terms.get("loss", 0.0) + loss / cfg.grad_accum
-            for name, value in res.terms.items():
-                terms[name] = terms.get(name, 0.0) + value.item() / cfg.grad_accum
+            for name, value in zip(names, values, strict=True):
+                terms[name] = terms.get(name, 0.0) + value / cfg.grad_accum
+        if layout.data > 1:
+            for p in sae.parameters():
+                if p.grad is not None:
+                    all_sum(p.grad, layout.data_group).div_(layout.data)
         self.scaler.unscale_(self.optimizer)
         if cfg.normalize_decoder:
             sae.remove_parallel_decoder_grad_()
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            self._clip_gradients(cfg.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -225,9 +307,24 @@ class Trainer:
         if cfg.normalize_decoder:
             sae.normalize_decoder_()
         self.step += 1
-        metrics = reconstruction_metrics(x, res.out.x_hat, res.out.code)
+        sums = reconstruction_sums(x, res.out.x_hat, res.out.code)
+        metrics = metrics_from_sums(all_sum(sums, layout.data_group))
         metrics["mse"] /= self.scale**2  # in the units of the raw activations
         return {"lr": lr, **terms, **metrics}
+
+    @torch.no_grad()
+    def _clip_gradients(self, max_norm: float) -> None:
+        """Scale the gradients to a global norm of at most max_norm (as clip_grad_norm_ does
+        for one process): the latent shards' squares summed over the group, b_dec's once."""
+        grads = {name: p.grad for name, p in self.sae.named_parameters() if p.grad is not None}
+        squares = {name: torch.linalg.vector_norm(g).double() ** 2 for name, g in grads.items()}
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        rows = sum((sq for n, sq in squares.items() if checkpoints.is_row(n, grads[n])), zero)
+        whole = sum((sq for n, sq in squares.items() if not checkpoints.is_row(n, grads[n])), zero)
+        norm = (all_sum(rows.reshape(1), self.layout.latent_group)[0] + whole).sqrt()
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads.values():
+            g.mul_(coef.to(g.dtype))
 
     @torch.no_grad()
     def _track_threshold(self, values: Tensor) -> None:
@@ -254,50 +351,85 @@ class Trainer:
             self.close()
 
     def _train(self, until: int | None) -> TrainResult:
-        cfg = self.cfg
+        cfg, main = self.cfg, self.layout.main
         stop = min(cfg.steps, until) if until is not None else cfg.steps
-        self._write_run_config()
-        self._warn_about_short_runs()
+        if main:
+            self._write_run_config()
+            self._warn_about_short_runs()
         log = MetricsLog(self.out_dir / checkpoints.METRICS_FILE)
-        log.truncate_after(self.step)
+        if main:
+            log.truncate_after(self.step)
         sinks = open_sinks(
             self.out_dir,
             {"train": cfg.to_dict(), "source": self.source.describe()},
-            tensorboard=cfg.tensorboard,
-            wandb=cfg.wandb,
+            tensorboard=cfg.tensorboard and main,
+            wandb=cfg.wandb and main,
             wandb_project=cfg.wandb_project,
             resume_step=self.step or None,
         )
-        bar = _progress(cfg, self.step)
+        bar = _progress(cfg, self.step, main)
         row: dict = {}
         started, tokens_at = time.perf_counter(), self.stats.tokens
         with _StopOnInterrupt() as interrupt, bar, sinks:
-            while self.step < stop and not interrupt.requested:
+            while self.step < stop and not self._stop_requested(interrupt):
                 row = self._train_step()
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == stop:
                     now = time.perf_counter()
                     row = self._log_row(row, (self.stats.tokens - tokens_at) / (now - started))
                     started, tokens_at = now, self.stats.tokens
-                    log.write(row)
-                    sinks.write(row)
-                    if not cfg.progress:
+                    if main:
+                        log.write(row)
+                        sinks.write(row)
+                    if not cfg.progress and main:
                         print(_log_line(row, cfg.steps), flush=True)
                     bar.set_postfix(
                         fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=row["dead_fraction"]
                     )
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-        interrupted = interrupt.requested
+        interrupted = self._stop_requested(interrupt)
         self.save_checkpoint()
         sae = self.export()
         if self.step == cfg.steps:
-            sae.save(self.out_dir / checkpoints.SAE_DIR)
-            if cfg.plots:
+            self._save_sae(sae, self.out_dir / checkpoints.SAE_DIR)
+            frequencies = self._gather_latents(self.stats.frequencies())
+            if cfg.plots and main:
                 from .plots import plot_run
 
-                plot_run(self.out_dir, self.stats.frequencies())
+                plot_run(self.out_dir, frequencies)
         return TrainResult(sae, self.step, row, self.out_dir, interrupted)
+
+    def _stop_requested(self, interrupt: _StopOnInterrupt) -> bool:
+        """Whether any rank was interrupted: all stop after the same step."""
+        if not self.layout.distributed:
+            return interrupt.requested
+        flag = torch.tensor([int(interrupt.requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
+    def _gather_latents(self, t: Tensor) -> Tensor:
+        """A (m_r,) per-latent tensor of every shard, whole (m,) on every rank."""
+        group = self.layout.latent_group
+        if group is None:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.layout.latent)]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return torch.cat(parts)
+
+    def _save_sae(self, sae: SparseAutoencoder, folder: Path) -> None:
+        """sae (this rank's shard of it) as one sae_fast folder, written by its shards."""
+        if not self.layout.distributed:
+            sae.save(folder)
+            return
+        rows, whole = self._split(sae.state_dict())
+        checkpoints.save_sharded_sae(folder, sae.config(), rows, whole, self.layout)
+
+    @staticmethod
+    def _split(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(the tensors with a row per latent, the others) of a state dict."""
+        rows = {n: t for n, t in tensors.items() if checkpoints.is_row(n, t)}
+        return rows, {n: t for n, t in tensors.items() if n not in rows}
 
     def _warn_about_short_runs(self) -> None:
         """Say when defaults meant for long runs cannot act in this one."""
@@ -317,11 +449,14 @@ class Trainer:
             )
 
     def _log_row(self, row: dict, tokens_per_s: float) -> dict:
+        summary = self.stats.window_counts(self.cfg.dead_tokens, self.cfg.dense_threshold)
+        dead, dense = all_sum(summary, self.layout.latent_group).tolist()
         return {
             "step": self.step,
             "tokens": self.stats.tokens,
             **row,
-            **self.stats.window_summary(self.cfg.dead_tokens, self.cfg.dense_threshold),
+            "dead_fraction": dead / self.sae.n_latents,
+            "dense_fraction": dense / self.sae.n_latents,
             "tokens_per_s": tokens_per_s,
         }
 
@@ -332,6 +467,7 @@ class Trainer:
             "d_in": self.sae.d_in,
             "n_latents": self.sae.n_latents,
             "input_scale": self.scale,
+            "layout": self.layout.describe(),
         }
         with atomic_path(self.out_dir / checkpoints.RUN_CONFIG_FILE) as tmp:
             tmp.write_text(json.dumps(body, indent=2) + "\n")
@@ -350,6 +486,7 @@ class Trainer:
             "sae_fast_version": VERSION,
             "source": described,
             "train": self.cfg.to_dict(),
+            "layout": self.layout.describe() if self.layout.distributed else None,
         }
         return {key: value for key, value in found.items() if value is not None}
 
@@ -364,14 +501,15 @@ class Trainer:
         return sae
 
     def _state(self) -> dict:
-        cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
+        """What the step depends on besides the tensors with a row per latent."""
+        # This device's CUDA generator alone: a resume may see fewer GPUs.
+        cuda = [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []
         return {
             "step": self.step,
             "config": self.cfg.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "layout": self.layout.describe(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "stats": self.stats.state_dict(),
             "scale": self.scale,
             "batchtopk_threshold": self.batchtopk_threshold,
             "source": self.source.state_dict(),
@@ -387,6 +525,10 @@ class Trainer:
         exported = self.export()
         ours, theirs = self.sae.state_dict(), exported.state_dict()
         state = self._state()
+        if self.layout.distributed:
+            return self._save_sharded(exported.config(), ours, theirs, state)
+        state["optimizer"] = self.optimizer.state_dict()
+        state["stats"] = self.stats.state_dict()
         state["train_tensors"] = {
             name: t for name, t in ours.items() if not torch.equal(t, theirs[name])
         }
@@ -399,15 +541,46 @@ class Trainer:
             self.cfg.keep_checkpoints,
         )
 
-    def _resume(self, resume: bool | str | Path) -> None:
+    def _save_sharded(
+        self, config: dict, ours: dict[str, Tensor], exported: dict[str, Tensor], state: dict
+    ) -> Path:
+        """The checkpoint as every rank's shard (checkpoints.save_sharded): the tensors
+        with a row per latent go to the row shards, train_state.pt keeps the rest."""
+        # The training-time values of what exporting may change: all but W_enc and W_dec
+        # (fold_input_scale_), by name, so every shard stores the same names.
+        named = {f"param.{n}": t for n, t in ours.items() if n not in ("W_enc", "W_dec")}
+        for name, p in self.sae.named_parameters():
+            for key, value in self.optimizer.state.get(p, {}).items():
+                named[f"adam.{name}.{key}"] = value
+        for key in LatentStats.COUNTERS:
+            named[f"stats.{key}"] = getattr(self.stats, key)
+        state["optimizer_groups"] = self.optimizer.state_dict()["param_groups"]
+        state["stats"] = {"tokens": self.stats.tokens, "window_tokens": self.stats.window_tokens}
+        # One stream per data rank: its first latent shard's (the one that draws).
+        sources = [None] * self.layout.world if self.layout.main else None
+        dist.gather_object(state["source"], sources, dst=0)
+        state["source"] = sources[:: self.layout.latent] if sources else None
+        sae_rows, sae_whole = self._split(exported)
+        return checkpoints.save_sharded(
+            self.checkpoints,
+            self.step,
+            (config, sae_rows, sae_whole),
+            self._split(named),
+            state,
+            self.cfg.keep_checkpoints,
+            self.layout,
+        )
+
+    def _resume(self, resume: bool | str | Path, found: list[Path]) -> None:
         if resume is True:
-            found = checkpoints.list_checkpoints(self.checkpoints)
             if not found:
                 raise ConfigError(f"--resume: no checkpoint in {self.checkpoints}")
             folder = found[-1]
         else:
             folder = Path(resume)
-        config, tensors, state = checkpoints.load(folder, self.device)
+        names = [name for name, _ in self.sae.named_parameters()]
+        saved = checkpoints.CheckpointState(folder, self.device, names)
+        state, config = saved.state, saved.config
         self._check_options(state["config"], state["step"], folder)
         if (config["d_in"], config["n_latents"]) != (self.sae.d_in, self.sae.n_latents):
             raise ConfigError(
@@ -415,21 +588,56 @@ class Trainer:
                 f"n_latents={config['n_latents']}; this run has d_in={self.sae.d_in}, "
                 f"n_latents={self.sae.n_latents}"
             )
-        # Before train_tensors existed, a checkpoint's SAE was the training-time one.
-        self.sae.load_state_dict({**tensors, **state.get("train_tensors", {})})
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_tensors(saved)
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] and self.scaler.is_enabled():  # fp16 on both sides of the resume
             self.scaler.load_state_dict(state["scaler"])
-        self.stats.load_state_dict(state["stats"])
-        self.source.load_state_dict(state["source"])
+        self.stats.tokens = state["stats"]["tokens"]
+        self.stats.window_tokens = state["stats"]["window_tokens"]
+        self._load_source(state["source"], folder)
         self.step, self.scale = state["step"], state["scale"]
         self.batchtopk_threshold = state["batchtopk_threshold"]
         torch.set_rng_state(state["rng"]["torch"].cpu())
-        if state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        if state["rng"]["cuda"] and self.device.type == "cuda":  # (older: one per GPU)
+            saved_rng = state["rng"]["cuda"]
+            index = min(self.device.index or 0, len(saved_rng) - 1) if len(saved_rng) > 1 else 0
+            torch.cuda.set_rng_state(saved_rng[index].cpu(), self.device)
         self._apply_optimizer_options()
-        self._abandon_after(self.step)
+        if self.layout.main:
+            self._abandon_after(self.step)
+        if self.layout.distributed:
+            dist.barrier()
+
+    def _load_tensors(self, saved: checkpoints.CheckpointState) -> None:
+        """This rank's rows of the parameters, Adam's moments and the counters, from a
+        checkpoint of any layout."""
+
+        def read(name: str) -> Tensor:
+            return saved.read(name, self.offset, self.m_local)
+
+        self.sae.load_state_dict({name: read(f"param.{name}") for name in self.sae.state_dict()})
+        present = saved.names()
+        groups = saved.state.get("optimizer_groups") or saved.state["optimizer"]["param_groups"]
+        moments = {}
+        for i, (name, _) in enumerate(self.sae.named_parameters()):
+            keys = [n.rsplit(".", 1)[1] for n in present if n.startswith(f"adam.{name}.")]
+            moments[i] = {key: read(f"adam.{name}.{key}") for key in keys}
+        self.optimizer.load_state_dict({"state": moments, "param_groups": groups})
+        for key in LatentStats.COUNTERS:
+            setattr(self.stats, key, read(f"stats.{key}").to(self.device))
+
+    def _load_source(self, saved: dict | list, folder: Path) -> None:
+        """The data position: one stream's state, or one per data rank of a distributed run
+        (a stream every rank shares resumes in any layout; a model's per rank, in the same)."""
+        if isinstance(saved, dict):
+            saved = [saved]
+        rank = self.layout.data_rank if _broadcasts(self.source) else 0
+        if rank >= len(saved):
+            raise ConfigError(
+                f"--resume: checkpoint {folder} holds the data streams of {len(saved)} "
+                f"data-parallel ranks; with a model source resume with that many"
+            )
+        self.source.load_state_dict(saved[rank])
 
     def _check_options(self, saved: dict, step: int, folder: Path) -> None:
         """Refuse the changed options that shaped the checkpoint; log the others."""
@@ -454,7 +662,7 @@ class Trainer:
                 f"--resume: steps={self.cfg.steps} is below the checkpoint's step {step}: "
                 f"give --steps {step} or more"
             )
-        for f, old, new in changed:
+        for f, old, new in changed if self.layout.main else ():
             if f.name != "out_dir":
                 print(f"sae-fast: resuming with {f.name}={new!r} (the checkpoint had {old!r})")
 
@@ -486,6 +694,12 @@ class Trainer:
             f"sae-fast: resumed from step {step}; moved the newer {[p.name for p in newer]} of "
             f"the abandoned branch to {aside}"
         )
+
+
+def _broadcasts(source: ActivationSource) -> bool:
+    """Whether source's rows are drawn by one rank and broadcast (ActivationSource); a
+    source that does not say shares one stream."""
+    return getattr(source, "broadcast_rows", False)
 
 
 def warn(message: str) -> None:
@@ -529,10 +743,11 @@ class _StopOnInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _progress(cfg: TrainConfig, initial: int):
+def _progress(cfg: TrainConfig, initial: int, main: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.steps, initial=initial, disable=not cfg.progress, unit="step")
+    shown = cfg.progress and main
+    return tqdm(total=cfg.steps, initial=initial, disable=not shown, unit="step")
 
 
 def train(cfg: TrainConfig, source: ActivationSource, resume: bool | str | Path = False):

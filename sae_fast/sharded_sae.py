@@ -1,0 +1,104 @@
+"""ShardedSparseAutoencoder: one process's block of latents of a TopK/BatchTopK SAE."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .ops import SparseCode
+from .options import SPARSE_ACTIVATIONS
+from .sae import SparseAutoencoder, autocast_inputs
+from .sae_config import check_hyperparameters
+from .sharded import sharded_decode, sharded_encode_topk, sharded_encode_topk_auxk
+
+
+class ShardedSparseAutoencoder(SparseAutoencoder):
+    """Latents [offset, offset + size) of an SAE of n_latents latents, on one rank of group.
+
+    W_enc, b_enc, W_dec: (size, d_in), this block's rows; b_dec (d_in,) is the same on every
+    rank (its gradient comes out whole on each, sae_fast.sharded). encode and decode run the
+    sharded ops: the code (n, k) has global indices and is the same on every rank of group,
+    and so is x_hat; n_latents and config() are the whole SAE's. Dense activations (relu,
+    jumprelu, gated) are not sharded.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        *,
+        offset: int,
+        size: int,
+        group: dist.ProcessGroup | None = None,
+        k: int,
+        activation: str = "topk",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+    ) -> None:
+        if activation not in SPARSE_ACTIVATIONS:
+            raise ValueError(
+                f"a latent-sharded SAE needs activation in {SPARSE_ACTIVATIONS}, not {activation!r}"
+            )
+        check_hyperparameters(d_in, n_latents, k, activation, "none", 1.0)
+        if not 0 <= offset < offset + size <= n_latents:
+            raise ValueError(f"latents [{offset}, {offset + size}) are not in [0, {n_latents})")
+        super().__init__(
+            d_in, size, k=min(k, size), activation=activation, dtype=dtype, device=device,
+            backend=backend,
+        )  # fmt: skip
+        self.n_latents, self.k = n_latents, k
+        self.latent_offset, self.group = offset, group
+
+    def __deepcopy__(self, memo: dict) -> ShardedSparseAutoencoder:
+        # A process group cannot be copied: the copy works in the same group.
+        memo[id(self.group)] = self.group
+        clone = copy.copy(self)
+        clone.__dict__ = copy.deepcopy(self.__dict__, memo)
+        return clone
+
+    def _topk(self, x: Tensor, k: int) -> SparseCode:
+        return sharded_encode_topk(
+            *autocast_inputs(x, self.W_enc, self.b_enc, self.b_dec),
+            k,
+            offset=self.latent_offset,
+            group=self.group,
+            backend=self.backend,
+        )
+
+    def _topk_auxk(
+        self, x: Tensor, k: int, dead_mask: Tensor, k_aux: int
+    ) -> tuple[SparseCode, SparseCode]:
+        return sharded_encode_topk_auxk(
+            *autocast_inputs(x, self.W_enc, self.b_enc, self.b_dec),
+            k,
+            dead_mask,
+            k_aux,
+            offset=self.latent_offset,
+            group=self.group,
+            backend=self.backend,
+        )
+
+    def _decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
+        values, W_dec, b_dec = autocast_inputs(values, self.W_dec, self.b_dec)
+        return sharded_decode(
+            values, indices, W_dec, b_dec, offset=self.latent_offset, group=self.group,
+            backend=self.backend,
+        )  # fmt: skip
+
+    def count_latents(self, mask: Tensor) -> int:
+        """How many latents of the whole SAE mask marks (this rank's (size,) part of it)."""
+        total = mask.sum().reshape(1)
+        dist.all_reduce(total, group=self.group)
+        return int(total)
+
+    def _encode(self, x: Tensor):
+        if self.activation == "batchtopk" and not (self.training or self.threshold < 0):
+            raise RuntimeError(
+                "a latent-sharded batchtopk SAE encodes in training mode only; export it and "
+                "load the whole SAE for inference with its threshold"
+            )
+        return super()._encode(x)
