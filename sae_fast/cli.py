@@ -1,4 +1,4 @@
-"""The `sae-fast` command: train, cache, eval, report, demo, toy, convert and inspect.
+"""The `sae-fast` command: train, cache, eval, drift, report, demo, toy, convert and inspect.
 
 Errors a user can fix (bad options, missing or damaged files, a folder in use, a hook point
 the model lacks, widths that disagree) print one line and exit with code 2; training that
@@ -210,7 +210,12 @@ def recorded_data_options(provenance: dict, given: dict) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .analysis.evaluate import ce_loss_recovered, check_causal_lm, evaluate
+    from .analysis.evaluate import (
+        ce_loss_recovered,
+        check_causal_lm,
+        density_histogram,
+        evaluate_with_frequencies,
+    )
     from .sae import SparseAutoencoder
     from .sources import build_source
     from .training.config import resolve_device
@@ -225,7 +230,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     source = build_source(cfg, device, held_out=True)
     if args.ce:
         check_causal_lm(source.model)  # before the evaluation, not after it
-    result = evaluate(sae, source, args.tokens, args.batch_size)
+    result, freq = evaluate_with_frequencies(sae, source, args.tokens, args.batch_size)
+    result["feature_density_histogram"] = density_histogram(freq)
     if args.ce:
         result |= ce_loss_recovered(
             source.model,
@@ -244,6 +250,57 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         with atomic_path(args.out) as tmp:
             tmp.write_text(text + "\n")
+    return 0
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from .analysis.drift import feature_drift
+    from .analysis.evaluate import evaluate_with_frequencies
+    from .sae import SparseAutoencoder
+    from .sources import build_source
+    from .training.config import resolve_device
+    from .validation import check_int
+
+    check_int(args.top, "--top", error=ConfigError)
+    if not 0 < args.alpha < 1:
+        raise ConfigError(f"--alpha must be in (0, 1), got {args.alpha}")
+    device = resolve_device(check_device(args.device, "--device"))
+    sae = SparseAutoencoder.load(args.sae, device=device)
+    given = given_options(args, ("data",))
+    if "text" not in given:
+        raise ConfigError("--text: give the reference corpus A (--against is B)")
+    cfg = TrainConfig.from_dict(recorded_data_options(sae.provenance, given), where="the data")
+    if cfg.source != "model":
+        raise ConfigError("drift compares two texts through a model: it needs source=model")
+    found = []
+    for text in (cfg.text, args.against):
+        source = build_source(dataclasses.replace(cfg, text=text), device)
+        metrics, freq = evaluate_with_frequencies(sae, source, args.tokens, args.batch_size)
+        if source.epoch > 0:  # the text ran out and was read again
+            print(
+                f"sae-fast: warning: {text} holds fewer than --tokens={args.tokens} tokens; "
+                "its repeated tokens count again in the test",
+                file=sys.stderr,
+            )
+        found.append((freq, metrics["tokens"]))
+    (freq_a, n_a), (freq_b, n_b) = found
+    drift = feature_drift(freq_a, n_a, freq_b, n_b, args.alpha)
+    report = {"text_a": cfg.text, "text_b": args.against, **drift.summary(args.top)}
+    print(
+        f"{report['appeared']} latents appear and {report['vanished']} vanish from A to B "
+        f"(of {sae.n_latents}, FDR {args.alpha}); Jensen-Shannon divergence "
+        f"{report['js_divergence']:.4f}"
+    )
+    for row in report["top"]:
+        print(
+            f"  latent {row['latent']:>6}  {row['direction']:<8}  {row['freq_a']:.4f} -> "
+            f"{row['freq_b']:.4f}  z {row['z']:+.1f}"
+        )
+    if args.out:
+        from .files import atomic_path
+
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
@@ -393,14 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub(
         "eval",
         help="evaluate a trained SAE on held-out activations",
-        description="MSE, FVU, L0, dead and dense fractions on held-out activations; with "
-        "--ce, the next-token loss of a causal LM with the SAE spliced in at the hook point, "
-        "against the clean and the zero-ablated model.",
+        description="MSE, FVU, L0, dead and dense fractions and SAEBench's core metrics on "
+        "held-out activations; with --ce, the next-token loss and KL divergence of a causal "
+        "LM with the SAE spliced in at the hook point, against the clean and the "
+        "zero-ablated model.",
     )
-    ev.add_argument("--sae", required=True, help="SAE folder (sae.safetensors + cfg.json)")
-    ev.add_argument("--tokens", type=int, default=65536, help="activations to evaluate on")
-    ev.add_argument("--batch-size", type=int, default=4096, help="activations per batch")
-    ev.add_argument("--device", default="auto", help="device (auto: cuda if available)")
+    _add_sae_pass_arguments(ev, "activations to evaluate on")
     ev.add_argument(
         "--seed",
         type=int,
@@ -412,6 +467,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="also write the results to this JSON file")
     add_config_arguments(ev, ("data",))
     ev.set_defaults(fn=cmd_eval)
+
+    dr = sub(
+        "drift",
+        help="which latents fire more or less often on one text than on another",
+        description="Each latent's firing frequency on --text (A) and on --against (B), "
+        "through the model at the hook point (the SAE's recorded ones by default); the "
+        "latents whose rates differ by a two-proportion z-test after a Benjamini-Hochberg "
+        "correction, and the Jensen-Shannon divergence of the firing shares.",
+    )
+    _add_sae_pass_arguments(dr, "activations per corpus")
+    dr.add_argument("--against", required=True, help="corpus B (the same kinds as --text)")
+    dr.add_argument("--alpha", type=float, default=0.01, help="false discovery rate")
+    dr.add_argument("--top", type=int, default=20, help="movers to list")
+    dr.add_argument("--out", help="also write the report to this JSON file")
+    add_config_arguments(dr, ("data",))
+    dr.set_defaults(fn=cmd_drift)
 
     demo = sub(
         "demo",
@@ -479,6 +550,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--format", help="format of path (default: detect)")
     inspect.set_defaults(fn=cmd_inspect)
     return parser
+
+
+def _add_sae_pass_arguments(parser: argparse.ArgumentParser, tokens_help: str) -> None:
+    """--sae, --tokens, --batch-size and --device of a command that runs an SAE over data."""
+    parser.add_argument("--sae", required=True, help="SAE folder (sae.safetensors + cfg.json)")
+    parser.add_argument("--tokens", type=int, default=65536, help=tokens_help)
+    parser.add_argument("--batch-size", type=int, default=4096, help="activations per batch")
+    parser.add_argument("--device", default="auto", help="device (auto: cuda if available)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -265,6 +265,11 @@ def test_cache_then_train_and_eval_on_it(tmp_path, folders, capsys):
     assert result["tokens"] == 200
     assert result["l0"] <= 4 and 0 <= result["dead_fraction"] <= 1
     assert result["mse"] > 0 and 0 < result["fvu"] < 10
+    # SAEBench's core set, and the latents by log10 firing frequency.
+    assert 0 < result["cossim"] <= 1 and result["l2_ratio"] > 0 and result["l1"] > 0
+    assert result["frac_alive"] == pytest.approx(1 - result["dead_fraction"])
+    histogram = result["feature_density_histogram"]
+    assert sum(histogram["counts"]) + histogram["dead"] == 64
 
 
 def test_cache_reports_the_rows_it_wrote_when_the_text_runs_out(tmp_path, folders, capsys):
@@ -292,6 +297,8 @@ def test_eval_ce_loss_recovered(tmp_path, folders, capsys):
     assert result["ce_loss_sae"] == pytest.approx(result["ce_loss_clean"], rel=1e-6)
     assert math.isfinite(result["ce_recovered"])
     assert result["ce_recovered"] == pytest.approx(1.0, abs=1e-3)
+    assert result["kl_div_with_sae"] < 1e-9 and result["kl_div_score"] == pytest.approx(1.0)
+    assert result["explained_variance"] == pytest.approx(1.0, abs=1e-9)
 
 
 def test_eval_ce_refuses_a_model_without_next_token_head(tmp_path, folders, capsys):

@@ -1,4 +1,5 @@
-"""evaluate() against a direct computation, and the CE loss with the SAE spliced in."""
+"""evaluate() against a direct computation (SAEBench's core metrics by their definitions), and
+the CE loss and KL divergence with the SAE spliced in."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from models import WIDTH, tiny_bert, tiny_causal_lm
 from transformers import BertForMaskedLM
 
 from sae_fast import SparseAutoencoder, reference
-from sae_fast.analysis.evaluate import ce_loss_recovered, evaluate
+from sae_fast.analysis.evaluate import ce_loss_recovered, density_histogram, evaluate
 from sae_fast.sources import SourceError, SyntheticSource
 
 
@@ -41,6 +42,26 @@ def test_evaluate_matches_a_direct_computation(activation):
     assert got["dead_fraction"] == (fired.sum(dim=0) == 0).double().mean().item()
     assert got["dense_fraction"] == (fired.mean(dim=0) > 0.1).double().mean().item()
     assert got["dead_fraction"] == 8 / 48 and 0 < got["dense_fraction"] < 1
+    # SAEBench's core set, by its definitions: per-token means; explained variance against
+    # each evaluation batch's mean.
+    xs, hats = x.split([64, 64, 64, 64, 44]), out.x_hat.split([64, 64, 64, 64, 44])
+    pairs = zip(xs, hats, strict=True)
+    explained = torch.cat([1 - (b - h).pow(2).sum(-1) / (b - b.mean(0)).pow(2).sum(-1)
+                           for b, h in pairs])  # fmt: skip
+    n_in, n_out = x.norm(dim=-1), out.x_hat.norm(dim=-1)
+    want = {
+        "explained_variance": explained.mean(),
+        "cossim": torch.nn.functional.cosine_similarity(x, out.x_hat, dim=-1).mean(),
+        "l2_norm_in": n_in.mean(),
+        "l2_norm_out": n_out.mean(),
+        "l2_ratio": (n_out / n_in).mean(),
+        "relative_reconstruction_bias": n_out.pow(2).mean() / (x * out.x_hat).sum(-1).mean(),
+        "l1": code.sum(dim=1).mean(),
+        "frac_alive": (fired.sum(dim=0) > 0).double().mean(),
+    }
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value.item(), rel=1e-9), key
+    assert got["frac_alive"] == 40 / 48
 
 
 def test_an_sae_that_reconstructs_exactly():
@@ -48,6 +69,31 @@ def test_an_sae_that_reconstructs_exactly():
     assert got["mse"] < 1e-12 and got["fvu"] < 1e-10
     assert got["l0"] == 16  # relu(x_i) or relu(-x_i) for each nonzero coordinate
     assert got["dead_fraction"] == 0
+
+
+def test_shrinkage_is_seen_by_the_norm_ratio_and_the_relative_bias():
+    """x_hat = x / 2: the direction is kept (cossim 1), the norms halve, and so does the
+    relative reconstruction bias (||x_hat||^2 / x . x_hat)."""
+    sae = identity_sae(16, torch.float64)
+    with torch.no_grad():
+        sae.W_dec.mul_(0.5)
+    got = evaluate(sae, source(), tokens=256, batch_size=100)
+    assert got["cossim"] == pytest.approx(1.0, abs=1e-12)
+    assert got["l2_ratio"] == pytest.approx(0.5, rel=1e-12)
+    assert got["relative_reconstruction_bias"] == pytest.approx(0.5, rel=1e-12)
+    assert got["l2_norm_out"] == pytest.approx(got["l2_norm_in"] / 2, rel=1e-12)
+    exact = evaluate(identity_sae(16, torch.float64), source(), tokens=256, batch_size=100)
+    assert exact["explained_variance"] == pytest.approx(1.0, abs=1e-12)
+    assert exact["relative_reconstruction_bias"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_the_density_histogram_counts_latents_by_log10_frequency():
+    freq = torch.tensor([0.0, 0.0, 1e-9, 3e-5, 5e-5, 0.02, 0.5, 1.0], dtype=torch.float64)
+    got = density_histogram(freq)
+    assert got["log10_edges"] == list(range(-8, 1)) and got["dead"] == 2
+    # [-8, -7) takes 1e-9 (clamped to the lowest bin); [-5, -4): 3e-5 and 5e-5;
+    # [-2, -1): 0.02; [-1, 0]: 0.5 and 1.0.
+    assert got["counts"] == [1, 0, 0, 2, 0, 0, 1, 2]
 
 
 def test_errors_are_against_the_raw_activations():
@@ -85,6 +131,9 @@ def test_ce_loss_recovered_of_a_perfect_and_a_poor_sae(corpus):
     assert perfect["ce_loss_clean"] < perfect["ce_loss_zero_ablated"]
     assert perfect["ce_loss_sae"] == pytest.approx(perfect["ce_loss_clean"], rel=1e-6)
     assert perfect["ce_recovered"] == pytest.approx(1.0, abs=1e-3)
+    assert perfect["ce_loss_score"] == perfect["ce_recovered"]
+    assert perfect["kl_div_with_sae"] < 1e-9 < perfect["kl_div_with_ablation"]
+    assert perfect["kl_div_score"] == pytest.approx(1.0, abs=1e-6)
 
     torch.manual_seed(0)
     poor = ce_loss_recovered(model, tokenizer, *args, SparseAutoencoder(WIDTH, 64, k=1), **kw)
@@ -94,6 +143,10 @@ def test_ce_loss_recovered_of_a_perfect_and_a_poor_sae(corpus):
     gap = poor["ce_loss_zero_ablated"] - poor["ce_loss_clean"]
     want = (poor["ce_loss_zero_ablated"] - poor["ce_loss_sae"]) / gap
     assert poor["ce_recovered"] == pytest.approx(want)
+    assert poor["kl_div_with_ablation"] == pytest.approx(perfect["kl_div_with_ablation"])
+    assert poor["kl_div_with_sae"] > 1e-4
+    want = 1 - poor["kl_div_with_sae"] / poor["kl_div_with_ablation"]
+    assert poor["kl_div_score"] == pytest.approx(want)
 
 
 def test_ce_loss_recovered_needs_a_causal_lm(corpus):

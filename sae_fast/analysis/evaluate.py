@@ -1,5 +1,25 @@
 """Evaluation of a trained SAE: reconstruction and latent statistics on held-out activations,
-and the language-model loss with the SAE spliced in (CE loss recovered).
+and the language-model loss with the SAE spliced in (CE loss recovered, KL divergence).
+
+The core metrics follow SAEBench's definitions (Karvonen et al. 2025, `sae_bench/evals/core/
+main.py`), over the evaluated tokens:
+- explained_variance: the mean over tokens of 1 - ||x - x_hat||^2 / ||x - mean(x)||^2, the
+  mean taken over the token's evaluation batch (SAEBench's per-token form; fvu is the pooled
+  ratio, so 1 - fvu is the pooled explained variance);
+- cossim: the mean of cos(x, x_hat); l2_norm_in, l2_norm_out: the means of ||x|| and
+  ||x_hat||; l2_ratio: the mean of ||x_hat|| / ||x|| (||x|| below 1e-4 counts as 1);
+- relative_reconstruction_bias: E[||x_hat||^2] / E[x . x_hat] (Rajamanoharan et al. 2024,
+  eq. 10; 1 without shrinkage, below 1 when x_hat is shrunk), pooled over all tokens where
+  SAEBench averages it per batch;
+- l0: the mean number of active latents, l1: the mean sum of their values; frac_alive: the
+  fraction of latents that fired on at least one token; density_histogram (`sae-fast
+  eval`'s feature_density_histogram): latents by log10 firing frequency;
+- mse is this project's mean over elements of (x - x_hat)^2 (SAEBench divides each token's
+  squared error by the number of tokens instead).
+KL (ce_loss_recovered): kl_div_with_sae / kl_div_with_ablation, the mean over unpadded
+positions of KL(p_clean || p) with the SAE spliced in / the hook zeroed, and kl_div_score =
+(kl_ablation - kl_sae) / kl_ablation; ce_loss_score = (ce_ablation - ce_sae) /
+(ce_ablation - ce_clean), SAEBench's name for ce_recovered.
 """
 
 from __future__ import annotations
@@ -11,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..ops import SparseCode
 from ..sae import SparseAutoencoder, eval_mode
 from ..sources.base import ActivationSource, SourceError
 from ..sources.hooks import is_causal_lm, model_device, splice
@@ -29,7 +50,8 @@ def evaluate(
     batch_size: int = 4096,
     dense_threshold: float = 0.1,
 ) -> dict[str, float]:
-    """mse, fvu, l0, dead and dense latent fractions of sae over `tokens` rows of source.
+    """mse, fvu, SAEBench's core metrics (the module docstring), dead and dense latent
+    fractions of sae over `tokens` rows of source, drawn batch_size at a time.
 
     FVU divides the summed squared error by the summed squared deviation from the mean of
     all rows seen; a latent is dead here when it fired on none of them.
@@ -51,7 +73,7 @@ def evaluate_with_frequencies(
         raise SourceError(f"the activations have d_in={source.d_in} but the SAE has {sae.d_in}")
     param = sae.W_dec
     counts = torch.zeros(sae.n_latents, dtype=torch.int64, device=param.device)
-    sq_err = active = sq_norm = 0.0
+    sums: dict[str, float] = {}
     total = torch.zeros(sae.d_in, dtype=torch.float64, device=param.device)
     seen = 0
     while seen < tokens:
@@ -62,27 +84,70 @@ def evaluate_with_frequencies(
         # Errors against the activations as the source gives them, not as rounded to the
         # SAE's dtype: a bf16 SAE is charged for the rounding of its input too.
         x64 = raw.double()
-        sq_err += (x64 - out.x_hat.double()).pow(2).sum().item()
-        sq_norm += x64.pow(2).sum().item()
+        for key, value in _token_sums(x64, out.x_hat.double(), out.code).items():
+            sums[key] = sums.get(key, 0.0) + value
         total += x64.sum(dim=0)
-        active += active_latents(out.code).sum().item()
         seen += raw.shape[0]
-    variance = sq_norm - total.pow(2).sum().item() / seen
+    variance = sums["sq_norm"] - total.pow(2).sum().item() / seen
     freq = counts.double() / seen
     metrics = {
         "tokens": seen,
-        "mse": sq_err / (seen * sae.d_in),
-        "fvu": sq_err / variance,
-        "l0": active / seen,
+        "mse": sums["sq_err"] / (seen * sae.d_in),
+        "fvu": sums["sq_err"] / variance,
+        "explained_variance": sums["explained"] / max(sums["explained_tokens"], 1),
+        "cossim": sums["cossim"] / seen,
+        "l2_norm_in": sums["norm_in"] / seen,
+        "l2_norm_out": sums["norm_out"] / seen,
+        "l2_ratio": sums["ratio"] / seen,
+        "relative_reconstruction_bias": sums["sq_norm_out"] / sums["dot"],
+        "l0": sums["active"] / seen,
+        "l1": sums["l1"] / seen,
+        "frac_alive": (counts > 0).double().mean().item(),
         "dead_fraction": (counts == 0).double().mean().item(),
         "dense_fraction": (freq > dense_threshold).double().mean().item(),
     }
     return metrics, freq.cpu()
 
 
-def _next_token_loss(model: nn.Module, ids: Tensor, mask: Tensor) -> tuple[float, int]:
-    """(summed next-token cross-entropy, predicted tokens) over the unpadded positions."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+def _token_sums(x: Tensor, x_hat: Tensor, code) -> dict[str, float]:
+    """The per-token quantities of one batch, summed.  x, x_hat: (n, d) float64."""
+    err = (x - x_hat).pow(2).sum(dim=-1)
+    spread = (x - x.mean(dim=0)).pow(2).sum(dim=-1)
+    at_mean = spread == 0  # a batch of one row: no variance to explain, left out
+    norm_in, norm_out = x.norm(dim=-1), x_hat.norm(dim=-1)
+    values = code.values if isinstance(code, SparseCode) else code
+    return {
+        "sq_err": err.sum().item(),
+        "sq_norm": x.pow(2).sum().item(),
+        "explained": (1 - err / spread)[~at_mean].sum().item(),
+        "explained_tokens": float((~at_mean).sum()),
+        "cossim": nn.functional.cosine_similarity(x, x_hat, dim=-1, eps=1e-12).sum().item(),
+        "norm_in": norm_in.sum().item(),
+        "norm_out": norm_out.sum().item(),
+        "ratio": (norm_out / torch.where(norm_in < 1e-4, 1.0, norm_in)).sum().item(),
+        "sq_norm_out": norm_out.pow(2).sum().item(),
+        "dot": (x * x_hat).sum().item(),
+        "active": active_latents(code).sum().item(),
+        "l1": values.detach().double().sum().item(),
+    }
+
+
+def density_histogram(freq: Tensor, low: int = -8) -> dict:
+    """Latents by log10 firing frequency: counts in the unit bins [low, low + 1), ...,
+    [-1, 0], and the dead latents (never fired) apart.  freq: (m,) in [0, 1]."""
+    alive = freq[freq > 0].double().log10().clamp(min=low, max=-1e-12)
+    counts = torch.histc(alive, bins=-low, min=low, max=0) if alive.numel() else None
+    return {
+        "log10_edges": list(range(low, 1)),
+        "counts": [0] * -low if counts is None else [int(c) for c in counts.tolist()],
+        "dead": int((freq == 0).sum()),
+    }
+
+
+def _next_token_loss(logits: Tensor, ids: Tensor, mask: Tensor) -> tuple[float, int]:
+    """(summed next-token cross-entropy, predicted tokens) over the unpadded positions.
+    logits: (b, t, vocab); ids, mask: (b, t)."""
+    logits = logits[:, :-1]
     labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     loss = nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum"
@@ -120,7 +185,9 @@ def ce_loss_recovered(
     max_windows: int = 64,
 ) -> dict[str, float]:
     """Next-token loss of a causal LM clean, with the SAE's reconstruction spliced in at hook,
-    and with the hook's output zeroed; ce_recovered = (zero - sae) / (zero - clean).
+    and with the hook's output zeroed; ce_recovered = (zero - sae) / (zero - clean); and the
+    KL divergence of the spliced and zeroed next-token distributions from the clean one
+    (the module docstring has the definitions).
     """
     check_causal_lm(model)
     variants = {
@@ -129,7 +196,8 @@ def ce_loss_recovered(
         "zero_ablated": lambda: splice(model, hook, torch.zeros_like),
     }
     sums = dict.fromkeys(variants, 0.0)
-    count = 0
+    kl = dict.fromkeys(("sae", "zero_ablated"), 0.0)
+    count = positions = 0
     windows = token_windows(tokenizer, documents(documents_spec), context_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = model_device(model)
@@ -140,15 +208,28 @@ def ce_loss_recovered(
             break
         taken += len(batch)
         ids, mask = (t.to(device) for t in pad_windows(batch, pad))
-        for name, context in variants.items():
+        clean = None
+        for name, context in variants.items():  # clean first: the others' KL is from it
             with context():
-                loss, n = _next_token_loss(model, ids, mask)
+                logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            loss, n = _next_token_loss(logits, ids, mask)
             sums[name] += loss
+            log_p = logits.log_softmax(dim=-1)
+            if clean is None:
+                clean = log_p
+            else:
+                kl_t = (clean.exp() * (clean - log_p)).sum(dim=-1)
+                kl[name] += kl_t[mask.bool()].sum().item()
         count += n
+        positions += int(mask.sum())
     if count == 0:
         raise SourceError(f"text source {documents_spec!r} gave no tokens to predict")
     result = {f"ce_loss_{name}": total / count for name, total in sums.items()}
     gap = result["ce_loss_zero_ablated"] - result["ce_loss_clean"]
     result["ce_recovered"] = (result["ce_loss_zero_ablated"] - result["ce_loss_sae"]) / gap
+    result["ce_loss_score"] = result["ce_recovered"]
     result["ce_tokens"] = count
+    result["kl_div_with_sae"] = kl["sae"] / positions
+    result["kl_div_with_ablation"] = kl["zero_ablated"] / positions
+    result["kl_div_score"] = 1 - kl["sae"] / kl["zero_ablated"]
     return result
