@@ -1,4 +1,5 @@
-"""The `sae-fast` command: train, cache, eval, drift, report, demo, toy, convert and inspect.
+"""The `sae-fast` command: train, cache, eval, drift, compare, explain, report, demo, toy,
+convert and inspect.
 
 Errors a user can fix (bad options, missing or damaged files, a folder in use, a hook point
 the model lacks, widths that disagree) print one line and exit with code 2; training that
@@ -304,6 +305,77 @@ def cmd_drift(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .analysis.compare import match_decoders, plot_cosines
+    from .files import atomic_path
+    from .sae import SparseAutoencoder
+    from .training.config import resolve_device
+    from .validation import check_int
+
+    check_int(args.top, "--top", error=ConfigError)
+    device = resolve_device(check_device(args.device, "--device"))
+    a, b = (SparseAutoencoder.load(path, device=device) for path in (args.a, args.b))
+    if a.d_in != b.d_in:
+        raise ConfigError(f"the SAEs have d_in={a.d_in} and {b.d_in}: nothing to compare")
+    matches = match_decoders(a.W_dec, b.W_dec)
+    report = {"a": str(args.a), "b": str(args.b), **matches.summary(args.top)}
+    shared = report["shared"]
+    print(f"{args.a}: {a.n_latents} latents; {args.b}: {b.n_latents} latents")
+    print("decoder cosine > t:   " + "   ".join(f"t={t}" for t in shared))
+    for way in ("a_to_b", "b_to_a", "one_to_one"):
+        print(f"  {way:<18} " + "  ".join(f"{shared[t][way]:>6.1%}" for t in shared))
+    for name in ("best", "worst"):
+        pairs = ", ".join(f"{r['a']}-{r['b']} ({r['cosine']:.3f})" for r in report[name])
+        print(f"{name} matches: {pairs}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "compare.json") as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+        plot_cosines(matches, out / "cosines.png")
+        print(f"wrote {out / 'compare.json'} and {out / 'cosines.png'}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .analysis.explain import explain_html, explain_text, summaries
+    from .analysis.features import collect_activations
+    from .files import atomic_path
+    from .sae import SparseAutoencoder
+    from .sources import load_model
+    from .training.config import resolve_device
+    from .validation import check_int
+
+    for name in ("top", "context_tokens"):
+        check_int(getattr(args, name), f"--{name.replace('_', '-')}", error=ConfigError)
+    if not args.text.strip():
+        raise ConfigError("text: give the text to explain")
+    device = resolve_device(check_device(args.device, "--device"))
+    sae = SparseAutoencoder.load(args.sae, device=device)
+    given = {k: v for k, v in (("model", args.model), ("hook", args.hook)) if v}
+    options = recorded_data_options(sae.provenance, given)
+    if not options.get("model") or not options.get("hook"):
+        raise ConfigError("--model and --hook: the SAE records none; give them")
+    model, tokenizer = load_model(options["model"], device)
+    rows = explain_text(sae, model, tokenizer, options["hook"], args.text, top=args.top)
+    notes = {}
+    if args.contexts:
+        acts = collect_activations(sae, model, tokenizer, options["hook"], args.contexts,
+                                   max_windows=None, max_tokens=args.context_tokens)  # fmt: skip
+        notes = summaries(acts, tokenizer, sorted({i for r in rows for i, _ in r.features}))
+    width = max((len(r.token) for r in rows), default=5)
+    for r in rows:
+        fired = "  ".join(
+            f"{i}:{v:.2f}" + (f" [{notes[i]}]" if i in notes else "") for i, v in r.features
+        )
+        print(f"{r.token:<{width}}  {fired or '-'}")
+    if args.html:
+        with atomic_path(args.html) as tmp:
+            tmp.write_text(explain_html(rows, notes, f"{options['hook']} of {options['model']}"))
+        print(f"wrote {args.html}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .apps.demo import run_demo
 
@@ -483,6 +555,39 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--out", help="also write the report to this JSON file")
     add_config_arguments(dr, ("data",))
     dr.set_defaults(fn=cmd_drift)
+
+    cmp = sub(
+        "compare",
+        help="match the features of two SAEs by decoder direction",
+        description="Each latent's best match in the other SAE by decoder cosine (both ways) "
+        "and a one-to-one assignment, computed in blocks (no m x m matrix); the fractions "
+        "shared above cosine thresholds, the best and worst matches, a histogram.",
+    )
+    cmp.add_argument("a", help="SAE folder A (any format sae_fast reads)")
+    cmp.add_argument("b", help="SAE folder B, of the same d_in")
+    cmp.add_argument("--top", type=int, default=10, help="best and worst matches to list")
+    cmp.add_argument("--device", default="auto", help="device (auto: cuda if available)")
+    cmp.add_argument("--out", help="folder for compare.json and cosines.png")
+    cmp.set_defaults(fn=cmd_compare)
+
+    ex = sub(
+        "explain",
+        help="the latents that fire on each token of a text",
+        description="Run the model on TEXT to the hook point (the SAE's recorded model and "
+        "hook by default) and list each token's top latents with their values; with "
+        "--contexts, what each of those latents fires on most in a reference text; with "
+        "--html, a page of the text shaded by activation.",
+    )
+    ex.add_argument("text", help="the text to explain")
+    ex.add_argument("--sae", required=True, help="SAE folder")
+    ex.add_argument("--model", help="transformers model (default: the SAE's recorded one)")
+    ex.add_argument("--hook", help="hook point (default: the SAE's recorded one)")
+    ex.add_argument("--top", type=int, default=5, help="latents per token")
+    ex.add_argument("--contexts", help="reference text for the latents' summaries")
+    ex.add_argument("--context-tokens", type=int, default=20000, help="tokens of --contexts")
+    ex.add_argument("--html", help="also write an HTML view here")
+    ex.add_argument("--device", default="auto", help="device (auto: cuda if available)")
+    ex.set_defaults(fn=cmd_explain)
 
     demo = sub(
         "demo",

@@ -41,7 +41,7 @@ class Activations:
         return [(self.value[i].item(), int(self.window[i]), int(self.position[i])) for i in best]
 
 
-def _entries(code: SparseCode | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def active_entries(code: SparseCode | Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(value, latent, token position) of each active latent.  code: (t, k) or (t, m)."""
     if isinstance(code, SparseCode):
         pos = torch.arange(code.values.shape[0], device=code.values.device)
@@ -80,7 +80,7 @@ def collect_activations(
             break
         with eval_mode(sae):
             code = sae.encode(acts.to(param.device, param.dtype))
-        value, latent, pos = _entries(code)
+        value, latent, pos = active_entries(code)
         window = torch.full_like(latent, len(kept))
         parts.append((value.float().cpu(), latent.cpu(), window.cpu(), pos.cpu()))
         kept.append(ids.tolist())
