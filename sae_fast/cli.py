@@ -273,9 +273,15 @@ def cmd_drift(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict(recorded_data_options(sae.provenance, given), where="the data")
     if cfg.source != "model":
         raise ConfigError("drift compares two texts through a model: it needs source=model")
+    for flag, text in (("--text", cfg.text), ("--against", args.against)):
+        if text != "stdlib" and not Path(text).is_file():
+            raise ConfigError(f"{flag}: {text} is not a file")
     found = []
     for text in (cfg.text, args.against):
-        source = build_source(dataclasses.replace(cfg, text=text), device)
+        # A shuffle buffer of at most --tokens rows: the text is read again only when it
+        # holds fewer tokens than that.
+        buffer = min(cfg.shuffle_buffer, args.tokens)
+        source = build_source(dataclasses.replace(cfg, text=text, shuffle_buffer=buffer), device)
         metrics, freq = evaluate_with_frequencies(sae, source, args.tokens, args.batch_size)
         if source.epoch > 0:  # the text ran out and was read again
             print(
@@ -343,8 +349,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .files import atomic_path
     from .sae import SparseAutoencoder
     from .sources import load_model
+    from .sources.hooks import probe_hook
     from .training.config import resolve_device
-    from .validation import check_int
+    from .validation import check_int, parse_dtype
 
     for name in ("top", "context_tokens"):
         check_int(getattr(args, name), f"--{name.replace('_', '-')}", error=ConfigError)
@@ -356,22 +363,33 @@ def cmd_explain(args: argparse.Namespace) -> int:
     options = recorded_data_options(sae.provenance, given)
     if not options.get("model") or not options.get("hook"):
         raise ConfigError("--model and --hook: the SAE records none; give them")
-    model, tokenizer = load_model(options["model"], device)
-    rows = explain_text(sae, model, tokenizer, options["hook"], args.text, top=args.top)
+    cfg = TrainConfig.from_dict({**options, "source": "model"}, where="the data options")
+    dtype = parse_dtype(cfg.model_dtype) if cfg.model_dtype else None
+    model, tokenizer = load_model(cfg.model, device, dtype)
+    # Windows as the SAE was trained on (recorded), never longer than the model's positions.
+    limit = getattr(model.config, "max_position_embeddings", None) or cfg.context_size
+    context_size = min(cfg.context_size, limit)
+    width = probe_hook(model, cfg.hook).shape[-1]
+    if width != sae.d_in:
+        raise ConfigError(
+            f"{cfg.hook} of {cfg.model} has width {width}; the SAE's d_in is {sae.d_in}"
+        )
+    rows = explain_text(sae, model, tokenizer, cfg.hook, args.text, context_size, args.top)
     notes = {}
     if args.contexts:
-        acts = collect_activations(sae, model, tokenizer, options["hook"], args.contexts,
-                                   max_windows=None, max_tokens=args.context_tokens)  # fmt: skip
+        acts = collect_activations(sae, model, tokenizer, cfg.hook, args.contexts,
+                                   context_size, max_windows=None,
+                                   max_tokens=args.context_tokens)  # fmt: skip
         notes = summaries(acts, tokenizer, sorted({i for r in rows for i, _ in r.features}))
-    width = max((len(r.token) for r in rows), default=5)
+    pad = max((len(r.token) for r in rows), default=5)
     for r in rows:
         fired = "  ".join(
             f"{i}:{v:.2f}" + (f" [{notes[i]}]" if i in notes else "") for i, v in r.features
         )
-        print(f"{r.token:<{width}}  {fired or '-'}")
+        print(f"{r.token:<{pad}}  {fired or '-'}")
     if args.html:
         with atomic_path(args.html) as tmp:
-            tmp.write_text(explain_html(rows, notes, f"{options['hook']} of {options['model']}"))
+            tmp.write_text(explain_html(rows, notes, f"{cfg.hook} of {cfg.model}"))
         print(f"wrote {args.html}")
     return 0
 

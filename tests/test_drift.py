@@ -101,10 +101,19 @@ def test_docstrings_against_prose_drift_and_two_halves_of_one_corpus_do_not(setu
     assert abs(top["z"]) == max(abs(r["z"]) for r in prose["top"])
 
 
+def test_a_text_shorter_than_the_shuffle_buffer_is_not_read_twice(setup, capsys):
+    """The default shuffle buffer (16384 rows) outgrows these texts; --tokens 500 does not."""
+    code = main(["drift", "--sae", str(setup["dir"] / "sae"), "--model", setup["model"],
+                 "--hook", "resid_post.0", "--text", setup["docs"], "--against", setup["docs"],
+                 "--tokens", "500", "--context-size", "32"])  # fmt: skip
+    assert code == 0 and "warning" not in capsys.readouterr().err
+
+
 def test_drift_errors_are_one_line(setup, capsys):
     docs = setup["docs"]
     assert drift(setup, docs, docs, "--alpha", "1.5")[0] == 2
     assert "--alpha must be in (0, 1)" in capsys.readouterr().err
     assert drift(setup, docs, str(setup["dir"] / "missing.txt"))[0] == 2
+    assert "--against:" in capsys.readouterr().err  # before any pass over --text
     code = main(["drift", "--sae", str(setup["dir"] / "sae"), "--against", docs])
     assert code == 2 and "--text" in capsys.readouterr().err

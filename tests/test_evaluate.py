@@ -87,6 +87,16 @@ def test_shrinkage_is_seen_by_the_norm_ratio_and_the_relative_bias():
     assert exact["relative_reconstruction_bias"] == pytest.approx(1.0, abs=1e-12)
 
 
+def test_an_sae_that_outputs_nothing_and_a_single_token_give_nan_not_an_error():
+    sae = identity_sae(16, torch.float64)
+    with torch.no_grad():
+        sae.W_dec.zero_()
+    got = evaluate(sae, source(), tokens=64, batch_size=64)
+    assert math.isnan(got["relative_reconstruction_bias"]) and got["l2_norm_out"] == 0
+    one = evaluate(identity_sae(16), source(), tokens=1)
+    assert math.isnan(one["fvu"]) and math.isnan(one["explained_variance"])
+
+
 def test_the_density_histogram_counts_latents_by_log10_frequency():
     freq = torch.tensor([0.0, 0.0, 1e-9, 3e-5, 5e-5, 0.02, 0.5, 1.0], dtype=torch.float64)
     got = density_histogram(freq)

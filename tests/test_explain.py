@@ -48,6 +48,10 @@ def test_the_command_prints_a_row_per_token_with_summaries_and_writes_html(tmp_p
     assert lines[0].startswith("the ") and "[" in lines[0]  # latent:value [what it fires on]
     body = page.read_text()
     assert body.startswith("<!doctype html>") and "fox" in body and body.count("<tr>") > n_tokens
-    # Without a recorded model or hook, they must be given.
+    # Without a recorded model or hook, they must be given; the widths must agree.
     assert main(["explain", "--sae", str(tmp_path / "sae"), TEXT]) == 2
     assert "--model and --hook" in capsys.readouterr().err
+    SparseAutoencoder(16, 64, k=4).save(tmp_path / "narrow")
+    code = main(["explain", "--sae", str(tmp_path / "narrow"), "--model", model, "--hook",
+                 "resid_post.0", TEXT])  # fmt: skip
+    assert code == 2 and "has width 32; the SAE's d_in is 16" in capsys.readouterr().err

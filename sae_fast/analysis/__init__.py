@@ -1,6 +1,10 @@
 """Reading what an SAE learned: evaluation, feature contexts, steering, summaries, reports.
 
-- evaluate: held-out MSE, FVU, L0, dead and dense fractions; CE loss recovered;
+- evaluate: held-out MSE, FVU, L0, dead and dense fractions, SAEBench's core metrics; CE loss
+  recovered and KL divergence;
+- drift: the latents that fire more or less often on one corpus than on another;
+- compare: two SAEs' features matched by decoder direction;
+- explain: each token's latents;
 - features: the token contexts on which latents activate most;
 - steering: splice an SAE into a transformers model, read latents, steer features;
 - summary: what `sae-fast inspect` prints;

@@ -12,6 +12,7 @@ stays unassigned).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -118,7 +119,7 @@ def _greedy_pairs(cand_b: Tensor, cand_cos: Tensor, m_b: int) -> tuple[Tensor, T
     return torch.tensor(pair_b, dtype=torch.int64), torch.tensor(pair_cos)
 
 
-def plot_cosines(matches: Matches, path, labels: tuple[str, str] = ("A", "B")):
+def plot_cosines(matches: Matches, path: str | Path, labels: tuple[str, str] = ("A", "B")) -> Path:
     """A PNG histogram of the best-match cosines each way; returns its path."""
     from ..training.plots import pyplot, save_figure
 

@@ -4,8 +4,9 @@ and the language-model loss with the SAE spliced in (CE loss recovered, KL diver
 The core metrics follow SAEBench's definitions (Karvonen et al. 2025, `sae_bench/evals/core/
 main.py`), over the evaluated tokens:
 - explained_variance: the mean over tokens of 1 - ||x - x_hat||^2 / ||x - mean(x)||^2, the
-  mean taken over the token's evaluation batch (SAEBench's per-token form; fvu is the pooled
-  ratio, so 1 - fvu is the pooled explained variance);
+  mean taken over the token's evaluation batch (SAEBench's per-token form: it depends on the
+  batch size, noisy for small batches; fvu is the pooled ratio, so 1 - fvu is the pooled
+  explained variance);
 - cossim: the mean of cos(x, x_hat); l2_norm_in, l2_norm_out: the means of ||x|| and
   ||x_hat||; l2_ratio: the mean of ||x_hat|| / ||x|| (||x|| below 1e-4 counts as 1);
 - relative_reconstruction_bias: E[||x_hat||^2] / E[x . x_hat] (Rajamanoharan et al. 2024,
@@ -93,13 +94,13 @@ def evaluate_with_frequencies(
     metrics = {
         "tokens": seen,
         "mse": sums["sq_err"] / (seen * sae.d_in),
-        "fvu": sums["sq_err"] / variance,
-        "explained_variance": sums["explained"] / max(sums["explained_tokens"], 1),
+        "fvu": _ratio(sums["sq_err"], variance),
+        "explained_variance": _ratio(sums["explained"], sums["explained_tokens"]),
         "cossim": sums["cossim"] / seen,
         "l2_norm_in": sums["norm_in"] / seen,
         "l2_norm_out": sums["norm_out"] / seen,
         "l2_ratio": sums["ratio"] / seen,
-        "relative_reconstruction_bias": sums["sq_norm_out"] / sums["dot"],
+        "relative_reconstruction_bias": _ratio(sums["sq_norm_out"], sums["dot"]),
         "l0": sums["active"] / seen,
         "l1": sums["l1"] / seen,
         "frac_alive": (counts > 0).double().mean().item(),
@@ -109,11 +110,18 @@ def evaluate_with_frequencies(
     return metrics, freq.cpu()
 
 
+def _ratio(num: float, den: float) -> float:
+    """num / den, NaN where den is 0 (an SAE that outputs nothing, one row, no variance)."""
+    return num / den if den != 0 else float("nan")
+
+
 def _token_sums(x: Tensor, x_hat: Tensor, code) -> dict[str, float]:
     """The per-token quantities of one batch, summed.  x, x_hat: (n, d) float64."""
     err = (x - x_hat).pow(2).sum(dim=-1)
     spread = (x - x.mean(dim=0)).pow(2).sum(dim=-1)
-    at_mean = spread == 0  # a batch of one row: no variance to explain, left out
+    # A token at its batch's mean (a batch of one row, of identical rows) has no variance to
+    # explain: left out, to the rounding of the batch's scale.
+    at_mean = spread <= 1e-12 * x.pow(2).sum(dim=-1).mean()
     norm_in, norm_out = x.norm(dim=-1), x_hat.norm(dim=-1)
     values = code.values if isinstance(code, SparseCode) else code
     return {
@@ -215,10 +223,11 @@ def ce_loss_recovered(
             loss, n = _next_token_loss(logits, ids, mask)
             sums[name] += loss
             log_p = logits.log_softmax(dim=-1)
+            del logits  # (b, t, vocab) each: hold as few as the KL needs
             if clean is None:
-                clean = log_p
+                clean, clean_p = log_p, log_p.exp()
             else:
-                kl_t = (clean.exp() * (clean - log_p)).sum(dim=-1)
+                kl_t = (clean_p * (clean - log_p)).sum(dim=-1)
                 kl[name] += kl_t[mask.bool()].sum().item()
         count += n
         positions += int(mask.sum())
@@ -231,5 +240,5 @@ def ce_loss_recovered(
     result["ce_tokens"] = count
     result["kl_div_with_sae"] = kl["sae"] / positions
     result["kl_div_with_ablation"] = kl["zero_ablated"] / positions
-    result["kl_div_score"] = 1 - kl["sae"] / kl["zero_ablated"]
+    result["kl_div_score"] = 1 - _ratio(kl["sae"], kl["zero_ablated"])
     return result
