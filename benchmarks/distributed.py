@@ -404,6 +404,7 @@ def _work(rank: int, world: int, port: int, spec: dict) -> None:
     cfg = TrainConfig(**spec["options"])
     counter = CollectiveCounter()
     layout = init_layout(cfg, device)
+    finished = False
     try:
         counter.install()
         source = build_source(cfg, device, part=(layout.data_rank, layout.data))
@@ -422,9 +423,10 @@ def _work(rank: int, world: int, port: int, spec: dict) -> None:
         }
         path = Path(spec["results"]) / f"rank-{rank}.json"
         path.write_text(json.dumps(result))
+        finished = True
     finally:
         counter.uninstall()
-        close_layout(layout)
+        close_layout(layout, finished)
 
 
 def _free_port() -> int:

@@ -128,9 +128,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, tuple(_GROUPS))
     device = resolve_device(local_device(cfg.device))
     layout = init_layout(cfg, device)
+    finished = False
     try:
         source = build_rank_source(cfg, device, layout)
         result = Trainer(cfg, source, resume=args.resume or False, layout=layout).train()
+        finished = True
     except RuntimeError as e:
         if not (layout.distributed and is_collective_failure(e)):
             raise
@@ -141,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"checkpoint in {cfg.out_dir} resumes with --resume"
         ) from None
     finally:
-        close_layout(layout)
+        close_layout(layout, finished)
     if not layout.main:
         return 130 if result.interrupted else 0
     print(json.dumps({"step": result.step, **result.final}, indent=2))

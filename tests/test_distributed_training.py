@@ -45,13 +45,15 @@ def _worker(rank: int, world: int, port: int, options: dict, resume) -> None:
     torch.set_num_threads(1)
     cfg = TrainConfig(**options)
     layout = init_layout(cfg, torch.device("cpu"))
+    finished = False
     try:
         source = build_rank_source(cfg, torch.device("cpu"), layout)
         # A model runs on each latent group's first shard alone; the others receive its rows.
         assert isinstance(source, PeerRows) == (cfg.source == "model" and layout.latent_rank > 0)
         Trainer(cfg, source, resume, layout).train()
+        finished = True
     finally:
-        close_layout(layout)
+        close_layout(layout, finished)
 
 
 def train(out: Path, world: int = 1, resume=False, **options) -> Path:

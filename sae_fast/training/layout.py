@@ -129,9 +129,13 @@ def init_layout(cfg: TrainConfig, device: torch.device) -> Layout:
     return Layout(world, rank, latent, data_group, latent_group)
 
 
-def close_layout(layout: Layout) -> None:
-    """Leave the process group (the end of a distributed run)."""
+def close_layout(layout: Layout, finished: bool = True) -> None:
+    """Leave the process group (the end of a distributed run). finished: every rank got here
+    without an error, so they wait for each other first: a rank that tears its groups down
+    while a peer still sends to it can abort either process."""
     if layout.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
