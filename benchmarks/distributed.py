@@ -384,9 +384,8 @@ def _worker(rank: int, world: int, port: int, spec: dict) -> None:
 
 
 def _work(rank: int, world: int, port: int, spec: dict) -> None:
-    from sae_fast.sources import build_source
     from sae_fast.training import TrainConfig
-    from sae_fast.training.layout import close_layout, init_layout
+    from sae_fast.training.layout import build_rank_source, close_layout, init_layout
 
     if world > 1:
         os.environ.update(
@@ -407,7 +406,7 @@ def _work(rank: int, world: int, port: int, spec: dict) -> None:
     finished = False
     try:
         counter.install()
-        source = build_source(cfg, device, part=(layout.data_rank, layout.data))
+        source = build_rank_source(cfg, device, layout)
         trainer = _measured_trainer(counter)(cfg, source, False, layout)
         trainer.train()
         backend = dist.get_backend() if layout.distributed else None

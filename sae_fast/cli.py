@@ -261,6 +261,7 @@ def cmd_drift(args: argparse.Namespace) -> int:
     from .analysis.evaluate import evaluate_with_frequencies
     from .sae import SparseAutoencoder
     from .sources import build_source
+    from .sources.factory import model_source
     from .training.config import resolve_device
     from .validation import check_int
 
@@ -278,12 +279,17 @@ def cmd_drift(args: argparse.Namespace) -> int:
     for flag, text in (("--text", cfg.text), ("--against", args.against)):
         if text != "stdlib" and not Path(text).is_file():
             raise ConfigError(f"{flag}: {text} is not a file")
-    found = []
+    found, source = [], None
     for text in (cfg.text, args.against):
         # A shuffle buffer of at most --tokens rows: the text is read again only when it
         # holds fewer tokens than that.
-        buffer = min(cfg.shuffle_buffer, args.tokens)
-        source = build_source(dataclasses.replace(cfg, text=text, shuffle_buffer=buffer), device)
+        options = dataclasses.replace(
+            cfg, text=text, shuffle_buffer=min(cfg.shuffle_buffer, args.tokens)
+        )
+        if source is None:
+            source = build_source(options, device)
+        else:  # B through the model A's source loaded
+            source = model_source(options, source.model, source.tokenizer, device)
         metrics, freq = evaluate_with_frequencies(sae, source, args.tokens, args.batch_size)
         if source.epoch > 0:  # the text ran out and was read again
             print(
@@ -346,7 +352,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .analysis.explain import explain_html, explain_text, summaries
+    from .analysis.explain import explain_html, explain_text, feature_text, summaries
     from .analysis.features import collect_activations
     from .files import atomic_path
     from .sae import SparseAutoencoder
@@ -385,10 +391,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         notes = summaries(acts, tokenizer, sorted({i for r in rows for i, _ in r.features}))
     pad = max((len(r.token) for r in rows), default=5)
     for r in rows:
-        fired = "  ".join(
-            f"{i}:{v:.2f}" + (f" [{notes[i]}]" if i in notes else "") for i, v in r.features
-        )
-        print(f"{r.token:<{pad}}  {fired or '-'}")
+        print(f"{r.token:<{pad}}  {feature_text(r, notes) or '-'}")
     if args.html:
         with atomic_path(args.html) as tmp:
             tmp.write_text(explain_html(rows, notes, f"{cfg.hook} of {cfg.model}"))

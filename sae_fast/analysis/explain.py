@@ -67,24 +67,27 @@ def summaries(acts: Activations, tokenizer: Any, latents: list[int], count: int 
     return found
 
 
+def feature_text(row: TokenFeatures, notes: dict[int, str]) -> str:
+    """A token's latents as one line: 'latent:value [what it fires on]', largest first."""
+    return "  ".join(
+        f"{i}:{v:.2f}" + (f" [{notes[i]}]" if i in notes else "") for i, v in row.features
+    )
+
+
 def explain_html(rows: list[TokenFeatures], notes: dict[int, str], title: str) -> str:
     """A static page: the text with each token shaded by its largest activation (hover for
     its latents), then a table of every token's latents with their summaries."""
     peak = max((f[0][1] for f in (r.features for r in rows) if f), default=1.0) or 1.0
 
-    def describe(r: TokenFeatures) -> str:
-        return "; ".join(f"{i}: {v:.3f}" + (f" ({notes[i]})" if i in notes else "")
-                         for i, v in r.features)  # fmt: skip
-
+    described = [html.escape(feature_text(r, notes), quote=True) for r in rows]
     spans = "".join(
-        f"<span title='{html.escape(describe(r), quote=True)}' style='background: rgba(255, 120,"
-        f" 0, {(r.features[0][1] / peak) if r.features else 0:.2f})'>{html.escape(r.token)}"
-        "</span> "
-        for r in rows
+        f"<span title='{text}' style='background: rgba(255, 120, 0, "
+        f"{(r.features[0][1] / peak) if r.features else 0:.2f})'>{html.escape(r.token)}</span> "
+        for r, text in zip(rows, described, strict=True)
     )
     table = "".join(
-        f"<tr><td>{i}</td><td>{html.escape(r.token)}</td><td>{html.escape(describe(r))}</td></tr>"
-        for i, r in enumerate(rows)
+        f"<tr><td>{i}</td><td>{html.escape(r.token)}</td><td>{text}</td></tr>"
+        for i, (r, text) in enumerate(zip(rows, described, strict=True))
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from ..validation import parse_dtype
 from .base import ActivationSource
@@ -58,6 +59,18 @@ def build_source(
         return CacheSource(options.cache_dir, seed=options.seed, device=device)
     dtype = parse_dtype(options.model_dtype) if options.model_dtype else None
     model, tokenizer = load_model(options.model, device, dtype)
+    return model_source(options, model, tokenizer, device, part)
+
+
+def model_source(
+    options: DataOptions,
+    model: nn.Module,
+    tokenizer: Any,
+    device: torch.device | str,
+    part: tuple[int, int] = (0, 1),
+) -> ModelSource:
+    """The ModelSource options describe, over a model already loaded (several texts through
+    one model load it once)."""
     return ModelSource(
         model,
         tokenizer,
