@@ -1,5 +1,5 @@
-"""The `sae-fast` command: train, cache, eval, drift, compare, explain, report, demo, toy,
-convert and inspect.
+"""The `sae-fast` command: train, cache, eval, drift, compare, explain, dashboard, report,
+demo, toy, convert and inspect.
 
 Errors a user can fix (bad options, missing or damaged files, a folder in use, a hook point
 the model lacks, widths that disagree) print one line and exit with code 2; training that
@@ -311,12 +311,111 @@ def cmd_drift(args: argparse.Namespace) -> int:
             f"  latent {row['latent']:>6}  {row['direction']:<8}  {row['freq_a']:.4f} -> "
             f"{row['freq_b']:.4f}  z {row['z']:+.1f}"
         )
+    if args.dashboard:
+        _drift_dashboards(args, sae, cfg, source, report)
     if args.out:
         from .files import atomic_path
 
         with atomic_path(args.out) as tmp:
             tmp.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _parse_pairs(spec: str, m_a: int, m_b: int) -> list[tuple[int, int]]:
+    """--pairs 'a:b,a:b' as latent pairs of A and B."""
+    pairs = []
+    for part in spec.split(","):
+        a, _, b = part.strip().partition(":")
+        if not (a.isdigit() and b.isdigit()) or int(a) >= m_a or int(b) >= m_b:
+            raise ConfigError(
+                f"--pairs: expected pairs A:B of latents 0..{m_a - 1} of A and 0..{m_b - 1} of "
+                f"B, like 3:17,5:9; got {part.strip()!r}"
+            )
+        pairs.append((int(a), int(b)))
+    return pairs
+
+
+def _compare_on_text(
+    args: argparse.Namespace, a, b, matches, report: dict, chosen: list[tuple[int, int]] | None
+) -> None:
+    """Activation correlation of every latent pair over --text, and with --out, dashboards of
+    the chosen pairs' latents (default: the best and worst decoder matches; OUT/a, OUT/b) and
+    pairs.html side by side."""
+    import math
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from .analysis.compare import THRESHOLDS, pair_cosines
+    from .analysis.correlation import ActivationCorrelation
+    from .analysis.dashboard import write_feature_dashboard
+    from .analysis.dashboard_html import write_pairs_page
+    from .analysis.feature_stats import FeatureStats, text_batches
+    from .sae import eval_mode
+
+    if chosen is None:
+        chosen = list(dict.fromkeys((r["a"], r["b"]) for r in report["best"] + report["worst"]))
+    cfg, model, tokenizer, context_size = _model_for_sae(args, a)
+    recorded_data_options(b.provenance, {"model": cfg.model, "hook": cfg.hook})  # warns
+    stats = [
+        FeatureStats.of(sae, torch.tensor(sorted({p[side] for p in chosen})))
+        for side, sae in enumerate((a, b))
+    ]
+    corr = ActivationCorrelation(a.n_latents, b.n_latents, a.W_dec.device)
+    batches = text_batches(model, tokenizer, cfg.hook, args.text, context_size,
+                           max_tokens=args.tokens)  # fmt: skip
+    with (
+        torch.no_grad(),
+        eval_mode(a),
+        eval_mode(b),
+        tqdm(total=args.tokens, unit="tok", disable=not args.progress) as bar,
+    ):
+        for ids, acts, start in batches:
+            codes = [sae.encode(acts.to(sae.W_dec.device, sae.W_dec.dtype)) for sae in (a, b)]
+            for stat, code in zip(stats, codes, strict=True):
+                stat.add(ids, start, code)
+            corr.add(*codes)
+            bar.update(ids.numel())
+    found = corr.result()
+    report["correlation"] = {
+        "text": args.text,
+        "tokens": stats[0].n_tokens,
+        **found.summary(matches.best_ab, THRESHOLDS),
+    }
+    ia, ib = (torch.tensor(side) for side in zip(*chosen, strict=True))
+    r, cos = corr.pair_r(ia, ib), pair_cosines(a.W_dec, b.W_dec, ia, ib)
+    report["pairs"] = [  # a latent that never fired has no correlation: null
+        {"a": p[0], "b": p[1], "cosine": c, "correlation": v if math.isfinite(v) else None}
+        for p, c, v in zip(chosen, cos.tolist(), r.tolist(), strict=True)
+    ]
+    shared = report["correlation"]["shared"]
+    print(f"activation correlation over {stats[0].n_tokens} tokens of {args.text} > t:   "
+          + "   ".join(f"t={t}" for t in shared))  # fmt: skip
+    for way in ("a_to_b", "b_to_a"):
+        print(f"  {way:<18} " + "  ".join(f"{shared[t][way]:>6.1%}" for t in shared))
+    summary = report["correlation"]
+    print(f"{summary['matched_a']} of A's latents co-fire with one of B's; for "
+          f"{summary['same_as_decoder_match']:.1%} of them the best correlated partner is the best "
+          "decoder match")  # fmt: skip
+    if not args.out:
+        return
+    out = Path(args.out)
+    records = []
+    for name, sae, stat in (("a", a, stats[0]), ("b", b, stats[1])):
+        about = {"sae": str(getattr(args, name)), "model": cfg.model, "hook": cfg.hook,
+                 "text": args.text}  # fmt: skip
+        _, recs = write_feature_dashboard(stat, sae, model, tokenizer, out / name, about,
+                                          context_size)  # fmt: skip
+        records.append({rec["index"]: rec for rec in recs})
+    rows = [
+        {"a": p["a"], "b": p["b"],
+         "about": f"decoder cosine {p['cosine']:.3f}, activation correlation "
+                  + (f"{p['correlation']:.3f}" if p["correlation"] is not None
+                     else "none (one of them never fired)")}
+        for p in report["pairs"]
+    ]  # fmt: skip
+    write_pairs_page(out / "pairs.html", f"{args.a} vs {args.b}", rows,
+                     (("A", "a", records[0]), ("B", "b", records[1])))  # fmt: skip
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -327,10 +426,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .validation import check_int
 
     check_int(args.top, "--top", error=ConfigError)
+    if args.tokens is not None:
+        check_int(args.tokens, "--tokens", error=ConfigError)
+    if args.pairs and not args.text:
+        raise ConfigError("--pairs: side-by-side dashboards need --text (and --out)")
+    if args.text and args.text != "stdlib" and not Path(args.text).is_file():
+        raise ConfigError(f"--text: {args.text} is not a file")
     device = resolve_device(check_device(args.device, "--device"))
     a, b = (SparseAutoencoder.load(path, device=device) for path in (args.a, args.b))
     if a.d_in != b.d_in:
         raise ConfigError(f"the SAEs have d_in={a.d_in} and {b.d_in}: nothing to compare")
+    chosen = _parse_pairs(args.pairs, a.n_latents, b.n_latents) if args.pairs else None
     matches = match_decoders(a.W_dec, b.W_dec)
     report = {"a": str(args.a), "b": str(args.b), **matches.summary(args.top)}
     shared = report["shared"]
@@ -341,13 +447,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for name in ("best", "worst"):
         pairs = ", ".join(f"{r['a']}-{r['b']} ({r['cosine']:.3f})" for r in report[name])
         print(f"{name} matches: {pairs}")
+    if args.text:
+        _compare_on_text(args, a, b, matches, report, chosen)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "compare.json") as tmp:
             tmp.write_text(json.dumps(report, indent=2) + "\n")
         plot_cosines(matches, out / "cosines.png")
-        print(f"wrote {out / 'compare.json'} and {out / 'cosines.png'}")
+        written = ["compare.json", "cosines.png"] + (
+            ["a/", "b/", "pairs.html"] if args.text else []
+        )
+        print(f"wrote {', '.join(written)} in {out}")
     return 0
 
 
@@ -356,10 +467,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .analysis.features import collect_activations
     from .files import atomic_path
     from .sae import SparseAutoencoder
-    from .sources import load_model
-    from .sources.hooks import probe_hook
     from .training.config import resolve_device
-    from .validation import check_int, parse_dtype
+    from .validation import check_int
 
     for name in ("top", "context_tokens"):
         check_int(getattr(args, name), f"--{name.replace('_', '-')}", error=ConfigError)
@@ -367,21 +476,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise ConfigError("text: give the text to explain")
     device = resolve_device(check_device(args.device, "--device"))
     sae = SparseAutoencoder.load(args.sae, device=device)
-    given = {k: v for k, v in (("model", args.model), ("hook", args.hook)) if v}
-    options = recorded_data_options(sae.provenance, given)
-    if not options.get("model") or not options.get("hook"):
-        raise ConfigError("--model and --hook: the SAE records none; give them")
-    cfg = TrainConfig.from_dict({**options, "source": "model"}, where="the data options")
-    dtype = parse_dtype(cfg.model_dtype) if cfg.model_dtype else None
-    model, tokenizer = load_model(cfg.model, device, dtype)
-    # Windows as the SAE was trained on (recorded), never longer than the model's positions.
-    limit = getattr(model.config, "max_position_embeddings", None) or cfg.context_size
-    context_size = min(cfg.context_size, limit)
-    width = probe_hook(model, cfg.hook).shape[-1]
-    if width != sae.d_in:
-        raise ConfigError(
-            f"{cfg.hook} of {cfg.model} has width {width}; the SAE's d_in is {sae.d_in}"
-        )
+    cfg, model, tokenizer, context_size = _model_for_sae(args, sae)
     rows = explain_text(sae, model, tokenizer, cfg.hook, args.text, context_size, args.top)
     notes = {}
     if args.contexts:
@@ -396,6 +491,106 @@ def cmd_explain(args: argparse.Namespace) -> int:
         with atomic_path(args.html) as tmp:
             tmp.write_text(explain_html(rows, notes, f"{cfg.hook} of {cfg.model}"))
         print(f"wrote {args.html}")
+    return 0
+
+
+def _model_for_sae(args: argparse.Namespace, sae) -> tuple[TrainConfig, object, object, int]:
+    """(cfg, model, tokenizer, context size) for a command that runs an SAE through a model:
+    --model and --hook, else the SAE's recorded ones, checked against the SAE's width; the
+    recorded context size, never longer than the model's positions."""
+    from .sources import load_model
+    from .sources.hooks import probe_hook
+    from .validation import parse_dtype
+
+    given = {k: v for k, v in (("model", args.model), ("hook", args.hook)) if v}
+    options = recorded_data_options(sae.provenance, given)
+    if not options.get("model") or not options.get("hook"):
+        raise ConfigError("--model and --hook: the SAE records none; give them")
+    cfg = TrainConfig.from_dict({**options, "source": "model"}, where="the data options")
+    dtype = parse_dtype(cfg.model_dtype) if cfg.model_dtype else None
+    model, tokenizer = load_model(cfg.model, sae.W_dec.device, dtype)
+    width = probe_hook(model, cfg.hook).shape[-1]
+    if width != sae.d_in:
+        raise ConfigError(
+            f"{cfg.hook} of {cfg.model} has width {width}; the SAE's d_in is {sae.d_in}"
+        )
+    return cfg, model, tokenizer, _fit_context(model, cfg.context_size)
+
+
+def _fit_context(model, context_size: int) -> int:
+    """The recorded context size, never longer than the model's positions."""
+    limit = getattr(model.config, "max_position_embeddings", None) or context_size
+    return min(context_size, limit)
+
+
+def _drift_dashboards(args: argparse.Namespace, sae, cfg: TrainConfig, source, report: dict):
+    """Dashboards of the top movers over each corpus (DIR/a, DIR/b) and DIR/movers.html, each
+    mover's two pages side by side."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .analysis.dashboard import build_dashboard
+    from .analysis.dashboard_html import write_pairs_page
+
+    out = Path(args.dashboard)
+    out.mkdir(parents=True, exist_ok=True)
+    movers = [row["latent"] for row in report["top"]]
+    records = []
+    context_size = _fit_context(source.model, cfg.context_size)
+    for name, text in (("a", cfg.text), ("b", args.against)) if movers else ():
+        about = {"sae": str(args.sae), "model": cfg.model, "hook": cfg.hook, "text": text}
+        with tqdm(total=args.tokens, unit="tok", disable=not args.progress) as bar:
+            _, found = build_dashboard(
+                sae, source.model, source.tokenizer, out / name, about,
+                torch.tensor(movers, dtype=torch.int64), context_size=context_size,
+                max_tokens=args.tokens, progress=bar,
+            )  # fmt: skip
+        records.append({r["index"]: r for r in found})
+    rows = [
+        {"a": r["latent"], "b": r["latent"],
+         "about": f"{r['direction']}: fires on {r['freq_a']:.3%} of A, {r['freq_b']:.3%} of B "
+                  f"(z {r['z']:+.1f})"}
+        for r in report["top"]
+    ]  # fmt: skip
+    records = records or [{}, {}]
+    write_pairs_page(out / "movers.html", f"drift of {args.sae}: {cfg.text} -> {args.against}",
+                     rows, (("on A", "a", records[0]), ("on B", "b", records[1])))  # fmt: skip
+    report["dashboard"] = str(out / "movers.html")
+    print(f"wrote {out / 'movers.html'}: the top movers' dashboards on A and on B")
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .analysis.dashboard import build_dashboard, pick_latents
+    from .sae import SparseAutoencoder
+    from .training.config import resolve_device
+    from .validation import check_int
+
+    check_int(args.batch_size, "--batch-size", error=ConfigError)
+    if args.tokens is not None:
+        check_int(args.tokens, "--tokens", error=ConfigError)
+    if args.text != "stdlib" and not Path(args.text).is_file():
+        raise ConfigError(f"--text: {args.text} is not a file")
+    device = resolve_device(check_device(args.device, "--device"))
+    sae = SparseAutoencoder.load(args.sae, device=device)
+    try:
+        features = pick_latents(args.features, sae.n_latents)
+    except ValueError as e:
+        raise ConfigError(f"--features: {e}") from None
+    cfg, model, tokenizer, context_size = _model_for_sae(args, sae)
+    about = {"sae": str(args.sae), "model": cfg.model, "hook": cfg.hook, "text": args.text}
+    started = time.perf_counter()
+    with tqdm(total=args.tokens, unit="tok", disable=not args.progress) as bar:
+        meta, _ = build_dashboard(sae, model, tokenizer, args.out, about, features,
+                               context_size=context_size, max_tokens=args.tokens,
+                               batch_size=args.batch_size, progress=bar)  # fmt: skip
+    print(
+        f"wrote {Path(args.out) / 'index.html'}: {meta['shown']} features over "
+        f"{meta['tokens_seen']} tokens in {time.perf_counter() - started:.1f} s"
+    )
     return 0
 
 
@@ -576,6 +771,14 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--alpha", type=float, default=0.01, help="false discovery rate")
     dr.add_argument("--top", type=int, default=20, help="movers to list")
     dr.add_argument("--out", help="also write the report to this JSON file")
+    dr.add_argument(
+        "--dashboard",
+        help="folder for the top movers' dashboards on A (a/) and B (b/) and "
+        "movers.html, each mover's pages side by side",
+    )
+    dr.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
+    )
     add_config_arguments(dr, ("data",))
     dr.set_defaults(fn=cmd_drift)
 
@@ -584,13 +787,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="match the features of two SAEs by decoder direction",
         description="Each latent's best match in the other SAE by decoder cosine (both ways) "
         "and a one-to-one assignment, computed in blocks (no m x m matrix); the fractions "
-        "shared above cosine thresholds, the best and worst matches, a histogram.",
+        "shared above cosine thresholds, the best and worst matches, a histogram. With "
+        "--text, also each latent's best match by activation correlation over the text "
+        "through the model, and with --out dashboards of chosen pairs side by side.",
     )
     cmp.add_argument("a", help="SAE folder A (any format sae_fast reads)")
     cmp.add_argument("b", help="SAE folder B, of the same d_in")
     cmp.add_argument("--top", type=int, default=10, help="best and worst matches to list")
+    cmp.add_argument("--text", help="also match by activation correlation on this text")
+    cmp.add_argument("--model", help="with --text: the model (default: A's recorded one)")
+    cmp.add_argument("--hook", help="with --text: the hook point (default: A's recorded one)")
+    cmp.add_argument("--tokens", type=int, help="with --text: tokens to read (default: all)")
+    cmp.add_argument(
+        "--pairs",
+        help="with --text and --out: the pairs A:B to show side by side, like "
+        "3:17,5:9 (default: the best and worst decoder matches)",
+    )
     cmp.add_argument("--device", default="auto", help="device (auto: cuda if available)")
-    cmp.add_argument("--out", help="folder for compare.json and cosines.png")
+    cmp.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
+    )
+    cmp.add_argument(
+        "--out",
+        help="folder for compare.json and cosines.png; with --text also dashboards of "
+        "the chosen pairs' latents (a/, b/) and pairs.html, the pairs side by side",
+    )
     cmp.set_defaults(fn=cmd_compare)
 
     ex = sub(
@@ -611,6 +832,34 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--html", help="also write an HTML view here")
     ex.add_argument("--device", default="auto", help="device (auto: cuda if available)")
     ex.set_defaults(fn=cmd_explain)
+
+    dash = sub(
+        "dashboard",
+        help="write feature dashboards: static pages a browser opens offline",
+        description="One streaming pass of the SAE over --text through the model (the SAE's "
+        "recorded model and hook by default), memory bounded by the features shown, not the "
+        "text; writes OUT/index.html (every feature, sortable, filterable by density, "
+        "searchable by token) and per feature a page and a JSON record: top and "
+        "quantile examples shaded by activation, the activation histogram, the nearest "
+        "features by decoder cosine, the co-firing ones and the output-side effect.",
+    )
+    dash.add_argument("--sae", required=True, help="SAE folder")
+    dash.add_argument("--text", required=True, help="'stdlib', a .txt or a .jsonl file")
+    dash.add_argument("--out", required=True, help="dashboard folder (replaced whole)")
+    dash.add_argument("--model", help="transformers model (default: the SAE's recorded one)")
+    dash.add_argument("--hook", help="hook point (default: the SAE's recorded one)")
+    dash.add_argument("--tokens", type=int, help="tokens to read (default: the whole text)")
+    dash.add_argument(
+        "--features",
+        default="all",
+        help="'all', a count N (drawn at random, seeded) or ids like 3,17,100-120",
+    )
+    dash.add_argument("--batch-size", type=int, default=32, help="text windows per forward")
+    dash.add_argument("--device", default="auto", help="device (auto: cuda if available)")
+    dash.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
+    )
+    dash.set_defaults(fn=cmd_dashboard)
 
     demo = sub(
         "demo",

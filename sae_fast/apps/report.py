@@ -15,6 +15,7 @@ feature_cards and write_html_report are also how `sae-fast demo` builds its repo
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from ..training.plots import firing_histogram, training_curves
 from ..validation import check_int, parse_dtype
 
 REPORT_FILE = "report.html"
+DASHBOARD_DIR = "dashboard"  # the demo's feature dashboard, which the report links to
 # The PNGs the trainer writes beside its final SAE (training.plots.plot_run).
 CURVES_PNG = "training_curves.png"
 HISTOGRAM_PNG = "firing_frequency.png"
@@ -193,8 +195,10 @@ def write_html_report(
     metrics: list[dict] | None = None,
     corpus: str = "held-out tokens",
     notes: list[str] | tuple[str, ...] = (),
+    dashboard: str | None = None,
 ) -> Path:
-    """Write report.html at out for the run in run_dir; returns out.
+    """Write report.html at out for the run in run_dir; returns out. dashboard: a feature
+    dashboard folder relative to out for the report to link to.
 
     Plots: the run's own PNGs when run_plots and they exist (the trainer writes them with
     the final SAE), else the curves drawn from metrics (default: run_dir's metrics.jsonl) and
@@ -214,7 +218,9 @@ def write_html_report(
             images.append(run_dir / HISTOGRAM_PNG)
         elif frequencies is not None:
             images.append(firing_histogram(frequencies, Path(tmp) / HISTOGRAM_PNG, run_dir.name))
-        return write_report(out, title, summary, images, cards, corpus=corpus, notes=notes)
+        return write_report(
+            out, title, summary, images, cards, corpus=corpus, notes=notes, dashboard=dashboard
+        )
 
 
 @dataclass
@@ -365,6 +371,8 @@ def write_run_report(
     title = f"sae_fast run {run.folder.name}: {sae.activation} SAE on {_on(run)}"
     path = Path(out) if out is not None else run.folder / REPORT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
+    board = run.folder / DASHBOARD_DIR
+    link = os.path.relpath(board, path.parent) if (board / "index.html").is_file() else None
     return write_html_report(
         run.folder,
         path,
@@ -376,6 +384,7 @@ def write_run_report(
         metrics=run.metrics,
         corpus=corpus,
         notes=notes,
+        dashboard=link,
     )
 
 
