@@ -277,8 +277,13 @@ def cmd_drift(args: argparse.Namespace) -> int:
     if cfg.source != "model":
         raise ConfigError("drift compares two texts through a model: it needs source=model")
     for flag, text in (("--text", cfg.text), ("--against", args.against)):
-        if text != "stdlib" and not Path(text).is_file():
-            raise ConfigError(f"{flag}: {text} is not a file")
+        check_text(text, flag)
+    if args.dashboard:  # before the passes, not after them
+        from .analysis.dashboard_html import FILES
+        from .files import check_replaceable
+
+        for side in ("a", "b"):
+            check_replaceable(Path(args.dashboard) / side, FILES)
     found, source = [], None
     for text in (cfg.text, args.against):
         # A shuffle buffer of at most --tokens rows: the text is read again only when it
@@ -319,6 +324,12 @@ def cmd_drift(args: argparse.Namespace) -> int:
         with atomic_path(args.out) as tmp:
             tmp.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def check_text(text: str, flag: str) -> None:
+    """A documents spec names a file or 'stdlib'; else ConfigError naming flag."""
+    if text != "stdlib" and not Path(text).is_file():
+        raise ConfigError(f"{flag}: {text} is not a file")
 
 
 def _parse_pairs(spec: str, m_a: int, m_b: int) -> list[tuple[int, int]]:
@@ -376,6 +387,8 @@ def _compare_on_text(
                 stat.add(ids, start, code)
             corr.add(*codes)
             bar.update(ids.numel())
+    if stats[0].n_tokens == 0:
+        raise ConfigError(f"--text: {args.text} holds no tokens")
     found = corr.result()
     report["correlation"] = {
         "text": args.text,
@@ -394,9 +407,12 @@ def _compare_on_text(
     for way in ("a_to_b", "b_to_a"):
         print(f"  {way:<18} " + "  ".join(f"{shared[t][way]:>6.1%}" for t in shared))
     summary = report["correlation"]
-    print(f"{summary['matched_a']} of A's latents co-fire with one of B's; for "
-          f"{summary['same_as_decoder_match']:.1%} of them the best correlated partner is the best "
-          "decoder match")  # fmt: skip
+    print(f"{summary['matched_a']} of A's latents have a positively correlated partner in B",
+          end="")  # fmt: skip
+    if summary["matched_a"]:
+        print(f"; for {summary['same_as_decoder_match']:.1%} of them it is the best decoder match")
+    else:
+        print()
     if not args.out:
         return
     out = Path(args.out)
@@ -420,7 +436,8 @@ def _compare_on_text(
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .analysis.compare import match_decoders, plot_cosines
-    from .files import atomic_path
+    from .analysis.dashboard_html import FILES as DASHBOARD_FILES
+    from .files import atomic_path, check_replaceable
     from .sae import SparseAutoencoder
     from .training.config import resolve_device
     from .validation import check_int
@@ -428,10 +445,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_int(args.top, "--top", error=ConfigError)
     if args.tokens is not None:
         check_int(args.tokens, "--tokens", error=ConfigError)
-    if args.pairs and not args.text:
-        raise ConfigError("--pairs: side-by-side dashboards need --text (and --out)")
-    if args.text and args.text != "stdlib" and not Path(args.text).is_file():
-        raise ConfigError(f"--text: {args.text} is not a file")
+    needs_text = [f"--{k}" for k in ("model", "hook", "tokens", "pairs") if getattr(args, k)]
+    if needs_text and not args.text:
+        raise ConfigError(f"{', '.join(needs_text)}: only used with --text")
+    if args.pairs and not args.out:
+        raise ConfigError("--pairs: the pairs' dashboards need --out")
+    if args.text:
+        check_text(args.text, "--text")
+        if args.out:  # before the passes, not after them
+            for side in ("a", "b"):
+                check_replaceable(Path(args.out) / side, DASHBOARD_FILES)
     device = resolve_device(check_device(args.device, "--device"))
     a, b = (SparseAutoencoder.load(path, device=device) for path in (args.a, args.b))
     if a.d_in != b.d_in:
@@ -565,6 +588,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .analysis.dashboard import build_dashboard, pick_latents
+    from .analysis.dashboard_html import FILES
+    from .files import check_replaceable
     from .sae import SparseAutoencoder
     from .training.config import resolve_device
     from .validation import check_int
@@ -572,8 +597,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     check_int(args.batch_size, "--batch-size", error=ConfigError)
     if args.tokens is not None:
         check_int(args.tokens, "--tokens", error=ConfigError)
-    if args.text != "stdlib" and not Path(args.text).is_file():
-        raise ConfigError(f"--text: {args.text} is not a file")
+    check_text(args.text, "--text")
+    check_replaceable(args.out, FILES)  # before the pass, not after it
     device = resolve_device(check_device(args.device, "--device"))
     sae = SparseAutoencoder.load(args.sae, device=device)
     try:
@@ -941,6 +966,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     if extra:  # the subcommand's usage and the nearest flag, not the top-level usage
         args.parser.error(_unrecognized(args.parser, extra))
+    from .analysis.feature_stats import FeatureStatsError
     from .backends import BackendUnavailableError
     from .checkpoint import CheckpointError
     from .files import FolderInUseError
@@ -955,6 +981,7 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError,
         BackendUnavailableError,
         FolderInUseError,
+        FeatureStatsError,
         ImportError,
         OSError,
     )

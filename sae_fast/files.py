@@ -177,18 +177,11 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-@contextmanager
-def atomic_folder(target: str | Path, replaceable: Iterable[str] = ()) -> Iterator[Path]:
-    """Yield an empty scratch folder beside target; on success it replaces target whole.
-
-    target may be absent, empty, or hold only files named in replaceable (names or fnmatch
-    patterns of what an earlier save of the same kind wrote); anything else is refused with
-    FileExistsError rather than deleted. Readers see the old folder or the new one (swapped
-    by one rename where Linux allows, see read_stable); on error target is untouched and the
-    scratch folder removed.
-    """
+def check_replaceable(target: str | Path, replaceable: Iterable[str] = ()) -> Path:
+    """target, resolved, if atomic_folder may replace it: absent, or a folder holding only
+    files named in replaceable; else FileExistsError. A command checks this before long work
+    whose result goes there."""
     target = Path(os.path.realpath(target))  # a link to a folder: replace the folder
-    target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         if not target.is_dir():
             raise FileExistsError(f"{target} exists and is not a folder")
@@ -201,6 +194,21 @@ def atomic_folder(target: str | Path, replaceable: Iterable[str] = ()) -> Iterat
                 f"{target} holds files this save would delete ({foreign[:8]}); "
                 "save into a new or empty folder"
             )
+    return target
+
+
+@contextmanager
+def atomic_folder(target: str | Path, replaceable: Iterable[str] = ()) -> Iterator[Path]:
+    """Yield an empty scratch folder beside target; on success it replaces target whole.
+
+    target may be absent, empty, or hold only files named in replaceable (names or fnmatch
+    patterns of what an earlier save of the same kind wrote); anything else is refused with
+    FileExistsError rather than deleted. Readers see the old folder or the new one (swapped
+    by one rename where Linux allows, see read_stable); on error target is untouched and the
+    scratch folder removed.
+    """
+    target = check_replaceable(target, replaceable)
+    target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(target.parent)
     tmp = _scratch(target, "saving")
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -22,11 +23,15 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import websocket
+if TYPE_CHECKING:
+    import websocket
 
 TIMEOUT = 30.0
+# websocket-client (the dev extra) is imported when a browser starts, so a test module can
+# import this one and say itself what is missing.
+HAS_DRIVER = importlib.util.find_spec("websocket") is not None
 
 
 def _find_chromium() -> str | None:
@@ -120,6 +125,8 @@ class Browser:
             )
         port = int(re.match(r"ws://[^:/]+:(\d+)/", self._ws_url).group(1))
         page_url = self._page_ws_url(port)
+        import websocket
+
         # suppress_origin: Chromium rejects websocket handshakes with an Origin it does not allow.
         self._ws = websocket.create_connection(page_url, timeout=TIMEOUT, suppress_origin=True)
         for domain in ("Page", "Runtime", "Log"):
@@ -180,6 +187,8 @@ class Browser:
     # -- protocol ----------------------------------------------------------------------------
 
     def _recv(self, deadline: float, what: str) -> dict[str, Any]:
+        import websocket
+
         assert self._ws is not None, "Browser used outside its with block"
         remaining = deadline - time.monotonic()
         if remaining <= 0:

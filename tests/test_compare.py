@@ -10,6 +10,7 @@ import pytest
 import torch
 from model_folders import save_model, write_corpus
 from models import WIDTH, tiny_causal_lm
+from test_dashboard import strict_json
 
 from sae_fast import SparseAutoencoder
 from sae_fast.analysis.compare import match_decoders
@@ -142,8 +143,8 @@ def test_the_command_matches_by_correlation_and_shows_pairs_side_by_side(tmp_pat
     assert main([*args, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "activation correlation over 1500 tokens" in printed
-    assert "for 100.0% of them the best correlated partner is the best decoder match" in printed
-    report = json.loads((out / "compare.json").read_text())
+    assert "for 100.0% of them it is the best decoder match" in printed
+    report = strict_json((out / "compare.json").read_text())
     corr = report["correlation"]
     assert corr["tokens"] == 1500 and corr["shared"]["0.9"]["a_to_b"] > 0.9
     inverse = torch.argsort(perm)
@@ -161,6 +162,14 @@ def test_the_command_matches_by_correlation_and_shows_pairs_side_by_side(tmp_pat
     capsys.readouterr()
     for extra, words in ((["--pairs", "0:99"], "--pairs: expected pairs A:B of latents 0..47"),
                          (["--pairs", "x"], "--pairs")):  # fmt: skip
-        assert main([*args, *extra]) == 2 and words in capsys.readouterr().err
-    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--pairs", "0:1"]) == 2
-    assert "need --text" in capsys.readouterr().err
+        assert main([*args, "--out", str(out), *extra]) == 2
+        assert words in capsys.readouterr().err
+    pair = ["compare", str(tmp_path / "a"), str(tmp_path / "b")]
+    assert main([*pair, "--pairs", "0:1", "--model", model]) == 2
+    assert "--model, --pairs: only used with --text" in capsys.readouterr().err
+    assert main([*args, "--pairs", "0:1"]) == 2
+    assert "--pairs: the pairs' dashboards need --out" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("\n")
+    assert main([*pair, "--model", model, "--hook", "resid_post.0", "--text",
+                 str(tmp_path / "empty.txt"), "--no-progress"]) == 2  # fmt: skip
+    assert "holds no tokens" in capsys.readouterr().err

@@ -5,6 +5,7 @@ co-firing and output-side effects against direct computation, and the command's 
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 
@@ -13,7 +14,7 @@ import torch
 from model_folders import save_bert, save_model, write_corpus
 from models import WIDTH, minilm_tokenizer, tiny_bert, tiny_causal_lm
 
-from sae_fast import SparseAutoencoder
+from sae_fast import SparseAutoencoder, SparseCode
 from sae_fast.analysis.best_k import BestK
 from sae_fast.analysis.dashboard import (
     SCHEMA,
@@ -29,12 +30,23 @@ from sae_fast.analysis.feature_stats import (
     SAMPLE_SIZE,
     TOP_EXAMPLES,
     DoublingHistogram,
+    FeatureStats,
+    FeatureStatsError,
     collect_feature_stats,
 )
 from sae_fast.analysis.features import collect_activations
 from sae_fast.cli import main
 
 HOOK = "resid_post.0"
+
+
+def _refuse(constant: str):
+    raise ValueError(f"not strict JSON: {constant}")
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as strict readers do."""
+    return json.loads(text, parse_constant=_refuse)
 
 
 def test_best_k_keeps_each_rows_best_entries_with_their_payloads():
@@ -120,15 +132,17 @@ def _context_is(acts, codes, w, p, f, ids, got) -> bool:
     return True
 
 
-@pytest.mark.parametrize("activation", ["topk", "relu"])
+@pytest.mark.parametrize("activation", ["topk", "relu", "jumprelu"])
 def test_the_pass_matches_every_activation_of_the_text(corpus, activation):
     model, tokenizer = tiny_causal_lm()
     torch.manual_seed(0)
     k = 4 if activation == "topk" else None
     sae = SparseAutoencoder(WIDTH, 48, k=k, activation=activation).eval()
-    if activation == "relu":  # a sparse ReLU code: most latents off, some tokens all off
-        with torch.no_grad():
+    with torch.no_grad():  # sparse dense codes: most latents off, some tokens all off
+        if activation == "relu":
             sae.b_enc.fill_(-0.05)
+        if activation == "jumprelu":
+            sae.log_threshold.fill_(math.log(0.05))
     features = torch.tensor([0, 5, 17, 30, 47])
     # Two windows a batch: contexts must stop at window ends inside a batch too.
     stats = collect_feature_stats(sae, model, tokenizer, HOOK, corpus, features, context_size=20,
@@ -167,6 +181,27 @@ def test_the_pass_matches_every_activation_of_the_text(corpus, activation):
     small = [r for r, f in enumerate(features.tolist()) if 0 < stats.firings[f] <= SAMPLE_SIZE]
     for row in small:
         assert stats.sample.filled()[row].sum() == stats.firings[features[row]]
+
+
+def test_a_batchtopk_code_wider_than_k_and_non_finite_values():
+    # Uncalibrated, a BatchTopK SAE codes a batch with its batch top n*k: rows wider than k.
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(8, 32, k=2, activation="batchtopk").eval()
+    x = torch.randn(40, 8)
+    code = sae.encode(x)
+    assert code.values.shape[1] > 2
+    stats = FeatureStats.of(sae, torch.arange(32))
+    stats.add(torch.arange(40), torch.zeros(40, dtype=torch.int64), code)
+    active = [set(i[v > 0].tolist()) for v, i in zip(code.values, code.indices, strict=True)]
+    assert stats.firings.sum() == sum(map(len, active))
+    # Each sampled firing holds its token's other latents: some token's set, whole.
+    cofire = stats.sample.payload["cofire"][stats.sample.filled()]
+    for row in cofire.tolist():
+        assert {i for i in row if i >= 0} in active
+    # An SAE whose float16 activations overflow: said, not written as Infinity.
+    overflow = SparseCode(torch.tensor([[math.inf], [1.0]]), torch.tensor([[0], [1]]))
+    with pytest.raises(FeatureStatsError, match="not finite.*float32"):
+        stats.add(torch.arange(2), torch.zeros(2, dtype=torch.int64), overflow)
 
 
 def test_cofiring_is_exact_when_the_sample_holds_every_firing(corpus):
@@ -250,7 +285,7 @@ def test_pick_latents_reads_all_counts_and_ranges():
     assert torch.equal(drawn, pick_latents("10", 100))  # seeded
     assert pick_latents("7, 3,10-12", 20).tolist() == [3, 7, 10, 11, 12]
     for bad, words in (("0", "1..20"), ("21", "1..20"), ("5-2", "not a range"),
-                       ("3,x", "ids like"), ("19-20", "0..19")):  # fmt: skip
+                       ("3,x", "ids like"), ("3-", "ids like"), ("19-20", "0..19")):  # fmt: skip
         with pytest.raises(ValueError, match=words):
             pick_latents(bad, 20)
 
@@ -291,16 +326,16 @@ def test_the_command_writes_the_folder_whole_and_names_bad_arguments(tmp_path, c
     finally:
         os.umask(old)
     assert "10 features over 800 tokens" in capsys.readouterr().out
-    meta = json.loads((out / "dashboard.json").read_text())
+    meta = strict_json((out / "dashboard.json").read_text())
     assert meta["shown"] == 10 and meta["n_latents"] == 40 and meta["tokens_seen"] == 800
     assert sum(meta["density_histogram"]["counts"]) + meta["density_histogram"]["dead"] == 40
     pages = sorted(p.name for p in (out / "features").iterdir())
     assert pages == sorted([f"{i}.{ext}" for i in range(10) for ext in ("html", "json")])
-    record = json.loads((out / "features" / "3.json").read_text())
+    record = strict_json((out / "features" / "3.json").read_text())
     assert record["index"] == 3 and record["model"] == model and record["text"] == corpus
     data = (out / "data.js").read_text()
     assert data.startswith("window.SAE_DASHBOARD = ")
-    rows = json.loads(data.removeprefix("window.SAE_DASHBOARD = ").rstrip().rstrip(";"))
+    rows = strict_json(data.removeprefix("window.SAE_DASHBOARD = ").rstrip().rstrip(";"))
     assert [r[0] for r in rows["features"]] == list(range(10))
     for path in (out / "index.html", out / "features" / "3.json", out / "features"):
         assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044  # readable by others
@@ -313,6 +348,8 @@ def test_the_command_writes_the_folder_whole_and_names_bad_arguments(tmp_path, c
     record = next(json.loads(p.read_text()) for p in (out / "features").glob("*.json"))
     assert record["output_effect"]["kind"] == "input_embedding_cosine"
     capsys.readouterr()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     for extra, words in (
@@ -320,7 +357,8 @@ def test_the_command_writes_the_folder_whole_and_names_bad_arguments(tmp_path, c
         (["--features", "x"], "--features: expected 'all'"),
         (["--tokens", "0"], "--tokens"),
         (["--text", str(tmp_path / "missing.txt")], "--text: "),
-        (["--out", str(tmp_path / "mine")], "notes.txt"),
+        (["--out", str(tmp_path / "mine")], "notes.txt"),  # before the pass
+        (["--text", str(empty)], "holds no tokens"),
     ):
         assert main([*args, *extra]) == 2
         err = capsys.readouterr().err

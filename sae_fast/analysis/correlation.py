@@ -3,9 +3,11 @@
 The Pearson correlation of latent a of A and latent b of B over n tokens needs their sums,
 sums of squares and the cross sum of a * b. The cross sum is nonzero only for pairs that
 fire together on some token, and a pair that never does has r = -mean_a mean_b / (sd_a sd_b)
-<= 0, so it can never be a best match: only co-firing pairs are kept, as sorted unique keys
-a * m_b + b with their cross sums, merged every FLUSH_PAIRS new (token, pair) entries. Memory
-grows with the number of distinct co-firing pairs (at most tokens * k_a * k_b), never with
+<= 0: each latent's best positively correlated partner is always a co-firing one (a latent
+whose co-firing partners all correlate negatively has no match). So only co-firing pairs are
+kept, as sorted unique keys a * m_b + b with their cross sums, merged every FLUSH_PAIRS new
+(token, pair) entries, and a batch's pairs are formed CHUNK_PAIRS at a time. Memory grows
+with the number of distinct co-firing pairs (at most tokens * k_a * k_b), never with
 m_a * m_b.
 """
 
@@ -20,6 +22,7 @@ from ..ops import SparseCode
 from .best_k import rank_within
 
 FLUSH_PAIRS = 1 << 24
+CHUNK_PAIRS = 1 << 22  # (token, a, b) candidates formed at a time
 
 
 def _padded(code: SparseCode | Tensor) -> tuple[Tensor, Tensor]:
@@ -33,9 +36,8 @@ def _padded(code: SparseCode | Tensor) -> tuple[Tensor, Tensor]:
 
 @dataclass
 class Correlations:
-    """best_ab (m_a,): each A latent's best B latent by correlation (-1: none co-fired),
-    r_ab its correlation (nan: none); best_ba, r_ba the same from B; pairs: the co-firing
-    pairs kept."""
+    """best_ab (m_a,): each A latent's best positively correlated B latent (-1: none), r_ab its
+    correlation (nan: none); best_ba, r_ba the same from B; pairs: the co-firing pairs kept."""
 
     best_ab: Tensor
     r_ab: Tensor
@@ -52,14 +54,17 @@ class Correlations:
         def above(r: Tensor, t: float) -> float:
             return (torch.nan_to_num(r, nan=-1.0) > t).double().mean().item()
 
+        def mean(r: Tensor) -> float | None:  # None, not NaN, in strict JSON
+            return r.mean().item() if r.numel() else None
+
         return {
             "co_firing_pairs": self.pairs,
             "matched_a": int(has.sum()),
             "matched_b": int((self.best_ba >= 0).sum()),
-            "mean_best_r_a_to_b": self.r_ab[has].mean().item(),
-            "mean_best_r_b_to_a": self.r_ba[self.best_ba >= 0].mean().item(),
-            # Of the A latents with a match: those that fired with some B latent.
-            "same_as_decoder_match": (self.best_ab == best_decoder_ab)[has].double().mean().item(),
+            "mean_best_r_a_to_b": mean(self.r_ab[has]),
+            "mean_best_r_b_to_a": mean(self.r_ba[self.best_ba >= 0]),
+            # Of the A latents with a match.
+            "same_as_decoder_match": mean((self.best_ab == best_decoder_ab)[has].double()),
             "shared": {
                 str(t): {"a_to_b": above(self.r_ab, t), "b_to_a": above(self.r_ba, t)}
                 for t in thresholds
@@ -90,13 +95,15 @@ class ActivationCorrelation:
         self.sq_a.index_add_(0, ia.reshape(-1), va.square().reshape(-1))
         self.sum_b.index_add_(0, ib.reshape(-1), vb.reshape(-1))
         self.sq_b.index_add_(0, ib.reshape(-1), vb.square().reshape(-1))
-        both = (va > 0)[:, :, None] & (vb > 0)[:, None, :]
-        keys = ia[:, :, None] * self.m_b + ib[:, None, :]
-        prod = va[:, :, None] * vb[:, None, :]
-        self.pending.append((keys[both], prod[both]))
-        self.pending_size += int(both.sum())
-        if self.pending_size >= FLUSH_PAIRS:
-            self._flush()
+        rows = max(1, CHUNK_PAIRS // max(va.shape[1] * vb.shape[1], 1))
+        for start in range(0, va.shape[0], rows):
+            a, b = va[start : start + rows], vb[start : start + rows]
+            both = (a > 0)[:, :, None] & (b > 0)[:, None, :]
+            keys = ia[start : start + rows, :, None] * self.m_b + ib[start : start + rows, None, :]
+            self.pending.append((keys[both], (a[:, :, None] * b[:, None, :])[both]))
+            self.pending_size += int(both.sum())
+            if self.pending_size >= FLUSH_PAIRS:
+                self._flush()
 
     def _flush(self) -> None:
         if not self.pending:
@@ -129,7 +136,7 @@ class ActivationCorrelation:
         self._flush()
         a, b = self.keys // self.m_b, self.keys % self.m_b
         r = self._r(a, b, self.cross)
-        ok = torch.isfinite(r)
+        ok = torch.isfinite(r) & (r > 0)
         a, b, r = a[ok], b[ok], r[ok]
 
         def best(row: Tensor, other: Tensor, m: int) -> tuple[Tensor, Tensor]:

@@ -1,5 +1,6 @@
 // The dashboard index: sort, filter by density and search the features of data.js
-// (window.SAE_DASHBOARD), PAGE rows at a time. Plain DOM, no library: the page works offline.
+// (window.SAE_DASHBOARD: rows [index, density, max, mean, summary, top tokens]), PAGE rows
+// at a time. Plain DOM, no library: the page works offline.
 "use strict";
 (function () {
   const PAGE = 200;
@@ -26,12 +27,11 @@
     const hi = percent(dmax, Infinity);
     return data.features.filter(function (row) {
       if (row[1] < lo || row[1] > hi) return false;
-      return !words || row[4].toLowerCase().includes(words) || String(row[0]) === words;
+      if (!words) return true;
+      // The summary and every token the feature fires on most (row[5]), or its index.
+      return row[4].toLowerCase().includes(words) || row[5].toLowerCase().includes(words) ||
+        String(row[0]) === words;
     });
-  }
-
-  function fixed(value) {
-    return value === null ? "-" : value.toFixed(3);
   }
 
   function cell(tr, text) {
@@ -44,8 +44,6 @@
     const rows = matching();
     const sign = descending ? -1 : 1;
     rows.sort(function (a, b) {
-      // A non-finite statistic is written as null: last, whichever way.
-      if ((a[key] === null) !== (b[key] === null)) return a[key] === null ? 1 : -1;
       if (a[key] < b[key]) return -sign;
       if (a[key] > b[key]) return sign;
       return a[0] - b[0];
@@ -60,8 +58,8 @@
       td.appendChild(link);
       tr.appendChild(td);
       cell(tr, (100 * row[1]).toPrecision(3) + "%");
-      cell(tr, fixed(row[2]));
-      cell(tr, fixed(row[3]));
+      cell(tr, row[2].toFixed(3));
+      cell(tr, row[3].toFixed(3));
       cell(tr, row[4]);
       body.appendChild(tr);
     }

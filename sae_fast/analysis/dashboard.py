@@ -124,7 +124,8 @@ def cofiring(stats: FeatureStats, count: int = NEIGHBOURS) -> list[list[dict]]:
     r, g = keys // m, keys % m
     given = counts.double() / filled.sum(1).clamp_min(1)[r]
     d_f, d_g = density[features[r]], density[g]
-    joint = d_f * given
+    # The sample's estimate can exceed what either density allows: clamp it to both.
+    joint = torch.minimum(d_f * given, torch.minimum(d_f, d_g))
     jaccard = joint / (d_f + d_g - joint).clamp_min(1e-30)
     order, rank = rank_within(r, jaccard)
     found: list[list[dict]] = [[] for _ in range(len(features))]
@@ -142,10 +143,15 @@ def _example(pieces: TokenPieces, ids: Tensor, acts: Tensor) -> dict:
     centre = int((inside == BEFORE).nonzero()[0, 0])
     return {
         "tokens": pieces(ids[inside].tolist()),
-        "values": [round(v, 4) for v in values],
+        "values": [significant(v) if v else 0.0 for v in values],  # mostly zeros: skip them
         "token_index": centre,
-        "value": round(values[centre], 4),
+        "value": significant(values[centre]),
     }
+
+
+def significant(value: float, digits: int = 5) -> float:
+    """value to `digits` significant digits: small activations keep their size."""
+    return float(f"{value:.{digits}g}")
 
 
 def _summary(examples: list[dict]) -> str:
@@ -184,7 +190,7 @@ def _quantiles(stats: FeatureStats, row: int, pieces: TokenPieces) -> list[dict]
         groups.append(
             {
                 "quantile": [1 - (q + 1) / QUANTILES, 1 - q / QUANTILES],
-                "value_range": [round(values.min().item(), 4), round(values.max().item(), 4)],
+                "value_range": [significant(values.min().item()), significant(values.max().item())],
                 "sampled": members.numel(),
                 "examples": [_example(pieces, ids[i], acts[i]) for i in chosen.tolist()],
             }
@@ -225,7 +231,7 @@ def feature_records(
             "top_examples": examples,
             "quantile_examples": _quantiles(stats, row, pieces),
             "nearest_decoder": [
-                {"index": int(i), "cosine": round(c, 4)}
+                {"index": int(i), "cosine": significant(c)}
                 for c, i in zip(near_cos[row].tolist(), near[row].tolist(), strict=True)
             ],
             "cofiring": fires[row],
@@ -235,7 +241,7 @@ def feature_records(
             for side, values, ids in (("positive", hi_v, hi_i), ("negative", lo_v, lo_i)):
                 tokens = pieces(ids[row].tolist())
                 record["output_effect"][side] = [
-                    {"token": t, "value": round(v, 4)}
+                    {"token": t, "value": significant(v)}
                     for t, v in zip(tokens, values[row].tolist(), strict=True)
                 ]
         records.append(record)
@@ -256,8 +262,8 @@ def pick_latents(spec: str, n_latents: int, seed: int = 0) -> Tensor:
         return drawn.sort().values
     picked: set[int] = set()
     for part in spec.split(","):
-        lo, _, hi = part.strip().partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
+        lo, dash, hi = part.strip().partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
             raise ValueError(f"expected 'all', a count or ids like 3,17,100-120, got {spec!r}")
         first, last = int(lo), int(hi or lo)
         if first > last or last >= n_latents:

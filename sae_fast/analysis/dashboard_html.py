@@ -5,14 +5,14 @@
     dashboard.json               the run: SAE, model, hook, text, tokens, density histogram
     features/<i>.html, <i>.json  one page and one schema record per feature
 
-data.js sets window.SAE_DASHBOARD, since a page opened from a file cannot fetch JSON.
+data.js sets window.SAE_DASHBOARD, since a page opened from a file cannot fetch JSON: its
+rows are [index, density, max, mean, summary, top tokens].
 """
 
 from __future__ import annotations
 
 import html
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -267,8 +267,15 @@ def write_pairs_page(
     return path
 
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+def top_tokens(record: dict) -> str:
+    """The distinct tokens of a record's top examples (where it fires most), for the index's
+    search: 'class def return'."""
+    found = {e["tokens"][e["token_index"]].strip() for e in record["top_examples"]}
+    return " ".join(sorted(found - {""}))
+
+
+def _json(value: object, **kw) -> str:
+    return json.dumps(value, allow_nan=False, **kw)  # strict JSON: other tools read it
 
 
 def write_dashboard(out: str | Path, records: list[dict], meta: dict) -> Path:
@@ -280,15 +287,10 @@ def write_dashboard(out: str | Path, records: list[dict], meta: dict) -> Path:
     shown = {r["index"] for r in records}
     order = [r["index"] for r in records]
     rows = [
-        [
-            r["index"],
-            r["density"],
-            _finite(r["max_activation"]),
-            _finite(r["mean_activation"]),
-            r["summary"],
-        ]
+        [r["index"], r["density"], r["max_activation"], r["mean_activation"], r["summary"],
+         top_tokens(r)]
         for r in records
-    ]
+    ]  # fmt: skip
     with atomic_folder(out, replaceable=FILES) as tmp:
         (tmp / "features").mkdir()
         for pos, record in enumerate(records):
@@ -296,13 +298,13 @@ def write_dashboard(out: str | Path, records: list[dict], meta: dict) -> Path:
             nxt = order[pos + 1] if pos + 1 < len(order) else None
             name = tmp / "features" / str(record["index"])
             name.with_suffix(".json").write_text(
-                json.dumps(record, separators=(",", ":")) + "\n", encoding="utf-8"
+                _json(record, separators=(",", ":")) + "\n", encoding="utf-8"
             )
             name.with_suffix(".html").write_text(
                 feature_page(record, shown, (prev, nxt)), encoding="utf-8"
             )
-        (tmp / "dashboard.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        data = json.dumps({"meta": meta, "features": rows})
+        (tmp / "dashboard.json").write_text(_json(meta, indent=2) + "\n", encoding="utf-8")
+        data = _json({"meta": meta, "features": rows})
         (tmp / "data.js").write_text(f"window.SAE_DASHBOARD = {data};\n", encoding="utf-8")
         (tmp / "index.html").write_text(index_page(meta), encoding="utf-8")
         for asset in ("dashboard.css", "dashboard.js"):

@@ -3,7 +3,8 @@
 Memory is bounded by the number of features shown, not by the text: per feature its
 TOP_EXAMPLES largest activations and a uniform sample of SAMPLE_SIZE of its firings (both
 with their contexts, BEFORE tokens before and AFTER after, each token's activation of the
-feature; the sample also with the other latents active on its token, for co-firing), and an
+feature; the sample also with the other latents active on its token, for co-firing: all k
+of a TopK code, the largest max(DENSE_SLOTS, 2k) of other codes), and an
 exact activation histogram whose bins double with the feature's largest value. Firing
 counts, sums and maxima are kept for every latent.
 """
@@ -30,7 +31,7 @@ SAMPLE_SIZE = 32
 BEFORE, AFTER = 16, 8  # context tokens around an example's token
 WIDTH = BEFORE + 1 + AFTER
 HIST_BINS = 64
-DENSE_SLOTS = 64  # co-firing slots per token for SAEs whose codes are dense (not TopK)
+DENSE_SLOTS = 64  # co-firing slots per token for SAEs other than TopK (at least 2k)
 CONTEXT_CHUNK = 4096  # examples whose contexts are looked up at a time
 _MIN_EXP = -24  # a histogram's first range is [0, 2^-24): below any activation in practice
 
@@ -76,6 +77,10 @@ class DoublingHistogram:
         return torch.pow(2.0, self.exp.double())
 
 
+class FeatureStatsError(ValueError):
+    """The pass cannot describe these activations: no tokens, or values that are not finite."""
+
+
 def _latent_values(code: SparseCode | Tensor, tokens: Tensor, latent: Tensor) -> Tensor:
     """(c, w): the activation of latent[i] (c,) at each of tokens[i] (c, w)."""
     if not isinstance(code, SparseCode):
@@ -85,7 +90,7 @@ def _latent_values(code: SparseCode | Tensor, tokens: Tensor, latent: Tensor) ->
     found = []
     for part in torch.arange(tokens.shape[0], device=tokens.device).split(CONTEXT_CHUNK):
         hit = code.indices[tokens[part]] == latent[part, None, None]
-        found.append((code.values[tokens[part]].float() * hit).sum(-1))
+        found.append(torch.where(hit, code.values[tokens[part]].float(), 0.0).sum(-1))
     return torch.cat(found) if found else tokens.new_zeros(tokens.shape, dtype=torch.float32)
 
 
@@ -106,12 +111,17 @@ def _contexts(
 
 
 def _active_latents(code: SparseCode | Tensor, tokens: Tensor, slots: int) -> Tensor:
-    """(c, slots): the latents active on each of tokens (c,), -1 where fewer fired."""
+    """(c, slots): the latents active on each of tokens (c,), the largest first where more
+    fired (a BatchTopK code's width is its batch's widest row), -1 where fewer."""
     if isinstance(code, SparseCode):
         values, indices = code.values[tokens], code.indices[tokens]
     else:
-        values, indices = code[tokens].topk(slots, dim=1)
-    return torch.where(values > 0, indices, -1)
+        values, indices = code[tokens], None
+    if values.shape[1] > slots or indices is None:
+        values, where = values.topk(min(slots, values.shape[1]), dim=1)
+        indices = where if indices is None else indices.gather(1, where)
+    found = torch.where(values > 0, indices, -1)
+    return torch.nn.functional.pad(found, (0, slots - found.shape[1]), value=-1)
 
 
 def text_batches(
@@ -187,9 +197,9 @@ class FeatureStats:
     @classmethod
     def of(cls, sae: SparseAutoencoder, features: Tensor, seed: int = 0) -> FeatureStats:
         """Empty statistics of the SAE's latents features (s,) on the SAE's device."""
-        slots = (
-            sae.k if sae.activation in ("topk", "batchtopk") else min(DENSE_SLOTS, sae.n_latents)
-        )
+        # A TopK code holds every active latent; others keep the largest of each token's.
+        wide = max(DENSE_SLOTS, 2 * (sae.k or 0))
+        slots = sae.k if sae.activation == "topk" else min(wide, sae.n_latents)
         return cls(sae.n_latents, features, slots, sae.W_dec.device, seed)
 
     def add(self, ids: Tensor, start: Tensor, code: SparseCode | Tensor) -> None:
@@ -199,6 +209,11 @@ class FeatureStats:
         ids, start = ids.to(device), start.to(device)
         value, latent, token = active_entries(code)
         value = value.float()
+        if not torch.isfinite(value).all():
+            raise FeatureStatsError(
+                "the SAE's activations are not finite (inf or nan): an SAE in float16 can "
+                "overflow; load it in float32"
+            )
         self.firings += torch.bincount(latent, minlength=self.firings.numel())
         self.total.index_add_(0, latent, value.double())
         self.peak.scatter_reduce_(0, latent, value, "amax")
@@ -246,4 +261,6 @@ def collect_feature_stats(
         stats.add(ids, start, code)
         if progress is not None:
             progress.update(ids.numel())
+    if stats.n_tokens == 0:
+        raise FeatureStatsError(f"{text} holds no tokens")
     return stats

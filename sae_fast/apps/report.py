@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import torch
 from torch import Tensor, nn
@@ -372,7 +373,9 @@ def write_run_report(
     path = Path(out) if out is not None else run.folder / REPORT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     board = run.folder / DASHBOARD_DIR
-    link = os.path.relpath(board, path.parent) if (board / "index.html").is_file() else None
+    link = None
+    if (board / "index.html").is_file():  # a URL: a folder named run#1 must not cut it short
+        link = quote(Path(os.path.relpath(board, path.parent)).as_posix())
     return write_html_report(
         run.folder,
         path,
