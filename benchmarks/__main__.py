@@ -75,7 +75,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--impls",
         default="sae_fast," + ",".join(PEERS),
-        help="implementations, comma-separated, from: sae_fast," + ",".join(PEERS),
+        help="implementations, comma-separated, from: sae_fast, sae_fast-matryoshka (its "
+        "Matryoshka loss)," + ",".join(PEERS),
     )
     run.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up")
     run.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output folder")
@@ -104,12 +105,15 @@ def implementations(args: argparse.Namespace, device: str) -> list[str]:
         backends = sae_fast.backends.automatic(device)
     names = []
     for impl in args.impls.split(","):
-        if impl == "sae_fast":
-            names += [f"sae_fast[{b}]" for b in backends]
+        if impl in ("sae_fast", "sae_fast-matryoshka"):
+            names += [f"{impl}[{b}]" for b in backends]
         elif impl in PEERS:
             names.append(impl)
         else:
-            raise ValueError(f"--impls: unknown implementation {impl!r}; known: sae_fast, {PEERS}")
+            raise ValueError(
+                f"--impls: unknown implementation {impl!r}; known: sae_fast, "
+                f"sae_fast-matryoshka, {PEERS}"
+            )
     return names
 
 

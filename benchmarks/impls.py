@@ -25,6 +25,8 @@ from torch import Tensor
 
 import sae_fast
 from sae_fast import reference as ref
+from sae_fast.sae_config import check_matryoshka
+from sae_fast.training.losses import matryoshka_decode
 from sae_fast.validation import dtype_name
 
 LR = 1e-4
@@ -141,6 +143,27 @@ class SaeFast(_GaoStep):
         return self.sae.decode(code)
 
 
+class SaeFastMatryoshka(SaeFast):
+    """sae_fast's TopK trained with the Matryoshka loss over prefixes m/8, m/4, m/2, m (the
+    mean of the prefixes' FVU): what the nested prefixes add to a step."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__(backend)
+        self.name = f"sae_fast-matryoshka[{backend}]"
+
+    def build(self, w: Weights, k: int) -> None:
+        super().build(w, k)
+        m = w.W_enc.shape[0]
+        prefixes = [m // 8, m // 4, m // 2, m]
+        check_matryoshka(prefixes, m, "topk", "none")
+        self.sae.matryoshka = prefixes
+
+    def loss(self, x: Tensor) -> Tensor:
+        prefixes = matryoshka_decode(self.sae, self.encode(x))  # (n, G, d)
+        errors = (x[:, None] - prefixes).pow(2).sum(-1).mean(0)  # (G,)
+        return errors.mean() / (x - x.mean(0)).pow(2).sum(-1).mean()  # FVU's denominator
+
+
 class Reference(SaeFast):
     """The dense oracle with the same training step as sae_fast."""
 
@@ -251,9 +274,12 @@ PEERS = ("reference", "sparsify", "saelens")
 
 
 def make(name: str) -> Impl:
-    """An implementation by name: sae_fast[BACKEND], reference, sparsify or saelens."""
+    """An implementation by name: sae_fast[BACKEND], sae_fast-matryoshka[BACKEND], reference,
+    sparsify or saelens."""
     if name.startswith("sae_fast[") and name.endswith("]"):
         return SaeFast(name[len("sae_fast[") : -1])
+    if name.startswith("sae_fast-matryoshka[") and name.endswith("]"):
+        return SaeFastMatryoshka(name[len("sae_fast-matryoshka[") : -1])
     factories = {"reference": Reference, "sparsify": Sparsify, "saelens": SAELens}
     if name not in factories:
         raise ValueError(f"unknown implementation {name!r}")

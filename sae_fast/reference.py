@@ -193,3 +193,12 @@ def auxk_loss(
     e_hat = sparse_to_dense(values, indices, W_dec.shape[0]) @ W_dec
     e = (x - x_hat).detach()
     return (e_hat - e).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
+
+
+def matryoshka_loss(
+    x: Tensor, z: Tensor, W_dec: Tensor, b_dec: Tensor, prefixes: list[int]
+) -> Tensor:
+    """Mean over prefix sizes p of sum_d (x - z[:, :p] @ W_dec[:p] - b_dec)^2, mean over
+    tokens (training/losses.py).  x: (n, d), z: (n, m) dense code."""
+    errors = [(x - (z[:, :p] @ W_dec[:p] + b_dec)).pow(2).sum(-1).mean() for p in prefixes]
+    return torch.stack(errors).mean()

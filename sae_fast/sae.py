@@ -73,11 +73,17 @@ class SparseAutoencoder(nn.Module):
         jumprelu_bandwidth: float = 1e-3,
         jumprelu_init_threshold: float = 1e-3,
         input_norm: str = "none",
+        matryoshka: list[int] | None = None,
         provenance: dict | None = None,
     ) -> None:
         super().__init__()
-        check_hyperparameters(d_in, n_latents, k, activation, input_norm, jumprelu_bandwidth)
+        check_hyperparameters(
+            d_in, n_latents, k, activation, input_norm, jumprelu_bandwidth, matryoshka
+        )
         self.input_norm = input_norm
+        # A Matryoshka SAE's nested prefix sizes (the last is n_latents): training makes
+        # each prefix of the dictionary reconstruct on its own (training/losses.py).
+        self.matryoshka = list(matryoshka) if matryoshka is not None else None
         self.provenance = dict(provenance or {})  # what it was trained on (sae_config)
         if jumprelu_init_threshold <= 0:
             raise ValueError(f"jumprelu_init_threshold must be > 0, got {jumprelu_init_threshold}")

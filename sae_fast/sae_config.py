@@ -1,7 +1,8 @@
 """An SAE's config without the module: its fields, their checks, and the tensors it implies.
 
 The config is the JSON-able dict that rebuilds a SparseAutoencoder (its cfg.json): d_in,
-n_latents, k, activation, dtype, jumprelu_bandwidth, input_norm, and provenance: what the SAE
+n_latents, k, activation, dtype, jumprelu_bandwidth, input_norm, matryoshka (the nested
+prefix sizes of a Matryoshka SAE, or None), and provenance: what the SAE
 was trained on (PROVENANCE_KEYS; empty when unknown). Checkpoint formats read and
 write (config, tensors) with these helpers and never import the module, which builds itself
 from the pair (SparseAutoencoder.from_config).
@@ -10,6 +11,7 @@ from the pair (SparseAutoencoder.from_config).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -26,6 +28,7 @@ FIELDS = (
     "dtype",
     "jumprelu_bandwidth",
     "input_norm",
+    "matryoshka",
     "provenance",
 )
 REQUIRED = ("d_in", "n_latents", "dtype")
@@ -34,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "activation": "topk",
     "jumprelu_bandwidth": 1e-3,
     "input_norm": "none",
+    "matryoshka": None,
     "provenance": {},
 }
 # What provenance says, with the type of each: the model and hook point (as sae_fast names
@@ -59,6 +63,7 @@ def check_hyperparameters(
     activation: object,
     input_norm: object,
     jumprelu_bandwidth: object,
+    matryoshka: object = None,
 ) -> None:
     """Raise ValueError (TypeError for a k that is not an int) naming the first bad field."""
     check_int(d_in, "d_in")
@@ -75,6 +80,44 @@ def check_hyperparameters(
         raise ValueError(f"k is only used by activations {SPARSE_ACTIVATIONS}, not {activation!r}")
     if jumprelu_bandwidth <= 0:
         raise ValueError(f"jumprelu_bandwidth must be > 0, got {jumprelu_bandwidth}")
+    if matryoshka is not None:
+        check_matryoshka(matryoshka, n_latents, activation, input_norm)
+
+
+def check_matryoshka(
+    prefixes: object, n_latents: int, activation: object, input_norm: object
+) -> None:
+    """A Matryoshka SAE's prefix sizes: ascending ints in 1..n_latents ending at n_latents,
+    on a TopK or BatchTopK SAE without input normalisation; ValueError says what is wrong."""
+    if activation not in SPARSE_ACTIVATIONS:
+        raise ValueError(f"matryoshka needs activation topk or batchtopk, not {activation!r}")
+    if input_norm != "none":
+        raise ValueError(f"matryoshka needs input_norm='none', not {input_norm!r}")
+    if (
+        not isinstance(prefixes, list | tuple)
+        or not prefixes
+        or any(isinstance(p, bool) or not isinstance(p, int) for p in prefixes)
+        or any(a >= b for a, b in pairwise(prefixes))
+        or prefixes[0] < 1
+        or prefixes[-1] != n_latents
+    ):
+        raise ValueError(
+            f"matryoshka must be ascending prefix sizes ending at n_latents={n_latents}, got "
+            f"{prefixes!r}"
+        )
+
+
+def parse_matryoshka(spec: str, n_latents: int) -> list[int]:
+    """'1024,4096' as prefix sizes for n_latents latents (n_latents appended when the last is
+    smaller: the whole dictionary is the last prefix); ValueError says what is wrong."""
+    try:
+        prefixes = [int(part) for part in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"expected prefix sizes like 1024,4096, got {spec!r}") from None
+    if prefixes and prefixes[-1] < n_latents:
+        prefixes.append(n_latents)
+    check_matryoshka(prefixes, n_latents, "topk", "none")
+    return prefixes
 
 
 def complete(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import torch
 
 from benchmarks import __main__ as cli
 from benchmarks import impls, measure, presets, suites
+from sae_fast.training.losses import LossWeights, training_loss
 
 
 def run_cli(tmp_path, *args: str) -> dict:
@@ -53,6 +54,20 @@ def test_smoke_run_all_suites(tmp_path, capsys):
         r for r in run["records"] if r["impl"] == "sae_fast[torch]" and r["suite"] == "train_step"
     )
     assert len(rows) == 1 and f"| {step['x_floor']:.2f} |" in rows[0]
+
+
+def test_the_matryoshka_step_runs_beside_the_plain_one(tmp_path):
+    run = run_cli(tmp_path, "--suite", "train_step", "--impls", "sae_fast,sae_fast-matryoshka")
+    ok = {r["impl"] for r in run["records"] if r["status"] == "ok"}
+    assert {"sae_fast[torch]", "sae_fast-matryoshka[torch]"} <= ok
+    # It times the trainer's Matryoshka loss (over FVU's denominator, as the plain step).
+    nested = impls.make("sae_fast-matryoshka[torch]")
+    nested.build(impls.Weights.random(32, 256, torch.float32, "cpu"), 4)
+    assert nested.sae.matryoshka == [32, 64, 128, 256]
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    want = training_loss(nested.sae, x, LossWeights(auxk=0)).terms["matryoshka"]
+    total = (x - x.mean(0)).pow(2).sum(-1).mean()
+    torch.testing.assert_close(nested.loss(x).detach() * total, want)
 
 
 def test_missing_peer_is_reported_as_skipped(tmp_path, monkeypatch):

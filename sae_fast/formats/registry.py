@@ -86,6 +86,12 @@ def save(config: Config, tensors: Tensors, path: str | Path, format: str = "sae_
     one. It replaces a folder that holds only SAE files, and refuses to delete anything else.
     """
     fmt, path = _get(format, writable()), Path(path)
+    if config.get("matryoshka") is not None and format != "sae_fast":
+        # The code is a plain TopK one, but the nested prefixes would be lost without a word.
+        raise CheckpointError(
+            f"this is a Matryoshka SAE (prefixes {config['matryoshka']}); the {format} layout "
+            "has no field for its prefix sizes: save it as sae_fast"
+        )
     if fmt.saves_file(path):
         fmt.save(config, tensors, path)
         return

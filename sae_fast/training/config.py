@@ -138,6 +138,13 @@ class TrainConfig:
     k: int = _opt(
         32, "active latents per token (topk; batchtopk: mean per token)", "sae", resume=REFUSE
     )
+    matryoshka: str | None = _opt(
+        None,
+        "Matryoshka prefix sizes, e.g. 1024,4096 (topk, batchtopk): each prefix of the "
+        "dictionary learns to reconstruct on its own (the whole dictionary is the last)",
+        "sae",
+        resume=REFUSE,
+    )
     dtype: str = _opt("float32", "parameter dtype", "sae", PARAMETER_DTYPES, resume=REFUSE)
     backend: str | None = _opt(
         None,

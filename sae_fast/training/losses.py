@@ -3,6 +3,13 @@
 Reconstruction is the squared error summed over d_in and averaged over tokens. The AuxK term
 (Gao et al. 2024) uses the same normalisation, so its coefficient (1/32 there) means what it
 means in the paper, where both terms are divided by the same variance.
+
+A Matryoshka SAE (Bussmann et al. 2025) reconstructs from each prefix of its dictionary: the
+term is the mean over its prefix sizes p of the squared error of b_dec + the code's latents
+below p alone (the sum over prefixes in the paper, divided by their number so that one
+prefix is plain reconstruction and AuxK's coefficient keeps its meaning). The prefixes come
+from one sparse decode of the (n, k) code (matryoshka_decode), which also gives the whole
+reconstruction: no dense (n, m) work, and a step costs about what a plain one does.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference as ref
@@ -49,6 +57,30 @@ def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
     return diff.pow(2).sum(dim=-1).mean()
 
 
+def matryoshka_decode(sae: SparseAutoencoder, code: SparseCode) -> Tensor:
+    """(n, G, d_in): the decode of each of sae.matryoshka's G prefixes of code (n, k), the last
+    the whole dictionary's.
+
+    Each (token, latent) pair is summed once, into its token's bag for the group of latents
+    [prefixes[g - 1], prefixes[g]) it falls in, and the prefixes are the running sums of the
+    groups: one sparse decode of the code, however many prefixes.
+    """
+    n, groups = code.indices.shape[0], len(sae.matryoshka)
+    bounds = torch.tensor(sae.matryoshka[:-1], device=code.indices.device)
+    bag = torch.bucketize(code.indices.contiguous(), bounds, right=True)
+    bag = (bag + groups * torch.arange(n, device=bag.device)[:, None]).reshape(-1)
+    order = torch.argsort(bag, stable=True)
+    counts = torch.bincount(bag, minlength=n * groups)
+    parts = F.embedding_bag(
+        code.indices.reshape(-1)[order],
+        sae.W_dec,
+        torch.cumsum(counts, 0) - counts,
+        mode="sum",
+        per_sample_weights=code.values.reshape(-1)[order].to(sae.W_dec.dtype),
+    )
+    return parts.view(n, groups, -1).cumsum(1) + sae.b_dec
+
+
 def auxk_term(x: Tensor, x_hat: Tensor, aux: SparseCode, sae: SparseAutoencoder) -> Tensor:
     """Dead latents' code aux (n, k_aux) decodes (no b_dec) the fixed residual x - x_hat."""
     residual = (x - x_hat).detach()
@@ -75,12 +107,22 @@ def training_loss(
     if dead:
         k_aux = min(weights.k_aux, dead)
         code, aux = sae.encode_with_auxk(x, dead_mask, k_aux)
+    elif sae.matryoshka is not None:
+        code = sae.encode(x)
+    if sae.matryoshka is not None:  # the last prefix's decode is the whole dictionary's
+        prefixes = matryoshka_decode(sae, code)
+        out = SAEOutput(x_hat=prefixes[:, -1], code=code)
+    elif dead:
         out = SAEOutput(x_hat=sae.decode(code), code=code)
     else:
         out = sae(x)
     recon = squared_error(x, out.x_hat)
     loss = recon
     terms["recon"] = recon
+    if sae.matryoshka is not None:
+        errors = [squared_error(x, prefixes[:, g]) for g in range(prefixes.shape[1])]
+        terms["matryoshka"] = torch.stack(errors).mean()
+        loss = terms["matryoshka"]
     if aux is not None:
         terms["auxk"] = auxk_term(x, out.x_hat, aux, sae)
         loss = loss + weights.auxk * terms["auxk"]

@@ -36,6 +36,7 @@ from torch import Tensor
 from ..files import atomic_path, clean_stale, lock_folder
 from ..options import SPARSE_ACTIVATIONS
 from ..sae import SparseAutoencoder
+from ..sae_config import check_matryoshka, parse_matryoshka
 from ..sharded_sae import ShardedSparseAutoencoder
 from ..sources.base import ActivationSource, part_rows
 from ..validation import check_fits, parse_dtype
@@ -107,6 +108,7 @@ class Trainer:
         m = cfg.latents(d_in)
         sparse = cfg.activation in SPARSE_ACTIVATIONS
         self._check_layout(m, sparse)
+        prefixes = self._matryoshka(m)
         self.offset, self.m_local = layout.latents(m)
         # Parameters, their gradients and Adam's two moments: four copies of this shard of
         # W_enc and W_dec; a batch's rows and, for the dense activations, its latents.
@@ -137,7 +139,7 @@ class Trainer:
         else:
             self.sae = SparseAutoencoder(
                 d_in, m, k=cfg.k if sparse else None, activation=cfg.activation,
-                jumprelu_bandwidth=cfg.jumprelu_bandwidth, **options,
+                jumprelu_bandwidth=cfg.jumprelu_bandwidth, matryoshka=prefixes, **options,
             )  # fmt: skip
         self.sae.seed_parameters_(cfg.seed)
         self.optimizer = torch.optim.Adam(
@@ -182,6 +184,11 @@ class Trainer:
     def _check_layout(self, m: int, sparse: bool) -> None:
         cfg, layout = self.cfg, self.layout
         if layout.latent > 1:
+            if cfg.matryoshka:
+                raise ConfigError(
+                    f"matryoshka with latent_parallel={layout.latent}: the prefixes are not "
+                    "sharded yet; use data parallelism (latent_parallel=1)"
+                )
             if not sparse:
                 raise ConfigError(
                     f"latent_parallel={layout.latent} shards the TopK activations "
@@ -208,6 +215,17 @@ class Trainer:
                     "activation=batchtopk selects over the whole batch, which data parallelism "
                     "splits; use latent_parallel = the world size"
                 )
+
+    def _matryoshka(self, m: int) -> list[int] | None:
+        """The prefix sizes --matryoshka names for m latents, or None."""
+        if self.cfg.matryoshka is None:
+            return None
+        try:
+            prefixes = parse_matryoshka(self.cfg.matryoshka, m)
+            check_matryoshka(prefixes, m, self.cfg.activation, "none")
+        except ValueError as e:
+            raise ConfigError(f"matryoshka: {e}") from None
+        return prefixes
 
     def _acquire(self) -> None:
         if self._lock is None and self.layout.main:
