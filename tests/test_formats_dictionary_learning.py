@@ -157,7 +157,7 @@ def test_each_class_computes_the_library_forward(tmp_path, name, threshold):
         assert ((pre[:, 1] > 0) & (pre[:, 1] < 1.5)).any()
 
 
-SAVED_AS = [n for n in ACTIVATION if n not in ("AutoEncoderNew", "MatryoshkaBatchTopKSAE")]
+SAVED_AS = [n for n in ACTIVATION if n != "AutoEncoderNew"]
 
 
 @pytest.mark.parametrize("name", SAVED_AS)
@@ -187,6 +187,21 @@ def test_save_writes_the_library_layout_and_round_trips(tmp_path, name):
     again = SparseAutoencoder.load(tmp_path / "out")
     assert again.activation == ACTIVATION[name]
     assert_same_function(again, lambda x: their_forward(name, sd, x), x)
+    if name == "MatryoshkaBatchTopKSAE":  # the groups [0, 8), [8, M) as prefix sizes
+        assert sae.matryoshka == again.matryoshka == [8, M]
+        assert cfg["group_fractions"] == [8 / M, (M - 8) / M]
+    else:
+        assert again.matryoshka is None
+
+
+def test_matryoshka_groups_that_do_not_fit_are_refused(tmp_path):
+    for sizes, words in (([8, 8], "sum to dict_size=24"), ([0, M], "positive")):
+        sd = {**checkpoint("MatryoshkaBatchTopKSAE"), "group_sizes": torch.tensor(sizes)}
+        with pytest.raises(CheckpointError, match=words):
+            SparseAutoencoder.load(write(tmp_path / str(sizes), "MatryoshkaBatchTopKSAE", sd, k=K))
+    nested = SparseAutoencoder(D, M, k=K, matryoshka=[8, M])  # TopK: no such class there
+    with pytest.raises(CheckpointError, match="Matryoshka dictionary is BatchTopK"):
+        nested.save(tmp_path / "topk", format="dictionary_learning")
 
 
 def test_float32_checkpoint_loads_in_float32(tmp_path):

@@ -11,6 +11,7 @@ How each class maps onto ours (their forward, as written in their source):
   AutoEncoderTopK      top-k of relu(encoder(x - b_dec)); threshold unused by forward -> topk
   BatchTopKSAE         relu(pre) * (relu(pre) > threshold) at inference (**)     -> batchtopk
   MatryoshkaBatchTopKSAE  as BatchTopKSAE, with W_enc (d, m) and W_dec (m, d)    -> batchtopk
+                       (its group_sizes buffer -> matryoshka, the prefixes' running sums)
   JumpReluAutoEncoder  relu(pre * (pre > threshold)), pre = x @ W_enc + b_enc (*) -> jumprelu
   GatedAutoEncoder     gate 1[pi_gate > 0], magnitude relu(exp(r_mag) * Wx + mag_bias),
                        both on x - decoder_bias                                   -> gated
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,7 @@ _SAVED_AS = {
     "relu": ("AutoEncoder", "StandardTrainer"),
     "topk": ("AutoEncoderTopK", "TopKTrainer"),
     "batchtopk": ("BatchTopKSAE", "BatchTopKTrainer"),
+    "matryoshka": ("MatryoshkaBatchTopKSAE", "MatryoshkaBatchTopKTrainer"),
     "jumprelu": ("JumpReluAutoEncoder", "JumpReluTrainer"),
     "gated": ("GatedAutoEncoder", "GatedSAETrainer"),
 }
@@ -192,6 +195,7 @@ def load(path: Path) -> tuple[Config, Tensors]:
     k = _k(where, state, trainer) if cls.activation in SPARSE_ACTIVATIONS else None
     if cls.activation == "batchtopk":
         tensors["threshold"] = torch.tensor(_batchtopk_threshold(where, state))
+    prefixes = _prefixes(where, state, m) if "group_sizes" in state else None
     bandwidth = trainer.get("bandwidth", 1e-3) if cls.activation == "jumprelu" else 1e-3
     if isinstance(bandwidth, bool) or not isinstance(bandwidth, int | float):
         raise CheckpointError(f"{config}: trainer.bandwidth must be a number, got {bandwidth!r}")
@@ -201,7 +205,21 @@ def load(path: Path) -> tuple[Config, Tensors]:
         activation=cls.activation,
         k=k,
         jumprelu_bandwidth=float(bandwidth),
+        matryoshka=prefixes,
     )
+
+
+def _prefixes(where: str, state: dict, m: int) -> list[int]:
+    """A Matryoshka dictionary's prefix sizes: the running sums of its group_sizes."""
+    sizes = state["group_sizes"]
+    if not isinstance(sizes, Tensor) or sizes.dim() != 1 or sizes.is_floating_point():
+        raise CheckpointError(f"{where}: group_sizes must be a 1-d integer tensor")
+    prefixes = torch.cumsum(sizes, 0).tolist()
+    if prefixes[-1:] != [m] or any(s <= 0 for s in sizes.tolist()):
+        raise CheckpointError(
+            f"{where}: group_sizes {sizes.tolist()} must be positive and sum to dict_size={m}"
+        )
+    return prefixes
 
 
 def save(config: Config, tensors: Tensors, path: Path) -> None:
@@ -211,7 +229,12 @@ def save(config: Config, tensors: Tensors, path: Path) -> None:
         raise CheckpointError(
             f"dictionary_learning has no input normalisation; this SAE uses {input_norm!r}"
         )
-    name, trainer_class = _SAVED_AS[activation]
+    if config["matryoshka"] is not None and activation != "batchtopk":
+        raise CheckpointError(
+            f"dictionary_learning's Matryoshka dictionary is BatchTopK; this one is {activation!r}"
+        )
+    kind = "matryoshka" if config["matryoshka"] is not None else activation
+    name, trainer_class = _SAVED_AS[kind]
     cls = _CLASSES[name]
     ours = dict(tensors)
     if not cls.subtracts_b_dec:
@@ -238,6 +261,10 @@ def save(config: Config, tensors: Tensors, path: Path) -> None:
         trainer["k"] = config["k"]
     if activation == "jumprelu":
         trainer["bandwidth"] = config["jumprelu_bandwidth"]
+    if config["matryoshka"] is not None:
+        sizes = [b - a for a, b in pairwise([0, *config["matryoshka"]])]
+        state["group_sizes"] = torch.tensor(sizes)
+        trainer["group_fractions"] = [s / config["n_latents"] for s in sizes]
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     layout.write_torch_file(folder / WEIGHTS_FILE, state)

@@ -115,6 +115,7 @@ def assemble(
     k: int | None = None,
     input_norm: str = "none",
     jumprelu_bandwidth: float = 1e-3,
+    matryoshka: list[int] | None = None,
     provenance: dict | None = None,
 ) -> tuple[Config, Tensors]:
     """The SAE config that describes tensors, given in our layout and names, and the tensors.
@@ -136,6 +137,7 @@ def assemble(
         "dtype": dtype_name(W_enc.dtype),
         "jumprelu_bandwidth": jumprelu_bandwidth,
         "input_norm": input_norm,
+        "matryoshka": matryoshka,
         "provenance": provenance or {},
     }
     try:

@@ -79,6 +79,10 @@ def load(path: str | Path, format: str | None = None) -> tuple[Config, Tensors]:
         raise CheckpointError(f"{e.filename or path} cannot be read: permission denied") from None
 
 
+# The layouts with a field for a Matryoshka SAE's prefix sizes.
+MATRYOSHKA_FORMATS = ("sae_fast", "dictionary_learning")
+
+
 def save(config: Config, tensors: Tensors, path: str | Path, format: str = "sae_fast") -> None:
     """Write the SAE that config and tensors describe at path in format.
 
@@ -86,7 +90,7 @@ def save(config: Config, tensors: Tensors, path: str | Path, format: str = "sae_
     one. It replaces a folder that holds only SAE files, and refuses to delete anything else.
     """
     fmt, path = _get(format, writable()), Path(path)
-    if config.get("matryoshka") is not None and format != "sae_fast":
+    if config.get("matryoshka") is not None and format not in MATRYOSHKA_FORMATS:
         # The code is a plain TopK one, but the nested prefixes would be lost without a word.
         raise CheckpointError(
             f"this is a Matryoshka SAE (prefixes {config['matryoshka']}); the {format} layout "
