@@ -23,9 +23,11 @@ from sae_fast import CheckpointError, SparseAutoencoder, formats
 from sae_fast import reference as ref
 from sae_fast.formats import saelens as saelens_format
 from sae_fast.ops import SparseCode
+from sae_fast.training.losses import matryoshka_decode
 
 sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is the `bench` extra")
 saes = sae_lens.saes
+TrainStepInput = pytest.importorskip("sae_lens.saes.sae").TrainStepInput
 
 D, M, K, N = 12, 40, 5, 24
 ATOL, RTOL = 2e-5, 1e-4
@@ -263,6 +265,16 @@ def test_batchtopk_training_saes_load_as_batchtopk(tmp_path, matryoshka):
     fresh = SparseAutoencoder.load(tmp_path / "never-calibrated")
     assert float(fresh.threshold) < 0
     assert_same_function(theirs, fresh.eval(), x, same_weights=False)
+    assert ours.matryoshka == ([M // 4, M] if matryoshka else None)
+    if matryoshka:  # SAELens's inner loss at width M/4 is our prefix's error, from its code
+        out = theirs.training_forward_pass(
+            TrainStepInput(x, {}, dead_neuron_mask=None, n_training_steps=0,
+                           is_logging_step=False)
+        )  # fmt: skip
+        code = ours.train().encode(x)
+        prefixes = matryoshka_decode(ours, code)
+        inner = (x - prefixes[:, 0]).pow(2).sum(-1).mean()
+        torch.testing.assert_close(inner, out.losses[f"inner_mse_loss_{M // 4}"].to(inner.dtype))
 
 
 def test_expected_average_only_in_folds_the_trainers_scaling_factor(tmp_path):

@@ -8,6 +8,8 @@ SAELens 6 computes, with W_enc stored (d, m) (the transpose of ours) and W_dec (
   gated      z = 1[u @ W_enc + b_gate > 0] * relu(u @ (W_enc * exp(r_mag)) + b_mag)
   batchtopk, matryoshka_batchtopk (training classes): the top n*k of relu(pre [* ||W_dec[j]||])
              over the batch; topk_threshold is what SAELens turns into a JumpReLU on export
+             (matryoshka_widths become our matryoshka prefixes: SAELens's inner losses are
+             our prefixes' errors)
   x_hat = norm_out(z [/ ||W_dec[j]||] @ W_dec + b_dec)  # [..]: rescale_acts_by_decoder_norm
 Loading folds what is linear, so that ours computes the same function and the same latents
 (n_j = ||W_dec[j]||; shift = W_enc @ b_dec in our (m, d) layout):
@@ -65,7 +67,7 @@ _ACTIVATIONS = {
     "jumprelu": "jumprelu",
     "gated": "gated",
     "batchtopk": "batchtopk",
-    "matryoshka_batchtopk": "batchtopk",  # the nested widths shape only the training loss
+    "matryoshka_batchtopk": "batchtopk",  # its matryoshka_widths: our matryoshka prefixes
 }
 # Their default for rescale_acts_by_decoder_norm where the config lacks it: the inference
 # TopKSAE's (False) for topk, the training class's (True) for the training-only batch ones.
@@ -278,8 +280,19 @@ def load(path: Path) -> tuple[Config, Tensors]:
         k=k,
         input_norm=input_norm,
         jumprelu_bandwidth=bandwidth,
+        matryoshka=_widths(where, cfg, m) if arch == "matryoshka_batchtopk" else None,
         provenance=_provenance(metadata),
     )
+
+
+def _widths(where: str, cfg: dict, m: int) -> list[int]:
+    """matryoshka_widths as prefix sizes, d_sae appended when missing, as SAELens does."""
+    widths = cfg.get("matryoshka_widths") or []
+    if not isinstance(widths, list) or not all(
+        isinstance(w, int) and not isinstance(w, bool) for w in widths
+    ):
+        raise CheckpointError(f"{where}: matryoshka_widths must be a list of ints, got {widths!r}")
+    return widths if widths[-1:] == [m] else [*widths, m]
 
 
 def _tl_hook(hook: str | None) -> str | None:
