@@ -155,7 +155,7 @@ class SaeFastMatryoshka(SaeFast):
         super().build(w, k)
         m = w.W_enc.shape[0]
         prefixes = [m // 8, m // 4, m // 2, m]
-        check_matryoshka(prefixes, m, "topk", "none")
+        check_matryoshka(prefixes, m, "topk")
         self.sae.matryoshka = prefixes
 
     def loss(self, x: Tensor) -> Tensor:

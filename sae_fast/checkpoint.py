@@ -65,7 +65,9 @@ def write(path: str | Path, config: dict, tensors: dict[str, Tensor]) -> None:
 def write_config(folder: Path, config: dict) -> None:
     """cfg.json of config, stamped with the format (after the weights, single or sharded)."""
     with atomic_path(folder / CONFIG_FILE) as tmp:
-        body = {"format": FORMAT, "format_version": FORMAT_VERSION, **config}
+        # A plain SAE's cfg.json omits matryoshka, so older sae_fast versions still read it.
+        mine = {k: v for k, v in config.items() if k != "matryoshka" or v is not None}
+        body = {"format": FORMAT, "format_version": FORMAT_VERSION, **mine}
         tmp.write_text(json.dumps(body, indent=2) + "\n")
 
 

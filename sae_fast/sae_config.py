@@ -81,18 +81,14 @@ def check_hyperparameters(
     if jumprelu_bandwidth <= 0:
         raise ValueError(f"jumprelu_bandwidth must be > 0, got {jumprelu_bandwidth}")
     if matryoshka is not None:
-        check_matryoshka(matryoshka, n_latents, activation, input_norm)
+        check_matryoshka(matryoshka, n_latents, activation)
 
 
-def check_matryoshka(
-    prefixes: object, n_latents: int, activation: object, input_norm: object
-) -> None:
+def check_matryoshka(prefixes: object, n_latents: int, activation: object) -> None:
     """A Matryoshka SAE's prefix sizes: ascending ints in 1..n_latents ending at n_latents,
-    on a TopK or BatchTopK SAE without input normalisation; ValueError says what is wrong."""
+    on a TopK or BatchTopK SAE; ValueError says what is wrong."""
     if activation not in SPARSE_ACTIVATIONS:
         raise ValueError(f"matryoshka needs activation topk or batchtopk, not {activation!r}")
-    if input_norm != "none":
-        raise ValueError(f"matryoshka needs input_norm='none', not {input_norm!r}")
     if (
         not isinstance(prefixes, list | tuple)
         or not prefixes
@@ -107,17 +103,18 @@ def check_matryoshka(
         )
 
 
-def parse_matryoshka(spec: str, n_latents: int) -> list[int]:
+def parse_matryoshka(spec: str, n_latents: int) -> list[int] | None:
     """'1024,4096' as prefix sizes for n_latents latents (n_latents appended when the last is
-    smaller: the whole dictionary is the last prefix); ValueError says what is wrong."""
+    smaller: the whole dictionary is the last prefix; the whole dictionary alone is a plain
+    SAE, None); ValueError says what is wrong."""
     try:
         prefixes = [int(part) for part in spec.split(",")]
     except ValueError:
         raise ValueError(f"expected prefix sizes like 1024,4096, got {spec!r}") from None
     if prefixes and prefixes[-1] < n_latents:
         prefixes.append(n_latents)
-    check_matryoshka(prefixes, n_latents, "topk", "none")
-    return prefixes
+    check_matryoshka(prefixes, n_latents, "topk")
+    return prefixes if len(prefixes) > 1 else None
 
 
 def complete(config: Mapping[str, Any]) -> dict[str, Any]:

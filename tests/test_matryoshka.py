@@ -14,7 +14,7 @@ from sae_fast import SparseAutoencoder, reference
 from sae_fast.checkpoint import CheckpointError
 from sae_fast.sae_config import parse_matryoshka
 from sae_fast.training.config import ConfigError
-from sae_fast.training.losses import LossWeights, training_loss
+from sae_fast.training.losses import LossWeights, matryoshka_decode, training_loss
 from sae_fast.training.trainer import Trainer
 
 PREFIXES = [4, 11, 24]
@@ -61,6 +61,7 @@ def test_prefix_loss_and_gradients_equal_the_dense_reference(activation):
 def test_prefix_sizes_are_checked_saved_and_refused_by_other_layouts(tmp_path):
     assert parse_matryoshka("4,11", 24) == PREFIXES
     assert parse_matryoshka("4,11,24", 24) == PREFIXES
+    assert parse_matryoshka("24", 24) is None  # the whole dictionary alone: a plain SAE
     for spec, words in (("11,4", "ascending"), ("0,4", "ascending"), ("4,30", "ending at"),
                         ("a,b", "like 1024,4096")):  # fmt: skip
         with pytest.raises(ValueError, match=words):
@@ -74,9 +75,19 @@ def test_prefix_sizes_are_checked_saved_and_refused_by_other_layouts(tmp_path):
     assert json.loads((tmp_path / "sae" / "cfg.json").read_text())["matryoshka"] == PREFIXES
     assert SparseAutoencoder.load(tmp_path / "sae").matryoshka == PREFIXES
     with pytest.raises(CheckpointError, match="no field for its prefix sizes"):
-        sae.save(tmp_path / "lens", format="saelens")
-    SparseAutoencoder(8, 24, k=3).save(tmp_path / "plain")  # a plain SAE records None
+        sae.save(tmp_path / "sparsify", format="sparsify")
+    # SAELens's inference layout keeps them in metadata.sae_fast.
+    sae.save(tmp_path / "lens", format="saelens")
+    assert SparseAutoencoder.load(tmp_path / "lens").matryoshka == PREFIXES
+    # A plain SAE's cfg.json has no matryoshka field (older sae_fast versions read it).
+    SparseAutoencoder(8, 24, k=3).save(tmp_path / "plain")
+    assert "matryoshka" not in json.loads((tmp_path / "plain" / "cfg.json").read_text())
     assert SparseAutoencoder.load(tmp_path / "plain").matryoshka is None
+    with pytest.raises(ValueError, match="training mode"):  # a calibrated BatchTopK in eval
+        nested = SparseAutoencoder(8, 24, k=3, activation="batchtopk", matryoshka=PREFIXES)
+        with torch.no_grad():
+            nested.threshold.fill_(0.1)
+        matryoshka_decode(nested, nested.eval().encode(torch.randn(3, 8)))
 
 
 def _prefix_errors(sae: SparseAutoencoder, x: torch.Tensor) -> list[float]:
@@ -114,5 +125,15 @@ def test_a_matryoshka_run_resumes_exactly(tmp_path):
     assert SparseAutoencoder.load(tmp_path / "straight" / "sae").matryoshka == [16, 64, 256]
     with pytest.raises(ConfigError, match="matryoshka: matryoshka must be ascending"):
         Trainer(config(tmp_path, "bad", matryoshka="64,16"), source())
+    # A checkpoint from before the option (no matryoshka key) was a plain run: not resumable
+    # as a Matryoshka one.
+    state_path = next((tmp_path / "split" / "checkpoints").glob("step-*")) / "train_state.pt"
+    state = torch.load(state_path, weights_only=False)
+    del state["config"]["matryoshka"]
+    torch.save(state, state_path)
+    plain = {**kw, "matryoshka": None}
+    with pytest.raises(ConfigError, match="matryoshka='16,64' \\(the checkpoint has None\\)"):
+        Trainer(config(tmp_path, "split", **kw), source(), resume=state_path.parent)
+    Trainer(config(tmp_path, "split", **plain), source(), resume=state_path.parent)
     with pytest.raises(ConfigError, match="matryoshka needs activation topk or batchtopk"):
         Trainer(config(tmp_path, "relu", activation="relu", matryoshka="16"), source())

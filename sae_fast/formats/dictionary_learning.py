@@ -254,8 +254,8 @@ def save(config: Config, tensors: Tensors, path: Path) -> None:
         threshold = ours.get("threshold", torch.tensor(-1.0))  # topk: their unused default
         if activation == "batchtopk" and threshold < 0:
             raise CheckpointError(
-                "this batchtopk SAE has no calibrated threshold; dictionary_learning's "
-                "BatchTopKSAE would run it with threshold -1, keeping every positive latent"
+                f"this batchtopk SAE has no calibrated threshold; dictionary_learning's {name} "
+                "would run it with threshold -1, keeping every positive latent"
             )
         state["k"], state["threshold"] = torch.tensor(config["k"], dtype=torch.int32), threshold
         trainer["k"] = config["k"]
@@ -264,6 +264,8 @@ def save(config: Config, tensors: Tensors, path: Path) -> None:
     if config["matryoshka"] is not None:
         sizes = [b - a for a, b in pairwise([0, *config["matryoshka"]])]
         state["group_sizes"] = torch.tensor(sizes)
+        # Their trainer rebuilds sizes as int(fraction * dict_size): the sizes are exact.
+        trainer["group_sizes"] = sizes
         trainer["group_fractions"] = [s / config["n_latents"] for s in sizes]
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)

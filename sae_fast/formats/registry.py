@@ -80,7 +80,7 @@ def load(path: str | Path, format: str | None = None) -> tuple[Config, Tensors]:
 
 
 # The layouts with a field for a Matryoshka SAE's prefix sizes.
-MATRYOSHKA_FORMATS = ("sae_fast", "dictionary_learning")
+MATRYOSHKA_FORMATS = ("sae_fast", "dictionary_learning", "saelens")
 
 
 def save(config: Config, tensors: Tensors, path: str | Path, format: str = "sae_fast") -> None:

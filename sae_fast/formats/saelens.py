@@ -280,19 +280,27 @@ def load(path: Path) -> tuple[Config, Tensors]:
         k=k,
         input_norm=input_norm,
         jumprelu_bandwidth=bandwidth,
-        matryoshka=_widths(where, cfg, m) if arch == "matryoshka_batchtopk" else None,
+        matryoshka=_widths(where, cfg, metadata, arch, m),
         provenance=_provenance(metadata),
     )
 
 
-def _widths(where: str, cfg: dict, m: int) -> list[int]:
-    """matryoshka_widths as prefix sizes, d_sae appended when missing, as SAELens does."""
-    widths = cfg.get("matryoshka_widths") or []
+def _widths(where: str, cfg: dict, metadata: dict, arch: str, m: int) -> list[int] | None:
+    """The prefix sizes: matryoshka_widths (d_sae appended when missing, as SAELens does) or
+    what sae_fast wrote in metadata; None for a plain SAE."""
+    ours = metadata.get("sae_fast") if isinstance(metadata.get("sae_fast"), dict) else {}
+    if arch == "matryoshka_batchtopk":
+        widths = cfg.get("matryoshka_widths") or []
+    elif ours.get("matryoshka") is not None:
+        widths = ours["matryoshka"]
+    else:
+        return None
     if not isinstance(widths, list) or not all(
         isinstance(w, int) and not isinstance(w, bool) for w in widths
     ):
         raise CheckpointError(f"{where}: matryoshka_widths must be a list of ints, got {widths!r}")
-    return widths if widths[-1:] == [m] else [*widths, m]
+    widths = widths if widths[-1:] == [m] else [*widths, m]
+    return widths if len(widths) > 1 else None  # the whole dictionary alone: plain
 
 
 def _tl_hook(hook: str | None) -> str | None:
@@ -363,6 +371,7 @@ def save(config: Config, ours: Tensors, path: Path) -> None:
                 "activation": activation,
                 "k": config["k"],
                 "jumprelu_bandwidth": config["jumprelu_bandwidth"],
+                "matryoshka": config["matryoshka"],
                 "provenance": provenance,
             },
         },

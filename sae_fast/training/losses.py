@@ -23,7 +23,7 @@ from torch import Tensor
 from .. import reference as ref
 from ..ops import SparseCode
 from ..options import SPARSE_ACTIVATIONS
-from ..sae import SAEOutput, SparseAutoencoder
+from ..sae import SAEOutput, SparseAutoencoder, autocast_inputs
 
 
 @dataclass
@@ -65,20 +65,30 @@ def matryoshka_decode(sae: SparseAutoencoder, code: SparseCode) -> Tensor:
     [prefixes[g - 1], prefixes[g]) it falls in, and the prefixes are the running sums of the
     groups: one sparse decode of the code, however many prefixes.
     """
+    if not isinstance(code, SparseCode):
+        raise ValueError("matryoshka_decode needs a TopK code (n, k): the SAE in training mode")
+    if sae.input_norm != "none":
+        raise ValueError(f"a Matryoshka SAE with input_norm={sae.input_norm!r} is not trained here")
     n, groups = code.indices.shape[0], len(sae.matryoshka)
+    values, W_dec, b_dec = autocast_inputs(code.values, sae.W_dec, sae.b_dec)
     bounds = torch.tensor(sae.matryoshka[:-1], device=code.indices.device)
     bag = torch.bucketize(code.indices.contiguous(), bounds, right=True)
     bag = (bag + groups * torch.arange(n, device=bag.device)[:, None]).reshape(-1)
     order = torch.argsort(bag, stable=True)
-    counts = torch.bincount(bag, minlength=n * groups)
+    # Bag sizes by scatter, not bincount, which would wait for the GPU on every step.
+    counts = torch.zeros(n * groups, dtype=bag.dtype, device=bag.device)
+    counts.scatter_add_(0, bag, torch.ones_like(bag))
     parts = F.embedding_bag(
         code.indices.reshape(-1)[order],
-        sae.W_dec,
+        W_dec,
         torch.cumsum(counts, 0) - counts,
         mode="sum",
-        per_sample_weights=code.values.reshape(-1)[order].to(sae.W_dec.dtype),
+        per_sample_weights=values.reshape(-1)[order].to(W_dec.dtype),
     )
-    return parts.view(n, groups, -1).cumsum(1) + sae.b_dec
+    # Running sums in at least float32: half precision would round at every group.
+    wide = torch.promote_types(W_dec.dtype, torch.float32)
+    prefixes = parts.view(n, groups, sae.d_in).to(wide).cumsum(1) + b_dec.to(wide)
+    return prefixes.to(W_dec.dtype)
 
 
 def auxk_term(x: Tensor, x_hat: Tensor, aux: SparseCode, sae: SparseAutoencoder) -> Tensor:

@@ -115,11 +115,13 @@ class Trainer:
         size = self.dtype.itemsize
         batch = cfg.batch_size // layout.data
         dense = 0 if sparse else 4 * batch * m
+        # A Matryoshka step holds a few (batch, prefixes, d_in) tensors: sums and their errors.
+        nested = 3 * len(prefixes) * batch * d_in if prefixes else 0
         per_shard = f", {self.m_local} latents per shard" if layout.latent > 1 else ""
         for nbytes, what in [
             (8 * self.m_local * d_in * size,
              f"n_latents={m} x d_in={d_in} ({cfg.dtype}, with Adam{per_shard})"),
-            (4 * max(batch, cfg.init_tokens) * d_in * size + dense * size,
+            (4 * max(batch, cfg.init_tokens) * d_in * size + dense * size + nested * size,
              f"batch_size={cfg.batch_size} / init_tokens={cfg.init_tokens} x d_in={d_in}"),
         ]:  # fmt: skip
             check_fits(nbytes, what, self.device, ConfigError)
@@ -222,7 +224,8 @@ class Trainer:
             return None
         try:
             prefixes = parse_matryoshka(self.cfg.matryoshka, m)
-            check_matryoshka(prefixes, m, self.cfg.activation, "none")
+            if prefixes is not None:
+                check_matryoshka(prefixes, m, self.cfg.activation)
         except ValueError as e:
             raise ConfigError(f"matryoshka: {e}") from None
         return prefixes
@@ -659,10 +662,12 @@ class Trainer:
 
     def _check_options(self, saved: dict, step: int, folder: Path) -> None:
         """Refuse the changed options that shaped the checkpoint; log the others."""
+        # An option newer than the checkpoint had its default there.
+        was = {f.name: saved.get(f.name, f.default) for f in dataclasses.fields(TrainConfig)}
         changed = [
-            (f, saved[f.name], getattr(self.cfg, f.name))
+            (f, was[f.name], getattr(self.cfg, f.name))
             for f in dataclasses.fields(TrainConfig)
-            if f.name in saved and saved[f.name] != getattr(self.cfg, f.name)
+            if was[f.name] != getattr(self.cfg, f.name)
         ]
         refused = [
             f"{f.name}={new!r} (the checkpoint has {old!r})"
