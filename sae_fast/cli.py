@@ -355,7 +355,6 @@ def _compare_on_text(
     import math
 
     import torch
-    from tqdm.auto import tqdm
 
     from .analysis.compare import THRESHOLDS, pair_cosines
     from .analysis.correlation import ActivationCorrelation
@@ -379,7 +378,7 @@ def _compare_on_text(
         torch.no_grad(),
         eval_mode(a),
         eval_mode(b),
-        tqdm(total=args.tokens, unit="tok", disable=not args.progress) as bar,
+        _token_bar(args) as bar,
     ):
         for ids, acts, start in batches:
             codes = [sae.encode(acts.to(sae.W_dec.device, sae.W_dec.dtype)) for sae in (a, b)]
@@ -550,7 +549,6 @@ def _drift_dashboards(args: argparse.Namespace, sae, cfg: TrainConfig, source, r
     """Dashboards of the top movers over each corpus (DIR/a, DIR/b) and DIR/movers.html, each
     mover's two pages side by side."""
     import torch
-    from tqdm.auto import tqdm
 
     from .analysis.dashboard import build_dashboard
     from .analysis.dashboard_html import write_pairs_page
@@ -562,7 +560,7 @@ def _drift_dashboards(args: argparse.Namespace, sae, cfg: TrainConfig, source, r
     context_size = _fit_context(source.model, cfg.context_size)
     for name, text in (("a", cfg.text), ("b", args.against)) if movers else ():
         about = {"sae": str(args.sae), "model": cfg.model, "hook": cfg.hook, "text": text}
-        with tqdm(total=args.tokens, unit="tok", disable=not args.progress) as bar:
+        with _token_bar(args) as bar:
             _, found = build_dashboard(
                 sae, source.model, source.tokenizer, out / name, about,
                 torch.tensor(movers, dtype=torch.int64), context_size=context_size,
@@ -585,8 +583,6 @@ def _drift_dashboards(args: argparse.Namespace, sae, cfg: TrainConfig, source, r
 def cmd_dashboard(args: argparse.Namespace) -> int:
     import time
 
-    from tqdm.auto import tqdm
-
     from .analysis.dashboard import build_dashboard, pick_latents
     from .analysis.dashboard_html import FILES
     from .files import check_replaceable
@@ -608,7 +604,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     cfg, model, tokenizer, context_size = _model_for_sae(args, sae)
     about = {"sae": str(args.sae), "model": cfg.model, "hook": cfg.hook, "text": args.text}
     started = time.perf_counter()
-    with tqdm(total=args.tokens, unit="tok", disable=not args.progress) as bar:
+    with _token_bar(args) as bar:
         meta, _ = build_dashboard(sae, model, tokenizer, args.out, about, features,
                                context_size=context_size, max_tokens=args.tokens,
                                batch_size=args.batch_size, progress=bar)  # fmt: skip
@@ -801,9 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for the top movers' dashboards on A (a/) and B (b/) and "
         "movers.html, each mover's pages side by side",
     )
-    dr.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
-    )
+    _add_progress_argument(dr)
     add_config_arguments(dr, ("data",))
     dr.set_defaults(fn=cmd_drift)
 
@@ -820,8 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("b", help="SAE folder B, of the same d_in")
     cmp.add_argument("--top", type=int, default=10, help="best and worst matches to list")
     cmp.add_argument("--text", help="also match by activation correlation on this text")
-    cmp.add_argument("--model", help="with --text: the model (default: A's recorded one)")
-    cmp.add_argument("--hook", help="with --text: the hook point (default: A's recorded one)")
+    _add_model_arguments(cmp, "A's recorded one; with --text")
     cmp.add_argument("--tokens", type=int, help="with --text: tokens to read (default: all)")
     cmp.add_argument(
         "--pairs",
@@ -829,9 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
         "3:17,5:9 (default: the best and worst decoder matches)",
     )
     cmp.add_argument("--device", default="auto", help="device (auto: cuda if available)")
-    cmp.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
-    )
+    _add_progress_argument(cmp)
     cmp.add_argument(
         "--out",
         help="folder for compare.json and cosines.png; with --text also dashboards of "
@@ -849,8 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("text", help="the text to explain")
     ex.add_argument("--sae", required=True, help="SAE folder")
-    ex.add_argument("--model", help="transformers model (default: the SAE's recorded one)")
-    ex.add_argument("--hook", help="hook point (default: the SAE's recorded one)")
+    _add_model_arguments(ex, "the SAE's recorded one")
     ex.add_argument("--top", type=int, default=5, help="latents per token")
     ex.add_argument("--contexts", help="reference text for the latents' summaries")
     ex.add_argument("--context-tokens", type=int, default=20000, help="tokens of --contexts")
@@ -871,8 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--sae", required=True, help="SAE folder")
     dash.add_argument("--text", required=True, help="'stdlib', a .txt or a .jsonl file")
     dash.add_argument("--out", required=True, help="dashboard folder (replaced whole)")
-    dash.add_argument("--model", help="transformers model (default: the SAE's recorded one)")
-    dash.add_argument("--hook", help="hook point (default: the SAE's recorded one)")
+    _add_model_arguments(dash, "the SAE's recorded one")
     dash.add_argument("--tokens", type=int, help="tokens to read (default: the whole text)")
     dash.add_argument(
         "--features",
@@ -881,9 +870,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dash.add_argument("--batch-size", type=int, default=32, help="text windows per forward")
     dash.add_argument("--device", default="auto", help="device (auto: cuda if available)")
-    dash.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
-    )
+    _add_progress_argument(dash)
     dash.set_defaults(fn=cmd_dashboard)
 
     demo = sub(
@@ -900,9 +887,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-latents", type=int, default=3072, help="dictionary size")
     demo.add_argument("--k", type=int, default=32, help="active latents per token")
     demo.add_argument("--hook", default="resid_post.3", help="hook point of MiniLM")
-    demo.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
-    )
+    _add_progress_argument(demo)
     demo.set_defaults(fn=cmd_demo)
 
     report = sub(
@@ -952,6 +937,26 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--format", help="format of path (default: detect)")
     inspect.set_defaults(fn=cmd_inspect)
     return parser
+
+
+def _add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    """--progress / --no-progress: a progress bar, on by default."""
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
+    )
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    """--model and --hook of a command that runs an SAE through a model (_model_for_sae)."""
+    parser.add_argument("--model", help=f"transformers model (default: {default})")
+    parser.add_argument("--hook", help=f"hook point (default: {default})")
+
+
+def _token_bar(args: argparse.Namespace):
+    """A tqdm bar over --tokens tokens (none given: open-ended), shown unless --no-progress."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=args.tokens, unit="tok", disable=not args.progress)
 
 
 def _add_sae_pass_arguments(parser: argparse.ArgumentParser, tokens_help: str) -> None:

@@ -20,18 +20,10 @@ from torch import Tensor
 
 from ..ops import SparseCode
 from .best_k import rank_within
+from .features import active_rows
 
 FLUSH_PAIRS = 1 << 24
 CHUNK_PAIRS = 1 << 22  # (token, a, b) candidates formed at a time
-
-
-def _padded(code: SparseCode | Tensor) -> tuple[Tensor, Tensor]:
-    """(values, indices): (n, w) the active latents of each row, zeros where fewer."""
-    if isinstance(code, SparseCode):
-        return code.values.float(), code.indices
-    width = max(int((code > 0).sum(1).max()), 1) if code.numel() else 1
-    top = code.float().topk(min(width, code.shape[1]), dim=1)
-    return top.values.clamp_min(0), top.indices
 
 
 @dataclass
@@ -87,8 +79,8 @@ class ActivationCorrelation:
 
     def add(self, code_a: SparseCode | Tensor, code_b: SparseCode | Tensor) -> None:
         """Count one batch of tokens: A's and B's codes of the same (n,) tokens."""
-        va, ia = _padded(code_a)
-        vb, ib = _padded(code_b)
+        va, ia = active_rows(code_a)
+        vb, ib = active_rows(code_b)
         va, vb = va.double(), vb.double()
         self.n += va.shape[0]
         self.sum_a.index_add_(0, ia.reshape(-1), va.reshape(-1))

@@ -24,7 +24,7 @@ from ..seeds import seeded_generator
 from ..sources.model import model_activations, token_windows
 from ..sources.text import documents
 from .best_k import BestK
-from .features import active_entries
+from .features import active_entries, active_rows
 
 TOP_EXAMPLES = 16
 SAMPLE_SIZE = 32
@@ -113,13 +113,15 @@ def _contexts(
 def _active_latents(code: SparseCode | Tensor, tokens: Tensor, slots: int) -> Tensor:
     """(c, slots): the latents active on each of tokens (c,), the largest first where more
     fired (a BatchTopK code's width is its batch's widest row), -1 where fewer."""
-    if isinstance(code, SparseCode):
-        values, indices = code.values[tokens], code.indices[tokens]
-    else:
-        values, indices = code[tokens], None
-    if values.shape[1] > slots or indices is None:
-        values, where = values.topk(min(slots, values.shape[1]), dim=1)
-        indices = where if indices is None else indices.gather(1, where)
+    rows = (
+        SparseCode(code.values[tokens], code.indices[tokens])
+        if isinstance(code, SparseCode)
+        else code[tokens]
+    )
+    values, indices = active_rows(rows)
+    if values.shape[1] > slots:
+        values, where = values.topk(slots, dim=1)
+        indices = indices.gather(1, where)
     found = torch.where(values > 0, indices, -1)
     return torch.nn.functional.pad(found, (0, slots - found.shape[1]), value=-1)
 

@@ -52,6 +52,16 @@ def active_entries(code: SparseCode | Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return code[pos, latent], latent, pos
 
 
+def active_rows(code: SparseCode | Tensor) -> tuple[Tensor, Tensor]:
+    """(values, indices): (n, w) each row's active latents (float values; zeros where a row
+    has fewer than the widest).  code: (n, k) or (n, m)."""
+    if isinstance(code, SparseCode):
+        return code.values.float(), code.indices
+    width = max(int((code > 0).sum(1).max()), 1) if code.numel() else 1
+    top = code.float().topk(min(width, code.shape[1]), dim=1)
+    return top.values.clamp_min(0), top.indices
+
+
 @torch.no_grad()
 def collect_activations(
     sae: SparseAutoencoder,
