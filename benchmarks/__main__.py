@@ -7,6 +7,7 @@
     python -m benchmarks run --suite distributed --preset cpu    # 1 process, data=2, latent=2
     python -m benchmarks table benchmarks/results/*.json        # the README's summary table
     python -m benchmarks kernels                               # compile level, sm_90, no GPU
+    python -m benchmarks hooks                                 # 6-hook run vs 6 single runs
 
 Writes <out>/<preset>-<time>.json, .md and .png and prints the markdown table.
 """
@@ -25,7 +26,7 @@ import torch
 
 import sae_fast
 
-from . import distributed, presets, report, suites
+from . import distributed, hooks, presets, report, suites
 from .compile import DEFAULT_OUT, DEFAULT_PRESETS
 from .impls import PEERS
 
@@ -90,6 +91,9 @@ def parser() -> argparse.ArgumentParser:
     )
     kernels.add_argument("--presets", default=DEFAULT_PRESETS, help="comma-separated presets")
     kernels.add_argument("--out", default=DEFAULT_OUT, help="output folder")
+    multi = sub.add_parser("hooks", help="SAEs of several hook points: one run against one each")
+    hooks.add_arguments(multi)
+    multi.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output folder")
     return ap
 
 
@@ -163,6 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         command = [sys.executable, "-m", "benchmarks.compile", "--presets", args.presets]
         command += ["--out", args.out]
         return subprocess.run(command, env=env).returncode
+    if args.command == "hooks":
+        result = hooks.run(args, _progress)
+        stem = args.out / f"hooks-cpu-{time.strftime('%Y%m%d-%H%M%S')}"
+        args.out.mkdir(parents=True, exist_ok=True)
+        report.write_json(stem.with_suffix(".json"), result)
+        table = hooks.markdown(result)
+        stem.with_suffix(".md").write_text(table + "\n")
+        print(table)
+        print(f"\nwrote {stem}.json, .md")
+        return 0
     if args.command == "table":
         print(report.summary({f.name: json.loads(f.read_text()) for f in args.files}))
         return 0

@@ -1,5 +1,5 @@
 """The `sae-fast` command: train, cache, eval, drift, compare, explain, dashboard, report,
-demo, toy, convert and inspect.
+layers, demo, toy, convert and inspect.
 
 Errors a user can fix (bad options, missing or damaged files, a folder in use, a hook point
 the model lacks, widths that disagree) print one line and exit with code 2; training that
@@ -128,6 +128,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, tuple(_GROUPS))
     device = resolve_device(local_device(cfg.device))
     layout = init_layout(cfg, device)
+    if cfg.hooks is not None:
+        return _train_hooks(cfg, args.resume or False, layout, device)
     finished = False
     try:
         source = build_rank_source(cfg, device, layout)
@@ -154,6 +156,41 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         return 130
     print(f"saved the SAE to {result.out_dir / SAE_DIR}")
+    return 0
+
+
+def _train_hooks(cfg: TrainConfig, resume: bool | str, layout, device) -> int:
+    """cmd_train for hooks: one SAE per hook point from one model pass, then the layer
+    sweep report of their training metrics."""
+    from .training import MultiTrainer
+    from .training.layout import close_layout
+
+    finished = False
+    try:
+        if layout.distributed:  # before the model loads on every process
+            raise ConfigError("--hooks trains in one process: run it without torchrun")
+        from .sources import build_source
+
+        source = build_source(cfg, device)
+        results = MultiTrainer(cfg, source, resume=resume, layout=layout).train()
+        finished = True
+    finally:
+        close_layout(layout, finished)
+    print(json.dumps({r.out_dir.name: {"step": r.step, **r.final} for r in results}, indent=2))
+    if any(r.interrupted for r in results):
+        print(
+            f"interrupted at step {results[0].step}; continue with: sae-fast train --resume "
+            f"--out-dir {shlex.quote(cfg.out_dir)}"
+        )
+        return 130
+    print(f"saved the SAEs to {Path(cfg.out_dir)}/HOOK/sae for the hooks {cfg.hooks}")
+    if cfg.plots:
+        from .analysis.layers import TRAINING_NOTE, training_rows, write_layer_report
+
+        hint = f"sae-fast layers {shlex.quote(cfg.out_dir)} --text FILE"
+        about = f"{TRAINING_NOTE} Held-out numbers: {hint}"
+        report = write_layer_report(cfg.out_dir, training_rows(cfg.out_dir), about)[-1]
+        print(f"layer sweep report: {report}")
     return 0
 
 
@@ -646,6 +683,42 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_layers(args: argparse.Namespace) -> int:
+    from .analysis.layers import (
+        TRAINING_NOTE,
+        evaluated_rows,
+        load_saes,
+        training_rows,
+        write_layer_report,
+    )
+
+    run = Path(args.run)
+    if args.text is None:
+        rows, about = training_rows(run), TRAINING_NOTE
+    else:
+        from .sources import build_source
+        from .training.checkpoints import RUN_CONFIG_FILE
+        from .training.config import resolve_device
+
+        check_text(args.text, "--text")
+        device = resolve_device(check_device(args.device, "--device"))
+        saes = load_saes(run, device)
+        cfg = TrainConfig.from_file(run / RUN_CONFIG_FILE, text=args.text, out_dir=str(run))
+        source = build_source(cfg, device)
+        rows = evaluated_rows(saes, source, args.tokens, args.batch_size, args.ce_windows)
+        ce = f"; CE loss score over {args.ce_windows} windows" if "ce_loss_score" in rows[0] else ""
+        about = (
+            f"Held out: the same {rows[0]['tokens']:,} tokens of {args.text} for every SAE, "
+            "from one model pass (explained variance: SAEBench's per-token mean; dead: never "
+            f"fired on those tokens{ce})."
+        )
+    for row in rows:
+        cells = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float))
+        print(f"{row['hook']}: {cells}")
+    print(f"layer sweep report: {write_layer_report(run, rows, about)[-1]}")
+    return 0
+
+
 def cmd_toy(args: argparse.Namespace) -> int:
     from .apps.toy import run_toy
 
@@ -905,6 +978,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--device", default="auto", help="device (auto: cuda if available)")
     report.add_argument("--out", help="the HTML file (default: RUN/report.html)")
     report.set_defaults(fn=cmd_report)
+
+    layers = sub(
+        "layers",
+        help="compare the SAEs of a multi-hook run (train --hooks) layer by layer",
+        description="Write layers.html, layers.png and layers.json in a multi-hook run folder: "
+        "FVU, explained variance, L0, dead and dense fractions per hook point and, for a "
+        "causal LM, the CE loss score. From each SAE's training metrics, or with --text "
+        "evaluated on that held-out text (every SAE on the same tokens, from one model pass).",
+    )
+    layers.add_argument("run", help="multi-hook run folder (the --out-dir of train --hooks)")
+    layers.add_argument("--text", help="held-out text to evaluate on (default: training metrics)")
+    layers.add_argument("--tokens", type=int, default=32768, help="tokens to evaluate on")
+    layers.add_argument("--batch-size", type=int, default=4096, help="activations per batch")
+    layers.add_argument("--ce-windows", type=int, default=64, help="text windows for CE")
+    layers.add_argument("--device", default="auto", help="device (auto: cuda if available)")
+    layers.set_defaults(fn=cmd_layers)
 
     toy = sub(
         "toy",

@@ -44,6 +44,26 @@ def _find_chromium() -> str | None:
 
 
 CHROMIUM: str | None = _find_chromium()
+# CI sets SAE_FAST_REQUIRE_BROWSER=1: there a missing browser or driver fails, so a skipped
+# check never reads as a passing one.
+REQUIRED = os.environ.get("SAE_FAST_REQUIRE_BROWSER") == "1"
+
+
+def require_browser() -> None:
+    """Skip the calling test module when Chromium or websocket-client is missing (fail
+    instead under SAE_FAST_REQUIRE_BROWSER=1)."""
+    import pytest
+
+    missing = []
+    if CHROMIUM is None:
+        missing.append("no Chromium found: install chromium or set SAE_FAST_CHROMIUM")
+    if not HAS_DRIVER:
+        missing.append("websocket-client is not installed (the dev extra)")
+    if missing and REQUIRED:
+        pytest.fail(f"SAE_FAST_REQUIRE_BROWSER=1 but {'; '.join(missing)}")
+    if missing:
+        pytest.skip("; ".join(missing))
+
 
 _FLAGS = (
     "--headless=new",

@@ -182,3 +182,21 @@ def test_compile_level_benchmark_at_the_gpu_preset(tmp_path, capsys):
     assert 0 < encoder["selection_per_tile"] < encoder["epilogue_static"]
     assert gpu["plain_gemm"]["gemm_per_tile"] > 0
     assert "| gpu | encoder |" in json_file.with_suffix(".md").read_text()
+
+
+def test_the_hooks_benchmark_times_both_ways_and_checks_them_equal(tmp_path, capsys):
+    from model_folders import save_bert, write_corpus
+
+    model = save_bert(tmp_path / "bert")
+    text = write_corpus(tmp_path / "text.txt")
+    args = ["hooks", "--model", model, "--hooks", "resid_post.0-1", "--text", text]
+    args += ["--steps", "2", "--batch-size", "32", "--n-latents", "64", "--k", "4"]
+    args += ["--shuffle-buffer", "64", "--context-size", "16", "--repeats", "1"]
+    args += ["--out", str(tmp_path / "out")]
+    assert cli.main(args) == 0
+    (record,) = (tmp_path / "out").glob("hooks-cpu-*.json")
+    run = json.loads(record.read_text())
+    assert run["bit_equal"] is True and run["options"]["hooks"] == ["resid_post.0", "resid_post.1"]
+    assert run["sae_tokens"] == 2 * 32 * 2
+    assert run["speedup"] == run["median_seconds"]["single"] / run["median_seconds"]["multi"]
+    assert "Speed-up" in capsys.readouterr().out

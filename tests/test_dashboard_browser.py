@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 import torch
-from browser import CHROMIUM, HAS_DRIVER, Browser
+from browser import Browser, require_browser
 from model_folders import save_model, write_corpus
 from models import WIDTH
 
@@ -28,23 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 ARTEFACTS = Path(os.environ.get("SAE_FAST_ARTEFACTS", REPO / "test-artefacts")) / "dashboard"
 N_LATENTS = 300  # over the index's 200-row page, so "more" has rows to show
 MORE_HIDDEN = "document.getElementById('more').hidden"
-# CI sets SAE_FAST_REQUIRE_BROWSER=1: there a missing browser or driver fails, so a skipped
-# check never reads as a passing one.
-REQUIRED = os.environ.get("SAE_FAST_REQUIRE_BROWSER") == "1"
 DEAD = 7
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _chromium():
-    missing = []
-    if CHROMIUM is None:
-        missing.append("no Chromium found: install chromium or set SAE_FAST_CHROMIUM")
-    if not HAS_DRIVER:
-        missing.append("websocket-client is not installed (the dev extra)")
-    if missing and REQUIRED:
-        pytest.fail(f"SAE_FAST_REQUIRE_BROWSER=1 but {'; '.join(missing)}")
-    if missing:
-        pytest.skip("; ".join(missing))
+    require_browser()
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,10 @@ from .hooks import (
     model_device,
     model_location,
     probe_hook,
+    probe_hooks,
     resolve_hook,
     run_to_hook,
+    run_to_hooks,
     splice,
 )
 from .model import (
@@ -32,6 +34,7 @@ from .model import (
     special_tokens,
     token_windows,
 )
+from .streams import HookStream, hook_streams
 from .synthetic import HELD_OUT_STREAM, SyntheticSource, feature_recovery
 from .text import documents, stdlib_docstrings, text_file
 
@@ -42,6 +45,7 @@ __all__ = [
     "CacheSource",
     "DataOptions",
     "HookPointError",
+    "HookStream",
     "ModelSource",
     "ShuffleBuffer",
     "SourceError",
@@ -53,6 +57,7 @@ __all__ = [
     "feature_recovery",
     "hook_module_path",
     "hook_points",
+    "hook_streams",
     "is_causal_lm",
     "load_model",
     "minilm_path",
@@ -62,9 +67,11 @@ __all__ = [
     "model_location",
     "pad_windows",
     "probe_hook",
+    "probe_hooks",
     "read_manifest",
     "resolve_hook",
     "run_to_hook",
+    "run_to_hooks",
     "special_tokens",
     "splice",
     "stdlib_docstrings",

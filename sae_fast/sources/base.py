@@ -139,8 +139,9 @@ class ShuffleBuffer:
         self._count = new_count
         return out
 
-    def state_dict(self) -> dict:
-        rows = None if self._rows is None else self._rows[: self._count].cpu().clone()
+    def state_dict(self, columns: slice = slice(None)) -> dict:
+        """The pool's rows (only `columns` of them) and the generator's state."""
+        rows = None if self._rows is None else self._rows[: self._count, columns].cpu().clone()
         return {"rows": rows, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..options import parse_hooks
 from ..validation import parse_dtype
 from .base import ActivationSource
 from .cache import CacheSource
@@ -21,6 +22,7 @@ class DataOptions(Protocol):
     source: str
     model: str | None
     hook: str | None
+    hooks: str | None
     text: str
     context_size: int
     model_batch_size: int
@@ -70,11 +72,11 @@ def model_source(
     part: tuple[int, int] = (0, 1),
 ) -> ModelSource:
     """The ModelSource options describe, over a model already loaded (several texts through
-    one model load it once)."""
+    one model load it once); with hooks, on all of them (sources.hook_streams splits it)."""
     return ModelSource(
         model,
         tokenizer,
-        options.hook,
+        parse_hooks(options.hooks) if options.hooks else options.hook,
         options.text,
         context_size=options.context_size,
         batch_size=options.model_batch_size,

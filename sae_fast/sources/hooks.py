@@ -10,7 +10,7 @@ read at its first element. transformers is imported only by load_model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,16 +221,48 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def run_to_hooks(model: nn.Module, names: Sequence[str], **inputs: Tensor) -> list[Tensor]:
+    """model(**inputs) up to the last of the hook points names to run, whose outputs it
+    returns in the order of names; the layers after that never run."""
+    held: dict[int, Tensor] = {}
+    wanted = len(names)
+
+    def recorder(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
+            held[index] = _first(output)
+            if len(held) == wanted:
+                raise _StopForwardError
+
+        return hook
+
+    modules = [resolve_hook(model, name) for name in names]
+    handles = [m.register_forward_hook(recorder(i)) for i, m in enumerate(modules)]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except _StopForwardError:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for i, name in enumerate(names) if i not in held]
+    if missing:
+        raise SourceError(f"hook point(s) {missing} did not run in a forward of the model")
+    return [held[i] for i in range(wanted)]
+
+
 def run_to_hook(model: nn.Module, name: str, **inputs: Tensor) -> Tensor:
     """model(**inputs) up to hook point name, whose output it returns; later layers never run."""
-    with torch.no_grad(), capture(model, name, stop=True) as held:
-        model(**inputs)
-    if held.output is None:
-        raise SourceError(f"hook point {name!r} did not run in a forward of the model")
-    return held.output
+    return run_to_hooks(model, [name], **inputs)[0]
+
+
+def probe_hooks(model: nn.Module, names: Sequence[str]) -> list[Tensor]:
+    """The outputs of hook points names for a one-token input: (1, 1, d) each, in the dtype
+    each produces."""
+    ids = torch.zeros(1, 1, dtype=torch.long, device=model_device(model))
+    return run_to_hooks(model, names, input_ids=ids)
 
 
 def probe_hook(model: nn.Module, name: str) -> Tensor:
     """Hook point name's output for a one-token input: (1, 1, d), in the dtype it produces."""
-    ids = torch.zeros(1, 1, dtype=torch.long, device=model_device(model))
-    return run_to_hook(model, name, input_ids=ids)
+    return probe_hooks(model, [name])[0]

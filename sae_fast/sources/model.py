@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..seeds import seeded_generator
 from ..validation import check_int, dtype_name
 from .base import ShuffleBuffer, SourceError, check_state, part_rows
-from .hooks import hook_module_path, model_device, probe_hook, run_to_hook
+from .hooks import hook_module_path, model_device, probe_hooks, run_to_hooks
 from .text import documents
 
 T = TypeVar("T")
@@ -81,18 +81,19 @@ def pad_windows(batch: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
 def model_activations(
     model: nn.Module,
     tokenizer: Any,
-    hook: str,
+    hook: str | Sequence[str],
     windows: Iterable[list[int]],
     batch_size: int = 32,
     device: torch.device | str | None = None,
     exclude_special: bool = True,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Per window, (token_ids: (t,), activations: (t, d)) at hook point hook.
+    """Per window, (token_ids: (t,), activations: (t, d)) at hook point hook; for several
+    hook points, their activations side by side: (t, d_1 + d_2 + ...), in their order.
 
     Windows run batch_size at a time, right-padded; padding is never yielded, and with
     exclude_special neither are the tokenizer's own special tokens (their norms are outliers).
-    The forward stops after the hook point. token_ids are on the CPU, activations on device
-    (default: the model's).
+    The forward stops after the (last) hook point. token_ids are on the CPU, activations on
+    device (default: the model's).
     """
     _check_positive(batch_size=batch_size)
     device = model_device(model) if device is None else torch.device(device)
@@ -101,24 +102,32 @@ def model_activations(
     special = torch.tensor(prefix + suffix if exclude_special else [], dtype=torch.long)
     for batch in _batched(windows, batch_size):
         ids, mask = pad_windows(batch, pad)
-        acts = run_to_hook(model, hook, input_ids=ids.to(device), attention_mask=mask.to(device))
+        inputs = dict(input_ids=ids.to(device), attention_mask=mask.to(device))
+        found = run_to_hooks(model, [hook] if isinstance(hook, str) else hook, **inputs)
+        acts = found[0] if len(found) == 1 else torch.cat(found, dim=-1)
         keep = mask.bool() & ~torch.isin(ids, special)
         for row in range(len(batch)):
             yield ids[row, keep[row]], acts[row, keep[row].to(device)]
 
 
-def model_description(model: nn.Module, hook: str) -> dict:
-    """JSON-able model, architecture, hook point and the module path it names."""
-    return {
+def model_description(model: nn.Module, hook: str | Sequence[str]) -> dict:
+    """JSON-able model, architecture, hook point and the module path it names (for several
+    hook points: "hooks" and "modules", in their order)."""
+    found = {
         "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
         "architecture": type(model).__name__,
-        "hook": hook,
-        "module": hook_module_path(model, hook),
     }
+    if isinstance(hook, str):
+        return {**found, "hook": hook, "module": hook_module_path(model, hook)}
+    return {**found, "hooks": list(hook), "modules": [hook_module_path(model, h) for h in hook]}
 
 
 class ModelSource:
     """Shuffled activations of model at hook point hook on the documents named by documents_spec.
+
+    hook may name several hook points: one forward per batch of windows serves them all, a
+    row holds their activations side by side (widths: theirs, d_in: their sum) and one
+    shuffle moves them together (sources.hook_streams splits them, one stream per hook).
 
     Windows of context_size tokens run batch_size per forward into a ShuffleBuffer of
     shuffle_buffer rows on device (default: the model's), from which next_batch draws; the
@@ -136,7 +145,7 @@ class ModelSource:
         self,
         model: nn.Module,
         tokenizer: Any,
-        hook: str,
+        hook: str | Sequence[str],
         documents_spec: str | Path,
         context_size: int = 128,
         batch_size: int = 32,
@@ -147,22 +156,30 @@ class ModelSource:
         part: tuple[int, int] = (0, 1),
     ) -> None:
         part_rows(0, *part)  # checks part
-        hook_module_path(model, hook)  # a bad hook point fails first, before any text is read
+        self.hooks = (hook,) if isinstance(hook, str) else tuple(hook)
+        if not self.hooks or len(set(self.hooks)) < len(self.hooks):
+            raise SourceError(f"hook points must be distinct and at least one, got {hook!r}")
+        for name in self.hooks:  # a bad hook point fails first, before any text is read
+            hook_module_path(model, name)
         _check_positive(context_size=context_size, batch_size=batch_size)
         max_positions = getattr(model.config, "max_position_embeddings", None)
         if max_positions is not None and context_size > max_positions:
             raise SourceError(
                 f"context_size ({context_size}) exceeds the model's {max_positions} positions"
             )
-        self.model, self.tokenizer, self.hook = model, tokenizer, hook
+        self.model, self.tokenizer = model, tokenizer
+        self.hook = hook if isinstance(hook, str) else self.hooks
         self.documents_spec, self.context_size = documents_spec, context_size
         self.batch_size, self.seed, self.exclude_special = batch_size, seed, exclude_special
         self.part = tuple(part)
         self.device = model_device(model) if device is None else torch.device(device)
         if next(self._epoch_windows(), None) is None:
             raise SourceError(f"text source {str(documents_spec)!r} holds no text")
-        probe = probe_hook(model, hook)
-        self.d_in, self.dtype = probe.shape[-1], probe.dtype
+        probes = probe_hooks(model, self.hooks)
+        if len({p.dtype for p in probes}) > 1:
+            raise SourceError(f"hook points {list(self.hooks)} produce different dtypes")
+        self.widths = tuple(p.shape[-1] for p in probes)
+        self.d_in, self.dtype = sum(self.widths), probes[0].dtype
         # Part 0 shuffles as a single process does; the others draw orders of their own.
         order_seed = seed if part[0] == 0 else seeded_generator(seed, part[0]).initial_seed()
         self.buffer = ShuffleBuffer(shuffle_buffer, self._refill, order_seed, self.device)
@@ -202,29 +219,36 @@ class ModelSource:
         lo, hi = part_rows(n, *part)
         return self.buffer.take(hi - lo)
 
-    def _identity(self) -> dict:
+    def identity(self) -> dict:
+        """What pins the stream, stored with its state and compared on load."""
         # The model's path may move between runs; its class and width still pin the stream.
         return {k: v for k, v in self.describe().items() if k != "model"}
 
-    def state_dict(self) -> dict:
-        return {
-            "identity": self._identity(),
-            "epoch": self.epoch,
-            "position": self.position,
-            "buffer": self.buffer.state_dict(),
-        }
+    def position_state(self, columns: slice = slice(None)) -> dict:
+        """The stream's place (epoch, window, shuffle generator) and the buffered rows'
+        columns `columns`: a state_dict without the identity."""
+        buffer = self.buffer.state_dict(columns)
+        return {"epoch": self.epoch, "position": self.position, "buffer": buffer}
 
-    def load_state_dict(self, state: dict) -> None:
-        check_state(state, self._identity())
+    def load_position(self, state: dict) -> None:
+        """Continue from a position_state holding every column."""
         self.epoch, self.position = state["epoch"], state["position"]
         self.buffer.load_state_dict(state["buffer"])
         self._windows = None
+
+    def state_dict(self) -> dict:
+        return {"identity": self.identity(), **self.position_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        check_state(state, self.identity())
+        self.load_position(state)
 
     def describe(self) -> dict:
         return {
             "kind": "model",
             **model_description(self.model, self.hook),
             "d_in": self.d_in,
+            **({"widths": list(self.widths)} if len(self.hooks) > 1 else {}),
             "dtype": dtype_name(self.dtype),
             "text": str(self.documents_spec),
             "context_size": self.context_size,

@@ -2,6 +2,7 @@
 
 - config: TrainConfig (every option of `sae-fast train`, its help, file loading, checks);
 - trainer: Trainer, the step and the loop, exact resume;
+- multi: MultiTrainer, one SAE per hook point from one model pass;
 - losses: each activation's loss terms (reconstruction, AuxK, L1, L0, gated aux);
 - metrics: MSE/FVU/L0, dead and dense latent counters, the JSONL log;
 - checkpoints: atomic step-N folders of the run state, rotation;
@@ -14,6 +15,7 @@ from ..lazy import exports
 
 _EXPORTS = {
     "ConfigError": ".config",
+    "MultiTrainer": ".multi",
     "TrainConfig": ".config",
     "TrainResult": ".trainer",
     "Trainer": ".trainer",

@@ -18,7 +18,14 @@ if TYPE_CHECKING:
     import torch
 
 from ..files import parse_json, read_text
-from ..options import ACTIVATION_DTYPES, ACTIVATIONS, BACKENDS, PARAMETER_DTYPES, is_int
+from ..options import (
+    ACTIVATION_DTYPES,
+    ACTIVATIONS,
+    BACKENDS,
+    PARAMETER_DTYPES,
+    is_int,
+    parse_hooks,
+)
 
 SOURCE_CHOICES = ("model", "cache", "synthetic")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -97,6 +104,14 @@ class TrainConfig:
     hook: str | None = _opt(
         None,
         "hook point: resid_post.L, mlp_out.L, attn_out.L or a module path (source=model)",
+        "data",
+        resume=REFUSE,
+    )
+    hooks: str | None = _opt(
+        None,
+        "several hook points, one SAE each from one model forward per batch, e.g. "
+        "resid_post.0-5 or resid_post.2,mlp_out.2 (instead of hook; each SAE's run is the "
+        "folder out_dir/HOOK)",
         "data",
         resume=REFUSE,
     )
@@ -318,8 +333,15 @@ class TrainConfig:
             raise ConfigError(f"lr_decay_start must be in [0, 1], got {self.lr_decay_start!r}")
         if not 0 < self.dense_threshold <= 1:
             raise ConfigError(f"dense_threshold must be in (0, 1], got {self.dense_threshold!r}")
-        if self.source == "model" and (not self.model or not self.hook):
-            raise ConfigError("source=model needs both model and hook")
+        if self.hooks is not None:
+            if self.source != "model" or self.hook is not None:
+                raise ConfigError("hooks replaces hook, and needs source=model")
+            try:
+                parse_hooks(self.hooks)
+            except ValueError as e:
+                raise ConfigError(f"hooks: {e}") from None
+        if self.source == "model" and (not self.model or not (self.hook or self.hooks)):
+            raise ConfigError("source=model needs both model and hook (or hooks)")
         if self.source == "cache" and not self.cache_dir:
             raise ConfigError("source=cache needs cache_dir")
         if self.source == "synthetic" and self.synthetic_active > self.synthetic_features:

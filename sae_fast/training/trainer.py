@@ -25,9 +25,12 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -53,6 +56,20 @@ _BATCHTOPK_EMA = 0.01  # threshold estimate update rate (Bussmann et al. 2024)
 
 class TrainingDivergedError(RuntimeError):
     """Loss or activations became NaN/Inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class Loop:
+    """A run between Trainer.running() and finish(): its last step, logs and last row."""
+
+    stop: int
+    log: MetricsLog
+    sinks: Any
+    bar: Any
+    label: str
+    started: float
+    tokens_at: int
+    row: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -162,7 +179,7 @@ class Trainer:
         self.scale = 1.0
         self.batchtopk_threshold: float | None = None
         self._lock = None
-        self._acquire()
+        self.acquire()
         try:
             if layout.main:
                 for folder in (self.out_dir, self.checkpoints):
@@ -230,7 +247,8 @@ class Trainer:
             raise ConfigError(f"matryoshka: {e}") from None
         return prefixes
 
-    def _acquire(self) -> None:
+    def acquire(self) -> None:
+        """Lock out_dir (again, after close()); FolderInUseError if another run holds it."""
         if self._lock is None and self.layout.main:
             self._lock = lock_folder(self.out_dir, "sae-fast training run")
             self._lock.__enter__()
@@ -365,18 +383,33 @@ class Trainer:
         Ctrl-C finishes the step, saves a checkpoint and returns with interrupted=True;
         NaN/Inf raises TrainingDivergedError without saving over the last good checkpoint.
         """
-        self._acquire()
+        self.acquire()
         try:
             return self._train(until)
         finally:
             self.close()
 
     def _train(self, until: int | None) -> TrainResult:
+        bar = progress_bar(self.cfg, self.step, self.layout.main)
+        with StopOnInterrupt() as interrupt, bar, self.running(until, bar) as loop:
+            while self.step < loop.stop and not self._stop_requested(interrupt):
+                self.advance(loop)
+        return self.finish(loop, self._stop_requested(interrupt))
+
+    @contextmanager
+    def running(
+        self, until: int | None = None, bar=None, label: str = "", warnings: bool = True
+    ) -> Iterator[Loop]:
+        """The run's logs opened for the steps to cfg.steps (or to step `until`): the Loop
+        that advance() drives to loop.stop and finish() ends. bar: a tqdm bar to update
+        (None: the caller shows progress); label starts the printed log lines; warnings:
+        say where defaults meant for long runs cannot act (once for runs alike)."""
         cfg, main = self.cfg, self.layout.main
         stop = min(cfg.steps, until) if until is not None else cfg.steps
         if main:
             self._write_run_config()
-            self._warn_about_short_runs()
+            if warnings:
+                self._warn_about_short_runs()
         log = MetricsLog(self.out_dir / checkpoints.METRICS_FILE)
         if main:
             log.truncate_after(self.step)
@@ -388,28 +421,35 @@ class Trainer:
             wandb_project=cfg.wandb_project,
             resume_step=self.step or None,
         )
-        bar = _progress(cfg, self.step, main)
-        row: dict = {}
-        started, tokens_at = time.perf_counter(), self.stats.tokens
-        with _StopOnInterrupt() as interrupt, bar, sinks:
-            while self.step < stop and not self._stop_requested(interrupt):
-                row = self._train_step()
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == stop:
-                    now = time.perf_counter()
-                    row = self._log_row(row, (self.stats.tokens - tokens_at) / (now - started))
-                    started, tokens_at = now, self.stats.tokens
-                    if main:
-                        log.write(row)
-                        sinks.write(row)
-                    if not cfg.progress and main:
-                        print(_log_line(row, cfg.steps), flush=True)
-                    bar.set_postfix(
-                        fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=row["dead_fraction"]
-                    )
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
-        interrupted = self._stop_requested(interrupt)
+        with sinks:
+            yield Loop(stop, log, sinks, bar, label, time.perf_counter(), self.stats.tokens)
+
+    def advance(self, loop: Loop) -> None:
+        """One optimizer step of loop, logged and checkpointed as configured."""
+        cfg, main = self.cfg, self.layout.main
+        row = self._train_step()
+        if loop.bar is not None:
+            loop.bar.update(1)
+        if self.step % cfg.log_every == 0 or self.step == loop.stop:
+            now = time.perf_counter()
+            row = self._log_row(row, (self.stats.tokens - loop.tokens_at) / (now - loop.started))
+            loop.started, loop.tokens_at = now, self.stats.tokens
+            if main:
+                loop.log.write(row)
+                loop.sinks.write(row)
+            if not cfg.progress and main:
+                print(loop.label + _log_line(row, cfg.steps), flush=True)
+            if loop.bar is not None:
+                loop.bar.set_postfix(
+                    fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=row["dead_fraction"]
+                )
+        loop.row = row
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+
+    def finish(self, loop: Loop, interrupted: bool) -> TrainResult:
+        """End loop: the checkpoint of this step, and at cfg.steps the SAE and the plots."""
+        cfg, main = self.cfg, self.layout.main
         self.save_checkpoint()
         sae = self.export()
         if self.step == cfg.steps:
@@ -419,9 +459,9 @@ class Trainer:
                 from .plots import plot_run
 
                 plot_run(self.out_dir, frequencies)
-        return TrainResult(sae, self.step, row, self.out_dir, interrupted)
+        return TrainResult(sae, self.step, loop.row, self.out_dir, interrupted)
 
-    def _stop_requested(self, interrupt: _StopOnInterrupt) -> bool:
+    def _stop_requested(self, interrupt: StopOnInterrupt) -> bool:
         """Whether any rank was interrupted: all stop after the same step."""
         if not self.layout.distributed:
             return interrupt.requested
@@ -739,7 +779,7 @@ def _log_line(row: dict, steps: int) -> str:
     )
 
 
-class _StopOnInterrupt:
+class StopOnInterrupt:
     """While active, the first Ctrl-C (SIGINT) asks the loop to stop after the current step.
 
     Stopping between steps keeps model, optimizer and data position consistent for the
@@ -756,7 +796,7 @@ class _StopOnInterrupt:
         signal.signal(signal.SIGINT, self._previous)
         print("\nsae-fast: stopping after this step and saving a checkpoint (Ctrl-C again aborts)")
 
-    def __enter__(self) -> _StopOnInterrupt:
+    def __enter__(self) -> StopOnInterrupt:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
@@ -766,7 +806,8 @@ class _StopOnInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _progress(cfg: TrainConfig, initial: int, main: bool):
+def progress_bar(cfg: TrainConfig, initial: int, main: bool):
+    """The tqdm bar of a run at step initial, shown when cfg.progress on the main process."""
     from tqdm.auto import tqdm
 
     shown = cfg.progress and main
