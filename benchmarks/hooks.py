@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from sae_fast.options import parse_hooks
-from sae_fast.sources import ModelSource, load_model
+from sae_fast.sources import load_model
+from sae_fast.sources.factory import model_source
 from sae_fast.training import MultiTrainer, TrainConfig, Trainer
 
 from . import report
@@ -63,23 +64,10 @@ def _config(args: argparse.Namespace, out_dir: Path, **kw) -> TrainConfig:
     )
 
 
-def _source(cfg: TrainConfig, model, tokenizer, hook) -> ModelSource:
-    return ModelSource(
-        model,
-        tokenizer,
-        hook,
-        cfg.text,
-        context_size=cfg.context_size,
-        batch_size=cfg.model_batch_size,
-        shuffle_buffer=cfg.shuffle_buffer,
-        seed=cfg.seed,
-    )
-
-
 def _multi(args, model, tokenizer, hooks, out: Path) -> tuple[float, list]:
     cfg = _config(args, out, hooks=",".join(hooks))
     start = time.perf_counter()
-    results = MultiTrainer(cfg, _source(cfg, model, tokenizer, hooks)).train()
+    results = MultiTrainer(cfg, model_source(cfg, model, tokenizer, "cpu")).train()
     return time.perf_counter() - start, [r.sae for r in results]
 
 
@@ -87,7 +75,7 @@ def _singles(args, model, tokenizer, hooks, out: Path) -> tuple[float, list]:
     start, saes = time.perf_counter(), []
     for hook in hooks:
         cfg = _config(args, out / hook, hook=hook)
-        saes.append(Trainer(cfg, _source(cfg, model, tokenizer, hook)).train().sae)
+        saes.append(Trainer(cfg, model_source(cfg, model, tokenizer, "cpu")).train().sae)
     return time.perf_counter() - start, saes
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import row_shards
 from .files import atomic_path, check_regular, read_json, save_safetensors
+from .sae_config import DEFAULTS, OPTIONAL
 
 FORMAT = "sae_fast"
 FORMAT_VERSION = 1
@@ -65,8 +66,8 @@ def write(path: str | Path, config: dict, tensors: dict[str, Tensor]) -> None:
 def write_config(folder: Path, config: dict) -> None:
     """cfg.json of config, stamped with the format (after the weights, single or sharded)."""
     with atomic_path(folder / CONFIG_FILE) as tmp:
-        # A plain SAE's cfg.json omits matryoshka, so older sae_fast versions still read it.
-        mine = {k: v for k, v in config.items() if k != "matryoshka" or v is not None}
+        # A plain SAE's cfg.json omits the newer fields, so older sae_fast versions read it.
+        mine = {k: v for k, v in config.items() if k not in OPTIONAL or v != DEFAULTS[k]}
         body = {"format": FORMAT, "format_version": FORMAT_VERSION, **mine}
         tmp.write_text(json.dumps(body, indent=2) + "\n")
 

@@ -276,12 +276,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result |= ce_loss_recovered(
             source.model,
             source.tokenizer,
-            cfg.hook,
+            cfg.hook_out if sae.transcoder else cfg.hook,
             sae,
             cfg.text,
             cfg.context_size,
             cfg.model_batch_size,
             args.ce_windows,
+            hook_in=cfg.hook_in if sae.transcoder else None,
         )
     text = json.dumps(result, indent=2)
     print(text)
@@ -563,6 +564,9 @@ def _model_for_sae(args: argparse.Namespace, sae) -> tuple[TrainConfig, object, 
 
     given = {k: v for k, v in (("model", args.model), ("hook", args.hook)) if v}
     options = recorded_data_options(sae.provenance, given)
+    if sae.transcoder:  # its latents read its input hook point
+        options = {**options, "hook": args.hook or options.get("hook_in")}
+    options = {k: v for k, v in options.items() if k not in ("hooks", "hook_in", "hook_out")}
     if not options.get("model") or not options.get("hook"):
         raise ConfigError("--model and --hook: the SAE records none; give them")
     cfg = TrainConfig.from_dict({**options, "source": "model"}, where="the data options")

@@ -4,6 +4,7 @@ answers --help) from these before anything imports torch."""
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 
 # SAE activations; those with a k are computed by the sparse TopK ops (and trained with AuxK).
 ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "gated")
@@ -45,3 +46,36 @@ def parse_hooks(spec: str) -> list[str]:
     if repeated:
         raise ValueError(f"{repeated} named more than once in {spec!r}")
     return hooks
+
+
+def check_matryoshka(prefixes: object, n_latents: int, activation: object) -> None:
+    """A Matryoshka SAE's prefix sizes: ascending ints in 1..n_latents ending at n_latents,
+    on a TopK or BatchTopK SAE; ValueError says what is wrong."""
+    if activation not in SPARSE_ACTIVATIONS:
+        raise ValueError(f"matryoshka needs activation topk or batchtopk, not {activation!r}")
+    if (
+        not isinstance(prefixes, list | tuple)
+        or not prefixes
+        or any(isinstance(p, bool) or not isinstance(p, int) for p in prefixes)
+        or any(a >= b for a, b in pairwise(prefixes))
+        or prefixes[0] < 1
+        or prefixes[-1] != n_latents
+    ):
+        raise ValueError(
+            f"matryoshka must be ascending prefix sizes ending at n_latents={n_latents}, got "
+            f"{prefixes!r}"
+        )
+
+
+def parse_matryoshka(spec: str, n_latents: int) -> list[int] | None:
+    """'1024,4096' as prefix sizes for n_latents latents (n_latents appended when the last is
+    smaller: the whole dictionary is the last prefix; the whole dictionary alone is a plain
+    SAE, None); ValueError says what is wrong."""
+    try:
+        prefixes = [int(part) for part in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"expected prefix sizes like 1024,4096, got {spec!r}") from None
+    if prefixes and prefixes[-1] < n_latents:
+        prefixes.append(n_latents)
+    check_matryoshka(prefixes, n_latents, "topk")
+    return prefixes if len(prefixes) > 1 else None

@@ -27,8 +27,9 @@ _SEED_BLOCK = 4096  # latents per seeded block of seed_parameters_
 class SAEOutput:
     """What forward returns.
 
-    x_hat: (..., d_in) reconstruction. code: a SparseCode (..., width) for topk and for
-    batchtopk while training or uncalibrated; a dense (..., n_latents) tensor otherwise.
+    x_hat: (..., d_out) reconstruction (a transcoder's prediction). code: a SparseCode
+    (..., width) for topk and for batchtopk while training or uncalibrated; a dense
+    (..., n_latents) tensor otherwise.
     pre: the dense activations' pre-activation (..., n_latents), for their sparsity losses
     (jumprelu's L0, gated's L1 and aux losses: the gate's pi_gate); None where the sparse
     TopK ops ran (topk; batchtopk while training or uncalibrated).
@@ -46,6 +47,10 @@ class SparseAutoencoder(nn.Module):
     b_dec (d,); jumprelu adds log_threshold (m,); gated adds r_mag (m,) and b_mag (m,), with
     b_enc serving as the gate bias. batchtopk keeps a buffer ``threshold`` (scalar) used at
     inference once a trainer has calibrated it (negative means not yet: batch top-k is used).
+
+    transcoder: encode x (..., d_in) without subtracting b_dec and predict another activation
+    (..., d_out) (Dunefsky et al. 2024): W_dec (m, d_out), b_dec (d_out,). skip_connection adds
+    x @ W_skip.T, W_skip (d_out, d_in), zero at the start, to the output.
 
     input_norm: per-token normalisation around the SAE, as some checkpoints expect:
     "layer_norm" (x - mean) / (std + 1e-5) (Gao et al. 2024), "constant_norm" x * sqrt(d) /
@@ -74,12 +79,18 @@ class SparseAutoencoder(nn.Module):
         jumprelu_init_threshold: float = 1e-3,
         input_norm: str = "none",
         matryoshka: list[int] | None = None,
+        transcoder: bool = False,
+        d_out: int | None = None,
+        skip_connection: bool = False,
         provenance: dict | None = None,
     ) -> None:
         super().__init__()
         check_hyperparameters(
-            d_in, n_latents, k, activation, input_norm, jumprelu_bandwidth, matryoshka
-        )
+            d_in, n_latents, k, activation, input_norm, jumprelu_bandwidth, matryoshka,
+            transcoder, d_out, skip_connection,
+        )  # fmt: skip
+        self.transcoder, self.skip_connection = transcoder, skip_connection
+        self.d_out = d_out or d_in
         self.input_norm = input_norm
         # A Matryoshka SAE's nested prefix sizes (the last is n_latents): training makes
         # each prefix of the dictionary reconstruct on its own (training/losses.py).
@@ -91,12 +102,19 @@ class SparseAutoencoder(nn.Module):
         self.backend, self.chunk_size = backend, chunk_size
         self.jumprelu_bandwidth = jumprelu_bandwidth
         factory = {"dtype": dtype, "device": device}
-        W_dec = torch.randn(n_latents, d_in, **factory)
+        W_dec = torch.randn(n_latents, self.d_out, **factory)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.clone())
+        if self.d_out == d_in:
+            W_enc = W_dec.clone()
+        else:
+            W_enc = torch.randn(n_latents, d_in, **factory)
+            W_enc /= W_enc.norm(dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(W_enc)
         self.b_enc = nn.Parameter(torch.zeros(n_latents, **factory))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out, **factory))
+        if skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(self.d_out, d_in, **factory))
         if activation == "jumprelu":
             log_t = torch.full((n_latents,), math.log(jumprelu_init_threshold), **factory)
             self.log_threshold = nn.Parameter(log_t)
@@ -108,7 +126,16 @@ class SparseAutoencoder(nn.Module):
 
     def extra_repr(self) -> str:
         k = f", k={self.k}" if self.k is not None else ""
-        return f"d_in={self.d_in}, n_latents={self.n_latents}{k}, activation={self.activation!r}"
+        out = f", d_out={self.d_out} (transcoder)" if self.transcoder else ""
+        return (
+            f"d_in={self.d_in}{out}, n_latents={self.n_latents}{k}, activation={self.activation!r}"
+        )
+
+    @property
+    def center(self) -> Tensor:
+        """(d_in,): what the encoder subtracts from x: b_dec, or zeros for a transcoder (whose
+        b_dec is the output's)."""
+        return self.W_enc.new_zeros(self.d_in) if self.transcoder else self.b_dec
 
     # --- encoding -------------------------------------------------------------------------
 
@@ -141,7 +168,7 @@ class SparseAutoencoder(nn.Module):
         elif self.activation == "batchtopk" and (self.training or self.threshold < 0):
             code = self._batchtopk(flat)
         else:
-            pre = ref.pre_activation(flat, self.W_enc, self.b_enc, self.b_dec)
+            pre = ref.pre_activation(flat, self.W_enc, self.b_enc, self.center)
             if self.activation == "batchtopk":
                 code = ref.threshold_relu(pre, self.threshold)
             elif self.activation == "relu":
@@ -150,7 +177,7 @@ class SparseAutoencoder(nn.Module):
                 code = ref.jumprelu(pre, self.log_threshold.exp(), self.jumprelu_bandwidth)
             else:
                 code, pre = ref.gated_encode(
-                    flat, self.W_enc, self.b_enc, self.r_mag, self.b_mag, self.b_dec
+                    flat, self.W_enc, self.b_enc, self.r_mag, self.b_mag, self.center
                 )
         if isinstance(code, SparseCode):
             width = code.values.shape[-1]
@@ -163,7 +190,7 @@ class SparseAutoencoder(nn.Module):
 
     def _topk(self, x: Tensor, k: int) -> SparseCode:
         return ops.encode_topk(
-            *autocast_inputs(x, self.W_enc, self.b_enc, self.b_dec),
+            *autocast_inputs(x, self.W_enc, self.b_enc, self.center),
             k,
             backend=self.backend,
             chunk_size=self.chunk_size,
@@ -192,13 +219,22 @@ class SparseAutoencoder(nn.Module):
         self, x: Tensor, k: int, dead_mask: Tensor, k_aux: int
     ) -> tuple[SparseCode, SparseCode]:
         return ops.encode_topk_auxk(
-            *autocast_inputs(x, self.W_enc, self.b_enc, self.b_dec),
+            *autocast_inputs(x, self.W_enc, self.b_enc, self.center),
             k,
             dead_mask,
             k_aux,
             backend=self.backend,
             chunk_size=self.chunk_size,
         )
+
+    def own_pairs(self, values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """(values, rows of W_dec) of a code's pairs (n, k) whose latents this module holds,
+        the others' values zero: all of them here (a latent shard holds some)."""
+        return values, indices
+
+    def sum_shards(self, t: Tensor) -> Tensor:
+        """t summed over the latent shards that hold parts of it: t itself here."""
+        return t
 
     def count_latents(self, mask: Tensor) -> int:
         """How many latents mask (one bool per latent this module holds) marks."""
@@ -235,7 +271,8 @@ class SparseAutoencoder(nn.Module):
     # --- decoding -------------------------------------------------------------------------
 
     def decode(self, code: SparseCode | Tensor) -> Tensor:
-        """SparseCode (..., width) or dense latents (..., n_latents) -> x_hat (..., d_in)."""
+        """SparseCode (..., width) or dense latents (..., n_latents) -> x_hat (..., d_out),
+        without the skip connection (skip)."""
         if isinstance(code, SparseCode):
             values, indices = code
             lead = values.shape[:-1]
@@ -245,7 +282,32 @@ class SparseAutoencoder(nn.Module):
             check_activations(code, self.n_latents, self.W_dec, name="code")
             lead = code.shape[:-1]
             x_hat = ref.decode_dense(code.reshape(-1, self.n_latents), self.W_dec, self.b_dec)
-        return x_hat.reshape(*lead, self.d_in)
+        return x_hat.reshape(*lead, self.d_out)
+
+    def skip(self, x: Tensor) -> Tensor | None:
+        """The skip connection's part of the output, x @ W_skip.T: (..., d_out); None
+        without one."""
+        if not self.skip_connection:
+            return None
+        x, W_skip = autocast_inputs(x, self.W_skip)
+        return x @ W_skip.T
+
+    def output(self, x: Tensor, code: SparseCode | Tensor) -> Tensor:
+        """x_hat of input x (..., d_in) from its code: decode(code) plus the skip connection."""
+        x_hat = self.decode(code)
+        skipped = self.skip(x)
+        return x_hat if skipped is None else x_hat + skipped
+
+    def split_rows(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """(x, target) of rows (n, d_in) for an SAE (both rows), or (n, d_in + d_out) for a
+        transcoder (its input and output activations side by side)."""
+        width = self.d_in + self.d_out if self.transcoder else self.d_in
+        if rows.shape[-1] != width:
+            what = "d_in + d_out" if self.transcoder else "d_in"
+            raise ValueError(f"rows must be (..., {what} = {width}), got {tuple(rows.shape)}")
+        if not self.transcoder:
+            return rows, rows
+        return rows[..., : self.d_in], rows[..., self.d_in :]
 
     def _decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
         values, W_dec, b_dec = autocast_inputs(values, self.W_dec, self.b_dec)
@@ -255,7 +317,7 @@ class SparseAutoencoder(nn.Module):
         """x: (..., d_in) -> SAEOutput with x_hat (..., d_in) and the code."""
         x, stats = self.normalize_input(x)
         code, pre = self._encode(x)
-        x_hat = self.decode(code)
+        x_hat = self.output(x, code)
         if stats is not None:
             x_hat = x_hat * stats[0] + stats[1]
         return SAEOutput(x_hat=x_hat, code=code, pre=pre)
@@ -271,16 +333,24 @@ class SparseAutoencoder(nn.Module):
         (seeds.seeded_generator(seed, block)), so the latents [offset, offset + m) of a shard
         (latent_offset) get the rows that one SAE of all the latents gives them.
         """
+        self.W_dec.copy_(self._seeded_rows(seed, self.W_dec.shape[1]))
+        if self.W_enc.shape == self.W_dec.shape:
+            self.W_enc.copy_(self.W_dec)
+        else:  # a transcoder's encoder reads another width: rows of their own
+            self.W_enc.copy_(self._seeded_rows(seed, self.d_in, stream=1))
+
+    def _seeded_rows(self, seed: int, width: int, stream: int = 0) -> Tensor:
+        """Random unit rows (this module's latents, width) of seed_parameters_."""
         rows, first = self.W_dec.shape[0], self.latent_offset
         parts = []
         for block in range(first // _SEED_BLOCK, (first + rows - 1) // _SEED_BLOCK + 1):
-            g = seeded_generator(seed, block, device=self.W_dec.device)
-            W = torch.randn(_SEED_BLOCK, self.d_in, generator=g, device=g.device)
+            ids = (seed, block, stream) if stream else (seed, block)
+            g = seeded_generator(*ids, device=self.W_dec.device)
+            W = torch.randn(_SEED_BLOCK, width, generator=g, device=g.device)
             lo = max(first - block * _SEED_BLOCK, 0)
             parts.append(W[lo : min(first + rows - block * _SEED_BLOCK, _SEED_BLOCK)])
         W = torch.cat(parts).to(self.W_dec.dtype)
-        self.W_dec.copy_(W / W.norm(dim=1, keepdim=True))
-        self.W_enc.copy_(self.W_dec)
+        return W / W.norm(dim=1, keepdim=True)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
@@ -305,15 +375,25 @@ class SparseAutoencoder(nn.Module):
         grad.addcmul_(W, coef, value=-1)
 
     @torch.no_grad()
-    def fold_input_scale_(self, scale: float) -> None:
-        """Make an SAE trained on scale * x compute x_hat / scale from raw x.
+    def fold_input_scale_(self, scale: float, output_scale: float | None = None) -> None:
+        """Make an SAE trained on scale * x compute x_hat / scale from raw x (a transcoder
+        trained to predict output_scale * y from scale * x: y's prediction from raw x).
 
         pre is linear in (x, b_dec, b_enc): dividing the biases (and thresholds) by scale
         divides pre and every latent by scale and keeps which latents fire; the decoder rows
         stay as trained (unit norm), so x_hat = z W_dec + b_dec comes out divided by scale.
+        With another output scale, W_enc and W_skip take scale / output_scale, and the
+        biases and thresholds are divided by output_scale.
         """
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"scale must be a finite positive number, got {scale}")
+        output_scale = scale if output_scale is None else output_scale
+        for value in (scale, output_scale):
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"scale must be a finite positive number, got {value}")
+        if output_scale != scale:
+            self.W_enc *= scale / output_scale
+            if self.skip_connection:
+                self.W_skip *= scale / output_scale
+        scale = output_scale
         self.b_dec /= scale
         self.b_enc /= scale
         if self.activation == "jumprelu":
@@ -327,9 +407,10 @@ class SparseAutoencoder(nn.Module):
     def set_b_dec_from_data(
         self, x: Tensor, method: str = "geometric_median", max_iter: int = 100
     ) -> None:
-        """Set b_dec from a sample x (..., d_in): its mean or geometric median (Weiszfeld)."""
-        check_activations(x, self.d_in, self.b_dec)
-        flat = x.reshape(-1, self.d_in)
+        """Set b_dec from a sample x (..., d_out) of what the SAE outputs: its mean or
+        geometric median (Weiszfeld)."""
+        check_activations(x, self.d_out, self.b_dec)
+        flat = x.reshape(-1, self.d_out)
         if flat.shape[0] == 0:
             raise ValueError("x must hold at least one activation to set b_dec from")
         if method not in ("mean", "geometric_median"):
@@ -343,10 +424,11 @@ class SparseAutoencoder(nn.Module):
 
     def config(self) -> dict:
         """The hyperparameters that rebuild this module (stored in cfg.json; sae_config)."""
-        return {
+        found = {
             name: dtype_name(self.W_enc.dtype) if name == "dtype" else getattr(self, name)
             for name in sae_config.FIELDS
         }
+        return {**found, "d_out": self.d_out if self.transcoder else None}
 
     @classmethod
     def from_config(

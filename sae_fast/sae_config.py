@@ -2,7 +2,9 @@
 
 The config is the JSON-able dict that rebuilds a SparseAutoencoder (its cfg.json): d_in,
 n_latents, k, activation, dtype, jumprelu_bandwidth, input_norm, matryoshka (the nested
-prefix sizes of a Matryoshka SAE, or None), and provenance: what the SAE
+prefix sizes of a Matryoshka SAE, or None), transcoder (encodes x without subtracting b_dec
+and predicts another activation, of width d_out), skip_connection (x @ W_skip.T added to the
+output), and provenance: what the SAE
 was trained on (PROVENANCE_KEYS; empty when unknown). Checkpoint formats read and
 write (config, tensors) with these helpers and never import the module, which builds itself
 from the pair (SparseAutoencoder.from_config).
@@ -11,12 +13,16 @@ from the pair (SparseAutoencoder.from_config).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from itertools import pairwise
 from typing import Any
 
 import torch
 
-from .options import ACTIVATIONS, INPUT_NORMS, SPARSE_ACTIVATIONS
+from .options import (
+    ACTIVATIONS,
+    INPUT_NORMS,
+    SPARSE_ACTIVATIONS,
+    check_matryoshka,
+)
 from .validation import check_int, check_k, parse_dtype
 
 # Every field in cfg.json's order; those a config must hold, and the defaults of the others.
@@ -29,6 +35,9 @@ FIELDS = (
     "jumprelu_bandwidth",
     "input_norm",
     "matryoshka",
+    "transcoder",
+    "d_out",
+    "skip_connection",
     "provenance",
 )
 REQUIRED = ("d_in", "n_latents", "dtype")
@@ -38,8 +47,13 @@ DEFAULTS: dict[str, Any] = {
     "jumprelu_bandwidth": 1e-3,
     "input_norm": "none",
     "matryoshka": None,
+    "transcoder": False,
+    "d_out": None,
+    "skip_connection": False,
     "provenance": {},
 }
+# The fields a plain SAE's cfg.json leaves out at their defaults, so older readers read it.
+OPTIONAL = ("matryoshka", "transcoder", "d_out", "skip_connection")
 # What provenance says, with the type of each: the model and hook point (as sae_fast names
 # them), the text, the activations trained on (tokens) and the steps, the sae_fast version,
 # the source's own description and the training options. Other keys (a newer sae_fast's)
@@ -47,6 +61,8 @@ DEFAULTS: dict[str, Any] = {
 PROVENANCE_KEYS = {
     "model": str,
     "hook": str,
+    "hook_in": str,
+    "hook_out": str,
     "text": str,
     "tokens": int,
     "step": int,
@@ -64,9 +80,23 @@ def check_hyperparameters(
     input_norm: object,
     jumprelu_bandwidth: object,
     matryoshka: object = None,
+    transcoder: object = False,
+    d_out: object = None,
+    skip_connection: object = False,
 ) -> None:
     """Raise ValueError (TypeError for a k that is not an int) naming the first bad field."""
     check_int(d_in, "d_in")
+    for name, value in (("transcoder", transcoder), ("skip_connection", skip_connection)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+    if d_out is not None:
+        check_int(d_out, "d_out")
+        if not transcoder and d_out != d_in:
+            raise ValueError(f"d_out={d_out} differs from d_in={d_in}: only a transcoder's may")
+    if transcoder and activation == "gated":
+        raise ValueError("a gated transcoder is not supported (topk, batchtopk, relu, jumprelu)")
+    if (transcoder or skip_connection) and input_norm != "none":
+        raise ValueError(f"input_norm={input_norm!r} with a transcoder or skip connection")
     check_int(n_latents, "n_latents")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -82,39 +112,6 @@ def check_hyperparameters(
         raise ValueError(f"jumprelu_bandwidth must be > 0, got {jumprelu_bandwidth}")
     if matryoshka is not None:
         check_matryoshka(matryoshka, n_latents, activation)
-
-
-def check_matryoshka(prefixes: object, n_latents: int, activation: object) -> None:
-    """A Matryoshka SAE's prefix sizes: ascending ints in 1..n_latents ending at n_latents,
-    on a TopK or BatchTopK SAE; ValueError says what is wrong."""
-    if activation not in SPARSE_ACTIVATIONS:
-        raise ValueError(f"matryoshka needs activation topk or batchtopk, not {activation!r}")
-    if (
-        not isinstance(prefixes, list | tuple)
-        or not prefixes
-        or any(isinstance(p, bool) or not isinstance(p, int) for p in prefixes)
-        or any(a >= b for a, b in pairwise(prefixes))
-        or prefixes[0] < 1
-        or prefixes[-1] != n_latents
-    ):
-        raise ValueError(
-            f"matryoshka must be ascending prefix sizes ending at n_latents={n_latents}, got "
-            f"{prefixes!r}"
-        )
-
-
-def parse_matryoshka(spec: str, n_latents: int) -> list[int] | None:
-    """'1024,4096' as prefix sizes for n_latents latents (n_latents appended when the last is
-    smaller: the whole dictionary is the last prefix; the whole dictionary alone is a plain
-    SAE, None); ValueError says what is wrong."""
-    try:
-        prefixes = [int(part) for part in spec.split(",")]
-    except ValueError:
-        raise ValueError(f"expected prefix sizes like 1024,4096, got {spec!r}") from None
-    if prefixes and prefixes[-1] < n_latents:
-        prefixes.append(n_latents)
-    check_matryoshka(prefixes, n_latents, "topk")
-    return prefixes if len(prefixes) > 1 else None
 
 
 def complete(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -141,6 +138,11 @@ def complete(config: Mapping[str, Any]) -> dict[str, Any]:
     return full
 
 
+def output_width(config: Mapping[str, Any]) -> int:
+    """The width of what the SAE outputs: d_out where given, else d_in."""
+    return config.get("d_out") or config["d_in"]
+
+
 def dtype(config: Mapping[str, Any]) -> torch.dtype:
     """The parameter dtype a checked config names."""
     return parse_dtype(config["dtype"])
@@ -149,12 +151,16 @@ def dtype(config: Mapping[str, Any]) -> torch.dtype:
 def tensor_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """The tensors an SAE of this (checked) config holds, by name, with their shapes.
 
-    W_enc, W_dec (m, d), b_enc (m,), b_dec (d,); jumprelu adds log_threshold (m,); gated
-    r_mag and b_mag (m,) (b_enc is its gate bias); batchtopk the scalar threshold.
+    W_enc (m, d), W_dec (m, d_out), b_enc (m,), b_dec (d_out,) (d_out: d_in but for a
+    transcoder's); a skip connection adds W_skip (d_out, d); jumprelu log_threshold (m,);
+    gated r_mag and b_mag (m,) (b_enc is its gate bias); batchtopk the scalar threshold.
     """
     m, d, activation = config["n_latents"], config["d_in"], config["activation"]
-    shapes: dict[str, tuple[int, ...]] = {"W_dec": (m, d), "W_enc": (m, d), "b_enc": (m,)}
-    shapes["b_dec"] = (d,)
+    d_out = output_width(config)
+    shapes: dict[str, tuple[int, ...]] = {"W_dec": (m, d_out), "W_enc": (m, d), "b_enc": (m,)}
+    shapes["b_dec"] = (d_out,)
+    if config.get("skip_connection"):
+        shapes["W_skip"] = (d_out, d)
     if activation == "jumprelu":
         shapes["log_threshold"] = (m,)
     if activation == "gated":

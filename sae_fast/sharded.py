@@ -184,4 +184,10 @@ def sharded_decode(
     local_indices = torch.where(mine, indices - offset, torch.zeros_like(indices))
     local_values = values * mine.to(values.dtype)
     partial = decode(local_values, local_indices, W_dec, torch.zeros_like(b_dec), backend=backend)
-    return _SumOverGroup.apply(partial, group) + b_dec
+    return sum_over_group(partial, group) + b_dec
+
+
+def sum_over_group(t: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """The sum of every rank's t over group, on every rank; its gradient, the same on every
+    rank, passes back to each rank's own t (each holds its latents' share of the sum)."""
+    return _SumOverGroup.apply(t, group)

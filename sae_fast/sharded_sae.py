@@ -12,7 +12,12 @@ from .ops import SparseCode
 from .options import SPARSE_ACTIVATIONS
 from .sae import SparseAutoencoder, autocast_inputs
 from .sae_config import check_hyperparameters
-from .sharded import sharded_decode, sharded_encode_topk, sharded_encode_topk_auxk
+from .sharded import (
+    sharded_decode,
+    sharded_encode_topk,
+    sharded_encode_topk_auxk,
+    sum_over_group,
+)
 
 
 class ShardedSparseAutoencoder(SparseAutoencoder):
@@ -35,6 +40,7 @@ class ShardedSparseAutoencoder(SparseAutoencoder):
         group: dist.ProcessGroup | None = None,
         k: int,
         activation: str = "topk",
+        matryoshka: list[int] | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         backend: str | None = None,
@@ -43,7 +49,7 @@ class ShardedSparseAutoencoder(SparseAutoencoder):
             raise ValueError(
                 f"a latent-sharded SAE needs activation in {SPARSE_ACTIVATIONS}, not {activation!r}"
             )
-        check_hyperparameters(d_in, n_latents, k, activation, "none", 1.0)
+        check_hyperparameters(d_in, n_latents, k, activation, "none", 1.0, matryoshka)
         if not 0 <= offset < offset + size <= n_latents:
             raise ValueError(f"latents [{offset}, {offset + size}) are not in [0, {n_latents})")
         super().__init__(
@@ -51,6 +57,7 @@ class ShardedSparseAutoencoder(SparseAutoencoder):
             backend=backend,
         )  # fmt: skip
         self.n_latents, self.k = n_latents, k
+        self.matryoshka = list(matryoshka) if matryoshka is not None else None  # global sizes
         self.latent_offset, self.group = offset, group
 
     def __deepcopy__(self, memo: dict) -> ShardedSparseAutoencoder:
@@ -88,6 +95,18 @@ class ShardedSparseAutoencoder(SparseAutoencoder):
             values, indices, W_dec, b_dec, offset=self.latent_offset, group=self.group,
             backend=self.backend,
         )  # fmt: skip
+
+    def own_pairs(self, values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """This shard's pairs of a global code (n, k): their values (zero for the other
+        shards' latents) and their rows of this shard's W_dec."""
+        m_local = self.W_dec.shape[0]
+        mine = (indices >= self.latent_offset) & (indices < self.latent_offset + m_local)
+        rows = torch.where(mine, indices - self.latent_offset, torch.zeros_like(indices))
+        return values * mine.to(values.dtype), rows
+
+    def sum_shards(self, t: Tensor) -> Tensor:
+        """The sum of t over the group (each shard holds its latents' part), on every rank."""
+        return sum_over_group(t, self.group)
 
     def count_latents(self, mask: Tensor) -> int:
         """How many latents of the whole SAE mask marks (this rank's (size,) part of it)."""

@@ -224,7 +224,7 @@ def test_hook_point_the_model_lacks(tmp_path, folders, capsys):
     assert cli(*argv, "--out-dir", tmp_path / "run") == 2
     line = error_line(capsys.readouterr().err)
     assert "hook point 'resid_post.9' is not in this GPT2LMHeadModel" in line
-    assert "resid_post.0, resid_post.1, mlp_out.0" in line
+    assert "resid_post.0, resid_post.1, mlp_in.0, mlp_in.1, mlp_out.0" in line
     assert not (tmp_path / "run").exists()
 
 

@@ -95,6 +95,19 @@ def test_every_layout_trains_the_weights_of_one_process(tmp_path, layout, dtype,
     assert any(r.get("auxk", 0) > 0 for r in rows_two)
 
 
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_a_latent_sharded_matryoshka_run_trains_the_weights_of_one_process(tmp_path, activation):
+    options = dict(dtype="float64", activation=activation, matryoshka="8,24")
+    one = train(tmp_path / "one", **options)
+    two = train(tmp_path / "two", world=2, latent_parallel=2, **options)
+    # The prefixes straddle the shards' halves (latents 0-31 and 32-63).
+    assert SparseAutoencoder.load(two / SAE_DIR).matryoshka == [8, 24, 64]
+    assert_close(weights(two), weights(one), 1e-10)
+    rows_one, rows_two = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+    for a, b in zip(rows_one, rows_two, strict=True):
+        assert b["matryoshka"] == pytest.approx(a["matryoshka"], rel=1e-9)
+
+
 def test_a_latent_sharded_run_exports_one_sae_folder_in_shards(tmp_path):
     run = train(tmp_path / "run", world=2, latent_parallel=2)
     folder = run / SAE_DIR

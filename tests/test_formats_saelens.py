@@ -336,6 +336,19 @@ def test_pre_6_layouts_load(tmp_path):
         torch.testing.assert_close(ours(x).x_hat, want, atol=ATOL, rtol=RTOL)
 
 
+def our_random(activation: str, **kw) -> SparseAutoencoder:
+    """Our SAE of activation (options kw), randomized; thresholds between 0.1 and 0.6."""
+    torch.manual_seed(0)
+    k = K if activation in ("topk", "batchtopk") else None
+    ours = randomize(SparseAutoencoder(D, M, k=k, activation=activation, **kw))
+    if activation == "jumprelu":
+        with torch.no_grad():
+            ours.log_threshold.copy_(torch.empty(M).uniform_(0.1, 0.6).log())
+    if activation == "batchtopk":
+        ours.threshold.fill_(0.3)
+    return ours
+
+
 @pytest.mark.parametrize(
     ("activation", "input_norm"),
     [
@@ -347,15 +360,7 @@ def test_pre_6_layouts_load(tmp_path):
     ],
 )
 def test_our_saes_saved_as_saelens_load_in_saelens(tmp_path, activation, input_norm):
-    torch.manual_seed(0)
-    k = K if activation in ("topk", "batchtopk") else None
-    ours = SparseAutoencoder(D, M, k=k, activation=activation, input_norm=input_norm)
-    randomize(ours)
-    if activation == "jumprelu":
-        with torch.no_grad():
-            ours.log_threshold.copy_(torch.empty(M).uniform_(0.1, 0.6).log())
-    if activation == "batchtopk":
-        ours.threshold.fill_(0.3)
+    ours = our_random(activation, input_norm=input_norm)
     ours.eval().save(tmp_path, format="saelens")
 
     theirs = sae_lens.SAE.load_from_disk(tmp_path)
@@ -473,3 +478,84 @@ def test_saelens_records_become_provenance(tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     loaded = SparseAutoencoder.load(tmp_path)
     assert loaded.provenance == {"model": "gemma-2-2b", "hook": "mlp_out.12"}
+
+
+D_OUT = 9  # a transcoder's output width, other than D
+TRANSCODERS = {
+    "transcoder": (saes.Transcoder, saes.TranscoderConfig, "relu"),
+    "skip_transcoder": (saes.SkipTranscoder, saes.SkipTranscoderConfig, "relu"),
+    "jumprelu_transcoder": (saes.JumpReLUTranscoder, saes.JumpReLUTranscoderConfig, "jumprelu"),
+    "jumprelu_skip_transcoder": (
+        saes.JumpReLUSkipTranscoder,
+        saes.JumpReLUSkipTranscoderConfig,
+        "jumprelu",
+    ),
+}
+
+
+def assert_same_transcoder(theirs: torch.nn.Module, ours: SparseAutoencoder) -> None:
+    """Same prediction, latents, and gradients of its MSE to a target (x and the weights)."""
+    x = inputs()
+    target = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(3))
+    x_theirs, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_hat, out = theirs(x_theirs), ours(x_ours)
+    torch.testing.assert_close(out.x_hat, y_hat, atol=ATOL, rtol=RTOL)
+    with torch.no_grad():
+        z_theirs, z_ours = theirs.encode(x), dense(out.code)
+    assert torch.equal(z_ours != 0, z_theirs != 0) and (z_ours != 0).any()
+    ref.mse(target, y_hat).backward()
+    ref.mse(target, out.x_hat).backward()
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, atol=1e-6, rtol=1e-4)
+    grads = their_grads(theirs)
+    for name, p in ours.named_parameters():
+        if name == "log_threshold":  # theirs is a mask: no gradient
+            continue
+        torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("arch", list(TRANSCODERS))
+def test_saelens_transcoders_load_as_the_same_function(tmp_path, arch):
+    cls, cfg_cls, activation = TRANSCODERS[arch]
+    cfg = cfg_cls(d_in=D, d_sae=M, d_out=D_OUT, apply_b_dec_to_input=False)
+    theirs = randomize(cls(cfg))
+    theirs.cfg.metadata.hook_name = "blocks.2.ln2.hook_normalized"
+    theirs.cfg.metadata.hook_name_out = "blocks.2.hook_mlp_out"
+    theirs.save_model(tmp_path)
+    ours = SparseAutoencoder.load(tmp_path)
+    assert (ours.transcoder, ours.d_out, ours.activation) == (True, D_OUT, activation)
+    assert ours.skip_connection == ("skip" in arch)
+    assert (ours.provenance["hook_in"], ours.provenance["hook_out"]) == ("mlp_in.2", "mlp_out.2")
+    assert_same_transcoder(theirs, ours)
+
+
+@pytest.mark.parametrize(
+    ("activation", "skip", "arch"),
+    [
+        ("relu", False, "transcoder"),
+        ("relu", True, "skip_transcoder"),
+        ("jumprelu", True, "jumprelu_skip_transcoder"),
+        ("batchtopk", False, "jumprelu_transcoder"),
+    ],
+)
+def test_our_transcoders_saved_as_saelens_load_in_saelens(tmp_path, activation, skip, arch):
+    ours = our_random(activation, transcoder=True, d_out=D_OUT, skip_connection=skip)
+    ours.provenance = {"hook_in": "mlp_in.1", "hook_out": "mlp_out.1"}
+    ours.eval().save(tmp_path, format="saelens")
+    theirs = sae_lens.SAE.load_from_disk(tmp_path)
+    assert theirs.cfg.architecture() == arch and theirs.cfg.d_out == D_OUT
+    assert theirs.cfg.metadata.hook_name_out == "blocks.1.hook_mlp_out"
+    if activation != "batchtopk":  # a batchtopk's weights become a JumpReLU's thresholds
+        assert_same_transcoder(theirs, ours)
+    back = SparseAutoencoder.load(tmp_path)
+    assert back.config() == ours.config()
+    with torch.no_grad():
+        torch.testing.assert_close(back(inputs()).x_hat, theirs(inputs()))
+
+
+def test_what_saelens_has_no_transcoder_for_is_not_saved(tmp_path):
+    topk = SparseAutoencoder(D, M, k=K, transcoder=True, d_out=D_OUT)
+    with pytest.raises(CheckpointError, match="no 'topk' transcoder class"):
+        topk.save(tmp_path / "topk", format="saelens")
+    skip = SparseAutoencoder(D, M, k=K, skip_connection=True)
+    with pytest.raises(CheckpointError, match="skip connections on transcoders only"):
+        skip.save(tmp_path / "skip", format="saelens")

@@ -27,6 +27,7 @@ sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is the `bench` e
 D, M, K, N = 12, 40, 5, 24
 ATOL, RTOL = 2e-5, 1e-4
 _OURS = {"encoder.weight": "W_enc", "encoder.bias": "b_enc", "W_dec": "W_dec", "b_dec": "b_dec"}
+_OURS["W_skip"] = "W_skip"
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +66,8 @@ def assert_same_function(theirs: sparsify.SparseCoder, ours: SparseAutoencoder, 
     # forward returns the 4k-latent decode that its Multi-TopK loss scores.
     acts, indices, _ = theirs.encode(x_theirs)
     x_hat, out = theirs.decode(acts, indices), ours(x_ours)
+    if theirs.W_skip is not None:  # as its forward adds it
+        x_hat = x_hat + x_theirs @ theirs.W_skip.mT
     torch.testing.assert_close(out.x_hat, x_hat, atol=ATOL, rtol=RTOL)
     if not theirs.cfg.multi_topk:
         with torch.no_grad():
@@ -120,17 +123,33 @@ def test_a_run_folder_with_one_hook_point_loads_it(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("cfg", "match"),
-    [
-        ({"transcode": True}, "transcode=true is not supported: a transcoder"),
-        ({"skip_connection": True}, "skip_connection=true is not supported"),
-        ({"activation": "groupmax", "num_latents": 40, "k": 4}, "activation 'groupmax'"),
-    ],
-    ids=["transcoder", "skip-connection", "groupmax"],
+    "cfg",
+    [{"transcode": True}, {"skip_connection": True}, {"transcode": True, "skip_connection": True}],
+    ids=["transcoder", "skip-connection", "skip-transcoder"],
 )
-def test_options_sae_fast_cannot_compute_are_refused(tmp_path, cfg, match):
-    coder(**cfg).save_to_disk(tmp_path)
-    with pytest.raises(CheckpointError, match=match):
+def test_transcoders_and_skip_connections_load_as_the_same_function(tmp_path, cfg):
+    theirs = coder(**cfg)
+    theirs.save_to_disk(tmp_path)
+    ours = SparseAutoencoder.load(tmp_path)
+    assert (ours.transcoder, ours.skip_connection) == (
+        theirs.cfg.transcode,
+        "skip_connection" in cfg,
+    )
+    assert ours.d_out == D
+    assert_same_function(theirs, ours, inputs())
+    ours.save(tmp_path / "back", format="sparsify")  # and back, into sparsify itself
+    again = sparsify.SparseCoder.load_from_disk(tmp_path / "back")
+    assert (again.cfg.transcode, again.cfg.skip_connection) == (
+        theirs.cfg.transcode,
+        theirs.cfg.skip_connection,
+    )
+    ours.zero_grad()
+    assert_same_function(again, ours, inputs(seed=2))
+
+
+def test_options_sae_fast_cannot_compute_are_refused(tmp_path):
+    coder(activation="groupmax", num_latents=40, k=4).save_to_disk(tmp_path)
+    with pytest.raises(CheckpointError, match="activation 'groupmax'"):
         SparseAutoencoder.load(tmp_path)
 
 
@@ -190,6 +209,9 @@ def test_what_sparsify_cannot_hold_is_not_saved(tmp_path):
         SparseAutoencoder(D, M, activation="relu").save(tmp_path, format="sparsify")
     with pytest.raises(CheckpointError, match="input_norm='layer_norm'"):
         SparseAutoencoder(D, M, k=K, input_norm="layer_norm").save(tmp_path, format="sparsify")
+    wide = SparseAutoencoder(D, M, k=K, transcoder=True, d_out=D + 1)
+    with pytest.raises(CheckpointError, match="maps d_in=12 to d_out=13"):
+        wide.save(tmp_path, format="sparsify")
 
 
 def test_saelens_sparsify_loader_is_wrong_where_ours_is_right(tmp_path):

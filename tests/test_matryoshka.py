@@ -12,7 +12,7 @@ from test_trainer import assert_same_run, config, metric_rows, source
 
 from sae_fast import SparseAutoencoder, reference
 from sae_fast.checkpoint import CheckpointError
-from sae_fast.sae_config import parse_matryoshka
+from sae_fast.options import parse_matryoshka
 from sae_fast.training.config import ConfigError
 from sae_fast.training.losses import LossWeights, matryoshka_decode, training_loss
 from sae_fast.training.trainer import Trainer
@@ -123,6 +123,17 @@ def test_a_matryoshka_run_resumes_exactly(tmp_path):
     rows = metric_rows(resumed)
     assert rows == metric_rows(straight) and all("matryoshka" in r for r in rows)
     assert SparseAutoencoder.load(tmp_path / "straight" / "sae").matryoshka == [16, 64, 256]
+    # The same prefixes spelt with the whole dictionary resume; other prefixes are refused.
+    spelt = {**kw, "matryoshka": "16,64,256"}
+    again = Trainer(config(tmp_path, "split", **spelt), source(), resume=True)
+    assert again.step == 12
+    again.close()
+    with pytest.raises(ConfigError, match="matryoshka='16,128'"):
+        Trainer(config(tmp_path, "split", **{**kw, "matryoshka": "16,128"}), source(), resume=True)
+    # The syntax, order and activation are checked with the options, before any trainer.
+    for spec, words in (("a,b", "like 1024,4096"), ("64,16", "ascending"), ("16,300", "ending")):
+        with pytest.raises(ConfigError, match=words):
+            config(tmp_path, "bad", n_latents=256, matryoshka=spec)
     with pytest.raises(ConfigError, match="matryoshka: matryoshka must be ascending"):
         Trainer(config(tmp_path, "bad", matryoshka="64,16"), source())
     # A checkpoint from before the option (no matryoshka key) was a plain run: not resumable

@@ -21,7 +21,8 @@ from sae_fast.sources import (
     splice,
 )
 
-FRIENDLY = ["resid_post.0", "resid_post.1", "mlp_out.0", "mlp_out.1", "attn_out.0", "attn_out.1"]
+FRIENDLY = ["resid_post.0", "resid_post.1", "mlp_in.0", "mlp_in.1", "mlp_out.0", "mlp_out.1"]
+FRIENDLY += ["attn_out.0", "attn_out.1"]
 IDS = torch.tensor(
     [[101, 7592, 2088, 2003, 1037, 3231, 102], [101, 2023, 2003, 2178, 2028, 102, 0]]
 )
@@ -54,6 +55,26 @@ def test_friendly_hook_points(gpt2, bert):
     assert resolve_hook(bert, "mlp_out.0") is bert.encoder.layer[0].output.dense
     assert resolve_hook(bert, "attn_out.1") is bert.encoder.layer[1].attention.output.dense
     assert resolve_hook(gpt2, "transformer.h.0.ln_2") is gpt2.transformer.h[0].ln_2
+    # mlp_in: the module whose output the MLP reads.
+    assert resolve_hook(gpt2, "mlp_in.1") is gpt2.transformer.h[1].ln_2
+    assert resolve_hook(bert, "mlp_in.0") is bert.encoder.layer[0].attention
+
+
+@pytest.mark.parametrize("build", [tiny_causal_lm, tiny_bert])
+def test_mlp_in_is_what_the_mlp_reads(build):
+    model = build()[0]
+    mlp = model.get_submodule("transformer.h.1.mlp" if build is tiny_causal_lm else
+                              "encoder.layer.1.intermediate")  # fmt: skip
+    read = {}
+    handle = mlp.register_forward_pre_hook(lambda module, args: read.setdefault("x", args[0]))
+    try:
+        with torch.no_grad():
+            model(input_ids=IDS, attention_mask=MASK)
+    finally:
+        handle.remove()
+    assert torch.equal(
+        run_to_hook(model, "mlp_in.1", input_ids=IDS, attention_mask=MASK), read["x"]
+    )
 
 
 def test_bad_hook_point_lists_the_valid_ones(gpt2):

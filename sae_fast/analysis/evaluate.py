@@ -67,24 +67,34 @@ def evaluate_with_frequencies(
     batch_size: int = 4096,
     dense_threshold: float = 0.1,
 ) -> tuple[dict[str, float], Tensor]:
-    """evaluate's metrics and, from the same pass, each latent's firing frequency (m,)."""
+    """evaluate's metrics and, from the same pass, each latent's firing frequency (m,).
+
+    A transcoder's source gives its input and output activations side by side (d_in +
+    d_out), and the metrics are those of its prediction of the output."""
     for name, value in (("tokens", tokens), ("batch_size", batch_size)):
         check_int(value, name, error=SourceError)
-    if source.d_in != sae.d_in:
-        raise SourceError(f"the activations have d_in={source.d_in} but the SAE has {sae.d_in}")
+    width = sae.d_in + sae.d_out if sae.transcoder else sae.d_in
+    if source.d_in != width:
+        what = (
+            f"the transcoder has d_in + d_out = {width}"
+            if sae.transcoder
+            else f"the SAE has {width}"
+        )
+        raise SourceError(f"the activations have d_in={source.d_in} but {what}")
     param = sae.W_dec
     counts = torch.zeros(sae.n_latents, dtype=torch.int64, device=param.device)
     sums: dict[str, float] = {}
-    total = torch.zeros(sae.d_in, dtype=torch.float64, device=param.device)
+    total = torch.zeros(sae.d_out, dtype=torch.float64, device=param.device)
     seen = 0
     while seen < tokens:
-        raw = source.next_batch(min(batch_size, tokens - seen)).to(param.device)
+        rows = source.next_batch(min(batch_size, tokens - seen)).to(param.device)
+        raw, target = sae.split_rows(rows)
         with eval_mode(sae):
             out = sae(raw.to(param.dtype))
         counts += firing_counts(out.code, sae.n_latents)
         # Errors against the activations as the source gives them, not as rounded to the
         # SAE's dtype: a bf16 SAE is charged for the rounding of its input too.
-        x64 = raw.double()
+        x64 = target.double()
         for key, value in _token_sums(x64, out.x_hat.double(), out.code).items():
             sums[key] = sums.get(key, 0.0) + value
         total += x64.sum(dim=0)
@@ -93,7 +103,7 @@ def evaluate_with_frequencies(
     freq = counts.double() / seen
     metrics = {
         "tokens": seen,
-        "mse": sums["sq_err"] / (seen * sae.d_in),
+        "mse": sums["sq_err"] / (seen * sae.d_out),
         "fvu": _ratio(sums["sq_err"], variance),
         "explained_variance": _ratio(sums["explained"], sums["explained_tokens"]),
         "cossim": sums["cossim"] / seen,
@@ -191,16 +201,19 @@ def ce_loss_recovered(
     context_size: int = 128,
     batch_size: int = 16,
     max_windows: int = 64,
+    hook_in: str | None = None,
 ) -> dict[str, float]:
     """Next-token loss of a causal LM clean, with the SAE's reconstruction spliced in at hook,
     and with the hook's output zeroed; ce_recovered = (zero - sae) / (zero - clean); and the
     KL divergence of the spliced and zeroed next-token distributions from the clean one
-    (the module docstring has the definitions).
+    (the module docstring has the definitions). A transcoder reads hook_in and its
+    prediction replaces hook's output.
     """
     check_causal_lm(model)
     variants = {
         "clean": nullcontext,
-        "sae": lambda: attach(model, hook, sae),  # the reconstruction replaces the output
+        # The reconstruction replaces the output.
+        "sae": lambda: attach(model, hook, sae, hook_in=hook_in),
         "zero_ablated": lambda: splice(model, hook, torch.zeros_like),
     }
     sums = dict.fromkeys(variants, 0.0)

@@ -23,14 +23,14 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from ..ops import SparseCode
 from ..sae import SparseAutoencoder, eval_mode
-from ..sources.hooks import splice
+from ..sources.hooks import Captured, HookPointError, capture, splice
 
 Positions = slice | Tensor | None
 
@@ -168,10 +168,16 @@ class SAESite:
     """
 
     def __init__(
-        self, hook: str, sae: SparseAutoencoder, add_error: bool, edits: FeatureEdits | None
+        self,
+        hook: str,
+        sae: SparseAutoencoder,
+        add_error: bool,
+        edits: FeatureEdits | None,
+        read: Captured | None = None,
     ) -> None:
         self.hook, self.sae, self.add_error = hook, sae, add_error
         self.edits = edits
+        self.read = read  # a transcoder's input: hook_in's output in the same forward
         self.code: SparseCode | Tensor | None = None
 
     @property
@@ -195,15 +201,32 @@ class SAESite:
         return self.code
 
     def __call__(self, h: Tensor) -> Tensor:
-        """The splice: hooked output h (..., d_in) -> the SAE's output in h's dtype/device."""
+        """The splice: hooked output h (..., d_out) -> the SAE's output in h's dtype/device
+        (of h itself, or for a transcoder of what it read)."""
         sae = self.sae
-        if h.shape[-1] != sae.d_in:
+        if self.read is not None and self.read.output is None:
+            raise HookPointError(
+                f"the transcoder's input hook point did not run before {self.hook!r}"
+            )
+        given = h if self.read is None else self.read.output
+        here = f"hook point {self.hook!r}"
+        read = here if self.read is None else "the transcoder's input hook point"
+        for what, tensor, width, where in (
+            ("d_in", given, sae.d_in, read),
+            ("d_out", h, sae.d_out, here),
+        ):
+            if tensor.shape[-1] != width:
+                raise ValueError(
+                    f"the SAE's {what}={width} does not match the width {tensor.shape[-1]} of "
+                    f"{where} (output shape {tuple(tensor.shape)})"
+                )
+        if given.shape[:-1] != h.shape[:-1]:
             raise ValueError(
-                f"the SAE's d_in={sae.d_in} does not match the width {h.shape[-1]} of hook "
-                f"point {self.hook!r} (output shape {tuple(h.shape)})"
+                f"the transcoder read {tuple(given.shape)} but {self.hook!r} gives "
+                f"{tuple(h.shape)}: the positions differ"
             )
         param = sae.W_dec
-        x = h.to(param.device, param.dtype)
+        x = given.to(param.device, param.dtype)
         if self.add_error:
             # h + delta: the reconstruction error is added back exactly, and no decode is run.
             self.code, x_hat = sae.encode(x), None
@@ -232,6 +255,7 @@ def attach(
     *,
     add_error: bool = False,
     edits: FeatureEdits | None = None,
+    hook_in: str | None = None,
 ) -> Iterator[SAESite]:
     """Run model's hook point through sae inside the with-block; yields the SAESite.
 
@@ -240,11 +264,22 @@ def attach(
     dtype and device and its result back. add_error=True adds back the reconstruction error,
     so only the edited latents change the output. The SAE runs in eval mode (batchtopk then
     uses its calibrated threshold); its mode and the hook are restored on exit, also on error.
+    A transcoder reads hook_in's output and its prediction replaces hook's output (with
+    add_error, hook's output plus the edits' change).
     """
     if not isinstance(sae, SparseAutoencoder):
         raise TypeError(f"sae must be a SparseAutoencoder, got {type(sae).__name__}")
-    site = SAESite(hook, sae, add_error, edits)
-    with eval_mode(sae), splice(model, hook, site):
+    if sae.transcoder != (hook_in is not None):
+        raise ValueError(
+            "a transcoder reads hook_in and replaces hook: give both"
+            if sae.transcoder
+            else "hook_in is a transcoder's, and this SAE is not one"
+        )
+    with ExitStack() as stack:
+        read = stack.enter_context(capture(model, hook_in)) if hook_in is not None else None
+        site = SAESite(hook, sae, add_error, edits, read)
+        stack.enter_context(eval_mode(sae))
+        stack.enter_context(splice(model, hook, site))
         yield site
 
 
@@ -258,9 +293,11 @@ def steer(
     zero: Iterable[int] = (),
     positions: Positions = None,
     add_error: bool = True,
+    hook_in: str | None = None,
 ) -> AbstractContextManager[SAESite]:
     """attach with feature edits (see FeatureEdits), adding the reconstruction error back by
-    default so that only the chosen features change the model's activations.
+    default so that only the chosen features change the model's activations (a transcoder:
+    read at hook_in, edits at hook).
     """
     edits = FeatureEdits(clamp=clamp, scale=scale, zero=zero, positions=positions)
-    return attach(model, hook, sae, add_error=add_error, edits=edits)
+    return attach(model, hook, sae, add_error=add_error, edits=edits, hook_in=hook_in)

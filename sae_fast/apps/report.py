@@ -238,7 +238,8 @@ class _ModelSpec:
 def _model_spec(run: Run) -> _ModelSpec | None:
     src, train = run.source, run.train
     if src.get("kind") == "model":  # the options keep the name or folder as given
-        name, hook = train.model or src.get("model"), train.hook or src.get("hook")
+        # A transcoder's latents read its input hook point.
+        name, hook = train.model or src.get("model"), train.hook or train.hook_in or src.get("hook")
         size = src.get("context_size", train.context_size)
         return _ModelSpec(name, hook, size, train.text, train.model_dtype)
     if src.get("kind") == "cache" and src.get("model") and src.get("hook"):
@@ -262,7 +263,14 @@ def _source_rows(run: Run) -> dict:
     src, train = run.source, run.train
     kind = src.get("kind", "unknown")
     if kind == "model":
-        return {"source": kind, "model": train.model, "hook": train.hook, "text": train.text}
+        hooks = {"hook_in": train.hook_in, "hook_out": train.hook_out} if train.hook_in else {}
+        return {
+            "source": kind,
+            "model": train.model,
+            "hook": train.hook,
+            **hooks,
+            "text": train.text,
+        }
     if kind == "cache":
         rows = {"source": kind, "cache": src.get("path", train.cache_dir)}
         return rows | {key: src[key] for key in ("model", "hook", "text") if key in src}

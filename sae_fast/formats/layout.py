@@ -116,12 +116,16 @@ def assemble(
     input_norm: str = "none",
     jumprelu_bandwidth: float = 1e-3,
     matryoshka: list[int] | None = None,
+    transcoder: bool = False,
+    skip_connection: bool = False,
     provenance: dict | None = None,
 ) -> tuple[Config, Tensors]:
     """The SAE config that describes tensors, given in our layout and names, and the tensors.
 
-    tensors: W_enc, W_dec (m, d), b_enc (m,), b_dec (d,) and the activation's extras
-    (log_threshold; r_mag, b_mag; threshold); provenance what the file records of the
+    tensors: W_enc (m, d), W_dec (m, d_out), b_enc (m,), b_dec (d_out,) (d_out: d but for a
+    transcoder's, read from W_dec), W_skip (d_out, d) with a skip connection, and the
+    activation's extras (log_threshold; r_mag, b_mag; threshold); provenance what the file
+    records of the
     training (sae_config.PROVENANCE_KEYS). All are cast to W_enc's dtype, which must be
     floating point; sizes come from W_enc, and any disagreement raises CheckpointError.
     """
@@ -138,6 +142,9 @@ def assemble(
         "jumprelu_bandwidth": jumprelu_bandwidth,
         "input_norm": input_norm,
         "matryoshka": matryoshka,
+        "transcoder": transcoder,
+        "d_out": tensors["W_dec"].shape[-1] if transcoder else None,
+        "skip_connection": skip_connection,
         "provenance": provenance or {},
     }
     try:

@@ -23,6 +23,10 @@ Loading folds what is linear, so that ours computes the same function and the sa
   batchtopk topk_threshold > 0 -> our calibrated threshold; 0 (never updated) -> uncalibrated,
                                 which runs batch top-k at inference as their class does
 reshape_activations="hook_z" loads: feed the heads flattened, (..., n_heads * d_head).
+Transcoders (transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder):
+  z = act(x @ W_enc + b_enc) (no b_dec on the input), y_hat = z @ W_dec + b_dec [+ x @
+  W_skip.T], W_dec (m, d_out), W_skip (d_out, d_in): our transcoder on the same tensors;
+  metadata.hook_name is the input hook point, hook_name_out the output's.
 Training-only fields (losses, jumprelu_ste_to_input, ...) do not change the function; the
 JumpReLU bandwidth is kept for the threshold's straight-through gradient.
 Anything else that changes the function is refused with a CheckpointError naming the field.
@@ -58,6 +62,7 @@ _TL_HOOKS = {
     "resid_post": "hook_resid_post",
     "mlp_out": "hook_mlp_out",
     "attn_out": "hook_attn_out",
+    "mlp_in": "ln2.hook_normalized",  # what TransformerLens's MLP reads
 }
 _OUR_HOOKS = {theirs: ours for ours, theirs in _TL_HOOKS.items()}
 
@@ -68,7 +73,12 @@ _ACTIVATIONS = {
     "gated": "gated",
     "batchtopk": "batchtopk",
     "matryoshka_batchtopk": "batchtopk",  # its matryoshka_widths: our matryoshka prefixes
+    "transcoder": "relu",
+    "skip_transcoder": "relu",
+    "jumprelu_transcoder": "jumprelu",
+    "jumprelu_skip_transcoder": "jumprelu",
 }
+_TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
 # Their default for rescale_acts_by_decoder_norm where the config lacks it: the inference
 # TopKSAE's (False) for topk, the training class's (True) for the training-only batch ones.
 _RESCALE_DEFAULT = {"topk": False, "batchtopk": True, "matryoshka_batchtopk": True}
@@ -172,7 +182,9 @@ def _bandwidth(where: str, cfg: dict[str, Any], metadata: dict[str, Any]) -> flo
     return 1e-3
 
 
-def _tensors(where: str, state: dict[str, Tensor], arch: str, d: int, m: int) -> dict[str, Tensor]:
+def _tensors(
+    where: str, state: dict[str, Tensor], arch: str, d: int, m: int, d_out: int
+) -> dict[str, Tensor]:
     """The tensors arch stores, checked, in float64, in our names and (m, d) layout.
 
     gated's b_gate becomes b_enc; their extras keep their names (threshold or log_threshold,
@@ -180,13 +192,16 @@ def _tensors(where: str, state: dict[str, Tensor], arch: str, d: int, m: int) ->
     """
     gated = arch == "gated"
     names = {"W_enc", "W_dec", "b_dec", *(("b_gate", "r_mag", "b_mag") if gated else ("b_enc",))}
-    if arch == "jumprelu":  # older training saves hold log_threshold
+    if _ACTIVATIONS[arch] == "jumprelu":  # older training saves hold log_threshold
         names.add("log_threshold" if "log_threshold" in state else "threshold")
     if _ACTIVATIONS[arch] == "batchtopk":
         names.add("topk_threshold")
+    if "skip" in arch:
+        names.add("W_skip")
     factor = [key for key in ("finetuning_scaling_factor", "scaling_factor") if key in state]
     folder.check_names(where, state, names | set(factor))
-    shapes = {"W_enc": (d, m), "W_dec": (m, d), "b_dec": (d,), "topk_threshold": ()}
+    shapes = {"W_enc": (d, m), "W_dec": (m, d_out), "b_dec": (d_out,), "topk_threshold": ()}
+    shapes["W_skip"] = (d_out, d)
     out = {
         name: layout.get_tensor(where, state, name, shapes.get(name, (m,))).double()
         for name in sorted(names | set(factor))
@@ -212,6 +227,8 @@ def load(path: Path) -> tuple[Config, Tensors]:
     metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     d = folder.integer(where, "d_in", cfg.get("d_in"))
     m = folder.integer(where, "d_sae", cfg.get("d_sae"))
+    transcoder = arch in _TRANSCODERS
+    d_out = folder.integer(where, "d_out", cfg.get("d_out")) if transcoder else d
     dtype = _dtype(where, cfg.get("dtype", "float32"))
     input_norm, scale = _input_norm(path, where, cfg)
     if cfg.get("reshape_activations", "none") not in ("none", "hook_z"):
@@ -219,16 +236,25 @@ def load(path: Path) -> tuple[Config, Tensors]:
             f"{where}: reshape_activations {cfg['reshape_activations']!r} is not supported"
         )
     k = _k(where, cfg, activation)
-    apply_b_dec = folder.flag(where, "apply_b_dec_to_input", cfg.get("apply_b_dec_to_input", True))
+    apply_b_dec = folder.flag(
+        where, "apply_b_dec_to_input", cfg.get("apply_b_dec_to_input", not transcoder)
+    )
+    if transcoder and (apply_b_dec or input_norm != "none" or scale is not None):
+        raise CheckpointError(
+            f"{where}: a transcoder with apply_b_dec_to_input or normalize_activations "
+            "(SAELens refuses the first; sae_fast's transcoders take raw activations)"
+        )
     rescale = arch in _RESCALE_DEFAULT and folder.flag(
         where,
         "rescale_acts_by_decoder_norm",
         cfg.get("rescale_acts_by_decoder_norm", _RESCALE_DEFAULT[arch]),
     )
     weights = str(path / WEIGHTS_FILE)
-    t = _tensors(weights, folder.read_weights(path / WEIGHTS_FILE), arch, d, m)
+    t = _tensors(weights, folder.read_weights(path / WEIGHTS_FILE), arch, d, m, d_out)
 
-    if not apply_b_dec:  # pre = u @ W_enc + b = (u - b_dec) @ W_enc + (b + W_enc b_dec)
+    if (
+        not apply_b_dec and not transcoder
+    ):  # pre = u @ W_enc + b = (u - b_dec) @ W_enc + (b + W_enc b_dec)
         shift = t["W_enc"] @ t["b_dec"]
         t["b_enc"] = t["b_enc"] + shift
         if activation == "gated":  # the magnitude path's weight is W_enc * exp(r_mag)
@@ -281,7 +307,9 @@ def load(path: Path) -> tuple[Config, Tensors]:
         input_norm=input_norm,
         jumprelu_bandwidth=bandwidth,
         matryoshka=_widths(where, cfg, metadata, arch, m),
-        provenance=_provenance(metadata),
+        transcoder=transcoder,
+        skip_connection="W_skip" in t,
+        provenance=_provenance(metadata, transcoder),
     )
 
 
@@ -313,20 +341,24 @@ def _our_hook(hook: Any) -> str | None:
     """blocks.3.hook_resid_post -> resid_post.3 (the inverse of _tl_hook)."""
     if not isinstance(hook, str):
         return None
-    parts = hook.split(".")
+    parts = hook.split(".", 2)
     if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in _OUR_HOOKS:
         return f"{_OUR_HOOKS[parts[2]]}.{parts[1]}"
     return hook
 
 
-def _provenance(metadata: dict[str, Any]) -> dict[str, Any]:
-    """Ours where we wrote it, else what SAELens records: model_name, hook_name, dataset."""
+def _provenance(metadata: dict[str, Any], transcoder: bool) -> dict[str, Any]:
+    """Ours where we wrote it, else what SAELens records: model_name, hook_name (a
+    transcoder's input; hook_name_out its output), dataset."""
     ours = metadata.get("sae_fast")
     if isinstance(ours, dict) and isinstance(ours.get("provenance"), dict):
         return ours["provenance"]
+    hook = _our_hook(metadata.get("hook_name"))
     found = {
         "model": metadata.get("model_name"),
-        "hook": _our_hook(metadata.get("hook_name")),
+        "hook": None if transcoder else hook,
+        "hook_in": hook if transcoder else None,
+        "hook_out": _our_hook(metadata.get("hook_name_out")) if transcoder else None,
         "text": metadata.get("dataset_path"),
     }
     return {key: value for key, value in found.items() if isinstance(value, str) and value}
@@ -335,7 +367,21 @@ def _provenance(metadata: dict[str, Any]) -> dict[str, Any]:
 def save(config: Config, ours: Tensors, path: Path) -> None:
     """Write folder path in the SAELens 6 inference layout (see the module docstring)."""
     activation, input_norm = config["activation"], config["input_norm"]
+    transcoder, skip = config["transcoder"], config["skip_connection"]
+    arch = _SAVED_AS[activation]
+    if transcoder and arch not in ("standard", "jumprelu"):
+        raise CheckpointError(
+            f"SAELens's transcoders are ReLU or JumpReLU (a calibrated batchtopk saves as "
+            f"one); it has no {activation!r} transcoder class: save it as sae_fast or sparsify"
+        )
+    if skip and not transcoder:
+        raise CheckpointError("SAELens has skip connections on transcoders only")
+    if transcoder:
+        arch = ("" if arch == "standard" else "jumprelu_") + ("skip_" if skip else "")
+        arch += "transcoder"
     tensors = {"W_enc": ours["W_enc"].T, "W_dec": ours["W_dec"], "b_dec": ours["b_dec"]}
+    if skip:
+        tensors["W_skip"] = ours["W_skip"]
     if activation == "gated":
         tensors |= {"b_gate": ours["b_enc"], "r_mag": ours["r_mag"], "b_mag": ours["b_mag"]}
     else:
@@ -353,18 +399,20 @@ def save(config: Config, ours: Tensors, path: Path) -> None:
     norms = {ours_name: theirs for theirs, ours_name in _NORMS.items()}
     provenance = config["provenance"]
     cfg: dict[str, Any] = {
-        "architecture": _SAVED_AS[activation],
+        "architecture": arch,
         "d_in": config["d_in"],
         "d_sae": config["n_latents"],
+        **({"d_out": config["d_out"]} if transcoder else {}),
         "dtype": dtype_name(ours["W_enc"].dtype),
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not transcoder,
         "normalize_activations": norms[input_norm],
         "reshape_activations": "none",
         "metadata": {
             "sae_lens_version": SAELENS_VERSION,
             "model_name": provenance.get("model"),
-            "hook_name": _tl_hook(provenance.get("hook")),
+            "hook_name": _tl_hook(provenance.get("hook_in" if transcoder else "hook")),
+            **({"hook_name_out": _tl_hook(provenance.get("hook_out"))} if transcoder else {}),
             "context_size": provenance.get("source", {}).get("context_size"),  # model, cache
             "dataset_path": provenance.get("text"),
             "sae_fast": {

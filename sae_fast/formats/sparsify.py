@@ -8,12 +8,14 @@ encoder.weight.T + encoder.bias) and decodes with W_dec + b_dec, which is our To
 tensors (no fold). normalize_decoder and multi_topk shape only training (with multi_topk its
 forward returns the 4k-latent decode its loss scores as sae_out; encode, and ours, keep k).
 
-Refused with a CheckpointError: transcoders (transcode: no b_dec subtraction, a target other
-than x), skip connections (x @ W_skip.T added to the output), activation "groupmax", signed
-top-k. The path may also be a training run's folder holding one hook point's folder; with
-several, the error lists them.
+transcode=true is a transcoder (no b_dec subtraction; it predicts a module's output from its
+input, of the same width d_in); skip_connection=true adds x @ W_skip.T, W_skip (d_in, d_in),
+to the output. Refused with a CheckpointError: activation "groupmax", signed top-k. The path
+may also be a training run's folder holding one hook point's folder; with several, the error
+lists them.
 
-Save writes a folder SparseCoder.load_from_disk reads: topk SAEs without input_norm only.
+Save writes a folder SparseCoder.load_from_disk reads: topk SAEs and transcoders (of equal
+input and output widths) without input_norm only.
 """
 
 from __future__ import annotations
@@ -29,11 +31,7 @@ from .registry import Config, Format, Tensors, register
 WEIGHTS_FILE = "sae.safetensors"
 _TENSORS = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "W_dec", "b_dec": "b_dec"}
 # Options that change the function, with why ours cannot compute it.
-_REFUSED = {
-    "transcode": "a transcoder maps a module's input to its output and does not subtract b_dec",
-    "skip_connection": "the skip connection adds x @ W_skip.T, which sae_fast's SAE lacks",
-    "signed": "signed top-k selects by |pre|",
-}
+_REFUSED = {"signed": "signed top-k selects by |pre|"}
 
 
 def _config(path: Path) -> dict[str, Any] | None:
@@ -90,14 +88,19 @@ def load(path: Path) -> tuple[Config, Tensors]:
         m = d * folder.integer(where, "expansion_factor", cfg.get("expansion_factor"))
     k = folder.integer(where, "k", cfg.get("k"))
     weights = str(path / WEIGHTS_FILE)
+    transcoder = folder.flag(where, "transcode", cfg.get("transcode", False))
+    skip = folder.flag(where, "skip_connection", cfg.get("skip_connection", False))
+    names = {**_TENSORS, **({"W_skip": "W_skip"} if skip else {})}
     state = folder.read_weights(path / WEIGHTS_FILE)
-    folder.check_names(weights, state, _TENSORS.values())
-    shapes = {"W_enc": (m, d), "W_dec": (m, d), "b_dec": (d,), "b_enc": (m,)}
+    folder.check_names(weights, state, names.values())
+    shapes = {"W_enc": (m, d), "W_dec": (m, d), "b_dec": (d,), "b_enc": (m,), "W_skip": (d, d)}
     tensors = {
         ours: layout.get_tensor(weights, state, theirs, shapes[ours])
-        for ours, theirs in _TENSORS.items()
+        for ours, theirs in names.items()
     }
-    return layout.assemble(where, tensors, activation="topk", k=k)
+    return layout.assemble(
+        where, tensors, activation="topk", k=k, transcoder=transcoder, skip_connection=skip
+    )
 
 
 def save(config: Config, ours: Tensors, path: Path) -> None:
@@ -111,6 +114,11 @@ def save(config: Config, ours: Tensors, path: Path) -> None:
         raise CheckpointError(
             f"sparsify has no input normalisation; this SAE uses input_norm={input_norm!r}"
         )
+    if config["transcoder"] and config["d_out"] != config["d_in"]:
+        raise CheckpointError(
+            f"sparsify's transcoders predict an output as wide as their input; this one maps "
+            f"d_in={config['d_in']} to d_out={config['d_out']}"
+        )
     cfg = {
         "activation": "topk",
         # sparsify reads num_latents first; expansion_factor is informational beside it.
@@ -119,11 +127,12 @@ def save(config: Config, ours: Tensors, path: Path) -> None:
         "num_latents": config["n_latents"],
         "k": config["k"],
         "multi_topk": False,
-        "skip_connection": False,
-        "transcode": False,
+        "skip_connection": config["skip_connection"],
+        "transcode": config["transcoder"],
         "d_in": config["d_in"],
     }
-    tensors = {theirs: ours[name] for name, theirs in _TENSORS.items()}
+    names = {**_TENSORS, **({"W_skip": "W_skip"} if config["skip_connection"] else {})}
+    tensors = {theirs: ours[name] for name, theirs in names.items()}
     folder.write(Path(path), WEIGHTS_FILE, tensors, cfg, metadata={"format": "pt"})
 
 

@@ -23,6 +23,8 @@ class DataOptions(Protocol):
     model: str | None
     hook: str | None
     hooks: str | None
+    hook_in: str | None
+    hook_out: str | None
     text: str
     context_size: int
     model_batch_size: int
@@ -72,11 +74,18 @@ def model_source(
     part: tuple[int, int] = (0, 1),
 ) -> ModelSource:
     """The ModelSource options describe, over a model already loaded (several texts through
-    one model load it once); with hooks, on all of them (sources.hook_streams splits it)."""
+    one model load it once); with hooks, on all of them (sources.hook_streams splits it); a
+    transcoder's on (hook_in, hook_out), its rows the two side by side."""
+    if options.hooks:
+        hook = parse_hooks(options.hooks)
+    elif options.hook_in is not None:
+        hook = [options.hook_in, options.hook_out]
+    else:
+        hook = options.hook
     return ModelSource(
         model,
         tokenizer,
-        parse_hooks(options.hooks) if options.hooks else options.hook,
+        hook,
         options.text,
         context_size=options.context_size,
         batch_size=options.model_batch_size,

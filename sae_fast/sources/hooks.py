@@ -2,6 +2,8 @@
 
 Friendly names per transformer block L (0-based):
 - resid_post.L: the block's output, the residual stream after block L;
+- mlp_in.L: what the MLP reads (the output of the norm before it; BERT: the attention
+  block's output), a transcoder's usual input;
 - mlp_out.L: the MLP's output before it is added to the residual stream;
 - attn_out.L: the attention output projection, before it is added to the residual stream.
 Any module path from model.named_modules() is accepted too. A module that returns a tuple is
@@ -27,6 +29,8 @@ MINILM = "minilm"  # the name of the packaged all-MiniLM-L6-v2 wherever a model 
 # dense layers (BERT's `attention` and `output` modules add the residual, so their dense
 # layers come first).
 _BLOCK_PARTS = {
+    # The module whose output the MLP reads: GPT-2, Llama/NeoX, OPT, BERT.
+    "mlp_in": ("ln_2", "post_attention_layernorm", "final_layer_norm", "attention"),
     "mlp_out": ("mlp", "feed_forward", "ffn", "output.dense"),
     "attn_out": ("attn", "self_attn", "attention.output.dense", "attention"),
 }

@@ -36,7 +36,7 @@ CHECKPOINTS_DIR = "checkpoints"
 SAE_DIR = "sae"  # the final SAE, for raw activations
 STATE_FILE = "train_state.pt"
 STATE_STEM = "train_state"  # a distributed run's row shards of the training state
-WHOLE = ("b_dec",)  # the parameters every latent shard holds whole; the others have m rows
+WHOLE = ("b_dec", "W_skip")  # what every latent shard holds whole; the others have m rows
 _NAME = re.compile(r"^step-(\d{8})$")
 
 

@@ -23,8 +23,10 @@ from ..options import (
     ACTIVATIONS,
     BACKENDS,
     PARAMETER_DTYPES,
+    check_matryoshka,
     is_int,
     parse_hooks,
+    parse_matryoshka,
 )
 
 SOURCE_CHOICES = ("model", "cache", "synthetic")
@@ -115,6 +117,19 @@ class TrainConfig:
         "data",
         resume=REFUSE,
     )
+    hook_in: str | None = _opt(
+        None,
+        "train a transcoder: the hook point it reads (with hook_out, instead of hook), e.g. "
+        "mlp_in.3",
+        "data",
+        resume=REFUSE,
+    )
+    hook_out: str | None = _opt(
+        None,
+        "the hook point a transcoder predicts, from the same forward, e.g. mlp_out.3",
+        "data",
+        resume=REFUSE,
+    )
     text: str = _opt(
         "stdlib",
         "text to run the model on: 'stdlib' (Python's standard-library docstrings), a .txt "
@@ -157,6 +172,12 @@ class TrainConfig:
         None,
         "Matryoshka prefix sizes, e.g. 1024,4096 (topk, batchtopk): each prefix of the "
         "dictionary learns to reconstruct on its own (the whole dictionary is the last)",
+        "sae",
+        resume=REFUSE,
+    )
+    skip_connection: bool = _opt(
+        False,
+        "a transcoder's linear skip connection: x_hat = decode(code) + W_skip x",
         "sae",
         resume=REFUSE,
     )
@@ -340,12 +361,42 @@ class TrainConfig:
                 parse_hooks(self.hooks)
             except ValueError as e:
                 raise ConfigError(f"hooks: {e}") from None
-        if self.source == "model" and (not self.model or not (self.hook or self.hooks)):
-            raise ConfigError("source=model needs both model and hook (or hooks)")
+        if self.matryoshka is not None:
+            self._check_matryoshka()
+        if (self.hook_in is None) != (self.hook_out is None):
+            raise ConfigError("a transcoder needs both hook_in and hook_out")
+        if self.hook_in is not None:
+            if self.source != "model" or self.hook is not None or self.hooks is not None:
+                raise ConfigError("hook_in and hook_out replace hook, and need source=model")
+            if self.hook_in == self.hook_out:
+                raise ConfigError("hook_out must differ from hook_in")
+        if self.skip_connection and self.hook_in is None:
+            raise ConfigError("skip_connection is a transcoder's: give hook_in and hook_out")
+        hooked = self.hook or self.hooks or self.hook_in
+        if self.source == "model" and (not self.model or not hooked):
+            raise ConfigError("source=model needs both model and hook (or hooks, or hook_in)")
         if self.source == "cache" and not self.cache_dir:
             raise ConfigError("source=cache needs cache_dir")
         if self.source == "synthetic" and self.synthetic_active > self.synthetic_features:
             raise ConfigError("synthetic_active must be <= synthetic_features")
+
+    def _check_matryoshka(self) -> None:
+        """The prefix sizes' syntax, order and activation now; against n_latents if given
+        (a dictionary sized from d_in is checked when the trainer knows d_in)."""
+        try:
+            sizes = [int(part) for part in self.matryoshka.split(",")]
+        except ValueError:
+            sizes = []  # parse_matryoshka says what is wrong
+        try:
+            m = self.n_latents or (sizes[-1] if sizes else 1)
+            prefixes = parse_matryoshka(self.matryoshka, m)
+            check_matryoshka(prefixes or [m], m, self.activation)
+        except ValueError as e:
+            raise ConfigError(f"matryoshka: {e}") from None
+
+    def transcoder(self) -> bool:
+        """Whether the run trains a transcoder (hook_in -> hook_out)."""
+        return self.hook_in is not None
 
     def latents(self, d_in: int) -> int:
         """The dictionary size m for activations of width d_in."""

@@ -63,7 +63,9 @@ def matryoshka_decode(sae: SparseAutoencoder, code: SparseCode) -> Tensor:
 
     Each (token, latent) pair is summed once, into its token's bag for the group of latents
     [prefixes[g - 1], prefixes[g]) it falls in, and the prefixes are the running sums of the
-    groups: one sparse decode of the code, however many prefixes.
+    groups: one sparse decode of the code, however many prefixes. A latent-sharded SAE sums
+    its own latents' pairs into the groups and the shards' group sums add up (sae.own_pairs,
+    sae.sum_shards), as its decode does.
     """
     if not isinstance(code, SparseCode):
         raise ValueError("matryoshka_decode needs a TopK code (n, k): the SAE in training mode")
@@ -71,6 +73,7 @@ def matryoshka_decode(sae: SparseAutoencoder, code: SparseCode) -> Tensor:
         raise ValueError(f"a Matryoshka SAE with input_norm={sae.input_norm!r} is not trained here")
     n, groups = code.indices.shape[0], len(sae.matryoshka)
     values, W_dec, b_dec = autocast_inputs(code.values, sae.W_dec, sae.b_dec)
+    values, rows = sae.own_pairs(values, code.indices)
     bounds = torch.tensor(sae.matryoshka[:-1], device=code.indices.device)
     bag = torch.bucketize(code.indices.contiguous(), bounds, right=True)
     bag = (bag + groups * torch.arange(n, device=bag.device)[:, None]).reshape(-1)
@@ -79,7 +82,7 @@ def matryoshka_decode(sae: SparseAutoencoder, code: SparseCode) -> Tensor:
     counts = torch.zeros(n * groups, dtype=bag.dtype, device=bag.device)
     counts.scatter_add_(0, bag, torch.ones_like(bag))
     parts = F.embedding_bag(
-        code.indices.reshape(-1)[order],
+        rows.reshape(-1)[order],
         W_dec,
         torch.cumsum(counts, 0) - counts,
         mode="sum",
@@ -87,12 +90,14 @@ def matryoshka_decode(sae: SparseAutoencoder, code: SparseCode) -> Tensor:
     )
     # Running sums in at least float32: half precision would round at every group.
     wide = torch.promote_types(W_dec.dtype, torch.float32)
-    prefixes = parts.view(n, groups, sae.d_in).to(wide).cumsum(1) + b_dec.to(wide)
+    parts = sae.sum_shards(parts.view(n, groups, sae.d_out))
+    prefixes = parts.to(wide).cumsum(1) + b_dec.to(wide)
     return prefixes.to(W_dec.dtype)
 
 
 def auxk_term(x: Tensor, x_hat: Tensor, aux: SparseCode, sae: SparseAutoencoder) -> Tensor:
-    """Dead latents' code aux (n, k_aux) decodes (no b_dec) the fixed residual x - x_hat."""
+    """Dead latents' code aux (n, k_aux) decodes (no b_dec) the fixed residual x - x_hat
+    (x: the target, (n, d_out))."""
     residual = (x - x_hat).detach()
     e_hat = sae.decode(aux) - sae.b_dec
     return squared_error(residual, e_hat)
@@ -104,12 +109,16 @@ def training_loss(
     weights: LossWeights,
     dead_mask: Tensor | None = None,
     sparsity_scale: float = 1.0,
+    target: Tensor | None = None,
 ) -> StepOutput:
-    """Loss of sae on x (n, d_in) for its activation.
+    """Loss of sae on x (n, d_in) for its activation, reconstructing target (n, d_out): x
+    by default, a transcoder's output activations.
 
     dead_mask (m,) bool (a sharded SAE's: its own latents') enables AuxK for topk/batchtopk
     when any latent is dead; sparsity_scale multiplies the l1/l0 coefficient (its warmup).
     """
+    target = x if target is None else target
+    skipped = sae.skip(x)  # the skip connection's part of every reconstruction, or None
     terms: dict[str, Tensor] = {}
     aux = None
     use_auxk = sae.activation in SPARSE_ACTIVATIONS and weights.auxk > 0 and dead_mask is not None
@@ -121,20 +130,22 @@ def training_loss(
         code = sae.encode(x)
     if sae.matryoshka is not None:  # the last prefix's decode is the whole dictionary's
         prefixes = matryoshka_decode(sae, code)
+        if skipped is not None:
+            prefixes = prefixes + skipped[:, None]
         out = SAEOutput(x_hat=prefixes[:, -1], code=code)
     elif dead:
-        out = SAEOutput(x_hat=sae.decode(code), code=code)
+        out = SAEOutput(x_hat=sae.output(x, code), code=code)
     else:
         out = sae(x)
-    recon = squared_error(x, out.x_hat)
+    recon = squared_error(target, out.x_hat)
     loss = recon
     terms["recon"] = recon
     if sae.matryoshka is not None:
-        errors = [squared_error(x, prefixes[:, g]) for g in range(prefixes.shape[1])]
+        errors = [squared_error(target, prefixes[:, g]) for g in range(prefixes.shape[1])]
         terms["matryoshka"] = torch.stack(errors).mean()
         loss = terms["matryoshka"]
     if aux is not None:
-        terms["auxk"] = auxk_term(x, out.x_hat, aux, sae)
+        terms["auxk"] = auxk_term(target, out.x_hat, aux, sae)
         loss = loss + weights.auxk * terms["auxk"]
     if sae.activation in ("relu", "gated"):
         gate = out.code if sae.activation == "relu" else torch.relu(out.pre)
@@ -143,7 +154,9 @@ def training_loss(
     if sae.activation == "gated":
         # The gate path alone must reconstruct x through a frozen decoder (Rajamanoharan et al.).
         x_gate = ref.decode_dense(torch.relu(out.pre), sae.W_dec.detach(), sae.b_dec.detach())
-        terms["gate_aux"] = squared_error(x, x_gate)
+        if skipped is not None:
+            x_gate = x_gate + skipped.detach()
+        terms["gate_aux"] = squared_error(target, x_gate)
         loss = loss + terms["gate_aux"]
     if sae.activation == "jumprelu":
         threshold = sae.log_threshold.exp()

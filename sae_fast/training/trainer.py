@@ -37,9 +37,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..files import atomic_path, clean_stale, lock_folder
-from ..options import SPARSE_ACTIVATIONS
+from ..options import SPARSE_ACTIVATIONS, check_matryoshka, parse_matryoshka
 from ..sae import SparseAutoencoder
-from ..sae_config import check_matryoshka, parse_matryoshka
 from ..sharded_sae import ShardedSparseAutoencoder
 from ..sources.base import ActivationSource, part_rows
 from ..validation import check_fits, parse_dtype
@@ -121,7 +120,8 @@ class Trainer:
         self.checkpoints = self.out_dir / checkpoints.CHECKPOINTS_DIR
         self.device = resolve_device(local_device(cfg.device))
         self.dtype = parse_dtype(cfg.dtype)
-        d_in = source.d_in
+        # A transcoder's source reads (hook_in, hook_out): rows of the two side by side.
+        d_in, d_out = source.widths if cfg.transcoder() else (source.d_in, None)
         m = cfg.latents(d_in)
         sparse = cfg.activation in SPARSE_ACTIVATIONS
         self._check_layout(m, sparse)
@@ -135,11 +135,13 @@ class Trainer:
         # A Matryoshka step holds a few (batch, prefixes, d_in) tensors: sums and their errors.
         nested = 3 * len(prefixes) * batch * d_in if prefixes else 0
         per_shard = f", {self.m_local} latents per shard" if layout.latent > 1 else ""
+        width = d_in + (d_out or d_in)  # W_enc's and W_dec's rows
+        out = f", d_out={d_out}" if d_out else ""
         for nbytes, what in [
-            (8 * self.m_local * d_in * size,
-             f"n_latents={m} x d_in={d_in} ({cfg.dtype}, with Adam{per_shard})"),
-            (4 * max(batch, cfg.init_tokens) * d_in * size + dense * size + nested * size,
-             f"batch_size={cfg.batch_size} / init_tokens={cfg.init_tokens} x d_in={d_in}"),
+            (4 * self.m_local * width * size,
+             f"n_latents={m} x d_in={d_in}{out} ({cfg.dtype}, with Adam{per_shard})"),
+            (2 * max(batch, cfg.init_tokens) * width * size + dense * size + nested * size,
+             f"batch_size={cfg.batch_size} / init_tokens={cfg.init_tokens} x d_in={d_in}{out}"),
         ]:  # fmt: skip
             check_fits(nbytes, what, self.device, ConfigError)
         k_aux = cfg.k_aux if cfg.k_aux is not None else max(1, d_in // 2)
@@ -153,12 +155,14 @@ class Trainer:
         if layout.latent > 1:
             self.sae: SparseAutoencoder = ShardedSparseAutoencoder(
                 d_in, m, offset=self.offset, size=self.m_local, group=layout.latent_group,
-                k=cfg.k, activation=cfg.activation, **options,
+                k=cfg.k, activation=cfg.activation, matryoshka=prefixes, **options,
             )  # fmt: skip
         else:
             self.sae = SparseAutoencoder(
                 d_in, m, k=cfg.k if sparse else None, activation=cfg.activation,
-                jumprelu_bandwidth=cfg.jumprelu_bandwidth, matryoshka=prefixes, **options,
+                jumprelu_bandwidth=cfg.jumprelu_bandwidth, matryoshka=prefixes,
+                transcoder=cfg.transcoder(), d_out=d_out,
+                skip_connection=cfg.skip_connection, **options,
             )  # fmt: skip
         self.sae.seed_parameters_(cfg.seed)
         self.optimizer = torch.optim.Adam(
@@ -177,6 +181,7 @@ class Trainer:
         self.stats = LatentStats(self.m_local, self.device)
         self.step = 0
         self.scale = 1.0
+        self.output_scale: float | None = None  # a transcoder's target's (None: scale)
         self.batchtopk_threshold: float | None = None
         self._lock = None
         self.acquire()
@@ -203,10 +208,10 @@ class Trainer:
     def _check_layout(self, m: int, sparse: bool) -> None:
         cfg, layout = self.cfg, self.layout
         if layout.latent > 1:
-            if cfg.matryoshka:
+            if cfg.transcoder():
                 raise ConfigError(
-                    f"matryoshka with latent_parallel={layout.latent}: the prefixes are not "
-                    "sharded yet; use data parallelism (latent_parallel=1)"
+                    f"a transcoder with latent_parallel={layout.latent}: not sharded yet; use "
+                    "data parallelism (latent_parallel=1)"
                 )
             if not sparse:
                 raise ConfigError(
@@ -260,7 +265,8 @@ class Trainer:
             lock.__exit__(None, None, None)
 
     def _batch(self, n: int, whole: bool = False) -> Tensor:
-        """This rank's rows of the next global batch of n (whole: all n, on every rank)."""
+        """This rank's rows of the next global batch of n (whole: all n, on every rank), as
+        the source gives them (a transcoder's: input and output side by side)."""
         layout, source = self.layout, self.source
         part = (layout.data_rank, layout.data)
         if not layout.distributed:  # any source, part or not
@@ -276,24 +282,34 @@ class Trainer:
                 x = source.next_batch(n * layout.data if whole else n, part=part)
                 x = x.to(self.device, self.dtype)
             if whole or group is not None:
-                x = broadcast_first(x, (hi - lo, self.sae.d_in), self.dtype, self.device, group)
-        return x * self.scale if self.scale != 1.0 else x
+                x = broadcast_first(x, (hi - lo, source.d_in), self.dtype, self.device, group)
+        return x
+
+    def _inputs(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """(x, target) of a batch's rows, scaled as the SAE trains on them: the same tensor
+        for an SAE, a transcoder's input and output activations for one."""
+        x, target = self.sae.split_rows(rows)
+        scaled = x * self.scale if self.scale != 1.0 else x
+        if not self.sae.transcoder:
+            return scaled, scaled
+        out = self.output_scale
+        return scaled, target * out if out not in (None, 1.0) else target
 
     @torch.no_grad()
     def _initialise(self) -> None:
         """Input scale and b_dec from the first init_tokens activations (the same on every
         rank)."""
-        sample = self._batch(self.cfg.init_tokens, whole=True)
-        if not bool(torch.isfinite(sample).all()):
+        rows = self._batch(self.cfg.init_tokens, whole=True)
+        if not bool(torch.isfinite(rows).all()):
             raise TrainingDivergedError("the first activations drawn hold NaN or Inf")
         if self.cfg.normalize_input:
-            mean_norm = sample.float().norm(dim=1).mean().item()
-            if mean_norm == 0:
-                raise ConfigError("normalize_input: the activations are all zero")
-            self.scale = math.sqrt(self.sae.d_in) / mean_norm
-            sample = sample * self.scale
+            x, target = self.sae.split_rows(rows)
+            self.scale = _norm_scale(x)
+            if self.sae.transcoder:
+                self.output_scale = _norm_scale(target)
+        _, target = self._inputs(rows)
         if self.cfg.b_dec_init != "zeros":
-            self.sae.set_b_dec_from_data(sample, method=self.cfg.b_dec_init)
+            self.sae.set_b_dec_from_data(target, method=self.cfg.b_dec_init)
 
     # --- the step ------------------------------------------------------------------------
 
@@ -306,11 +322,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         terms: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
-            x = self._batch(cfg.batch_size)
+            x, target = self._inputs(self._batch(cfg.batch_size))
             dead = self.stats.dead_mask(cfg.dead_tokens)
             amp = self.amp_dtype is not None
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=amp):
-                res = training_loss(sae, x, self.weights, dead, self._sparsity_scale())
+                res = training_loss(
+                    sae, x, self.weights, dead, self._sparsity_scale(), target=target
+                )
             # The global batch's loss and terms: the mean of the data ranks' equal parts.
             names = ["loss", *res.terms]
             values = torch.stack([res.loss.detach(), *res.terms.values()]).double()
@@ -346,9 +364,10 @@ class Trainer:
         if cfg.normalize_decoder:
             sae.normalize_decoder_()
         self.step += 1
-        sums = reconstruction_sums(x, res.out.x_hat, res.out.code)
+        sums = reconstruction_sums(target, res.out.x_hat, res.out.code)
         metrics = metrics_from_sums(all_sum(sums, layout.data_group))
-        metrics["mse"] /= self.scale**2  # in the units of the raw activations
+        out_scale = self.scale if self.output_scale is None else self.output_scale
+        metrics["mse"] /= out_scale**2  # in the units of the raw activations
         return {"lr": lr, **terms, **metrics}
 
     @torch.no_grad()
@@ -528,6 +547,7 @@ class Trainer:
             "d_in": self.sae.d_in,
             "n_latents": self.sae.n_latents,
             "input_scale": self.scale,
+            **({"output_scale": self.output_scale} if self.sae.transcoder else {}),
             "layout": self.layout.describe(),
         }
         with atomic_path(self.out_dir / checkpoints.RUN_CONFIG_FILE) as tmp:
@@ -538,9 +558,12 @@ class Trainer:
     def provenance(self) -> dict:
         """What the SAE was trained on, for its cfg.json (sae_config.PROVENANCE_KEYS)."""
         described = self.source.describe()
+        transcoding = self.cfg.transcoder()
         found = {
             "model": described.get("model"),
             "hook": described.get("hook"),
+            "hook_in": self.cfg.hook_in if transcoding else None,
+            "hook_out": self.cfg.hook_out if transcoding else None,
             "text": described.get("text"),
             "tokens": self.stats.tokens,
             "step": self.step,
@@ -557,7 +580,7 @@ class Trainer:
         sae = copy.deepcopy(self.sae).eval()
         if sae.activation == "batchtopk" and self.batchtopk_threshold is not None:
             sae.threshold.fill_(self.batchtopk_threshold)
-        sae.fold_input_scale_(self.scale)
+        sae.fold_input_scale_(self.scale, self.output_scale)
         sae.provenance = self.provenance()
         return sae
 
@@ -572,6 +595,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "scale": self.scale,
+            "output_scale": self.output_scale,
             "batchtopk_threshold": self.batchtopk_threshold,
             "source": self.source.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "cuda": cuda},
@@ -657,6 +681,7 @@ class Trainer:
         self.stats.window_tokens = state["stats"]["window_tokens"]
         self._load_source(state["source"], folder)
         self.step, self.scale = state["step"], state["scale"]
+        self.output_scale = state.get("output_scale")  # (older checkpoints: SAEs only)
         self.batchtopk_threshold = state["batchtopk_threshold"]
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"]["cuda"] and self.device.type == "cuda":  # (older: one per GPU)
@@ -707,7 +732,7 @@ class Trainer:
         changed = [
             (f, was[f.name], getattr(self.cfg, f.name))
             for f in dataclasses.fields(TrainConfig)
-            if was[f.name] != getattr(self.cfg, f.name)
+            if not self._same_option(f.name, was[f.name], getattr(self.cfg, f.name))
         ]
         refused = [
             f"{f.name}={new!r} (the checkpoint has {old!r})"
@@ -728,6 +753,16 @@ class Trainer:
         for f, old, new in changed if self.layout.main else ():
             if f.name != "out_dir":
                 print(f"sae-fast: resuming with {f.name}={new!r} (the checkpoint had {old!r})")
+
+    def _same_option(self, name: str, old: object, new: object) -> bool:
+        """Whether two values of an option mean the same run: equal, or Matryoshka prefix
+        sizes that name the same prefixes of this dictionary (16,64 and 16,64,256 of 256)."""
+        if old == new:
+            return True
+        if name == "matryoshka" and isinstance(old, str) and isinstance(new, str):
+            m = self.sae.n_latents
+            return parse_matryoshka(old, m) == parse_matryoshka(new, m)
+        return False
 
     def _apply_optimizer_options(self) -> None:
         """The optimizer's state holds the checkpoint's lr, betas and eps: use this run's."""
@@ -757,6 +792,14 @@ class Trainer:
             f"sae-fast: resumed from step {step}; moved the newer {[p.name for p in newer]} of "
             f"the abandoned branch to {aside}"
         )
+
+
+def _norm_scale(x: Tensor) -> float:
+    """The factor that makes x's (n, d) mean row norm sqrt(d)."""
+    mean_norm = x.float().norm(dim=1).mean().item()
+    if mean_norm == 0:
+        raise ConfigError("normalize_input: the activations are all zero")
+    return math.sqrt(x.shape[1]) / mean_norm
 
 
 def _broadcasts(source: ActivationSource) -> bool:
