@@ -91,7 +91,10 @@ def summary(runs: dict[str, dict]) -> str:
         "train step x floor | encode peak MiB | train step peak MiB |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    hooks = {name: run for name, run in runs.items() if run.get("benchmark") == "hooks"}
     for name, run in runs.items():
+        if name in hooks:  # their own table, below
+            continue
         device = run["env"]["gpu"] or f"{run['env']['cpu']} ({run['env']['threads']} threads)"
         figures: dict[str, dict] = {}
         for r in run["records"]:
@@ -120,6 +123,18 @@ def summary(runs: dict[str, dict]) -> str:
                 cell("memory", "train_step", "peak_mib", ".1f"),
             )
             lines.append("| " + " | ".join(cells) + " |")
+    if hooks:
+        lines += [
+            "",
+            "| run | SAEs | multi-hook run s | single-hook runs s | speed-up | bit-equal |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+    for name, run in hooks.items():
+        median = run["median_seconds"]
+        lines.append(
+            f"| {name} | {len(run['options']['hooks'])} | {median['multi']:.1f} | "
+            f"{median['single']:.1f} | {run['speedup']:.2f} | {run['bit_equal']} |"
+        )
     return "\n".join(lines)
 
 

@@ -200,3 +200,5 @@ def test_the_hooks_benchmark_times_both_ways_and_checks_them_equal(tmp_path, cap
     assert run["sae_tokens"] == 2 * 32 * 2
     assert run["speedup"] == run["median_seconds"]["single"] / run["median_seconds"]["multi"]
     assert "Speed-up" in capsys.readouterr().out
+    assert cli.main(["table", str(record)]) == 0  # the summary lists it in its own table
+    assert f"| {record.name} | 2 |" in capsys.readouterr().out

@@ -29,9 +29,11 @@ from .report import DASHBOARD_DIR, REPORT_FILE, feature_cards, write_html_report
 HELD_OUT_EVERY = 10  # every 10th document is held out
 
 
-def split_documents(spec: str, folder: Path) -> tuple[Path, Path]:
-    """Write the documents of spec as train.jsonl and heldout.jsonl in folder (atomically:
-    a demo still training on them keeps reading the files it opened)."""
+def split_documents(spec: str, folder: str | Path) -> tuple[Path, Path]:
+    """Write the documents of spec as train.jsonl and heldout.jsonl in folder, every
+    HELD_OUT_EVERY-th held out (atomically: a demo still training on them keeps reading the
+    files it opened)."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     train, held = folder / "train.jsonl", folder / "heldout.jsonl"
     with (

@@ -252,9 +252,9 @@ def load(path: Path) -> tuple[Config, Tensors]:
     weights = str(path / WEIGHTS_FILE)
     t = _tensors(weights, folder.read_weights(path / WEIGHTS_FILE), arch, d, m, d_out)
 
-    if (
-        not apply_b_dec and not transcoder
-    ):  # pre = u @ W_enc + b = (u - b_dec) @ W_enc + (b + W_enc b_dec)
+    # pre = u @ W_enc + b = (u - b_dec) @ W_enc + (b + W_enc b_dec); a transcoder's
+    # encoder never subtracts b_dec (ours neither).
+    if not apply_b_dec and not transcoder:
         shift = t["W_enc"] @ t["b_dec"]
         t["b_enc"] = t["b_enc"] + shift
         if activation == "gated":  # the magnitude path's weight is W_enc * exp(r_mag)
