@@ -25,7 +25,7 @@ from torch import Tensor
 
 import sae_fast
 from sae_fast import reference as ref
-from sae_fast.sae_config import check_matryoshka
+from sae_fast.options import check_matryoshka
 from sae_fast.training.losses import matryoshka_decode
 from sae_fast.validation import dtype_name
 

@@ -233,7 +233,7 @@ def recorded_data_options(provenance: dict, given: dict) -> dict:
     recorded = {k: v for k, v in train.items() if k in names and k != "text" and v is not None}
     if "seed" in train:  # for synthetic data it names the true dictionary
         recorded["seed"] = train["seed"]
-    for key in ("model", "hook"):
+    for key in ("model", "hook", "hook_in", "hook_out"):
         if key not in recorded and provenance.get(key):  # another library's record
             recorded[key] = provenance[key]
             recorded.setdefault("source", "model")
@@ -494,8 +494,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 check_replaceable(Path(args.out) / side, DASHBOARD_FILES)
     device = resolve_device(check_device(args.device, "--device"))
     a, b = (SparseAutoencoder.load(path, device=device) for path in (args.a, args.b))
-    if a.d_in != b.d_in:
-        raise ConfigError(f"the SAEs have d_in={a.d_in} and {b.d_in}: nothing to compare")
+    if (a.d_in, a.d_out) != (b.d_in, b.d_out):
+        raise ConfigError(
+            f"the SAEs read d_in={a.d_in} and {b.d_in} and write d_out={a.d_out} and "
+            f"{b.d_out}: nothing to compare"
+        )
     chosen = _parse_pairs(args.pairs, a.n_latents, b.n_latents) if args.pairs else None
     matches = match_decoders(a.W_dec, b.W_dec)
     report = {"a": str(args.a), "b": str(args.b), **matches.summary(args.top)}
@@ -563,10 +566,7 @@ def _model_for_sae(args: argparse.Namespace, sae) -> tuple[TrainConfig, object, 
     from .validation import parse_dtype
 
     given = {k: v for k, v in (("model", args.model), ("hook", args.hook)) if v}
-    options = recorded_data_options(sae.provenance, given)
-    if sae.transcoder:  # its latents read its input hook point
-        options = {**options, "hook": args.hook or options.get("hook_in")}
-    options = {k: v for k, v in options.items() if k not in ("hooks", "hook_in", "hook_out")}
+    options = _reading_input(sae, recorded_data_options(sae.provenance, given))
     if not options.get("model") or not options.get("hook"):
         raise ConfigError("--model and --hook: the SAE records none; give them")
     cfg = TrainConfig.from_dict({**options, "source": "model"}, where="the data options")
@@ -578,6 +578,15 @@ def _model_for_sae(args: argparse.Namespace, sae) -> tuple[TrainConfig, object, 
             f"{cfg.hook} of {cfg.model} has width {width}; the SAE's d_in is {sae.d_in}"
         )
     return cfg, model, tokenizer, _fit_context(model, cfg.context_size)
+
+
+def _reading_input(sae, options: dict) -> dict:
+    """Data options that read what sae encodes: a transcoder's input hook point alone (its
+    latents come from it; a given --hook wins), a single hook point for any SAE."""
+    if sae.transcoder:
+        options = {**options, "hook": options.get("hook") or options.get("hook_in")}
+    dropped = ("hooks", "hook_in", "hook_out", "skip_connection")
+    return {k: v for k, v in options.items() if k not in dropped}
 
 
 def _fit_context(model, context_size: int) -> int:
@@ -600,7 +609,9 @@ def _drift_dashboards(args: argparse.Namespace, sae, cfg: TrainConfig, source, r
     records = []
     context_size = _fit_context(source.model, cfg.context_size)
     for name, text in (("a", cfg.text), ("b", args.against)) if movers else ():
-        about = {"sae": str(args.sae), "model": cfg.model, "hook": cfg.hook, "text": text}
+        # A transcoder's latents read its input hook point.
+        hook = cfg.hook or cfg.hook_in
+        about = {"sae": str(args.sae), "model": cfg.model, "hook": hook, "text": text}
         with _token_bar(args) as bar:
             _, found = build_dashboard(
                 sae, source.model, source.tokenizer, out / name, about,

@@ -314,7 +314,7 @@ class SparseAutoencoder(nn.Module):
         return ops.decode(values, indices, W_dec, b_dec, backend=self.backend)
 
     def forward(self, x: Tensor) -> SAEOutput:
-        """x: (..., d_in) -> SAEOutput with x_hat (..., d_in) and the code."""
+        """x: (..., d_in) -> SAEOutput with x_hat (..., d_out) and the code."""
         x, stats = self.normalize_input(x)
         code, pre = self._encode(x)
         x_hat = self.output(x, code)
@@ -386,6 +386,8 @@ class SparseAutoencoder(nn.Module):
         biases and thresholds are divided by output_scale.
         """
         output_scale = scale if output_scale is None else output_scale
+        if output_scale != scale and not self.transcoder:
+            raise ValueError("output_scale: an SAE's output is in its input's units")
         for value in (scale, output_scale):
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"scale must be a finite positive number, got {value}")

@@ -179,12 +179,17 @@ def sharded_decode(
     W_dec: (m_r, d) this rank's rows [offset, offset + m_r); b_dec: (d,) the same on every
     rank -> x_hat (n, d), the same on every rank.
     """
-    m_local = W_dec.shape[0]
-    mine = (indices >= offset) & (indices < offset + m_local)
-    local_indices = torch.where(mine, indices - offset, torch.zeros_like(indices))
-    local_values = values * mine.to(values.dtype)
+    local_values, local_indices = own_pairs(values, indices, offset, W_dec.shape[0])
     partial = decode(local_values, local_indices, W_dec, torch.zeros_like(b_dec), backend=backend)
     return sum_over_group(partial, group) + b_dec
+
+
+def own_pairs(values: Tensor, indices: Tensor, offset: int, size: int) -> tuple[Tensor, Tensor]:
+    """The pairs of a global code (n, k) on the shard of latents [offset, offset + size):
+    their values (zero for the other shards' latents) and their rows of the shard."""
+    mine = (indices >= offset) & (indices < offset + size)
+    rows = torch.where(mine, indices - offset, torch.zeros_like(indices))
+    return values * mine.to(values.dtype), rows
 
 
 def sum_over_group(t: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:

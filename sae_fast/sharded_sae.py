@@ -13,6 +13,7 @@ from .options import SPARSE_ACTIVATIONS
 from .sae import SparseAutoencoder, autocast_inputs
 from .sae_config import check_hyperparameters
 from .sharded import (
+    own_pairs,
     sharded_decode,
     sharded_encode_topk,
     sharded_encode_topk_auxk,
@@ -69,7 +70,7 @@ class ShardedSparseAutoencoder(SparseAutoencoder):
 
     def _topk(self, x: Tensor, k: int) -> SparseCode:
         return sharded_encode_topk(
-            *autocast_inputs(x, self.W_enc, self.b_enc, self.b_dec),
+            *autocast_inputs(x, self.W_enc, self.b_enc, self.center),
             k,
             offset=self.latent_offset,
             group=self.group,
@@ -80,7 +81,7 @@ class ShardedSparseAutoencoder(SparseAutoencoder):
         self, x: Tensor, k: int, dead_mask: Tensor, k_aux: int
     ) -> tuple[SparseCode, SparseCode]:
         return sharded_encode_topk_auxk(
-            *autocast_inputs(x, self.W_enc, self.b_enc, self.b_dec),
+            *autocast_inputs(x, self.W_enc, self.b_enc, self.center),
             k,
             dead_mask,
             k_aux,
@@ -99,10 +100,7 @@ class ShardedSparseAutoencoder(SparseAutoencoder):
     def own_pairs(self, values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
         """This shard's pairs of a global code (n, k): their values (zero for the other
         shards' latents) and their rows of this shard's W_dec."""
-        m_local = self.W_dec.shape[0]
-        mine = (indices >= self.latent_offset) & (indices < self.latent_offset + m_local)
-        rows = torch.where(mine, indices - self.latent_offset, torch.zeros_like(indices))
-        return values * mine.to(values.dtype), rows
+        return own_pairs(values, indices, self.latent_offset, self.W_dec.shape[0])
 
     def sum_shards(self, t: Tensor) -> Tensor:
         """The sum of t over the group (each shard holds its latents' part), on every rank."""

@@ -205,3 +205,16 @@ def test_data_ranks_run_the_model_on_their_own_documents(tmp_path, model_options
     # The streams cannot be split again in another number of data ranks.
     with pytest.raises(SourceError, match="part"):
         train(run, resume=True, steps=8, **model_options)
+
+
+def test_a_data_parallel_transcoder_resumes_exactly(tmp_path, model_options):
+    """Exporting folds both scales into a transcoder's W_enc: its checkpoint keeps the
+    training-time W_enc, so 3 steps, a stop and 3 resumed steps on (data=2) give the weights
+    of 6 straight steps, bit for bit."""
+    options = dict(model_options, hook=None, hook_in="mlp_in.0", hook_out="mlp_out.0",
+                   skip_connection=True)  # fmt: skip
+    straight = train(tmp_path / "straight", world=2, **options)
+    train(tmp_path / "split", world=2, **{**options, "steps": 3})
+    split = train(tmp_path / "split", world=2, resume=True, **options)
+    assert SparseAutoencoder.load(split / SAE_DIR).transcoder
+    assert_close(weights(split), weights(straight), 0)

@@ -128,6 +128,10 @@ def test_resume_refusals(setup, tmp_path):
         multi(setup, tmp_path / "run", resume=str(tmp_path / "run" / HOOKS[0]))
     with pytest.raises(ConfigError, match="trained with other values"):
         multi(setup, tmp_path / "run", resume=True, k=5)
+    with pytest.raises(ConfigError, match=r"3 SAEs \(float32, with Adam\) needs"):
+        multi(setup, tmp_path / "huge", n_latents=10**11)  # all of them together
+    with pytest.raises(ConfigError, match="keep_checkpoints >= 2"):
+        multi(setup, tmp_path / "one-kept", keep_checkpoints=1)
     with pytest.raises(ConfigError, match="but the source reads"):
         MultiTrainer(
             config(setup, tmp_path / "x", hooks="resid_post.0"), model_source(setup, HOOKS)

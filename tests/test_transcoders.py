@@ -14,7 +14,7 @@ from models import tiny_bert, tiny_causal_lm
 from test_sources_model import corpus
 from test_trainer import assert_same_run, metric_rows
 
-from sae_fast import SparseAutoencoder, reference
+from sae_fast import CheckpointError, SparseAutoencoder, reference
 from sae_fast.analysis.steering import attach
 from sae_fast.cli import main
 from sae_fast.sources import ModelSource, capture
@@ -89,6 +89,8 @@ def test_the_scale_fold_maps_raw_input_to_raw_output():
     raw = folded(x)
     torch.testing.assert_close(raw.x_hat, trained.x_hat / s_out)
     assert torch.equal(raw.code.indices, trained.code.indices)
+    with pytest.raises(ValueError, match="output_scale: an SAE's output"):
+        SparseAutoencoder(D_IN, M, k=K).fold_input_scale_(s_in, s_out)
 
 
 def test_config_round_trip_and_checks(tmp_path):
@@ -103,6 +105,17 @@ def test_config_round_trip_and_checks(tmp_path):
     plain.save(tmp_path / "plain")
     fields = json.loads((tmp_path / "plain" / "cfg.json").read_text())
     assert not {"transcoder", "d_out", "skip_connection"} & set(fields)  # older readers
+    # Layouts without transcoders refuse to hold one: it would load back as a plain SAE.
+    for fmt in ("dictionary_learning", "openai"):
+        with pytest.raises(
+            CheckpointError, match=f"transcoder and skip_connection, which the {fmt}"
+        ):
+            sae.save(tmp_path / fmt, format=fmt)
+    with pytest.raises(CheckpointError, match="has skip_connection, which the openai"):
+        SparseAutoencoder(D_IN, M, k=K, skip_connection=True).save(tmp_path / "o", format="openai")
+    other = SparseAutoencoder(D_IN, M, k=K)
+    other.save(tmp_path / "other")
+    assert main(["compare", str(tmp_path / "tc"), str(tmp_path / "other")]) == 2
     for kwargs, match in [
         ({"d_out": 5}, "only a transcoder's may"),
         ({"transcoder": True, "activation": "gated", "k": None}, "gated transcoder"),
@@ -301,6 +314,9 @@ def test_cli_trains_evaluates_and_saves_a_transcoder(tmp_path, capsys):
                  "--tokens", "300", "--features", "4", "--no-progress"]) == 0  # fmt: skip
     assert len(list((board / "features").glob("*.json"))) == 4
     assert main(["report", str(run), "--text", held, "--tokens", "300", "--device", "cpu"]) == 0
+    drift = ["drift", "--sae", str(run / "sae"), "--text", text, "--against", held]
+    drift += ["--tokens", "300", "--dashboard", str(tmp_path / "movers"), "--no-progress"]
+    assert main(drift) == 0 and (tmp_path / "movers" / "movers.html").exists()
     page = (run / "report.html").read_text()
     assert "mlp_in.1" in page and "mlp_out.1" in page
     bad = ["train", "--model", model, "--hook-in", "mlp_in.1", "--out-dir", str(tmp_path / "x")]

@@ -1,7 +1,7 @@
 """Model integration: run a model through an SAE at a hook point, read its latents, steer.
 
 Hook points are the trainer's: resid_post.L, mlp_out.L, attn_out.L or a module path (see
-sources.hooks). Inside ``attach``/``steer`` the hooked module's output h (..., d_in) becomes
+sources.hooks). Inside ``attach``/``steer`` the hooked module's output h (..., d_out) becomes
 
     add_error=False:  x_hat(edited code)                          the SAE's reconstruction
     add_error=True:   x_hat(edited code) + (h - x_hat(code))  =  h + delta
@@ -91,7 +91,7 @@ class FeatureEdits:
                 )
 
     def delta(self, sae: SparseAutoencoder, code: SparseCode | Tensor) -> Tensor:
-        """The change of the SAE's normalised-space reconstruction, (..., d_in).
+        """The change of the SAE's normalised-space reconstruction, (..., d_out).
 
         code: SparseCode (..., width) or dense (..., n_latents), as sae.encode returns.
         """
@@ -260,7 +260,7 @@ def attach(
     """Run model's hook point through sae inside the with-block; yields the SAESite.
 
     hook: resid_post.L, mlp_out.L, attn_out.L or a module path; an unknown one raises
-    HookPointError listing the valid names. The hooked output (..., d_in) is cast to the SAE's
+    HookPointError listing the valid names. The hooked output (..., d_out) is cast to the SAE's
     dtype and device and its result back. add_error=True adds back the reconstruction error,
     so only the edited latents change the output. The SAE runs in eval mode (batchtopk then
     uses its calibrated threshold); its mode and the hook are restored on exit, also on error.

@@ -79,8 +79,10 @@ def load(path: str | Path, format: str | None = None) -> tuple[Config, Tensors]:
         raise CheckpointError(f"{e.filename or path} cannot be read: permission denied") from None
 
 
-# The layouts with a field for a Matryoshka SAE's prefix sizes.
+# The layouts with a field for a Matryoshka SAE's prefix sizes; those that hold transcoders
+# and skip connections.
 MATRYOSHKA_FORMATS = ("sae_fast", "dictionary_learning", "saelens")
+TRANSCODER_FORMATS = ("sae_fast", "saelens", "sparsify")
 
 
 def save(config: Config, tensors: Tensors, path: str | Path, format: str = "sae_fast") -> None:
@@ -95,6 +97,13 @@ def save(config: Config, tensors: Tensors, path: str | Path, format: str = "sae_
         raise CheckpointError(
             f"this is a Matryoshka SAE (prefixes {config['matryoshka']}); the {format} layout "
             "has no field for its prefix sizes: save it as sae_fast"
+        )
+    extra = [name for name in ("transcoder", "skip_connection") if config.get(name)]
+    if extra and format not in TRANSCODER_FORMATS:
+        # It would load back as a plain SAE computing something else.
+        raise CheckpointError(
+            f"this SAE has {' and '.join(extra)}, which the {format} layout cannot hold: save "
+            f"it as {', '.join(TRANSCODER_FORMATS)}"
         )
     if fmt.saves_file(path):
         fmt.save(config, tensors, path)

@@ -233,7 +233,9 @@ def run_to_hooks(model: nn.Module, names: Sequence[str], **inputs: Tensor) -> li
 
     def recorder(index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
-            held[index] = _first(output)
+            # A copy when later layers still run: one of them may update it in place.
+            found = _first(output)
+            held[index] = found.clone() if wanted > 1 else found
             if len(held) == wanted:
                 raise _StopForwardError
 

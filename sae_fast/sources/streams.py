@@ -96,6 +96,7 @@ class HookStream:
         described = self._fanout.source.describe()
         modules = described.pop("modules", None) or [described["module"]]
         described.pop("widths", None)
+        described.pop("hooks", None)  # the run's, in its own config.json
         return {**described, "hook": self.hook, "module": modules[self.index], "d_in": self.d_in}
 
     def identity(self) -> dict:

@@ -361,8 +361,8 @@ class TrainConfig:
                 parse_hooks(self.hooks)
             except ValueError as e:
                 raise ConfigError(f"hooks: {e}") from None
-        if self.matryoshka is not None:
-            self._check_matryoshka()
+        if self.matryoshka is not None:  # again by the trainer, which knows d_in
+            self.matryoshka_prefixes()
         if (self.hook_in is None) != (self.hook_out is None):
             raise ConfigError("a transcoder needs both hook_in and hook_out")
         if self.hook_in is not None:
@@ -380,19 +380,21 @@ class TrainConfig:
         if self.source == "synthetic" and self.synthetic_active > self.synthetic_features:
             raise ConfigError("synthetic_active must be <= synthetic_features")
 
-    def _check_matryoshka(self) -> None:
-        """The prefix sizes' syntax, order and activation now; against n_latents if given
-        (a dictionary sized from d_in is checked when the trainer knows d_in)."""
+    def matryoshka_prefixes(self, n_latents: int | None = None) -> list[int] | None:
+        """The prefix sizes matryoshka names for a dictionary of n_latents (None: the
+        n_latents option, else the last size given), checked with the activation;
+        ConfigError says what is wrong."""
         try:
             sizes = [int(part) for part in self.matryoshka.split(",")]
         except ValueError:
             sizes = []  # parse_matryoshka says what is wrong
+        m = n_latents or self.n_latents or (sizes[-1] if sizes else 1)
         try:
-            m = self.n_latents or (sizes[-1] if sizes else 1)
             prefixes = parse_matryoshka(self.matryoshka, m)
             check_matryoshka(prefixes or [m], m, self.activation)
         except ValueError as e:
             raise ConfigError(f"matryoshka: {e}") from None
+        return prefixes
 
     def transcoder(self) -> bool:
         """Whether the run trains a transcoder (hook_in -> hook_out)."""

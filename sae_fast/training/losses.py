@@ -1,6 +1,7 @@
 """Training losses of every activation: reconstruction plus its sparsity and auxiliary terms.
 
-Reconstruction is the squared error summed over d_in and averaged over tokens. The AuxK term
+Reconstruction is the squared error summed over d_out (a transcoder's output width, else
+d_in) and averaged over tokens. The AuxK term
 (Gao et al. 2024) uses the same normalisation, so its coefficient (1/32 there) means what it
 means in the paper, where both terms are divided by the same variance.
 
@@ -58,7 +59,7 @@ def squared_error(x: Tensor, x_hat: Tensor) -> Tensor:
 
 
 def matryoshka_decode(sae: SparseAutoencoder, code: SparseCode) -> Tensor:
-    """(n, G, d_in): the decode of each of sae.matryoshka's G prefixes of code (n, k), the last
+    """(n, G, d_out): the decode of each of sae.matryoshka's G prefixes of code (n, k), the last
     the whole dictionary's.
 
     Each (token, latent) pair is summed once, into its token's bag for the group of latents

@@ -26,10 +26,11 @@ from ..files import atomic_path, lock_folder
 from ..options import parse_hooks
 from ..sources.model import ModelSource
 from ..sources.streams import hook_streams
+from ..validation import check_fits, parse_dtype
 from . import checkpoints
-from .config import ConfigError, TrainConfig
-from .layout import Layout
-from .trainer import StopOnInterrupt, Trainer, TrainResult, progress_bar
+from .config import ConfigError, TrainConfig, resolve_device
+from .layout import Layout, local_device
+from .trainer import StopOnInterrupt, Trainer, TrainResult, parameter_bytes, progress_bar
 
 HOOKS_KEY = "hooks"  # in out_dir/config.json: hook point -> its run's folder name
 
@@ -38,6 +39,10 @@ def hook_configs(cfg: TrainConfig) -> list[TrainConfig]:
     """One single-hook run's options per hook point of cfg.hooks, each in out_dir/HOOK."""
     if cfg.hooks is None:
         raise ConfigError("a multi-hook run needs hooks")
+    if cfg.keep_checkpoints < 2:
+        # A kill between the SAEs' saves leaves some a step behind: with one checkpoint
+        # each, no step would be left that all of them have.
+        raise ConfigError("hooks needs keep_checkpoints >= 2, to resume from a common step")
     runs = []
     for hook in parse_hooks(cfg.hooks):
         if "/" in hook or hook in (".", ".."):
@@ -101,6 +106,12 @@ class MultiTrainer:
             raise ConfigError(
                 f"hooks={cfg.hooks!r} but the source reads the hook points {list(source.hooks)}"
             )
+        # Each trainer checks its own SAE; together they must fit too.
+        needed = sum(
+            parameter_bytes(cfg.latents(w), 2 * w, parse_dtype(cfg.dtype)) for w in source.widths
+        )
+        device = resolve_device(local_device(cfg.device))
+        check_fits(needed, f"{len(runs)} SAEs ({cfg.dtype}, with Adam)", device, ConfigError)
         self.cfg, self.source, self.out_dir = cfg, source, Path(cfg.out_dir)
         self._lock = lock_folder(self.out_dir, "sae-fast multi-hook training run")
         self._lock.__enter__()

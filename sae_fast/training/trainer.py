@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..files import atomic_path, clean_stale, lock_folder
-from ..options import SPARSE_ACTIVATIONS, check_matryoshka, parse_matryoshka
+from ..options import SPARSE_ACTIVATIONS, parse_matryoshka
 from ..sae import SparseAutoencoder
 from ..sharded_sae import ShardedSparseAutoencoder
 from ..sources.base import ActivationSource, part_rows
@@ -132,19 +132,20 @@ class Trainer:
         size = self.dtype.itemsize
         batch = cfg.batch_size // layout.data
         dense = 0 if sparse else 4 * batch * m
-        # A Matryoshka step holds a few (batch, prefixes, d_in) tensors: sums and their errors.
-        nested = 3 * len(prefixes) * batch * d_in if prefixes else 0
+        # A Matryoshka step holds a few (batch, prefixes, d_out) tensors: sums and errors.
+        nested = 3 * len(prefixes) * batch * (d_out or d_in) if prefixes else 0
         per_shard = f", {self.m_local} latents per shard" if layout.latent > 1 else ""
         width = d_in + (d_out or d_in)  # W_enc's and W_dec's rows
         out = f", d_out={d_out}" if d_out else ""
         for nbytes, what in [
-            (4 * self.m_local * width * size,
+            (parameter_bytes(self.m_local, width, self.dtype),
              f"n_latents={m} x d_in={d_in}{out} ({cfg.dtype}, with Adam{per_shard})"),
             (2 * max(batch, cfg.init_tokens) * width * size + dense * size + nested * size,
              f"batch_size={cfg.batch_size} / init_tokens={cfg.init_tokens} x d_in={d_in}{out}"),
         ]:  # fmt: skip
             check_fits(nbytes, what, self.device, ConfigError)
-        k_aux = cfg.k_aux if cfg.k_aux is not None else max(1, d_in // 2)
+        # AuxK's default: half the width of what it reconstructs (Gao et al. 2024).
+        k_aux = cfg.k_aux if cfg.k_aux is not None else max(1, (d_out or d_in) // 2)
         if sparse and cfg.k > m:
             raise ConfigError(f"k={cfg.k} is larger than the dictionary (n_latents={m})")
         self.weights = LossWeights(
@@ -242,15 +243,7 @@ class Trainer:
 
     def _matryoshka(self, m: int) -> list[int] | None:
         """The prefix sizes --matryoshka names for m latents, or None."""
-        if self.cfg.matryoshka is None:
-            return None
-        try:
-            prefixes = parse_matryoshka(self.cfg.matryoshka, m)
-            if prefixes is not None:
-                check_matryoshka(prefixes, m, self.cfg.activation)
-        except ValueError as e:
-            raise ConfigError(f"matryoshka: {e}") from None
-        return prefixes
+        return None if self.cfg.matryoshka is None else self.cfg.matryoshka_prefixes(m)
 
     def acquire(self) -> None:
         """Lock out_dir (again, after close()); FolderInUseError if another run holds it."""
@@ -631,9 +624,11 @@ class Trainer:
     ) -> Path:
         """The checkpoint as every rank's shard (checkpoints.save_sharded): the tensors
         with a row per latent go to the row shards, train_state.pt keeps the rest."""
-        # The training-time values of what exporting may change: all but W_enc and W_dec
-        # (fold_input_scale_), by name, so every shard stores the same names.
-        named = {f"param.{n}": t for n, t in ours.items() if n not in ("W_enc", "W_dec")}
+        # The training-time values of what exporting may change (fold_input_scale_): all
+        # but W_dec, and but W_enc unless a transcoder's two scales rescale it; by name, so
+        # every shard stores the same names.
+        kept = ("W_dec",) if self.sae.transcoder else ("W_enc", "W_dec")
+        named = {f"param.{n}": t for n, t in ours.items() if n not in kept}
         for name, p in self.sae.named_parameters():
             for key, value in self.optimizer.state.get(p, {}).items():
                 named[f"adam.{name}.{key}"] = value
@@ -792,6 +787,12 @@ class Trainer:
             f"sae-fast: resumed from step {step}; moved the newer {[p.name for p in newer]} of "
             f"the abandoned branch to {aside}"
         )
+
+
+def parameter_bytes(n_latents: int, width: int, dtype: torch.dtype) -> int:
+    """What training n_latents latents holds: W_enc's and W_dec's rows (width: d_in + d_out
+    together), their gradients and Adam's two moments."""
+    return 4 * n_latents * width * dtype.itemsize
 
 
 def _norm_scale(x: Tensor) -> float:
