@@ -322,3 +322,20 @@ def test_cli_trains_evaluates_and_saves_a_transcoder(tmp_path, capsys):
     bad = ["train", "--model", model, "--hook-in", "mlp_in.1", "--out-dir", str(tmp_path / "x")]
     assert main(bad) == 2
     assert "needs both hook_in and hook_out" in capsys.readouterr().err
+
+
+def test_an_saelens_transcoder_evaluates_at_its_recorded_hook_points(tmp_path):
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is the `bench` extra")
+    model = save_model(tmp_path / "gpt")
+    text = write_corpus(tmp_path / "text.txt")
+    cfg = sae_lens.saes.SkipTranscoderConfig(d_in=32, d_sae=64, d_out=32,
+                                             apply_b_dec_to_input=False)  # fmt: skip
+    theirs = sae_lens.saes.SkipTranscoder(cfg)
+    theirs.cfg.metadata.model_name = model
+    theirs.cfg.metadata.hook_name = "blocks.1.ln2.hook_normalized"  # TransformerLens's names
+    theirs.cfg.metadata.hook_name_out = "blocks.1.hook_mlp_out"
+    theirs.save_model(tmp_path / "tc")
+    out = tmp_path / "eval.json"
+    args = ["eval", "--sae", str(tmp_path / "tc"), "--text", text, "--tokens", "100"]
+    assert main([*args, "--context-size", "16", "--device", "cpu", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["tokens"] == 100  # it read mlp_in.1 and mlp_out.1
