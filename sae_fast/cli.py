@@ -150,13 +150,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130 if result.interrupted else 0
     print(json.dumps({"step": result.step, **result.final}, indent=2))
     if result.interrupted:
-        print(
-            f"interrupted at step {result.step}; continue with: sae-fast train --resume "
-            f"--out-dir {shlex.quote(cfg.out_dir)}"
-        )
-        return 130
+        return _interrupted(result.step, cfg.out_dir)
     print(f"saved the SAE to {result.out_dir / SAE_DIR}")
     return 0
+
+
+def _interrupted(step: int, out_dir: str) -> int:
+    """Say how to continue a run stopped by Ctrl-C at step; its exit code."""
+    print(
+        f"interrupted at step {step}; continue with: sae-fast train --resume "
+        f"--out-dir {shlex.quote(out_dir)}"
+    )
+    return 130
 
 
 def _train_hooks(cfg: TrainConfig, resume: bool | str, layout, device) -> int:
@@ -178,11 +183,7 @@ def _train_hooks(cfg: TrainConfig, resume: bool | str, layout, device) -> int:
         close_layout(layout, finished)
     print(json.dumps({r.out_dir.name: {"step": r.step, **r.final} for r in results}, indent=2))
     if any(r.interrupted for r in results):
-        print(
-            f"interrupted at step {results[0].step}; continue with: sae-fast train --resume "
-            f"--out-dir {shlex.quote(cfg.out_dir)}"
-        )
-        return 130
+        return _interrupted(results[0].step, cfg.out_dir)
     print(f"saved the SAEs to {Path(cfg.out_dir)}/HOOK/sae for the hooks {cfg.hooks}")
     if cfg.plots:
         from .analysis.layers import TRAINING_NOTE, training_rows, write_layer_report

@@ -24,7 +24,7 @@ from ..sources.streams import hook_streams
 from ..training.checkpoints import METRICS_FILE, RUN_CONFIG_FILE, SAE_DIR
 from ..training.config import ConfigError
 from ..training.metrics import read_jsonl
-from ..training.multi import HOOKS_KEY
+from ..training.multi import hook_runs
 from ..training.plots import pyplot, save_figure
 from .evaluate import ce_loss_recovered, evaluate
 
@@ -47,15 +47,13 @@ METRICS = (
 def sweep_runs(run_dir: str | Path) -> dict[str, Path]:
     """hook point -> its run folder, for the multi-hook run in run_dir (ConfigError if
     run_dir holds none)."""
-    run_dir = Path(run_dir)
-    body = read_json(run_dir / RUN_CONFIG_FILE, ConfigError)
-    hooks = body.get(HOOKS_KEY) if isinstance(body, dict) else None
-    if not isinstance(hooks, dict) or not hooks:
+    found = hook_runs(run_dir)
+    if found is None:
         raise ConfigError(
             f"{run_dir} is not a multi-hook run (its {RUN_CONFIG_FILE} names no hooks): "
             "train one with --hooks"
         )
-    return {hook: run_dir / folder for hook, folder in hooks.items()}
+    return found
 
 
 def load_saes(run_dir: str | Path, device: str = "cpu") -> dict[str, SparseAutoencoder]:

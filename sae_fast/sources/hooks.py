@@ -163,7 +163,7 @@ def _first(output: Tensor | tuple) -> Tensor:
 
 
 class _StopForwardError(Exception):
-    """Raised by a capture hook to skip the layers after it."""
+    """Raised by run_to_hooks's hooks to skip the layers after the last of them."""
 
 
 @dataclass
@@ -174,24 +174,17 @@ class Captured:
 
 
 @contextmanager
-def capture(model: nn.Module, name: str, stop: bool = False) -> Iterator[Captured]:
-    """Record the output of hook point name on every forward inside the with-block.
-
-    With stop=True the forward is cut short right after the hook (later layers never run) and
-    the with-block ends there: put the forward last in it and read .output after it.
-    """
+def capture(model: nn.Module, name: str) -> Iterator[Captured]:
+    """Record the output of hook point name on every forward inside the with-block (a forward
+    cut short after the hook point: run_to_hooks)."""
     held = Captured()
 
     def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
         held.output = _first(output)
-        if stop:
-            raise _StopForwardError
 
     handle = resolve_hook(model, name).register_forward_hook(hook)
     try:
         yield held
-    except _StopForwardError:
-        pass
     finally:
         handle.remove()
 

@@ -22,7 +22,7 @@ import json
 from contextlib import ExitStack
 from pathlib import Path
 
-from ..files import atomic_path, lock_folder
+from ..files import atomic_path, lock_folder, read_json
 from ..options import parse_hooks
 from ..sources.model import ModelSource
 from ..sources.streams import hook_streams
@@ -52,12 +52,23 @@ def hook_configs(cfg: TrainConfig) -> list[TrainConfig]:
     return runs
 
 
+def hook_runs(folder: str | Path) -> dict[str, Path] | None:
+    """hook point -> its run folder, of the multi-hook run in folder (its config.json maps
+    hook points to runs); None for another run. ConfigError if config.json is missing or
+    damaged."""
+    folder = Path(folder)
+    body = read_json(folder / checkpoints.RUN_CONFIG_FILE, ConfigError)
+    hooks = body.get(HOOKS_KEY) if isinstance(body, dict) else None
+    if not isinstance(hooks, dict) or not hooks:
+        return None
+    return {hook: folder / name for hook, name in hooks.items()}
+
+
 def is_multi_hook_run(folder: str | Path) -> bool:
-    """Whether folder holds a multi-hook run (its config.json maps hook points to runs)."""
-    path = Path(folder) / checkpoints.RUN_CONFIG_FILE
+    """Whether folder holds a multi-hook run."""
     try:
-        return HOOKS_KEY in json.loads(path.read_text())
-    except (OSError, ValueError):
+        return hook_runs(folder) is not None
+    except ConfigError:  # no run, or not one of ours
         return False
 
 
