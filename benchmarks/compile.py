@@ -296,6 +296,7 @@ def replay(launch, dtype, rows: int = 64) -> dict[str, float]:
 def encoder_launch(preset):
     """The encoder's launch at preset on the target, and its pinned tiles (as pinned)."""
     import torch
+
     from sae_fast.kernels import encode_topk
 
     dtype = preset.torch_dtype
@@ -310,6 +311,7 @@ def encoder_report(preset, plain_gemm) -> dict[str, Any]:
     """Resources and instruction mix of the encoder at preset, next to the plain GEMM."""
     import torch
     import triton
+
     from sae_fast.kernels.launch import Launch
 
     launch, tiles = encoder_launch(preset)
@@ -366,6 +368,7 @@ def encoder_report(preset, plain_gemm) -> dict[str, Any]:
 def decode_report(preset) -> dict[str, Any]:
     """Resources of the decoder's gather_sum and pair_dot at preset."""
     import torch
+
     from sae_fast.kernels import decode
 
     dtype = preset.torch_dtype

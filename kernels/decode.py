@@ -15,10 +15,9 @@ import triton.language as tl
 from torch import Tensor
 
 from sae_fast.backends import pairs
-
-from . import interpreting
-from .fallback import Fallback
-from .launch import Launch
+from sae_fast.kernels import interpreting
+from sae_fast.kernels.fallback import Fallback
+from sae_fast.kernels.launch import Launch
 
 
 @triton.jit

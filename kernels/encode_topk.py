@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import interpreting
-from .launch import Launch
+from sae_fast.kernels import interpreting
+from sae_fast.kernels.launch import Launch
 
 # Kernels spell these masks as literals: they can read no Python global, and the interpreter
 # cannot take a global tl.constexpr in arithmetic.

@@ -182,9 +182,10 @@ def test_nan_propagates_as_in_the_torch_backend():
 
 
 def test_a_kernel_that_cannot_be_built_falls_back_to_torch_with_one_warning(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
     from sae_fast.kernels import decode as decode_kernels
     from sae_fast.kernels import encode_topk
-    from triton.runtime.errors import OutOfResources
 
     def refuse(*args, **kwargs):
         raise OutOfResources(300_000, 232_448, "shared memory")
