@@ -384,6 +384,25 @@ def decode_report(preset) -> dict[str, Any]:
     return {name: resources(launch.compile()) for name, launch in plans.items()}
 
 
+def select_report(preset, ks: tuple[int, ...] = (32, 64, 128, 256)) -> dict[str, Any]:
+    """Resources of the chunked encoder's select kernel at preset's dtype, for each k, on a
+    chunk of the width the chunked backend would take."""
+    import torch
+
+    from sae_fast.backends.chunked import chunk_for
+    from sae_fast.kernels import select_topk
+
+    dtype = preset.torch_dtype
+    chunk = chunk_for(preset.n, preset.m, dtype.itemsize)
+    pre = torch.empty(preset.n, chunk, dtype=dtype)
+    return {
+        f"select k={k}": resources(
+            select_topk.plan(pre, 0, select_topk.start(preset.n, k, pre.device), k).compile()
+        )
+        for k in ks
+    }
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ INPUT_NORMS = ("none", "layer_norm", "constant_norm")
 ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")
 PARAMETER_DTYPES = (*ACTIVATION_DTYPES, "float64")
 # The sparse-op backends, highest priority first (backends.registered() lists the same).
-BACKENDS = ("cuda", "triton", "torch")
+BACKENDS = ("cuda", "triton", "chunked", "torch")
 _HOOK_RANGE = re.compile(r"^(.+)\.(\d+)-(\d+)$")
 
 

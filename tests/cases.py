@@ -13,11 +13,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 from torch import Tensor
 
-from sae_fast import ops
+from sae_fast import backend_status, ops
 from sae_fast import reference as ref
+
+# Where the Triton backends' tests run: a GPU, else CPU tensors under the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def runs_here(backend: str) -> pytest.MarkDecorator:
+    """Skip a test module whose backend can run neither on a GPU nor on CPU tensors here."""
+    reason = backend_status("cpu")[backend]
+    return pytest.mark.skipif(
+        reason is not None and not torch.cuda.is_available(),
+        reason=f"{backend} backend cannot run here: {reason}",
+    )
 
 
 @dataclass

@@ -35,6 +35,9 @@ for name, preset in {"bf16 k=64": gpu, "fp32 k=8": replace(gpu, dtype="fp32", k=
     report["pinned"] = [tiles.warps, tiles.stages]
     out[name] = report
 out |= compile.decode_report(gpu)
+out |= compile.select_report(gpu)
+fp32_selects = compile.select_report(replace(gpu, dtype="fp32"), (256,))
+out |= {f"fp32 {name}": report for name, report in fp32_selects.items()}
 print(json.dumps(out))
 """
 
@@ -51,7 +54,10 @@ def compiled() -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("kernel", ["bf16 k=64", "fp32 k=8", "gather_sum", "pair_dot"])
+SELECTS = [f"select k={k}" for k in (32, 64, 128, 256)] + ["fp32 select k=256"]
+
+
+@pytest.mark.parametrize("kernel", ["bf16 k=64", "fp32 k=8", "gather_sum", "pair_dot", *SELECTS])
 def test_kernel_compiles_for_hopper_without_spills(compiled, kernel):
     report = compiled[kernel]
     assert report["spill_stores"] == 0 and report["spill_loads"] == 0, report

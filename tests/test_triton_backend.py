@@ -12,22 +12,20 @@ import json
 import pytest
 import torch
 from cases import (
+    DEVICE,
     Case,
     assert_auxk_exact,
     assert_within_torch_error,
     encode_decode_grads,
     integer_case,
+    runs_here,
     separated_case,
 )
 
 from sae_fast import backend_status, backends, ops
 from sae_fast import reference as ref
 
-pytestmark = pytest.mark.skipif(
-    backend_status("cpu")["triton"] is not None and not torch.cuda.is_available(),
-    reason=f"triton backend cannot run here: {backend_status('cpu')['triton']}",
-)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = runs_here("triton")
 
 
 def triton_encode(x, W_enc, b_enc, b_dec, k):

@@ -4,10 +4,10 @@
   from the inputs, SAE_FAST_BACKEND, the reasons a backend cannot run;
 - pairs: the sparse helpers (gather_sum, scatter_sum, pair_dot) and the encoder's autograd
   scaffold, shared by every backend and by the Triton kernels;
-- torch, triton, cuda: one backend each; importing this package registers all three.
+- torch, triton, chunked, cuda: one backend each; importing this package registers all four.
 """
 
-from . import cuda, torch, triton  # noqa: F401 (each registers its backend)
+from . import chunked, cuda, torch, triton  # noqa: F401 (each registers its backend)
 from .registry import (
     ENV_VAR,
     Backend,

@@ -12,8 +12,8 @@ these names and this argument order (W (m, d); coeff, indices (n, k)):
 Here they are plain PyTorch: gather_sum is one embedding_bag with per-sample weights (no
 (n, k, d) temporary), scatter_sum its native sparse weight gradient and pair_dot its gradient
 of the per-sample weights (the torch backend's decoder needs neither: autograd takes them).
-The canonical form of a code (zero_fill) and the AuxK code from the dead latents alone
-(dead_code) are shared too.
+The canonical form of a code (zero_fill), the AuxK code from the dead latents alone
+(dead_code) and the chunked encoders' pre-activations (pre_chunks) are shared too.
 
 code_function builds the autograd.Function of an encoder from its forward and a backward
 with encoder_backward's contract, which sees only the code's pairs; decode_function that of
@@ -22,7 +22,7 @@ a decoder from a backend's three helpers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,31 @@ def zero_fill(values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
     rank = torch.arange(k, device=values.device) - keep.sum(dim=1, keepdim=True)
     fill = free.gather(1, rank.clamp_min(0))
     return torch.where(keep, values, 0.0), torch.where(keep, indices, fill)
+
+
+def pre_chunks(
+    xc: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    chunk: int,
+    buffers: int = 1,
+    reuse: Callable[[int], None] | None = None,
+) -> Iterator[tuple[int, Tensor, int]]:
+    """(start, pre, slot) for each chunk of latents, in latent order: pre (n, c) =
+    xc @ W_enc[start:start + c].T + b_enc[start:start + c], written by the vendor GEMM into
+    buffer slot of `buffers` reused ones (fresh large allocations cost a page fault per page).
+
+    xc: (n, d), x - b_dec. reuse(slot), if given, is called before a slot is written again.
+    """
+    n, m = xc.shape[0], W_enc.shape[0]
+    pool = [xc.new_empty(n * min(chunk, m)) for _ in range(buffers)]
+    for number, start in enumerate(range(0, m, chunk)):
+        stop, slot = min(start + chunk, m), number % buffers
+        if reuse is not None and number >= buffers:
+            reuse(slot)
+        pre = pool[slot][: n * (stop - start)].view(n, stop - start)
+        torch.addmm(b_enc[start:stop], xc, W_enc[start:stop].T, out=pre)
+        yield start, pre, slot
 
 
 def dead_code(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .pairs import gather_sum, zero_fill
+from .pairs import gather_sum, pre_chunks, zero_fill
 from .registry import Backend, register
 
 # Extra bytes the encoder may use for one chunk of pre-activations.
@@ -98,20 +98,14 @@ def encoder_forward(
     n, m = x.shape[0], W_enc.shape[0]
     chunk = auto_chunk_size(n, m, k, x.element_size()) if chunk_size is None else chunk_size
     chunk = max(chunk, k, k_aux)
-    xc = x - b_dec
     main = _RunningTopK(k)
     aux = _RunningTopK(k_aux) if dead_mask is not None else None
-    # One buffer for every chunk: fresh large allocations cost a page fault per page.
-    buffer = torch.empty(n * min(chunk, m), dtype=x.dtype, device=x.device)
-    for start in range(0, m, chunk):
-        stop = min(start + chunk, m)
-        pre = buffer[: n * (stop - start)].view(n, stop - start)
-        # No ReLU pass over the chunk: only positive values survive _zero_fill, and ReLU
-        # keeps their order.
-        torch.addmm(b_enc[start:stop], xc, W_enc[start:stop].T, out=pre)
+    # No ReLU pass over a chunk: only positive values survive zero_fill, and ReLU keeps
+    # their order.
+    for start, pre, _ in pre_chunks(x - b_dec, W_enc, b_enc, chunk):
         main.add(pre, start)
         if aux is not None:
-            aux.add(pre.masked_fill(~dead_mask[start:stop], 0.0), start)
+            aux.add(pre.masked_fill(~dead_mask[start : start + pre.shape[1]], 0.0), start)
     return main.result() + (aux.result() if aux is not None else ())
 
 
