@@ -293,6 +293,8 @@ def check_regular(path: Path, error: type[Exception]) -> None:
         raise error(f"{path} does not exist") from None
     except PermissionError:
         raise error(f"{path} cannot be read: permission denied") from None
+    except OSError as e:  # a file where a folder should be, a loop of links
+        raise error(f"{path} cannot be read: {e.strerror}") from None
     if not stat.S_ISREG(mode):
         raise error(f"{path} is not a regular file")
 

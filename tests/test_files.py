@@ -166,6 +166,14 @@ def test_deeply_nested_json_is_an_error_naming_the_file(tmp_path):
         files.read_json(path, ValueError)
 
 
+def test_a_file_where_a_folder_should_be_is_an_error_naming_the_path(tmp_path):
+    (tmp_path / "a file").write_text("")
+    path = tmp_path / "a file" / "cfg.json"
+    with pytest.raises(ValueError, match=f"{path} cannot be read: Not a directory"):
+        files.read_json(path, ValueError)
+    assert files.peek_json(path) is None
+
+
 _HOLD = """
 import sys, time
 from sae_fast.files import lock_folder

@@ -4,6 +4,7 @@
   from the inputs, SAE_FAST_BACKEND, the reasons a backend cannot run;
 - pairs: the sparse helpers (gather_sum, scatter_sum, pair_dot) and the encoder's autograd
   scaffold, shared by every backend and by the Triton kernels;
+- encoders: which exact GPU encoder the triton backend runs, fused or chunked, by measurement;
 - torch, triton, chunked, cuda: one backend each; importing this package registers all four.
 """
 

@@ -2,9 +2,11 @@
 
 Runs on CUDA tensors (picked automatically there) in float32, float16 and bfloat16, and on CPU
 tensors only under TRITON_INTERPRET=1 when asked for by name (tests). The encoder's TopK code
-comes from the fused kernel, its AuxK code from the dead latents alone (pairs.dead_code, on
-the torch backend's encoder); its backward is the shared pair-sparse one. A kernel that
-cannot be built for the device falls back to the torch computation with one warning.
+comes from the fused kernel or the chunked backend's encoder, whichever encoders.choose
+measured faster for the device and shape (SAE_FAST_ENCODER overrides); its AuxK code from
+the dead latents alone (pairs.dead_code, on the torch backend's encoder); its backward is
+the shared pair-sparse one. A kernel that cannot be built for the device falls back to the
+torch computation with one warning.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import interpreting
+from . import encoders
 from .pairs import dead_code
 from .registry import Backend, get, register
 
@@ -46,15 +49,25 @@ def _encoder_fallback():
 
 
 def encoder_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> tuple[Tensor, ...]:
-    """The fused kernel's TopK code (triton loads on the first call), and the AuxK code."""
+    """The TopK code by the faster exact encoder (encoders.choose: on a GPU by measurement, on
+    CPU the fused one unless SAE_FAST_ENCODER says otherwise), and the AuxK code."""
     from ..kernels.encode_topk import topk_code
 
     torch_forward = get("torch").encoder_forward
-    code = _encoder_fallback()(
-        (x.dtype, x.shape[1], W_enc.shape[0], k),
-        lambda: topk_code(x, W_enc, b_enc, b_dec, k),
-        lambda: torch_forward(x, W_enc, b_enc, b_dec, k, None, 0, chunk_size),
-    )
+    paths = {
+        "fused": lambda: _encoder_fallback()(
+            (x.dtype, x.shape[1], W_enc.shape[0], k),
+            lambda: topk_code(x, W_enc, b_enc, b_dec, k),
+            lambda: torch_forward(x, W_enc, b_enc, b_dec, k, None, 0, chunk_size),
+        ),
+        "chunked": lambda: get("chunked").encoder_forward(
+            x, W_enc, b_enc, b_dec, k, None, 0, chunk_size
+        ),
+    }
+    if x.is_cuda and x.shape[0]:
+        code = paths[encoders.choose(encoders.key(x, W_enc, k), paths)]()
+    else:
+        code = paths[encoders.overridden() or "fused"]()
     if dead_mask is None:
         return code
     return code + dead_code(x, W_enc, b_enc, b_dec, dead_mask, k_aux, torch_forward, chunk_size)
