@@ -1,9 +1,13 @@
 """The checks a lent GPU runs in one call (benchmarks/gpu_check.sh is the one command).
 
 Steps, each timed and reported with its status, so one failing step does not hide the others:
-- exact: the fused encoder at the `gpu` preset against an exact canonical top-k on sampled
-  rows (float64 pre-activations of the same bf16 inputs, rounded to bf16 as the kernel rounds),
-  for the triton and cuda backends;
+- exact: the fused encoder (the triton backend held to it), the chunked encoder and the cuda
+  backend (whichever encoder it picks) at the `gpu` preset against an exact canonical top-k
+  on sampled rows (float64 pre-activations of the same bf16 inputs, rounded to bf16 as the
+  kernel rounds);
+- encoders: the fused and the chunked encoder timed at the `gpu` preset, with the cuBLAS
+  GEMM alone and the GEMM + torch.topk on the same inputs, and the pick the triton backend
+  makes by its own measurement (backends/encoders.py, in a fresh cache);
 - offsets: m * d past 2^31 (d=4096, m=655360: W is 5 GiB), with latents planted beyond the
   int32 range that must win, against the torch backend;
 - bench: encode, decode, forward + backward and a train step per backend and the peers
@@ -18,11 +22,14 @@ the test suite runs it, so the logic is checked without a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +38,13 @@ from .report import environment, write_json
 
 _GPU = PRESETS["gpu"]
 # Shapes per mode: the real ones, and the dry run's (the interpreter is ~1000x slower).
-# exact: (n, d, m, k, rows sampled), at the gpu preset on the GPU.
+# exact: (n, d, m, k, rows sampled), at the gpu preset on the GPU; encoders: (n, d, m, k).
 SHAPES = {
-    False: {"exact": (_GPU.n, _GPU.d, _GPU.m, _GPU.k, 256), "offsets": (64, 4096, 655360, 32)},
-    True: {"exact": (48, 32, 256, 8, 16), "offsets": (8, 16, 300, 4)},
-}
+    False: {"exact": (_GPU.n, _GPU.d, _GPU.m, _GPU.k, 256), "offsets": (64, 4096, 655360, 32),
+            "encoders": (_GPU.n, _GPU.d, _GPU.m, _GPU.k)},
+    True: {"exact": (48, 32, 256, 8, 16), "offsets": (8, 16, 300, 4),
+           "encoders": (8, 16, 96, 4)},
+}  # fmt: skip
 
 
 def _dtype(dry: bool):
@@ -101,17 +110,80 @@ def check_exact(dry: bool, device: str) -> dict[str, Any]:
     return out | _per_gpu_backend(x, check)
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """os.environ[name] = value (unset for None) inside the block, as it was after."""
+    old = os.environ.get(name)
+
+    def put(text: str | None) -> None:
+        if text is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = text
+
+    put(value)
+    try:
+        yield
+    finally:
+        put(old)
+
+
 def _per_gpu_backend(x, check) -> dict[str, Any]:
-    """check(name) for the triton and cuda backends where they run on x (else why not), and
-    a status of the whole: failed if one failed."""
+    """check(name) for the GPU backends where they run on x (else why not): triton held to
+    the fused encoder, chunked, and cuda with the encoder it picks; a status of the whole:
+    failed if one failed."""
     from sae_fast import backends
+    from sae_fast.backends import encoders
 
     out = {}
-    for name in ("triton", "cuda"):
+    for name, encoder in (("triton", "fused"), ("chunked", None), ("cuda", None)):
         reason = backends.get(name).why_not(x)
-        out[name] = check(name) if reason is None else {"status": "skipped", "reason": reason}
+        with _env(encoders.ENV_VAR, encoder):
+            out[name] = check(name) if reason is None else {"status": "skipped", "reason": reason}
     failed = any(r["status"] == "failed" for r in out.values())
     return {"status": "failed" if failed else "ok", **out}
+
+
+def _cpu_seconds(run) -> float:
+    """Seconds of one run() after an untimed one (the dry run's stand-in for gpu_seconds)."""
+    run()
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def check_encoders(dry: bool, device: str) -> dict[str, Any]:
+    """Both exact encoders, the GEMM alone and the GEMM + torch.topk, timed on the same
+    inputs, as ratios to the GEMM; and the encoder the triton backend picks for them."""
+    import torch
+
+    from sae_fast.backends import chunked, encoders
+    from sae_fast.kernels import encode_topk
+
+    n, d, m, k = SHAPES[dry]["encoders"]
+    x, W, b_enc, b_dec = _inputs(n, d, m, device, _dtype(dry))
+    seconds = _cpu_seconds if dry else encoders.gpu_seconds
+    paths = {
+        "fused": lambda: encode_topk.topk_code(x, W, b_enc, b_dec, k),
+        "chunked": lambda: chunked.topk_code(x, W, b_enc, b_dec, k, None),
+    }
+    timed = {
+        "gemm": lambda: torch.addmm(b_enc, x - b_dec, W.T),
+        "gemm_topk": lambda: torch.addmm(b_enc, x - b_dec, W.T).relu_().topk(k, dim=1),
+        **paths,
+    }
+    ms = {name: seconds(run) * 1e3 for name, run in timed.items()}
+    with tempfile.TemporaryDirectory() as cache, _env(encoders.CACHE_ENV, cache):
+        encoders.forget()  # the exact step's cuda backend may have chosen for this shape
+        with _env(encoders.ENV_VAR, None):
+            pick = encoders.choose(encoders.key(x, W, k), paths, seconds)
+    return {
+        "status": "ok",
+        "shape": {"n": n, "d": d, "m": m, "k": k, "dtype": str(x.dtype)},
+        "ms": {name: round(t, 4) for name, t in ms.items()},
+        "x_gemm": {name: round(t / ms["gemm"], 3) for name, t in ms.items() if name != "gemm"},
+        "pick": pick,
+    }
 
 
 def check_offsets(dry: bool, device: str) -> dict[str, Any]:
@@ -172,6 +244,7 @@ def run(dry: bool, out: Path, steps: list[str]) -> dict[str, Any]:
     checks = {
         "exact": lambda: check_exact(dry, device),
         "offsets": lambda: check_offsets(dry, device),
+        "encoders": lambda: check_encoders(dry, device),
         "bench": lambda: bench(dry, out),
     }
     for step in steps:
@@ -211,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, required=True, help="folder for the results")
     ap.add_argument("--dry", action="store_true", help="tiny shapes on the CPU (interpreter)")
-    ap.add_argument("--steps", default="exact,offsets,bench", help="comma-separated steps")
+    ap.add_argument("--steps", default="exact,offsets,encoders,bench", help="comma-separated steps")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args.dry, args.out, args.steps.split(","))

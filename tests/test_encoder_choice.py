@@ -22,8 +22,9 @@ def cache(tmp_path, monkeypatch):
     """A fresh cache folder and process memo, no override."""
     monkeypatch.setenv(encoders.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(encoders.ENV_VAR, raising=False)
-    monkeypatch.setattr(encoders, "_chosen", {})
-    return tmp_path / "cache" / "encoder-choice.json"
+    encoders.forget()
+    yield tmp_path / "cache" / "encoder-choice.json"
+    encoders.forget()
 
 
 PATHS = {"fused": lambda: "fused", "chunked": lambda: "chunked"}
@@ -49,7 +50,7 @@ def test_measured_once_then_kept(cache, monkeypatch, caplog):
     kept = json.loads(cache.read_text())
     assert kept == {KEY: {"winner": "chunked", "seconds": {"fused": 2e-3, "chunked": 1e-3}}}
     assert encoders.choose(KEY, PATHS, seconds) == "chunked"  # this process remembers
-    monkeypatch.setattr(encoders, "_chosen", {})  # a new process reads the file
+    encoders.forget()  # as a new process, which reads the file
     assert encoders.choose(KEY, PATHS, seconds) == "chunked"
     assert len(timed) == 2
 

@@ -32,6 +32,11 @@ MAX_REPEATS = 20
 _chosen: dict[str, str] = {}  # this process's choices, so the file is read once per key
 
 
+def forget() -> None:
+    """Forget this process's choices; the cache file keeps its winners."""
+    _chosen.clear()
+
+
 def overridden() -> str | None:
     """The path SAE_FAST_ENCODER names, or None; ValueError naming the variable otherwise."""
     value = os.environ.get(ENV_VAR, "")
