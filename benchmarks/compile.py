@@ -397,7 +397,7 @@ def select_report(preset, ks: tuple[int, ...] = (32, 64, 128, 256)) -> dict[str,
     pre = torch.empty(preset.n, chunk, dtype=dtype)
     return {
         f"select k={k}": resources(
-            select_topk.plan(pre, 0, select_topk.start(preset.n, k, pre.device), k).compile()
+            select_topk.plan(pre, 0, select_topk.running(preset.n, k, pre.device), k).compile()
         )
         for k in ks
     }

@@ -50,10 +50,10 @@ def select_topk_kernel(
         index = (start + cols).to(tl.int64)
         keys = (value << 32) | (0xFFFFFFFF - index)[None, :]
         beats = (keys > theta[:, None]) & ok
-        most = tl.max(tl.sum(beats.to(tl.int32), 1), 0)  # candidates of the busiest row
+        gains = tl.max(tl.sum(beats.to(tl.int32), 1), 0) > 0  # some row has a candidate
         # A loop of 0 or 1 trips, not an if: Triton's layout pass keeps loop-carried values in
         # one layout, where an if that yields a merged best may not compile (encode_topk.py).
-        for _ in range((most > 0).to(tl.int32)):
+        for _ in range(gains.to(tl.int32)):
             up = ascending(tl.topk(tl.where(beats, keys, 0), KP), KP, KP)
             best, theta = merge_candidates(best, up, K, KP)
     tl.store(best_at, best, mask=row_ok[:, None])
@@ -66,7 +66,7 @@ _INTERPRETED = (16, 32)
 RUNNING_KEYS = 4096
 
 
-def start(n: int, k: int, device: torch.device) -> Tensor:
+def running(n: int, k: int, device: torch.device) -> Tensor:
     """The running best of n rows before any latent: (n, KP) keys, all "none"."""
     return torch.zeros(n, triton.next_power_of_2(k), dtype=torch.int64, device=device)
 

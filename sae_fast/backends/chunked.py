@@ -9,9 +9,11 @@ against the row's k-th best so far. The result is exact and canonical, as every 
 On a GPU the selects run on a side stream: the GEMM of chunk i + 1 (current stream) overlaps
 the select of chunk i, each select waits for its GEMM's event, and a buffer is written again
 only after the select that read it has finished. Extra memory: the two buffers and the
-(n, KP) running keys. Picked by name only for now (CUDA; CPU under TRITON_INTERPRET=1), like
-triton on CPU. AuxK: the dead latents' code by this same encoder on their rows
-(pairs.dead_code); backward: the shared pair-sparse one; decoder: the triton backend's.
+(n, KP) running keys. Auto selection never picks this backend (CUDA; CPU under
+TRITON_INTERPRET=1): it is asked for by name, and the triton backend runs its encoder where
+encoders.choose measured it faster than the fused kernel. AuxK: the dead latents' code by
+this same encoder on their rows (pairs.dead_code); backward: the shared pair-sparse one;
+decoder: the triton backend's.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def chunk_for(n: int, m: int, itemsize: int) -> int:
 
 
 class _Overlap:
-    """Selects on a side stream of x's GPU, each after its chunk's GEMM; None on a CPU."""
+    """The selects on a side stream of a GPU, each after its chunk's GEMM (CPUs run them
+    in order, without one)."""
 
     def __init__(self, device: torch.device) -> None:
         self.main = torch.cuda.current_stream(device)
@@ -67,7 +70,7 @@ def topk_code(
 
     n, m = x.shape[0], W_enc.shape[0]
     chunk = chunk_for(n, m, x.element_size()) if chunk_size is None else chunk_size
-    best = select_topk.start(n, k, x.device)
+    best = select_topk.running(n, k, x.device)
     overlap = _Overlap(x.device) if x.is_cuda else None
     chunks = pre_chunks(
         x - b_dec, W_enc, b_enc, chunk, 2, overlap.reuse if overlap is not None else None
