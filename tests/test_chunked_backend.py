@@ -144,3 +144,22 @@ def test_chunks_stay_within_their_budget():
     assert chunk_for(4096, 131072, 4) == 512
     assert chunk_for(8, 1000, 4) == 1000
     assert chunk_for(1 << 20, 4096, 4) == 128
+
+
+def test_a_select_that_cannot_be_built_falls_back_to_torch_with_one_warning(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    from sae_fast.kernels import select_topk
+
+    def refuse(*args, **kwargs):
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(select_topk.Launch, "run", refuse)
+    case = separated_case(5, 16, 64, 4, seed=11).to(torch.float32, True, DEVICE)
+    want = encode_decode_grads(ref.encode_topk, ref.decode, case, 4)
+    with pytest.warns(RuntimeWarning, match="Triton select kernel cannot run here") as caught:
+        for _ in range(2):
+            got = encode_decode_grads(chunked(None), decode, case, 4)
+    assert len([w for w in caught if "select" in str(w.message)]) == 1
+    assert torch.equal(got["indices"], want["indices"])
+    torch.testing.assert_close(got["values"].double(), want["values"].double())

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .pairs import dead_code, pre_chunks
-from .registry import Backend, register
+from .registry import Backend, get, register
 from .triton import DTYPES, decode, requirement
 
 # Bytes of one of the two pre-activation buffers: both together stay in an H100's 50 MB L2.
@@ -86,9 +86,23 @@ def topk_code(
     return select_topk.finish(best, k, x.dtype)
 
 
+@functools.cache
+def _select_fallback():
+    from ..kernels.fallback import Fallback
+
+    return Fallback("select")
+
+
 def encoder_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> tuple[Tensor, ...]:
-    """The TopK code (triton loads on the first call), and the AuxK code of the dead latents."""
-    code = topk_code(x, W_enc, b_enc, b_dec, k, chunk_size)
+    """The TopK code (triton loads on the first call; a select that cannot be built for the
+    device falls back to the torch backend with one warning), and the AuxK code of the dead
+    latents."""
+    torch_forward = get("torch").encoder_forward
+    code = _select_fallback()(
+        (x.dtype, k),
+        lambda: topk_code(x, W_enc, b_enc, b_dec, k, chunk_size),
+        lambda: torch_forward(x, W_enc, b_enc, b_dec, k, None, 0, chunk_size),
+    )
     if dead_mask is None:
         return code
     return code + dead_code(x, W_enc, b_enc, b_dec, dead_mask, k_aux, encoder_forward, chunk_size)
