@@ -23,6 +23,7 @@ from cases import (
 
 from sae_fast import backends, ops
 from sae_fast import reference as ref
+from sae_fast.backends import chunked as chunked_backend
 from sae_fast.backends.chunked import chunk_for
 
 pytestmark = runs_here("chunked")
@@ -147,19 +148,27 @@ def test_chunks_stay_within_their_budget():
 
 
 def test_a_select_that_cannot_be_built_falls_back_to_torch_with_one_warning(monkeypatch):
+    """Only the select refuses (the decoder's kernels still run), and the keys that failed
+    are this test's own: the process's fallbacks stay as they were for the other tests."""
     from triton.runtime.errors import OutOfResources
 
     from sae_fast.kernels import select_topk
+    from sae_fast.kernels.fallback import Fallback
 
-    def refuse(*args, **kwargs):
-        raise OutOfResources(300_000, 232_448, "shared memory")
+    class Refused:
+        def run(self):
+            raise OutOfResources(300_000, 232_448, "shared memory")
 
-    monkeypatch.setattr(select_topk.Launch, "run", refuse)
+    monkeypatch.setattr(select_topk, "plan", lambda *args: Refused())
+    fresh = Fallback("select")
+    monkeypatch.setattr(chunked_backend, "_select_fallback", lambda: fresh)
     case = separated_case(5, 16, 64, 4, seed=11).to(torch.float32, True, DEVICE)
     want = encode_decode_grads(ref.encode_topk, ref.decode, case, 4)
-    with pytest.warns(RuntimeWarning, match="Triton select kernel cannot run here") as caught:
+    with pytest.warns(RuntimeWarning) as caught:
         for _ in range(2):
             got = encode_decode_grads(chunked(None), decode, case, 4)
-    assert len([w for w in caught if "select" in str(w.message)]) == 1
+    reasons = [str(w.message) for w in caught]
+    assert len(reasons) == 1 and "Triton select kernel cannot run here" in reasons[0], reasons
+    assert fresh.failed == {(torch.float32, 4)}
     assert torch.equal(got["indices"], want["indices"])
     torch.testing.assert_close(got["values"].double(), want["values"].double())
