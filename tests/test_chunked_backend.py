@@ -23,7 +23,7 @@ from cases import (
 
 from sae_fast import backends, ops
 from sae_fast import reference as ref
-from sae_fast.backends import chunked as chunked_backend
+from sae_fast.backends import triton as triton_backend
 from sae_fast.backends.chunked import chunk_for
 
 pytestmark = runs_here("chunked")
@@ -161,7 +161,7 @@ def test_a_select_that_cannot_be_built_falls_back_to_torch_with_one_warning(monk
 
     monkeypatch.setattr(select_topk, "plan", lambda *args: Refused())
     fresh = Fallback("select")
-    monkeypatch.setattr(chunked_backend, "_select_fallback", lambda: fresh)
+    monkeypatch.setattr(triton_backend, "_fallback", lambda what: fresh)
     case = separated_case(5, 16, 64, 4, seed=11).to(torch.float32, True, DEVICE)
     want = encode_decode_grads(ref.encode_topk, ref.decode, case, 4)
     with pytest.warns(RuntimeWarning) as caught:

@@ -1,7 +1,7 @@
 """The ``chunked`` backend: the vendor GEMM in latent chunks, a Triton select between them.
 
 For each chunk of latents, torch.addmm (cuBLAS on a GPU, bias folded) writes an (n, c)
-block of pre-activations into one of two reused buffers sized to stay resident in L2
+block of pre-activations into one of two reused buffers (one on a CPU) sized to stay in L2
 (CHUNK_BYTES each, never (n, m)); the select kernel (kernels/select_topk.py) then merges
 relu of the block into each row's running top-k, rejecting most elements with one compare
 against the row's k-th best so far. The result is exact and canonical, as every backend's.
@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from .pairs import dead_code, pre_chunks
-from .registry import Backend, get, register
-from .triton import DTYPES, decode, requirement
+from .registry import Backend, register
+from .triton import DTYPES, decode, or_torch, requirement
 
 # Bytes of one of the two pre-activation buffers: both together stay in an H100's 50 MB L2.
 CHUNK_BYTES = 8 << 20
@@ -72,37 +72,22 @@ def topk_code(
     chunk = chunk_for(n, m, x.element_size()) if chunk_size is None else chunk_size
     best = select_topk.running(n, k, x.device)
     overlap = _Overlap(x.device) if x.is_cuda else None
-    chunks = pre_chunks(
-        x - b_dec, W_enc, b_enc, chunk, 2, overlap.reuse if overlap is not None else None
-    )
-    for start, pre, slot in chunks:
-        run = functools.partial(select_topk.select, pre, start, best, k)
-        if overlap is None:
-            run()
-        else:
-            overlap.select(run, slot)
-    if overlap is not None:
+    if overlap is None:  # in order: one buffer serves every chunk
+        for start, pre, _ in pre_chunks(x - b_dec, W_enc, b_enc, chunk):
+            select_topk.select(pre, start, best, k)
+    else:
+        for start, pre, slot in pre_chunks(x - b_dec, W_enc, b_enc, chunk, 2, overlap.reuse):
+            overlap.select(functools.partial(select_topk.select, pre, start, best, k), slot)
         overlap.join()
     return select_topk.finish(best, k, x.dtype)
-
-
-@functools.cache
-def _select_fallback():
-    from ..kernels.fallback import Fallback
-
-    return Fallback("select")
 
 
 def encoder_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> tuple[Tensor, ...]:
     """The TopK code (triton loads on the first call; a select that cannot be built for the
     device falls back to the torch backend with one warning), and the AuxK code of the dead
     latents."""
-    torch_forward = get("torch").encoder_forward
-    code = _select_fallback()(
-        (x.dtype, k),
-        lambda: topk_code(x, W_enc, b_enc, b_dec, k, chunk_size),
-        lambda: torch_forward(x, W_enc, b_enc, b_dec, k, None, 0, chunk_size),
-    )
+    kernel = functools.partial(topk_code, x, W_enc, b_enc, b_dec, k, chunk_size)
+    code = or_torch("select", (x.dtype, k), kernel, x, W_enc, b_enc, b_dec, k, chunk_size)
     if dead_mask is None:
         return code
     return code + dead_code(x, W_enc, b_enc, b_dec, dead_mask, k_aux, encoder_forward, chunk_size)

@@ -42,10 +42,19 @@ def requirement(device: torch.device) -> str | None:
 
 
 @functools.cache
-def _encoder_fallback():
+def _fallback(what: str):
     from ..kernels.fallback import Fallback
 
-    return Fallback("encoder")
+    return Fallback(what)
+
+
+def or_torch(what: str, key, kernel, x, W_enc, b_enc, b_dec, k, chunk_size) -> tuple[Tensor, ...]:
+    """kernel(), a Triton encoder's TopK code, or the torch backend's once the `what` kernel
+    could not be built for key (one warning per key)."""
+    torch_forward = get("torch").encoder_forward
+    return _fallback(what)(
+        key, kernel, lambda: torch_forward(x, W_enc, b_enc, b_dec, k, None, 0, chunk_size)
+    )
 
 
 def encoder_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> tuple[Tensor, ...]:
@@ -53,13 +62,13 @@ def encoder_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> 
     CPU the fused one unless SAE_FAST_ENCODER says otherwise), and the AuxK code."""
     from ..kernels.encode_topk import topk_code
 
-    torch_forward = get("torch").encoder_forward
+    def fused() -> tuple[Tensor, ...]:
+        key = (x.dtype, x.shape[1], W_enc.shape[0], k)
+        kernel = functools.partial(topk_code, x, W_enc, b_enc, b_dec, k)
+        return or_torch("encoder", key, kernel, x, W_enc, b_enc, b_dec, k, chunk_size)
+
     paths = {
-        "fused": lambda: _encoder_fallback()(
-            (x.dtype, x.shape[1], W_enc.shape[0], k),
-            lambda: topk_code(x, W_enc, b_enc, b_dec, k),
-            lambda: torch_forward(x, W_enc, b_enc, b_dec, k, None, 0, chunk_size),
-        ),
+        "fused": fused,
         "chunked": lambda: get("chunked").encoder_forward(
             x, W_enc, b_enc, b_dec, k, None, 0, chunk_size
         ),
@@ -70,6 +79,7 @@ def encoder_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> 
         code = paths[encoders.overridden() or "fused"]()
     if dead_mask is None:
         return code
+    torch_forward = get("torch").encoder_forward
     return code + dead_code(x, W_enc, b_enc, b_dec, dead_mask, k_aux, torch_forward, chunk_size)
 
 
