@@ -72,6 +72,17 @@ def flush(best, buf, K: tl.constexpr, KP: tl.constexpr, BUF: tl.constexpr):
 
 
 @triton.jit
+def keys_of(acts, index, VALUE16: tl.constexpr):
+    """int64 keys of acts (rows, cols) >= 0 at latents index (cols,): the value's own bits
+    (16 or 32) over the bit-flipped index, the layout unkey reads."""
+    if VALUE16:  # & 0x7FFF: -0.0 sorts as 0.0
+        value = acts.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+    else:
+        value = acts.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return (value.to(tl.int64) << 32) | (0xFFFFFFFF - index.to(tl.int64))[None, :]
+
+
+@triton.jit
 def encode_topk_kernel(
     XC, W, B_ENC, KEYS,
     n, d, m, m_per_split, stride_xn, stride_wm, stride_kn, stride_ks,
@@ -115,8 +126,7 @@ def encode_topk_kernel(
             value = acts.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
             tile_keys = (value << 16) | (0xFFFF - (cols - lo))[None, :]
         else:
-            value = acts.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-            tile_keys = (value.to(tl.int64) << 32) | (0xFFFFFFFF - cols.to(tl.int64))[None, :]
+            tile_keys = keys_of(acts, cols, False)
         beats = (tile_keys > theta[:, None]) & col_ok[None, :]
         tile_keys = tl.where(beats, tile_keys, 0)
         count = tl.sum(beats.to(tl.int32), 1)

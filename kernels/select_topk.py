@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sae_fast.kernels import interpreting
-from sae_fast.kernels.encode_topk import ascending, merge_candidates, unkey
+from sae_fast.kernels.encode_topk import ascending, keys_of, merge_candidates, unkey
 from sae_fast.kernels.launch import Launch
 
 
@@ -43,12 +43,7 @@ def select_topk_kernel(
         ok = row_ok[:, None] & (cols < c)[None, :]
         pre = tl.load(pre_rows + cols[None, :], mask=ok, other=0.0)
         acts = tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL).to(PRE.dtype.element_ty)
-        if VALUE16:  # & 0x7FFF: -0.0 sorts as 0.0
-            value = (acts.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF).to(tl.int64)
-        else:
-            value = (acts.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
-        index = (start + cols).to(tl.int64)
-        keys = (value << 32) | (0xFFFFFFFF - index)[None, :]
+        keys = keys_of(acts, start + cols, VALUE16)
         beats = (keys > theta[:, None]) & ok
         gains = tl.max(tl.sum(beats.to(tl.int32), 1), 0) > 0  # some row has a candidate
         # A loop of 0 or 1 trips, not an if: Triton's layout pass keeps loop-carried values in
