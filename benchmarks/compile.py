@@ -152,6 +152,17 @@ def loops(code: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
     return found
 
 
+def skipped(code: list[tuple[int, str, str]], span: tuple[int, int]) -> tuple[int, int] | None:
+    """(first, last) offsets of the longest stretch inside span that a forward branch jumps
+    over (a tile's merge that most tiles skip), or None."""
+    regions = []
+    for offset, opcode, operands in code:
+        target = re.search(r"0x([0-9a-f]+)", operands)
+        if opcode.startswith("BRA") and target and span[0] <= offset < int(target[1], 16):
+            regions.append((offset, int(target[1], 16)))
+    return max(regions, key=lambda r: r[1] - r[0], default=None)
+
+
 def body(code: list[tuple[int, str, str]], span: tuple[int, int]) -> list[str]:
     return [op for offset, op, _ in code if span[0] <= offset <= span[1]]
 
@@ -240,11 +251,32 @@ def _kernels():
     return plain_gemm
 
 
-def replay(launch, dtype, rows: int = 64) -> dict[str, float]:
+# Latent orders the replay tries: i.i.d. pre-activations (as at initialisation), magnitudes
+# rising with the latent index (each tile beats the last), falling with it (a Matryoshka
+# SAE's early latents are its strongest), and a dead first quarter (never positive).
+ORDERS = ("iid", "rising", "falling", "dead_prefix")
+
+
+def _replay_acts(order: str, rows: int, cols, m_split: int, g):
+    import torch
+
+    pre = torch.randn(rows, cols.numel(), generator=g)
+    at = cols.float() / m_split
+    if order == "rising":
+        pre *= 0.25 + 1.5 * at
+    elif order == "falling":
+        pre *= 1.75 - 1.5 * at
+    elif order == "dead_prefix":
+        pre = torch.where(at < 0.25, -1.0, pre)
+    return pre.relu()
+
+
+def replay(launch, dtype, rows: int = 64, order: str = "iid") -> dict[str, float]:
     """What the kernel's selection does per latent tile in launch (inputs of dtype), replayed
-    on rows of i.i.d. N(0, 1) pre-activations over one latent split: the share of tiles that
-    skip, go light or full, the mean extraction iterations of a light tile, and flushes of the
-    buffer per tile."""
+    on rows of pre-activations in the given latent order (ORDERS) over one latent split: the
+    share of tiles that skip, go light or full, the mean extraction iterations of a light
+    tile, and flushes of the buffer per tile. As in the kernel, each row's buffer fills by its
+    own candidates, and the block flushes when one row's would overflow."""
     import torch
 
     meta = launch.meta
@@ -254,14 +286,16 @@ def replay(launch, dtype, rows: int = 64) -> dict[str, float]:
     counts = Counter()
     best = torch.zeros(min(rows, meta["BLOCK_N"]), k, dtype=torch.int64)
     buf = torch.zeros(best.shape[0], 0, dtype=torch.int64)
+    fill = torch.zeros(best.shape[0], dtype=torch.int64)
 
     def flushed(best, buf):
         counts["flush"] += 1
+        fill.zero_()
         return torch.cat([best, buf], dim=1).topk(k, dim=1).values, buf[:, :0]
 
     for start in range(0, m_split, block_m):
         cols = torch.arange(start, min(start + block_m, m_split))
-        acts = torch.randn(best.shape[0], cols.numel(), generator=g).relu().to(dtype)
+        acts = _replay_acts(order, best.shape[0], cols, m_split, g).to(dtype)
         if dtype == torch.float32:
             bits = acts.view(torch.int32).to(torch.int64)
         else:
@@ -274,22 +308,24 @@ def replay(launch, dtype, rows: int = 64) -> dict[str, float]:
         counts["tiles"] += 1
         if most > light_max:
             counts["full"] += 1
-            if buf.shape[1]:
+            if int(fill.max()) > 0:
                 best, buf = flushed(best, buf)
             best = torch.cat([best, keys], dim=1).topk(k, dim=1).values
         elif most > 0:
             counts["light"] += 1
             counts["iterations"] += most
-            if int((buf.shape[1] + count).max()) > width:
+            if int((fill + count).max()) > width:
                 best, buf = flushed(best, buf)
-            buf = torch.cat([buf, keys.topk(most, dim=1).values], dim=1)
+            buf = torch.cat([buf, keys.topk(most, dim=1).values], dim=1)  # zeros pad rows
+            fill += count
     tiles_seen = counts["tiles"]
     return {
         "skip": (tiles_seen - counts["light"] - counts["full"]) / tiles_seen,
         "light": counts["light"] / tiles_seen,
         "full": counts["full"] / tiles_seen,
         "iterations_per_light_tile": counts["iterations"] / max(counts["light"], 1),
-        "flushes_per_tile": (counts["flush"] + 1) / tiles_seen,  # + the flush at the end
+        # + the flush at the end, if a row holds candidates
+        "flushes_per_tile": (counts["flush"] + int(fill.max() > 0)) / tiles_seen,
     }
 
 
@@ -342,16 +378,23 @@ def encoder_report(preset, plain_gemm) -> dict[str, Any]:
         "light": probes["light"]["epilogue_static"] - always - loop_body,
         "full": probes["full"]["epilogue_static"] - always,
     }
-    seen = replay(launch, preset.torch_dtype)
-    expected = (
-        always
-        + seen["light"] * (parts["light"] + seen["iterations_per_light_tile"] * loop_body)
-        + seen["full"] * parts["full"]
-        + seen["flushes_per_tile"] * flush
-    )
-    report |= {"selection_parts": parts, "replay": seen}
-    report["selection_per_tile"] = round(expected)
-    report["selection_over_gemm"] = round(expected / report["gemm_per_tile"], 3)
+
+    def expected(seen: dict[str, float]) -> float:
+        """Selection instructions per tile: each path's cost weighted by its share."""
+        return (
+            always
+            + seen["light"] * (parts["light"] + seen["iterations_per_light_tile"] * loop_body)
+            + seen["full"] * parts["full"]
+            + seen["flushes_per_tile"] * flush
+        )
+
+    orders = {order: replay(launch, preset.torch_dtype, order=order) for order in ORDERS}
+    seen = orders["iid"]
+    for replayed in orders.values():
+        replayed["selection_over_gemm"] = round(expected(replayed) / report["gemm_per_tile"], 3)
+    report |= {"selection_parts": parts, "replay": seen, "replay_orders": orders}
+    report["selection_per_tile"] = round(expected(seen))
+    report["selection_over_gemm"] = seen["selection_over_gemm"]
 
     out = torch.empty(16, dtype=torch.float32)  # compiled, never written: only its address counts
     gemm = plain_gemm.warmup(
@@ -384,6 +427,34 @@ def decode_report(preset) -> dict[str, Any]:
     return {name: resources(launch.compile()) for name, launch in plans.items()}
 
 
+def select_paths(preset) -> dict[str, Any]:
+    """The chunked select's tile loop at preset, read from its binary: the instructions a
+    tile that no row gains from runs (the loop without the merge it branches over), those of
+    the merge, and the skip path's warp instructions per pre-activation (what the roofline's
+    select time counts)."""
+    import torch
+
+    from sae_fast.backends.chunked import chunk_for
+    from sae_fast.kernels import select_topk
+
+    dtype = preset.torch_dtype
+    pre = torch.empty(preset.n, chunk_for(preset.n, preset.m, dtype.itemsize), dtype=dtype)
+    launch = select_topk.plan(pre, 0, select_topk.running(preset.n, preset.k, pre.device), preset.k)
+    code = sass(launch.compile())
+    (tile,) = loops(code)  # the one loop: over the chunk's tiles
+    merge = skipped(code, tile)
+    inside = [offset for offset, _, _ in code if tile[0] <= offset <= tile[1]]
+    merged = [o for o in inside if merge is not None and merge[0] < o < merge[1]]
+    skip = len(inside) - len(merged)
+    meta = launch.meta
+    elements = meta["BLOCK_N"] * meta["BLOCK_M"]
+    return {
+        "skip_path_per_tile": skip,
+        "merge_per_tile": len(merged),
+        "warp_instructions_per_element": round(skip * meta["num_warps"] / elements, 4),
+    }
+
+
 def select_report(preset, ks: tuple[int, ...] = (32, 64, 128, 256)) -> dict[str, Any]:
     """Resources of the chunked encoder's select kernel at preset's dtype, for each k, on a
     chunk of the width the chunked backend would take."""
@@ -401,6 +472,91 @@ def select_report(preset, ks: tuple[int, ...] = (32, 64, 128, 256)) -> dict[str,
         )
         for k in ks
     }
+
+
+REGISTERS_PER_SM, SHARED_PER_SM = 65536, 228 * 1024  # sm_90
+
+
+def blocks_per_sm(report: dict[str, int]) -> int:
+    """Blocks of a kernel one SM holds at once, by registers (allocated 8 per thread at a
+    time) and shared memory."""
+    threads = 32 * report["warps"]
+    by_registers = REGISTERS_PER_SM // (-(-report["registers"] // 8) * 8 * threads)
+    by_shared = SHARED_PER_SM // max(report["shared_bytes"], 1)
+    return min(by_registers, by_shared)
+
+
+def encoder_sweep(
+    preset, dtypes=("bf16", "fp16", "fp32"), ks=(32, 64, 128, 256), widths=()
+) -> dict[str, Any]:
+    """The fused encoder and the chunked select at preset for each dtype and k (and each
+    (dtype, d) of widths, at the preset's k): resources, blocks per SM, whether the fused
+    kernel's GEMM is on wgmma and loads with cp.async, and where the triton backend routes
+    the shape away from it (kernels/encode_topk.cliff)."""
+    from dataclasses import replace
+
+    from sae_fast.kernels.encode_topk import cliff
+
+    cases = [replace(preset, dtype=t, k=k) for t in dtypes for k in ks]
+    cases += [replace(preset, dtype=t, d=d) for t, d in widths]
+    out = {}
+    for case in cases:
+        launch, _ = encoder_launch(case)
+        compiled = launch.compile()
+        opcodes = {op.split(".")[0] for _, op, _ in sass(compiled)}
+        fused = resources(compiled)
+        fused |= {"blocks_per_sm": blocks_per_sm(fused), "wgmma": "HGMMA" in opcodes,
+                  "cp_async": "LDGSTS" in opcodes}  # fmt: skip
+        (select,) = select_report(case, (case.k,)).values()
+        select["blocks_per_sm"] = blocks_per_sm(select)
+        why = cliff(CAPABILITY, case.torch_dtype, case.d, case.k)
+        name = f"{case.dtype} d={case.d} k={case.k}"
+        out[name] = {"fused": fused, "select": select, "routed_to_chunked": why}
+    return out
+
+
+def optimizer_report(preset) -> dict[str, Any]:
+    """Resources of the fused optimizer pass (kernels/adam_rows.py) over the preset's fp32
+    W_dec (projection and renormalisation), with fp32 and with bf16 moments."""
+    import torch
+
+    from sae_fast.kernels import adam_rows
+
+    p = torch.empty(preset.m, preset.d, dtype=torch.float32)
+    hyper = {"lr": 1e-4, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "step": 1}
+    return {
+        f"adam_rows {name}": resources(
+            adam_rows.plan(
+                p, torch.empty_like(p), *(torch.empty_like(p, dtype=moments) for _ in range(2)),
+                project=True, renormalise=True, **hyper,
+            ).compile()
+        )
+        for name, moments in (("fp32 moments", torch.float32), ("bf16 moments", torch.bfloat16))
+    }  # fmt: skip
+
+
+def time_model(preset, selection_over_gemm: float, select_instructions: float) -> dict[str, Any]:
+    """The roofline (sae_fast/training/roofline.py) of the two encoders at preset on an H100
+    and an H200: bytes from HBM and L2, predicted ms and predicted_x_cublas, (low, high),
+    with the fused kernel's selection share and the select's instructions per element read
+    from their binaries."""
+    from sae_fast.training import roofline
+
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[preset.dtype]
+    shape = roofline.Shape(n=preset.n, d=preset.d, m=preset.m, k=preset.k, dtype=dtype)
+    out: dict[str, Any] = {"bytes": roofline.encoder_traffic(shape)}
+    for name, gpu in roofline.GPUS.items():
+        t = roofline.step_time(
+            gpu, shape, fused_selection=selection_over_gemm,
+            select_instructions=select_instructions,
+        )  # fmt: skip
+        out[name] = {
+            "ms": {p: [round(s * 1e3, 3) for s in t[p]] for p in ("gemm", "fused", "chunked")},
+            "predicted_x_cublas": {
+                p: [round(t[p][i] / t["gemm"][i], 3) for i in (0, 1)] for p in ("fused", "chunked")
+            },
+        }
+    return out
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -428,11 +584,20 @@ def run(names: list[str]) -> dict[str, Any]:
     for name in names:
         preset = presets.PRESETS[name]
         print(f"compiling at preset {name} ...", file=sys.stderr, flush=True)
-        result["presets"][name] = {
+        report = {
             "shape": {f: getattr(preset, f) for f in ("n", "d", "m", "k", "dtype")},
             **encoder_report(preset, plain_gemm),
             **decode_report(preset),
+            **optimizer_report(preset),
+            "sweep": encoder_sweep(preset, widths=(("bf16", preset.d - 4),)),
         }
+        report["select_paths"] = select_paths(preset)
+        report["time_model"] = time_model(
+            preset,
+            report["encoder"]["selection_over_gemm"],
+            report["select_paths"]["warp_instructions_per_element"],
+        )
+        result["presets"][name] = report
     return result
 
 
@@ -461,7 +626,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {name} | plain GEMM, same tiles | {tiles} | {gemm['registers']} "
             f"| {gemm['spill_stores']} | {gemm['shared_bytes']} | {gemm['gemm_per_tile']} | | | |"
         )
-        for kernel in ("gather_sum", "pair_dot"):
+        for kernel in (
+            "gather_sum",
+            "pair_dot",
+            "adam_rows fp32 moments",
+            "adam_rows bf16 moments",
+        ):
             k = r[kernel]
             lines.append(
                 f"| {name} | {kernel} | {k['warps']} warps | {k['registers']} "
@@ -474,7 +644,69 @@ def markdown(result: dict[str, Any]) -> str:
             f"{parts['extraction_iteration']}; full {seen['full']:.0%}, {parts['full']}; "
             f"{seen['flushes_per_tile']:.2f} flushes of {parts['flush']} | | | | | | | | |"
         )
+    for name, r in result["presets"].items():
+        lines += _sweep_lines(name, r["sweep"]) + _order_lines(name, r["encoder"])
+        lines += _time_lines(name, r["time_model"])
     return "\n".join(lines)
+
+
+def _sweep_lines(preset: str, sweep: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"Preset {preset}, per dtype, width and k: the fused encoder and the chunked select "
+        "(registers / spill bytes / blocks per SM) and where the triton backend routes a shape "
+        "to the chunked encoder.",
+        "",
+        "| shape | fused | wgmma | cp.async | select | routed to chunked |",
+        "|---|---|---|---|---|---|",
+    ]
+    for case, r in sweep.items():
+        f, s = r["fused"], r["select"]
+        lines.append(
+            f"| {case} | {f['registers']} / {f['spill_stores']} / {f['blocks_per_sm']} "
+            f"| {'yes' if f['wgmma'] else 'no'} | {'yes' if f['cp_async'] else 'no'} "
+            f"| {s['registers']} / {s['spill_stores']} / {s['blocks_per_sm']} "
+            f"| {r['routed_to_chunked'] or ''} |"
+        )
+    return lines
+
+
+def _order_lines(preset: str, encoder: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"Preset {preset}: the fused kernel's selection replayed on latent orders "
+        "(per row buffers, as the kernel fills them).",
+        "",
+        "| order | skip | light | full | flushes / tile | selection / GEMM |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for order, r in encoder["replay_orders"].items():
+        lines.append(
+            f"| {order} | {r['skip']:.0%} | {r['light']:.0%} | {r['full']:.0%} "
+            f"| {r['flushes_per_tile']:.3f} | {r['selection_over_gemm']} |"
+        )
+    return lines
+
+
+def _time_lines(preset: str, model: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"Preset {preset}: the roofline of the two encoders (a prediction; "
+        "sae_fast/training/roofline.py states the assumptions).",
+        "",
+        "| GPU | path | HBM GB | L2 GB | ms (low-high) | predicted_x_cublas |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for gpu in ("h100", "h200"):
+        for path in ("gemm", "fused", "chunked"):
+            traffic = model["bytes"][path]
+            ms = model[gpu]["ms"][path]
+            ratio = model[gpu]["predicted_x_cublas"].get(path, [1.0, 1.0])
+            lines.append(
+                f"| {gpu} | {path} | {traffic['hbm'] / 1e9:.2f} | {traffic['l2'] / 1e9:.1f} "
+                f"| {ms[0]:.2f}-{ms[1]:.2f} | {ratio[0]:.2f}-{ratio[1]:.2f} |"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

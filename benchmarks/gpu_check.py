@@ -8,6 +8,10 @@ Steps, each timed and reported with its status, so one failing step does not hid
 - encoders: the fused and the chunked encoder timed at the `gpu` preset, with the cuBLAS
   GEMM alone and the GEMM + torch.topk on the same inputs, and the pick the triton backend
   makes by its own measurement (backends/encoders.py, in a fresh cache);
+- optimizer: the fused optimizer pass (projection, Adam, renormalisation: kernels/adam_rows.py)
+  against the three passes it replaces, on the `gpu` preset's fp32 SAE: one step of each
+  must agree, then both are timed;
+- every timed step prints the roofline's prediction (training/roofline.py) beside it;
 - offsets: m * d past 2^31 (d=4096, m=655360: W is 5 GiB), with latents planted beyond the
   int32 range that must win, against the torch backend;
 - bench: encode, decode, forward + backward and a train step per backend and the peers
@@ -177,12 +181,90 @@ def check_encoders(dry: bool, device: str) -> dict[str, Any]:
         encoders.forget()  # the exact step's cuda backend may have chosen for this shape
         with _env(encoders.ENV_VAR, None):
             pick = encoders.choose(encoders.key(x, W, k), paths, seconds)
+    from sae_fast.training import roofline
+
+    roof = _roofline_ms(dry, roofline.Shape(n=n, d=d, m=m, k=k, dtype="bfloat16"))
     return {
         "status": "ok",
         "shape": {"n": n, "d": d, "m": m, "k": k, "dtype": str(x.dtype)},
         "ms": {name: round(t, 4) for name, t in ms.items()},
         "x_gemm": {name: round(t / ms["gemm"], 3) for name, t in ms.items() if name != "gemm"},
         "pick": pick,
+        "roofline_ms": roof and {name: roof[name] for name in ("gemm", "fused", "chunked")},
+    }
+
+
+def _roofline_ms(dry: bool, shape) -> dict[str, list[float]] | None:
+    """The roofline's (low, high) ms of each pass at shape on this GPU (None dry: no GPU)."""
+    if dry:
+        return None
+    import torch
+
+    from sae_fast.training import roofline
+
+    gpu = roofline.GPUS["h200" if "H200" in torch.cuda.get_device_name() else "h100"]
+    return {
+        name: [round(t * 1e3, 3) for t in times]
+        for name, times in roofline.step_time(gpu, shape).items()
+    }
+
+
+def check_optimizer(dry: bool, device: str) -> dict[str, Any]:
+    """The fused optimizer pass (kernels/adam_rows.py: projection, Adam, renormalisation)
+    against the step it replaces (the projection, torch's fused Adam, the renormalisation),
+    on fp32 parameters of the `gpu` preset's SAE: one step of each from the same state must
+    agree; then both are timed, beside the roofline's prediction."""
+    import torch
+
+    from sae_fast import SparseAutoencoder
+    from sae_fast.backends import encoders
+    from sae_fast.kernels.adam_rows import adam_rows
+    from sae_fast.training import roofline
+
+    _, d, m, k = SHAPES[dry]["encoders"]
+    hyper = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 6.25e-10, "step": 1}
+
+    def sae_and_grads():
+        sae = SparseAutoencoder(d, m, k=k, device=device)
+        sae.seed_parameters_(0)
+        g = torch.Generator(device="cpu").manual_seed(1)
+        for p in sae.parameters():
+            p.grad = torch.randn(p.shape, generator=g).to(device)
+        return sae
+
+    fused_sae, apart_sae = sae_and_grads(), sae_and_grads()
+    moments = {p: (torch.zeros_like(p), torch.zeros_like(p)) for p in fused_sae.parameters()}
+
+    def fused() -> None:
+        for name, p in fused_sae.named_parameters():
+            rows = name == "W_dec"
+            adam_rows(p.data, p.grad, *moments[p], project=rows, renormalise=rows, **hyper)
+
+    adam = torch.optim.Adam(apart_sae.parameters(), lr=hyper["lr"], eps=hyper["eps"], fused=True)
+
+    def apart() -> None:
+        apart_sae.remove_parallel_decoder_grad_()
+        adam.step()
+        apart_sae.normalize_decoder_()
+
+    fused()
+    apart()
+    pairs = zip(fused_sae.parameters(), apart_sae.parameters(), strict=True)
+    error = max(float((a - b).abs().max()) for a, b in pairs)
+    seconds = _cpu_seconds if dry else encoders.gpu_seconds
+    ms = {"fused": seconds(fused) * 1e3, "apart": seconds(apart) * 1e3}
+    shape = roofline.Shape(n=_GPU.n, d=d, m=m, k=k, compute_dtype="bfloat16")
+    roof = _roofline_ms(dry, shape)
+    if roof is not None:
+        unfused = roofline.step_time(roofline.GPUS["h100"], shape, fused_optimizer=False)
+        roof = {"fused": roof["optimizer"], "apart (h100)": [t * 1e3 for t in unfused["optimizer"]]}
+    return {
+        "status": "ok" if error <= 1e-5 else "failed",
+        "shape": {"m": m, "d": d, "dtype": "float32"},
+        "max_abs_difference": error,
+        "ms": {name: round(t, 4) for name, t in ms.items()},
+        "fused_speedup": round(ms["apart"] / ms["fused"], 3),
+        "roofline_ms": roof,
     }
 
 
@@ -245,6 +327,7 @@ def run(dry: bool, out: Path, steps: list[str]) -> dict[str, Any]:
         "exact": lambda: check_exact(dry, device),
         "offsets": lambda: check_offsets(dry, device),
         "encoders": lambda: check_encoders(dry, device),
+        "optimizer": lambda: check_optimizer(dry, device),
         "bench": lambda: bench(dry, out),
     }
     for step in steps:
@@ -284,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, required=True, help="folder for the results")
     ap.add_argument("--dry", action="store_true", help="tiny shapes on the CPU (interpreter)")
-    ap.add_argument("--steps", default="exact,offsets,encoders,bench", help="comma-separated steps")
+    ap.add_argument(
+        "--steps", default="exact,offsets,encoders,optimizer,bench", help="comma-separated steps"
+    )
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args.dry, args.out, args.steps.split(","))

@@ -11,7 +11,9 @@
 # 4. runs the GPU tests (pytest -m gpu) into $OUT/pytest-gpu.txt;
 # 5. runs benchmarks/gpu_check.py: the fused and chunked encoders against an exact top-k at
 #    the gpu preset, the m * d > 2^31 probe, both encoders timed against cuBLAS and
-#    torch.topk with the pick the dispatcher makes, and the benchmark suite with the peers;
+#    torch.topk with the pick the dispatcher makes, the fused optimizer pass against the
+#    step it replaces, each beside the roofline's prediction, and the benchmark suite with
+#    the peers;
 # 6. packs Triton's cache into $OUT/triton-cache.tgz for the next call.
 # Each step has its own time limit, so that the whole fits 9 minutes on a cold machine.
 # --dry skips 1-3 and 6, and runs 4-5 on the CPU with the Triton interpreter: the tests run it.
@@ -51,7 +53,7 @@ tail -n 1 "$OUT/pytest-gpu.txt" >&2
 # 5: no tests collected, as on a CPU where every GPU test skips.
 if [ "$code" != 0 ] && [ "$code" != 5 ]; then status=1; fi
 
-step "exact top-k, 2^31 offsets, encoders, benchmark suite"
+step "exact top-k, 2^31 offsets, encoders, optimizer, benchmark suite"
 args=(--out "$OUT")
 [ "$DRY" = 1 ] && args+=(--dry)
 timeout 220 $PYTHON -m benchmarks.gpu_check "${args[@]}" || status=1

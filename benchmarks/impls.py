@@ -3,8 +3,9 @@
 Each implementation is built from the same weights and offers the same passes: encode (no
 grad), decode (no grad), forward (x -> x_hat), loss (differentiable) and train_step (forward,
 backward, Adam, and the decoder-norm handling that library does in its own trainer):
-- sae_fast and reference: loss = FVU; the gradient parallel to each decoder row is removed
-  before Adam (fused) and the rows are renormalised after it (Gao et al. 2024).
+- sae_fast and reference: loss = FVU; the trainer's optimizer (SaeAdam): the gradient parallel
+  to each decoder row removed, Adam, the rows renormalised (Gao et al. 2024), one Triton pass
+  per parameter on a GPU.
 - sparsify (EleutherAI `eai-sparsify`, SparseCoder): as its Trainer does: rows set to unit
   norm, loss = fvu, parallel gradient removed, torch's default Adam.
 - SAELens (`sae-lens`, TopKTrainingSAE): as its SAETrainer does: training_forward_pass loss
@@ -27,6 +28,7 @@ import sae_fast
 from sae_fast import reference as ref
 from sae_fast.options import check_matryoshka
 from sae_fast.training.losses import matryoshka_decode
+from sae_fast.training.optimizer import SaeAdam
 from sae_fast.validation import dtype_name
 
 LR = 1e-4
@@ -95,26 +97,10 @@ class Impl:
         raise NotImplementedError
 
 
-class _GaoStep(Impl):
-    """FVU loss, parallel-gradient removal, fused Adam, renormalised decoder rows."""
+class SaeFast(Impl):
+    """sae_fast's module and the trainer's step: FVU loss, then one SaeAdam step (the
+    parallel gradient removed, Adam, the decoder rows renormalised; fused on a GPU)."""
 
-    def build_optimizer(self) -> None:
-        self.params = [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
-        # One fused kernel for all parameters (CPU and CUDA): sae_fast's training default.
-        self.optimizer = torch.optim.Adam(self.params, lr=LR, fused=True)
-
-    def loss(self, x: Tensor) -> Tensor:
-        return ref.fvu(x, self.decode(self.encode(x)))
-
-    def train_step(self, x: Tensor) -> None:
-        self.loss(x).backward()
-        self.fix_decoder_grad()
-        self.optimizer.step()
-        self.zero_grad()
-        self.renormalise()
-
-
-class SaeFast(_GaoStep):
     def __init__(self, backend: str) -> None:
         self.backend = backend
         self.name = f"sae_fast[{backend}]"
@@ -132,9 +118,17 @@ class SaeFast(_GaoStep):
         )
         self.sae = sae
         self.W_enc, self.b_enc, self.W_dec, self.b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
-        self.build_optimizer()
-        self.fix_decoder_grad = sae.remove_parallel_decoder_grad_
-        self.renormalise = sae.normalize_decoder_
+        self.optimizer = SaeAdam(
+            sae, lr=LR, betas=(0.9, 0.999), eps=1e-8, project=True, renormalise=True
+        )
+
+    def loss(self, x: Tensor) -> Tensor:
+        return ref.fvu(x, self.decode(self.encode(x)))
+
+    def train_step(self, x: Tensor) -> None:
+        self.loss(x).backward()
+        self.optimizer.step()
+        self.zero_grad()
 
     def encode(self, x: Tensor):
         return self.sae.encode(x)

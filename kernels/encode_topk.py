@@ -212,6 +212,29 @@ def pinned(capability: tuple[int, int], dtype: torch.dtype) -> Tiles:
     return PINNED[(major, dtype != torch.float32)]
 
 
+WGMMA_ROWS = 64  # Hopper's warpgroup MMA takes tiles of at least 64 rows
+FP32_SPILLS_AT = 128  # fp32: a running best of this many keys per row spills on sm_90
+
+
+def cliff(capability: tuple[int, int], dtype: torch.dtype, d: int, k: int) -> str | None:
+    """Why the fused kernel compiles badly for this shape on a GPU of capability (read from
+    its sm_90 binary, benchmarks/compile.py; tests/test_kernels_compile.py holds the rule to
+    it), or None. The triton backend runs the chunked encoder for these shapes."""
+    if capability[0] < 9:
+        return None
+    kp = triton.next_power_of_2(k)
+    rows = pinned(capability, dtype).fit(kp).block_n
+    if dtype == torch.float32:
+        if kp >= FP32_SPILLS_AT:
+            return f"its running best of {rows} rows x {kp} float32 keys spills"
+        return None
+    if rows < WGMMA_ROWS:
+        return f"k={k} leaves {rows}-row tiles, below wgmma's {WGMMA_ROWS}: mma.sync, spills"
+    if d * dtype.itemsize % 16:
+        return f"rows of d={d} 16-bit values are not 16-byte aligned: no cp.async"
+    return None
+
+
 @functools.cache
 def _device(device_index: int) -> tuple[tuple[int, int], int]:
     props = torch.cuda.get_device_properties(device_index)

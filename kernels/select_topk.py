@@ -48,8 +48,10 @@ def select_topk_kernel(
         gains = tl.max(tl.sum(beats.to(tl.int32), 1), 0) > 0  # some row has a candidate
         # A loop of 0 or 1 trips, not an if: Triton's layout pass keeps loop-carried values in
         # one layout, where an if that yields a merged best may not compile (encode_topk.py).
-        for _ in range(gains.to(tl.int32)):
-            up = ascending(tl.topk(tl.where(beats, keys, 0), KP), KP, KP)
+        # Its only trip is trip = 0, the "none" key: the tile's top KP reads it so that it
+        # stays in the loop (loop-invariant code motion would run it on every tile).
+        for trip in range(gains.to(tl.int32)):
+            up = ascending(tl.topk(tl.where(beats, keys, trip), KP), KP, KP)
             best, theta = merge_candidates(best, up, K, KP)
     tl.store(best_at, best, mask=row_ok[:, None])
 
@@ -57,8 +59,9 @@ def select_topk_kernel(
 # Rows a program takes, latents a tile and warps; the interpreter is ~1000x slower than a GPU.
 BLOCK_N, BLOCK_M, WARPS = 32, 128, 8
 _INTERPRETED = (16, 32)
-# Keys of the running best one program holds (BLOCK_N * KP): more spill at k = 256 on sm_90.
-RUNNING_KEYS = 4096
+# Keys of the running best one program holds (BLOCK_N * KP): 4096 spilled at fp32 k = 256
+# on sm_90 once the merge stayed behind its branch; 2048 compiles to 80 registers at any k.
+RUNNING_KEYS = 2048
 
 
 def running(n: int, k: int, device: torch.device) -> Tensor:

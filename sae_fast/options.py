@@ -16,6 +16,10 @@ ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")
 PARAMETER_DTYPES = (*ACTIVATION_DTYPES, "float64")
 # The sparse-op backends, highest priority first (backends.registered() lists the same).
 BACKENDS = ("cuda", "triton", "chunked", "torch")
+# How Adam stores its two moments: in the parameters' dtype, or in bfloat16 (computed in fp32).
+ADAM_MOMENTS = ("param", "bf16")
+# Mixed precision of a training step: its option value -> the compute dtype (None: off).
+AUTOCAST_DTYPES = {"none": None, "bf16": "bfloat16", "fp16": "float16"}
 _HOOK_RANGE = re.compile(r"^(.+)\.(\d+)-(\d+)$")
 
 

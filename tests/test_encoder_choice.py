@@ -92,6 +92,37 @@ def test_the_override_skips_the_measurement(cache, monkeypatch):
         encoders.choose(KEY, PATHS, seconds)
 
 
+def test_a_ruled_out_path_loses_unmeasured_and_the_override_still_wins(cache, monkeypatch, caplog):
+    seconds, timed = fake_seconds({"fused": 1e-3, "chunked": 2e-3})
+    ruled_out = {"fused": "k=256 leaves 32-row tiles"}
+    with caplog.at_level(logging.INFO, logger="sae_fast"):
+        assert encoders.choose(KEY, PATHS, seconds, ruled_out=ruled_out) == "chunked"
+    assert timed == [] and not cache.exists()  # no measurement, nothing kept on disk
+    assert f"encoder for {KEY}: chunked (fused: k=256 leaves 32-row tiles)" in caplog.text
+    encoders.forget()
+    monkeypatch.setenv(encoders.ENV_VAR, "fused")
+    assert encoders.choose(KEY, PATHS, seconds, ruled_out=ruled_out) == "fused"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "d", "k", "why"),
+    [
+        (torch.bfloat16, 2304, 64, None),
+        (torch.bfloat16, 2304, 128, None),
+        (torch.bfloat16, 2304, 256, "32-row tiles, below wgmma's 64"),
+        (torch.float16, 2300, 64, "not 16-byte aligned"),
+        (torch.float32, 2300, 64, None),
+        (torch.float32, 2304, 128, "float32 keys spills"),
+    ],
+)
+def test_the_fused_kernels_cliffs(dtype, d, k, why):
+    from sae_fast.kernels.encode_topk import cliff
+
+    reason = cliff((9, 0), dtype, d, k)
+    assert (reason is None) if why is None else why in reason
+    assert cliff((8, 0), dtype, d, k) is None  # measured from sm_90 binaries only
+
+
 @pytest.mark.parametrize(
     "damage", ["{not json", json.dumps({KEY: 3}), json.dumps({KEY: {"winner": "cublas"}})]
 )

@@ -25,7 +25,8 @@ def test_dry_run_runs_every_step_and_writes_its_files(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert result["dry"] and list(result["steps"]) == ["exact", "offsets", "encoders", "bench"]
+    steps = ["exact", "offsets", "encoders", "optimizer", "bench"]
+    assert result["dry"] and list(result["steps"]) == steps
     assert all(step["status"] == "ok" for step in result["steps"].values()), result
     for backend in ("triton", "chunked"):
         assert result["steps"]["exact"][backend]["rows_identical"] == 1.0
@@ -33,6 +34,8 @@ def test_dry_run_runs_every_step_and_writes_its_files(tmp_path):
     encoders = result["steps"]["encoders"]
     assert set(encoders["ms"]) == {"gemm", "gemm_topk", "fused", "chunked"}
     assert encoders["pick"] in ("fused", "chunked") and encoders["x_gemm"]["fused"] > 0
+    optimizer = result["steps"]["optimizer"]
+    assert optimizer["max_abs_difference"] <= 1e-5 and set(optimizer["ms"]) == {"fused", "apart"}
     assert "skipped" in (tmp_path / "pytest-gpu.txt").read_text()  # no GPU: they skip
     (bench,) = tmp_path.glob("smoke-*.json")
     assert {r["impl"] for r in json.loads(bench.read_text())["records"]} >= {"sae_fast[triton]"}

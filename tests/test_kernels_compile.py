@@ -36,6 +36,11 @@ for name, preset in {"bf16 k=64": gpu, "fp32 k=8": replace(gpu, dtype="fp32", k=
     out[name] = report
 out |= compile.decode_report(gpu)
 out |= compile.select_report(gpu)
+out |= compile.optimizer_report(gpu)
+out["select_paths"] = compile.select_paths(gpu)
+out["sweep"] = compile.encoder_sweep(
+    gpu, ("bf16", "fp32"), (128, 256), widths=(("bf16", 2300), ("fp32", 2300))
+)
 fp32_selects = compile.select_report(replace(gpu, dtype="fp32"), (256,))
 out |= {f"fp32 {name}": report for name, report in fp32_selects.items()}
 print(json.dumps(out))
@@ -55,9 +60,12 @@ def compiled() -> dict:
 
 
 SELECTS = [f"select k={k}" for k in (32, 64, 128, 256)] + ["fp32 select k=256"]
+OPTIMIZER = ["adam_rows fp32 moments", "adam_rows bf16 moments"]
 
 
-@pytest.mark.parametrize("kernel", ["bf16 k=64", "fp32 k=8", "gather_sum", "pair_dot", *SELECTS])
+@pytest.mark.parametrize(
+    "kernel", ["bf16 k=64", "fp32 k=8", "gather_sum", "pair_dot", *SELECTS, *OPTIMIZER]
+)
 def test_kernel_compiles_for_hopper_without_spills(compiled, kernel):
     report = compiled[kernel]
     assert report["spill_stores"] == 0 and report["spill_loads"] == 0, report
@@ -99,3 +107,25 @@ def test_autotune_candidates_are_fitted_to_k_without_repeats():
         assert configs == [c for i, c in enumerate(want) if c not in want[:i]]
         assert all(c["BLOCK_M"] >= kp for c, _, _ in configs)
     assert len(encode_topk._autotuned(256).configs) < len(encode_topk.CANDIDATES)
+
+
+def test_the_shapes_routed_away_from_the_fused_kernel_are_its_bad_binaries(compiled):
+    """kernels/encode_topk.cliff sends a shape to the chunked encoder exactly where the fused
+    kernel's sm_90 binary spills, leaves wgmma (16-bit inputs) or loses cp.async; the select
+    those shapes go to compiles without spills."""
+    for case, report in compiled["sweep"].items():
+        fused = report["fused"]
+        lost_wgmma = not case.startswith("fp32") and not fused["wgmma"]
+        bad = fused["spill_stores"] > 0 or not fused["cp_async"] or lost_wgmma
+        assert (report["routed_to_chunked"] is not None) == bad, (case, report)
+        assert report["select"]["spill_stores"] == 0, (case, report["select"])
+    assert compiled["sweep"]["bf16 d=2304 k=128"]["routed_to_chunked"] is None
+
+
+def test_the_select_merges_only_in_the_tiles_that_gain(compiled):
+    """A tile no row gains from costs the select well under one warp instruction per
+    pre-activation: the tile's top-k and merge sit behind the branch, not hoisted out of it
+    (they were, once: 2547 instructions per tile instead of 269)."""
+    paths = compiled["select_paths"]
+    assert paths["merge_per_tile"] > 4 * paths["skip_path_per_tile"], paths
+    assert paths["warp_instructions_per_element"] < 1.0, paths

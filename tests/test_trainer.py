@@ -92,9 +92,13 @@ def metric_rows(trainer: Trainer) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
 
 
-@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
-def test_n_steps_then_resume_n_steps_equals_2n_straight(tmp_path, activation):
-    kw = {"activation": activation, "n_latents": 256}  # wide enough for dead latents
+@pytest.mark.parametrize(
+    "options",
+    [{"activation": "topk"}, {"activation": "batchtopk"}, {"adam_moments": "bf16"}],
+    ids=["topk", "batchtopk", "bf16-moments"],
+)
+def test_n_steps_then_resume_n_steps_equals_2n_straight(tmp_path, options):
+    kw = {**options, "n_latents": 256}  # wide enough for dead latents
     straight = Trainer(config(tmp_path, "straight", **kw), source())
     straight.train()
     first = Trainer(config(tmp_path, "split", **kw), source())
@@ -108,6 +112,8 @@ def test_n_steps_then_resume_n_steps_equals_2n_straight(tmp_path, activation):
     assert metric_rows(straight) == metric_rows(resumed)
     # AuxK was active after the resume point, so the dead-latent counters were restored.
     assert any("auxk" in row for row in metric_rows(resumed) if row["step"] > 6)
+    moments = {s["exp_avg"].dtype for s in resumed.optimizer.state.values()}
+    assert moments == {torch.bfloat16 if "adam_moments" in options else torch.float32}
 
 
 def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tmp_path):

@@ -88,14 +88,23 @@ def choose(
     cache_key: str,
     paths: dict[str, Callable[[], object]],
     seconds: Callable[[Callable[[], object]], float] = gpu_seconds,
+    ruled_out: dict[str, str] | None = None,
 ) -> str:
     """The name of the faster of paths (name -> a run of it) for cache_key: the override,
-    else this process's or the cache file's winner, else measured with seconds() and kept."""
+    else this process's or the cache file's winner, else measured with seconds() and kept.
+    ruled_out: paths known to be slow for this key (name -> why); with one path left it wins
+    unmeasured, and one log line says why."""
     named = overridden()
     if named is not None:
         return named
     if cache_key in _chosen:
         return _chosen[cache_key]
+    left = [name for name in paths if name not in (ruled_out or {})]
+    if len(left) == 1:
+        reasons = "; ".join(f"{name}: {why}" for name, why in ruled_out.items())
+        logger.info("encoder for %s: %s (%s)", cache_key, left[0], reasons)
+        _chosen[cache_key] = left[0]
+        return left[0]
     file = cache_file()
     kept = peek_json(file) or {}
     entry = kept.get(cache_key)

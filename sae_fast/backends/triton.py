@@ -60,7 +60,7 @@ def or_torch(what: str, key, kernel, x, W_enc, b_enc, b_dec, k, chunk_size) -> t
 def encoder_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> tuple[Tensor, ...]:
     """The TopK code by the faster exact encoder (encoders.choose: on a GPU by measurement, on
     CPU the fused one unless SAE_FAST_ENCODER says otherwise), and the AuxK code."""
-    from ..kernels.encode_topk import topk_code
+    from ..kernels.encode_topk import cliff, topk_code
 
     def fused() -> tuple[Tensor, ...]:
         key = (x.dtype, x.shape[1], W_enc.shape[0], k)
@@ -74,7 +74,10 @@ def encoder_forward(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, chunk_size) -> 
         ),
     }
     if x.is_cuda and x.shape[0]:
-        code = paths[encoders.choose(encoders.key(x, W_enc, k), paths)]()
+        capability = torch.cuda.get_device_capability(x.device)
+        reason = cliff(capability, x.dtype, x.shape[1], k)
+        ruled_out = {"fused": reason} if reason else {}
+        code = paths[encoders.choose(encoders.key(x, W_enc, k), paths, ruled_out=ruled_out)]()
     else:
         code = paths[encoders.overridden() or "fused"]()
     if dead_mask is None:

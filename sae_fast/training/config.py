@@ -21,6 +21,8 @@ from ..files import parse_json, read_text
 from ..options import (
     ACTIVATION_DTYPES,
     ACTIVATIONS,
+    ADAM_MOMENTS,
+    AUTOCAST_DTYPES,
     BACKENDS,
     PARAMETER_DTYPES,
     check_matryoshka,
@@ -238,9 +240,16 @@ class TrainConfig:
     adam_beta1: float = _opt(0.9, "Adam beta1", "optim")
     adam_beta2: float = _opt(0.999, "Adam beta2", "optim")
     adam_eps: float = _opt(6.25e-10, "Adam epsilon (Gao et al. 2024)", "optim")
+    adam_moments: str = _opt(
+        "param",
+        "storage of Adam's two moments: the parameters' dtype, or bf16 (4 bytes less per fp32 "
+        "parameter, still computed in fp32)",
+        "optim",
+        ADAM_MOMENTS,
+    )
     grad_clip: float = _opt(0.0, "clip the gradient norm to this (0: no clipping)", "optim")
     autocast: str = _opt(
-        "none", "mixed precision on GPU (fp16 adds loss scaling)", "optim", ("none", "bf16", "fp16")
+        "none", "mixed precision on GPU (fp16 adds loss scaling)", "optim", tuple(AUTOCAST_DTYPES)
     )
     seed: int = _opt(0, "seed of the SAE init and the data order", "optim", resume=REFUSE)
 

@@ -119,7 +119,8 @@ class MultiTrainer:
             )
         # Each trainer checks its own SAE; together they must fit too.
         needed = sum(
-            parameter_bytes(cfg.latents(w), 2 * w, parse_dtype(cfg.dtype)) for w in source.widths
+            parameter_bytes(cfg.latents(w), 2 * w, parse_dtype(cfg.dtype), cfg.adam_moments)
+            for w in source.widths
         )
         device = resolve_device(local_device(cfg.device))
         check_fits(needed, f"{len(runs)} SAEs ({cfg.dtype}, with Adam)", device, ConfigError)

@@ -1,9 +1,10 @@
 """The trainer: an SAE fitted to a stream of activations, with checkpoints that resume exactly.
 
 One optimizer step draws grad_accum micro-batches of batch_size activations from the source,
-computes the activation's loss (losses.py), removes the decoder gradient parallel to each row,
-takes a (fused) Adam step and renormalises the decoder. A checkpoint holds everything the next
-step depends on, so N steps, a stop and N resumed steps give the weights of 2N straight steps.
+computes the activation's loss (losses.py) and takes one Adam step that also removes the
+decoder gradient parallel to each row and renormalises the decoder (optimizer.py). A
+checkpoint holds everything the next step depends on, so N steps, a stop and N resumed steps
+give the weights of 2N straight steps.
 
 Under torchrun the same loop runs on every process of a Layout (layout.py): each data rank
 trains on its slice of the global batch and the data group averages the gradients; each
@@ -37,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..files import atomic_path, clean_stale, lock_folder
-from ..options import SPARSE_ACTIVATIONS, parse_matryoshka
+from ..options import AUTOCAST_DTYPES, SPARSE_ACTIVATIONS, parse_matryoshka
 from ..sae import SparseAutoencoder
 from ..sharded_sae import ShardedSparseAutoencoder
 from ..sources.base import ActivationSource, part_rows
@@ -49,6 +50,7 @@ from .layout import Layout, agree, all_sum, broadcast_first, local_device
 from .loggers import open_sinks
 from .losses import LossWeights, training_loss
 from .metrics import LatentStats, MetricsLog, firing_counts, metrics_from_sums, reconstruction_sums
+from .optimizer import SaeAdam, moment_dtype
 
 _BATCHTOPK_EMA = 0.01  # threshold estimate update rate (Bussmann et al. 2024)
 
@@ -138,7 +140,7 @@ class Trainer:
         width = d_in + (d_out or d_in)  # W_enc's and W_dec's rows
         out = f", d_out={d_out}" if d_out else ""
         for nbytes, what in [
-            (parameter_bytes(self.m_local, width, self.dtype),
+            (parameter_bytes(self.m_local, width, self.dtype, cfg.adam_moments),
              f"n_latents={m} x d_in={d_in}{out} ({cfg.dtype}, with Adam{per_shard})"),
             (2 * max(batch, cfg.init_tokens) * width * size + dense * size + nested * size,
              f"batch_size={cfg.batch_size} / init_tokens={cfg.init_tokens} x d_in={d_in}{out}"),
@@ -166,18 +168,20 @@ class Trainer:
                 skip_connection=cfg.skip_connection, **options,
             )  # fmt: skip
         self.sae.seed_parameters_(cfg.seed)
-        self.optimizer = torch.optim.Adam(
-            self.sae.parameters(),
+        # Clipping needs the projected gradient's norm: then the projection comes first.
+        self.optimizer = SaeAdam(
+            self.sae,
             lr=cfg.peak_lr(m),
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_eps,
-            fused=True,
+            project=cfg.normalize_decoder and not cfg.grad_clip,
+            renormalise=cfg.normalize_decoder,
+            moments=cfg.adam_moments,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, cfg)
         )
-        amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.autocast]
-        self.amp_dtype = amp
+        self.amp_dtype = amp = parse_dtype(AUTOCAST_DTYPES[cfg.autocast])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp is torch.float16)
         self.stats = LatentStats(self.m_local, self.device)
         self.step = 0
@@ -346,16 +350,14 @@ class Trainer:
                 if p.grad is not None:
                     all_sum(p.grad, layout.data_group).div_(layout.data)
         self.scaler.unscale_(self.optimizer)
-        if cfg.normalize_decoder:
-            sae.remove_parallel_decoder_grad_()
         if cfg.grad_clip:
+            if cfg.normalize_decoder:
+                sae.remove_parallel_decoder_grad_()
             self._clip_gradients(cfg.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        if cfg.normalize_decoder:
-            sae.normalize_decoder_()
         self.step += 1
         sums = reconstruction_sums(target, res.out.x_hat, res.out.code)
         metrics = metrics_from_sums(all_sum(sums, layout.data_group))
@@ -789,10 +791,11 @@ class Trainer:
         )
 
 
-def parameter_bytes(n_latents: int, width: int, dtype: torch.dtype) -> int:
+def parameter_bytes(n_latents: int, width: int, dtype: torch.dtype, moments: str = "param") -> int:
     """What training n_latents latents holds: W_enc's and W_dec's rows (width: d_in + d_out
-    together), their gradients and Adam's two moments."""
-    return 4 * n_latents * width * dtype.itemsize
+    together), their gradients and Adam's two moments (stored as optimizer.SaeAdam does)."""
+    moment = moment_dtype(moments, dtype).itemsize
+    return n_latents * width * 2 * (dtype.itemsize + moment)
 
 
 def _norm_scale(x: Tensor) -> float:
