@@ -650,63 +650,62 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _table(caption: str, columns: list[str], left: int, rows: list[list]) -> list[str]:
+    """A markdown table after a blank line, its caption and another: the first `left`
+    columns aligned left, the others right."""
+    align = ["---"] * left + ["---:"] * (len(columns) - left)
+    return [
+        "", caption, "", "| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|",
+        *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows),
+    ]  # fmt: skip
+
+
 def _sweep_lines(preset: str, sweep: dict[str, Any]) -> list[str]:
-    lines = [
-        "",
+    def usage(r: dict) -> str:
+        return f"{r['registers']} / {r['spill_stores']} / {r['blocks_per_sm']}"
+
+    rows = [
+        [case, usage(r["fused"]), "yes" if r["fused"]["wgmma"] else "no",
+         "yes" if r["fused"]["cp_async"] else "no", usage(r["select"]),
+         r["routed_to_chunked"] or ""]
+        for case, r in sweep.items()
+    ]  # fmt: skip
+    return _table(
         f"Preset {preset}, per dtype, width and k: the fused encoder and the chunked select "
         "(registers / spill bytes / blocks per SM) and where the triton backend routes a shape "
         "to the chunked encoder.",
-        "",
-        "| shape | fused | wgmma | cp.async | select | routed to chunked |",
-        "|---|---|---|---|---|---|",
-    ]
-    for case, r in sweep.items():
-        f, s = r["fused"], r["select"]
-        lines.append(
-            f"| {case} | {f['registers']} / {f['spill_stores']} / {f['blocks_per_sm']} "
-            f"| {'yes' if f['wgmma'] else 'no'} | {'yes' if f['cp_async'] else 'no'} "
-            f"| {s['registers']} / {s['spill_stores']} / {s['blocks_per_sm']} "
-            f"| {r['routed_to_chunked'] or ''} |"
-        )
-    return lines
+        ["shape", "fused", "wgmma", "cp.async", "select", "routed to chunked"], 6, rows,
+    )  # fmt: skip
 
 
 def _order_lines(preset: str, encoder: dict[str, Any]) -> list[str]:
-    lines = [
-        "",
+    rows = [
+        [order, f"{r['skip']:.0%}", f"{r['light']:.0%}", f"{r['full']:.0%}",
+         f"{r['flushes_per_tile']:.3f}", r["selection_over_gemm"]]
+        for order, r in encoder["replay_orders"].items()
+    ]  # fmt: skip
+    return _table(
         f"Preset {preset}: the fused kernel's selection replayed on latent orders "
         "(per row buffers, as the kernel fills them).",
-        "",
-        "| order | skip | light | full | flushes / tile | selection / GEMM |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for order, r in encoder["replay_orders"].items():
-        lines.append(
-            f"| {order} | {r['skip']:.0%} | {r['light']:.0%} | {r['full']:.0%} "
-            f"| {r['flushes_per_tile']:.3f} | {r['selection_over_gemm']} |"
-        )
-    return lines
+        ["order", "skip", "light", "full", "flushes / tile", "selection / GEMM"], 1, rows,
+    )  # fmt: skip
 
 
 def _time_lines(preset: str, model: dict[str, Any]) -> list[str]:
-    lines = [
-        "",
-        f"Preset {preset}: the roofline of the two encoders (a prediction; "
-        "sae_fast/training/roofline.py states the assumptions).",
-        "",
-        "| GPU | path | HBM GB | L2 GB | ms (low-high) | predicted_x_cublas |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
+    rows = []
     for gpu in ("h100", "h200"):
         for path in ("gemm", "fused", "chunked"):
-            traffic = model["bytes"][path]
-            ms = model[gpu]["ms"][path]
+            traffic, ms = model["bytes"][path], model[gpu]["ms"][path]
             ratio = model[gpu]["predicted_x_cublas"].get(path, [1.0, 1.0])
-            lines.append(
-                f"| {gpu} | {path} | {traffic['hbm'] / 1e9:.2f} | {traffic['l2'] / 1e9:.1f} "
-                f"| {ms[0]:.2f}-{ms[1]:.2f} | {ratio[0]:.2f}-{ratio[1]:.2f} |"
-            )
-    return lines
+            rows.append(
+                [gpu, path, f"{traffic['hbm'] / 1e9:.2f}", f"{traffic['l2'] / 1e9:.1f}",
+                 f"{ms[0]:.2f}-{ms[1]:.2f}", f"{ratio[0]:.2f}-{ratio[1]:.2f}"]
+            )  # fmt: skip
+    return _table(
+        f"Preset {preset}: the roofline of the two encoders (a prediction; "
+        "sae_fast/training/roofline.py states the assumptions).",
+        ["GPU", "path", "HBM GB", "L2 GB", "ms (low-high)", "predicted_x_cublas"], 2, rows,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

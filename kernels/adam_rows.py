@@ -27,6 +27,17 @@ from sae_fast.kernels.launch import Launch
 
 
 @triton.jit
+def _columns(p_row, g_row, d0, d, BLOCK_D: tl.constexpr):
+    """Columns d0 .. d0 + BLOCK_D of the row and its gradient in fp32 (0 past d), and their
+    offsets and mask."""
+    ds = d0 + tl.arange(0, BLOCK_D)
+    ok = ds < d
+    p = tl.load(p_row + ds, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(g_row + ds, mask=ok, other=0.0).to(tl.float32)
+    return ds, ok, p, g
+
+
+@triton.jit
 def adam_rows_kernel(
     P, G, M, V, d, stride_p, stride_g, stride_m, stride_v,
     beta1, rest1, beta2, rest2, eps, step_size, bias2_sqrt,
@@ -40,20 +51,14 @@ def adam_rows_kernel(
         dot = tl.zeros((BLOCK_D,), dtype=tl.float32)
         norm_sq = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for d0 in range(0, d, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            ok = ds < d
-            p = tl.load(p_row + ds, mask=ok, other=0.0).to(tl.float32)
-            g = tl.load(g_row + ds, mask=ok, other=0.0).to(tl.float32)
+            _, _, p, g = _columns(p_row, g_row, d0, d, BLOCK_D)
             dot += g * p
             norm_sq += p * p
         total = tl.sum(norm_sq, 0)
         along = tl.where(total > 0, tl.sum(dot, 0) / tl.where(total > 0, total, 1.0), 0.0)
     new_sq = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for d0 in range(0, d, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        ok = ds < d
-        p = tl.load(p_row + ds, mask=ok, other=0.0).to(tl.float32)
-        g = tl.load(g_row + ds, mask=ok, other=0.0).to(tl.float32)
+        ds, ok, p, g = _columns(p_row, g_row, d0, d, BLOCK_D)
         if PROJECT:
             g = g - along * p
         m = tl.load(m_row + ds, mask=ok, other=0.0).to(tl.float32)
