@@ -91,6 +91,9 @@ def parser() -> argparse.ArgumentParser:
     )
     kernels.add_argument("--presets", default=DEFAULT_PRESETS, help="comma-separated presets")
     kernels.add_argument("--out", default=DEFAULT_OUT, help="output folder")
+    kernels.add_argument(
+        "--no-sweep", action="store_true", help="skip the dtype x k sweep of the encoders"
+    )
     multi = sub.add_parser("hooks", help="SAEs of several hook points: one run against one each")
     hooks.add_arguments(multi)
     multi.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output folder")
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         # TRITON_ALWAYS_COMPILE: compile times are real, not the cache's.
         env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_ALWAYS_COMPILE": "1"}
         command = [sys.executable, "-m", "benchmarks.compile", "--presets", args.presets]
-        command += ["--out", args.out]
+        command += ["--out", args.out] + (["--no-sweep"] if args.no_sweep else [])
         return subprocess.run(command, env=env).returncode
     if args.command == "hooks":
         result = hooks.run(args, _progress)

@@ -168,7 +168,8 @@ def test_compile_level_benchmark_at_the_gpu_preset(tmp_path, capsys):
     """python -m benchmarks kernels: no GPU, the real launch's code for sm_90."""
     pytest.importorskip("triton")
     out = tmp_path / "kernels"
-    assert cli.main(["kernels", "--presets", "gpu", "--out", str(out)]) == 0
+    # The sweep's shapes compile in tests/test_kernels_compile.py.
+    assert cli.main(["kernels", "--presets", "gpu", "--out", str(out), "--no-sweep"]) == 0
     (json_file,) = out.glob("kernels-sm90-*.json")
     result = json.loads(json_file.read_text())
     gpu = result["presets"]["gpu"]
@@ -181,6 +182,20 @@ def test_compile_level_benchmark_at_the_gpu_preset(tmp_path, capsys):
     assert abs(seen["skip"] + seen["light"] + seen["full"] - 1) < 1e-9 and seen["full"] > 0
     assert 0 < encoder["selection_per_tile"] < encoder["epilogue_static"]
     assert gpu["plain_gemm"]["gemm_per_tile"] > 0
+    # Each path read from the shipped binary; a flush there is dearer than its PROBE variant.
+    parts, probes = encoder["selection_parts"], encoder["probe_parts"]
+    assert parts["extraction_iteration"] == probes["extraction_iteration"] > 0
+    assert parts["flush"] > probes["flush"] > 0 and parts["full"] > parts["always"] > 0
+    assert set(encoder["replay_orders"]) == {"iid", "rising", "falling", "dead_prefix"}
+    rising, iid = encoder["replay_orders"]["rising"], encoder["replay_orders"]["iid"]
+    assert rising["full"] > iid["full"]  # each tile beats the last: more full merges
+    assert gpu["select_paths"]["warp_instructions_per_element"] < 1.0
+    for name in ("h100", "h200"):
+        fused, chunked = (
+            gpu["time_model"][name]["predicted_x_cublas"][p] for p in ("fused", "chunked")
+        )
+        assert 1.0 <= fused[0] <= fused[1] and 1.0 <= chunked[0] <= chunked[1]
+    assert gpu["sweep"] == {}
     assert "| gpu | encoder |" in json_file.with_suffix(".md").read_text()
 
 
