@@ -27,6 +27,9 @@ from ..options import ADAM_MOMENTS
 from ..sae import SparseAutoencoder
 
 _fallback = Fallback("optimizer")
+# The torch step works through a parameter in blocks of rows of about this many bytes, so
+# its fp32 temporaries stay small (a bf16 moment read as fp32 is a copy).
+_BLOCK_BYTES = 16 << 20
 
 
 def moment_dtype(moments: str, dtype: torch.dtype) -> torch.dtype:
@@ -122,15 +125,23 @@ class SaeAdam(torch.optim.Adam):
         _fallback((p.dtype, m.dtype, p.dim(), project, renormalise), kernel, torch_step)
 
     def _torch_step(self, p: Tensor) -> None:
-        """One Adam step of p by torch ops in fp32, its moments stored in their dtype."""
+        """One Adam step of p by torch ops in fp32, its moments stored in their dtype, a
+        block of rows at a time."""
         state = self._state(p)
         state["step"] += 1
         h, step = self._hyper(), float(state["step"])
-        g = p.grad.float()
-        m = state["exp_avg"].float().mul_(h["beta1"]).add_(g, alpha=1 - h["beta1"])
-        v = state["exp_avg_sq"].float().mul_(h["beta2"]).addcmul_(g, g, value=1 - h["beta2"])
         step_size = h["lr"] / (1 - h["beta1"] ** step)
-        denom = v.sqrt().div_((1 - h["beta2"] ** step) ** 0.5).add_(h["eps"])
-        p.copy_(p.float().addcdiv_(m, denom, value=-step_size))
-        state["exp_avg"].copy_(m)
-        state["exp_avg_sq"].copy_(v)
+        bias2_sqrt = (1 - h["beta2"] ** step) ** 0.5
+        rows = p.view(1, -1) if p.dim() == 1 else p.view(p.shape[0], -1)
+        block = max(1, _BLOCK_BYTES // (4 * rows.shape[1]))
+        tensors = (rows, p.grad.reshape(rows.shape), state["exp_avg"].view(rows.shape),
+                   state["exp_avg_sq"].view(rows.shape))  # fmt: skip
+        for start in range(0, rows.shape[0], block):
+            p_b, g_b, m_b, v_b = (t[start : start + block] for t in tensors)
+            g = g_b.float()
+            m = m_b.float().mul_(h["beta1"]).add_(g, alpha=1 - h["beta1"])
+            v = v_b.float().mul_(h["beta2"]).addcmul_(g, g, value=1 - h["beta2"])
+            denom = v.sqrt().div_(bias2_sqrt).add_(h["eps"])
+            p_b.copy_(p_b.float().addcdiv_(m, denom, value=-step_size))
+            m_b.copy_(m)
+            v_b.copy_(v)
