@@ -475,6 +475,24 @@ def select_paths(preset) -> dict[str, Any]:
     tile that no row gains from runs (the loop without the merge it branches over), those of
     the merge, and the skip path's warp instructions per pre-activation (what the roofline's
     select time counts)."""
+    launch = select_launch(preset, preset.k)
+    code = sass(launch.compile())
+    (tile,) = loops(code)  # the one loop: over the chunk's tiles
+    merge = skipped(code, tile)
+    merged = _between(code, merge) if merge is not None else 0
+    skip = len(body(code, tile)) - merged
+    meta = launch.meta
+    elements = meta["BLOCK_N"] * meta["BLOCK_M"]
+    return {
+        "skip_path_per_tile": skip,
+        "merge_per_tile": merged,
+        "warp_instructions_per_element": round(skip * meta["num_warps"] / elements, 4),
+    }
+
+
+def select_launch(preset, k: int):
+    """The chunked encoder's select launch at preset's dtype for k, on a chunk of the width
+    the chunked backend would take."""
     import torch
 
     from sae_fast.backends.chunked import chunk_for
@@ -482,39 +500,12 @@ def select_paths(preset) -> dict[str, Any]:
 
     dtype = preset.torch_dtype
     pre = torch.empty(preset.n, chunk_for(preset.n, preset.m, dtype.itemsize), dtype=dtype)
-    launch = select_topk.plan(pre, 0, select_topk.running(preset.n, preset.k, pre.device), preset.k)
-    code = sass(launch.compile())
-    (tile,) = loops(code)  # the one loop: over the chunk's tiles
-    merge = skipped(code, tile)
-    inside = [offset for offset, _, _ in code if tile[0] <= offset <= tile[1]]
-    merged = [o for o in inside if merge is not None and merge[0] < o < merge[1]]
-    skip = len(inside) - len(merged)
-    meta = launch.meta
-    elements = meta["BLOCK_N"] * meta["BLOCK_M"]
-    return {
-        "skip_path_per_tile": skip,
-        "merge_per_tile": len(merged),
-        "warp_instructions_per_element": round(skip * meta["num_warps"] / elements, 4),
-    }
+    return select_topk.plan(pre, 0, select_topk.running(preset.n, k, pre.device), k)
 
 
 def select_report(preset, ks: tuple[int, ...] = (32, 64, 128, 256)) -> dict[str, Any]:
-    """Resources of the chunked encoder's select kernel at preset's dtype, for each k, on a
-    chunk of the width the chunked backend would take."""
-    import torch
-
-    from sae_fast.backends.chunked import chunk_for
-    from sae_fast.kernels import select_topk
-
-    dtype = preset.torch_dtype
-    chunk = chunk_for(preset.n, preset.m, dtype.itemsize)
-    pre = torch.empty(preset.n, chunk, dtype=dtype)
-    return {
-        f"select k={k}": resources(
-            select_topk.plan(pre, 0, select_topk.running(preset.n, k, pre.device), k).compile()
-        )
-        for k in ks
-    }
+    """Resources of the chunked encoder's select kernel at preset's dtype, for each k."""
+    return {f"select k={k}": resources(select_launch(preset, k).compile()) for k in ks}
 
 
 REGISTERS_PER_SM, SHARED_PER_SM = 65536, 228 * 1024  # sm_90
