@@ -29,16 +29,16 @@ to 10%); a process's own code (and a GPU's CUDA context) come on top.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # cuBLAS reaches this share of the dense tensor-core peak at these sizes (low, high time).
 GEMM_EFFICIENCY = (0.80, 0.70)
 HBM_EFFICIENCY = (0.90, 0.75)  # share of the HBM peak a streaming kernel reaches
 FUSED_TILES = (64, 128)  # the fused encoder's (rows, latents) tile at bf16 on sm_90
-# Adam's passes over a parameter (read p, g, m, v; write p, m, v) and the decoder's extra
-# passes when its projection and renormalisation run as separate torch ops.
-ADAM_PASSES, DECODER_EXTRA_PASSES = 7, 9
+# The decoder's passes over (m, d) besides Adam's 7 (read p, g, m, v; write p, m, v) when its
+# projection and renormalisation run as separate torch ops.
+DECODER_EXTRA_PASSES = 9
 ACTIVATION_COPIES = 8  # (n, d) tensors alive in a step: x, x - b_dec, x_hat, errors, grads
 # The chunked select's warp instructions per pre-activation on a tile no row gains from,
 # read from its sm_90 binary (bf16, k=64, Triton 3.9: python -m benchmarks kernels), an SM's
@@ -253,7 +253,7 @@ def largest_dictionary(
     (0 if none does)."""
 
     def fits(blocks: int) -> bool:
-        return memory(_with_m(shape, blocks * 1024), data, latent, device).total <= capacity
+        return memory(replace(shape, m=blocks * 1024), data, latent, device).total <= capacity
 
     low, high = 0, 1
     while fits(high):
@@ -262,10 +262,6 @@ def largest_dictionary(
         mid = (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
     return low * 1024
-
-
-def _with_m(shape: Shape, m: int) -> Shape:
-    return Shape(**{**asdict(shape), "m": m})
 
 
 # Reserved on each GPU besides the run: the CUDA context, cuBLAS workspaces, fragmentation.
@@ -290,8 +286,7 @@ def plan(shape: Shape, gpus: int, gpu: str, cpu_bytes: int | None = None) -> dic
             "largest_n_latents": largest_dictionary(shape, capacity, data, latent, device),
         }
         if model is not None:
-            local = _with_m(shape, math.ceil(shape.m / latent))
-            local = Shape(**{**asdict(local), "n": math.ceil(shape.n / data)})
+            local = replace(shape, m=math.ceil(shape.m / latent), n=math.ceil(shape.n / data))
             comm = collective_time(model, shape, data, latent)
             row["step_ms"] = [1e3 * (t + comm) for t in step_time(model, local)["step"]]
         rows.append(row)
