@@ -194,8 +194,9 @@ def check_encoders(dry: bool, device: str) -> dict[str, Any]:
     }
 
 
-def _roofline_ms(dry: bool, shape) -> dict[str, list[float]] | None:
-    """The roofline's (low, high) ms of each pass at shape on this GPU (None dry: no GPU)."""
+def _roofline_ms(dry: bool, shape, **options) -> dict[str, list[float]] | None:
+    """The roofline's (low, high) ms of each pass at shape on this GPU, with roofline.step_time's
+    options (None dry: no GPU)."""
     if dry:
         return None
     import torch
@@ -205,7 +206,7 @@ def _roofline_ms(dry: bool, shape) -> dict[str, list[float]] | None:
     gpu = roofline.GPUS["h200" if "H200" in torch.cuda.get_device_name() else "h100"]
     return {
         name: [round(t * 1e3, 3) for t in times]
-        for name, times in roofline.step_time(gpu, shape).items()
+        for name, times in roofline.step_time(gpu, shape, **options).items()
     }
 
 
@@ -254,10 +255,12 @@ def check_optimizer(dry: bool, device: str) -> dict[str, Any]:
     seconds = _cpu_seconds if dry else encoders.gpu_seconds
     ms = {"fused": seconds(fused) * 1e3, "apart": seconds(apart) * 1e3}
     shape = roofline.Shape(n=_GPU.n, d=d, m=m, k=k, compute_dtype="bfloat16")
-    roof = _roofline_ms(dry, shape)
-    if roof is not None:
-        unfused = roofline.step_time(roofline.GPUS["h100"], shape, fused_optimizer=False)
-        roof = {"fused": roof["optimizer"], "apart (h100)": [t * 1e3 for t in unfused["optimizer"]]}
+    roof = None
+    if not dry:  # both on this GPU's model
+        roof = {
+            name: _roofline_ms(dry, shape, fused_optimizer=fused)["optimizer"]
+            for name, fused in (("fused", True), ("apart", False))
+        }
     return {
         "status": "ok" if error <= 1e-5 else "failed",
         "shape": {"m": m, "d": d, "dtype": "float32"},
