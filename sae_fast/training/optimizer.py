@@ -29,7 +29,7 @@ from ..sae import SparseAutoencoder
 _fallback = Fallback("optimizer")
 # The torch step works through a parameter in blocks of rows of about this many bytes, so
 # its fp32 temporaries stay small (a bf16 moment read as fp32 is a copy).
-_BLOCK_BYTES = 16 << 20
+_BLOCK_BYTES = 4 << 20
 
 
 def moment_dtype(moments: str, dtype: torch.dtype) -> torch.dtype:

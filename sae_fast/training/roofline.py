@@ -22,8 +22,8 @@ Time. Each pass of the step is bounded by its tensor-core work or by the bytes i
 - with several GPUs, the collectives over NVLink.
 Memory. Parameters, gradients, Adam's moments, the step's activations and the encoder's
 buffers, and a checkpoint's save, per device of a layout (data-parallel D x latent-parallel
-L). On a CPU it came 3-6% below a training run's measured peak (tests/test_plan.py holds it
-to 10%); a process's own code (and a GPU's CUDA context) come on top.
+L). On a CPU it came up to 6% below a training run's measured peak (tests/test_plan.py holds
+it to 10%); a process's own code (and a GPU's CUDA context) come on top.
 """
 
 from __future__ import annotations
