@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from . import row_shards
-from .files import atomic_path, check_regular, read_json, save_safetensors
+from .files import atomic_path, check_regular, read_failure, read_json, save_safetensors
 from .sae_config import DEFAULTS, OPTIONAL
 
 FORMAT = "sae_fast"
@@ -89,7 +89,7 @@ def read(path: str | Path, device: torch.device | str = "cpu") -> tuple[dict, di
         try:
             tensors = load_file(folder / WEIGHTS_FILE, device=str(device))
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{folder / WEIGHTS_FILE} is truncated or corrupt: {e}") from e
+            raise CheckpointError(read_failure(folder / WEIGHTS_FILE, e)) from e
     return config, tensors
 
 

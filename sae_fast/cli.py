@@ -14,11 +14,19 @@ import argparse
 import dataclasses
 import difflib
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 
-from .options import ACTIVATION_DTYPES, ADAM_MOMENTS, AUTOCAST_DTYPES
+from .options import (
+    ACTIVATION_DTYPES,
+    ADAM_MOMENTS,
+    AUTOCAST_DTYPES,
+    decimal,
+    integer,
+    is_natural,
+)
 from .training.config import ConfigError, TrainConfig, check_device, field_type
 from .version import VERSION
 
@@ -40,6 +48,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...
         if group not in sections:
             continue
         kind, _ = field_type(f)
+        parse = {int: integer, float: decimal}.get(kind, kind)
         flag = "--" + f.name.replace("_", "-")
         # None means a derived default, which the help text describes.
         shown = "" if f.default is None else f" (default: {f.default})"
@@ -51,7 +60,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...
             )
         else:
             sections[group].add_argument(
-                flag, type=kind, default=None, choices=f.metadata["choices"], help=text
+                flag, type=parse, default=None, choices=f.metadata["choices"], help=text
             )
 
 
@@ -250,6 +259,22 @@ def recorded_data_options(provenance: dict, given: dict) -> dict:
     return {**recorded, **given}
 
 
+def check_held_out(provenance: dict, text: str | None) -> None:
+    """Refuse an evaluation of model activations without --text (the default text may be
+    the training text: the demo's is), and warn where --text is the text the SAE was
+    trained on: neither is held out."""
+    trained = (provenance.get("train") or {}).get("text") or provenance.get("text")
+    on = f" (this SAE was trained on {trained!r})" if trained else ""
+    if text is None:
+        raise ConfigError(f"--text: give held-out text to evaluate on{on}")
+    if trained and (text == trained or os.path.realpath(text) == os.path.realpath(trained)):
+        print(
+            f"sae-fast: warning: --text {text} is the text this SAE was trained on: these "
+            "figures are not held out",
+            file=sys.stderr,
+        )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .analysis.evaluate import (
         ce_loss_recovered,
@@ -266,6 +291,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     given = given_options(args, ("data",)) | ({"seed": args.seed} if args.seed is not None else {})
     options = recorded_data_options(sae.provenance, given)
     cfg = TrainConfig.from_dict(options, where="the data options")
+    if cfg.source == "model":
+        check_held_out(sae.provenance, given.get("text"))
     if args.ce and cfg.source != "model":
         raise ConfigError("--ce needs source=model (a causal LM and its hook point)")
     source = build_source(cfg, device, held_out=True)
@@ -376,7 +403,7 @@ def _parse_pairs(spec: str, m_a: int, m_b: int) -> list[tuple[int, int]]:
     pairs = []
     for part in spec.split(","):
         a, _, b = part.strip().partition(":")
-        if not (a.isdigit() and b.isdigit()) or int(a) >= m_a or int(b) >= m_b:
+        if not (is_natural(a) and is_natural(b)) or int(a) >= m_a or int(b) >= m_b:
             raise ConfigError(
                 f"--pairs: expected pairs A:B of latents 0..{m_a - 1} of A and 0..{m_b - 1} of "
                 f"B, like 3:17,5:9; got {part.strip()!r}"
@@ -473,7 +500,7 @@ def _compare_on_text(
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .analysis.compare import match_decoders, plot_cosines
+    from .analysis.compare import match_decoders, plot_cosines, shared_initialisation
     from .analysis.dashboard_html import FILES as DASHBOARD_FILES
     from .files import atomic_path, check_replaceable
     from .sae import SparseAutoencoder
@@ -503,6 +530,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     chosen = _parse_pairs(args.pairs, a.n_latents, b.n_latents) if args.pairs else None
     matches = match_decoders(a.W_dec, b.W_dec)
     report = {"a": str(args.a), "b": str(args.b), **matches.summary(args.top)}
+    shapes = ((a.d_in, a.n_latents), (b.d_in, b.n_latents))
+    alike = shared_initialisation(a.provenance, b.provenance, shapes)
+    if alike:
+        report["shared_initialisation"] = alike
+        print(
+            f"sae-fast: warning: the two SAEs started from the same weights ({alike}): rows "
+            "training left near their start match without being shared features; check "
+            "matches against their activation correlation (--text), or train with another "
+            "--seed",
+            file=sys.stderr,
+        )
     shared = report["shared"]
     print(f"{args.a}: {a.n_latents} latents; {args.b}: {b.n_latents} latents")
     print("decoder cosine > t:   " + "   ".join(f"t={t}" for t in shared))
@@ -638,6 +676,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     from .analysis.dashboard import build_dashboard, pick_latents
     from .analysis.dashboard_html import FILES
+    from .analysis.neuronpedia import check_set_name
     from .files import check_replaceable
     from .sae import SparseAutoencoder
     from .training.config import resolve_device
@@ -648,6 +687,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         check_int(args.tokens, "--tokens", error=ConfigError)
     check_text(args.text, "--text")
     check_replaceable(args.out, FILES)  # before the pass, not after it
+    if args.neuronpedia is not None:
+        try:
+            check_set_name(args.neuronpedia)
+        except ValueError as e:
+            raise ConfigError(f"--neuronpedia: {e}") from None
     device = resolve_device(check_device(args.device, "--device"))
     sae = SparseAutoencoder.load(args.sae, device=device)
     try:
@@ -660,7 +704,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     with _token_bar(args) as bar:
         meta, _ = build_dashboard(sae, model, tokenizer, args.out, about, features,
                                context_size=context_size, max_tokens=args.tokens,
-                               batch_size=args.batch_size, progress=bar)  # fmt: skip
+                               batch_size=args.batch_size, progress=bar,
+                               neuronpedia=args.neuronpedia)  # fmt: skip
     print(
         f"wrote {Path(args.out) / 'index.html'}: {meta['shown']} features over "
         f"{meta['tokens_seen']} tokens in {time.perf_counter() - started:.1f} s"
@@ -725,8 +770,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
         ce = f"; CE loss score over {args.ce_windows} windows" if "ce_loss_score" in rows[0] else ""
         about = (
             f"Held out: the same {rows[0]['tokens']:,} tokens of {args.text} for every SAE, "
-            "from one model pass (explained variance: SAEBench's per-token mean; dead: never "
-            f"fired on those tokens{ce})."
+            f"from one model pass (dead: never fired on those tokens{ce})."
         )
     for row in rows:
         cells = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float))
@@ -886,11 +930,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache.add_argument("--hook", required=True, help="hook point, e.g. resid_post.3")
     cache.add_argument("--out", required=True, help="cache folder to write")
-    cache.add_argument("--tokens", type=int, required=True, help="activations to store")
+    cache.add_argument("--tokens", type=integer, required=True, help="activations to store")
     cache.add_argument("--text", default="stdlib", help="'stdlib', a .txt or a .jsonl file")
-    cache.add_argument("--context-size", type=int, default=128, help="tokens per window")
-    cache.add_argument("--batch-size", type=int, default=32, help="windows per forward")
-    cache.add_argument("--shard-rows", type=int, default=65536, help="activations per shard")
+    cache.add_argument("--context-size", type=integer, default=128, help="tokens per window")
+    cache.add_argument("--batch-size", type=integer, default=32, help="windows per forward")
+    cache.add_argument("--shard-rows", type=integer, default=65536, help="activations per shard")
     cache.add_argument("--dtype", default="float32", choices=ACTIVATION_DTYPES, help="stored")
     cache.add_argument(
         "--model-dtype",
@@ -911,12 +955,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sae_pass_arguments(ev, "activations to evaluate on")
     ev.add_argument(
         "--seed",
-        type=int,
+        type=integer,
         help="the training run's seed (default: the SAE's recorded one, else 0): for synthetic "
         "data it fixes the true dictionary (the rows evaluated on are others than the run's)",
     )
     ev.add_argument("--ce", action="store_true", help="also CE loss recovered (causal LMs)")
-    ev.add_argument("--ce-windows", type=int, default=64, help="text windows for --ce")
+    ev.add_argument("--ce-windows", type=integer, default=64, help="text windows for --ce")
     ev.add_argument("--out", help="also write the results to this JSON file")
     add_config_arguments(ev, ("data",))
     ev.set_defaults(fn=cmd_eval)
@@ -931,8 +975,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_sae_pass_arguments(dr, "activations per corpus")
     dr.add_argument("--against", required=True, help="corpus B (the same kinds as --text)")
-    dr.add_argument("--alpha", type=float, default=0.01, help="false discovery rate")
-    dr.add_argument("--top", type=int, default=20, help="movers to list")
+    dr.add_argument("--alpha", type=decimal, default=0.01, help="false discovery rate")
+    dr.add_argument("--top", type=integer, default=20, help="movers to list")
     dr.add_argument("--out", help="also write the report to this JSON file")
     dr.add_argument(
         "--dashboard",
@@ -954,10 +998,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("a", help="SAE folder A (any format sae_fast reads)")
     cmp.add_argument("b", help="SAE folder B, of the same d_in")
-    cmp.add_argument("--top", type=int, default=10, help="best and worst matches to list")
+    cmp.add_argument("--top", type=integer, default=10, help="best and worst matches to list")
     cmp.add_argument("--text", help="also match by activation correlation on this text")
     _add_model_arguments(cmp, "A's recorded one; with --text")
-    cmp.add_argument("--tokens", type=int, help="with --text: tokens to read (default: all)")
+    cmp.add_argument("--tokens", type=integer, help="with --text: tokens to read (default: all)")
     cmp.add_argument(
         "--pairs",
         help="with --text and --out: the pairs A:B to show side by side, like "
@@ -983,9 +1027,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("text", help="the text to explain")
     ex.add_argument("--sae", required=True, help="SAE folder")
     _add_model_arguments(ex, "the SAE's recorded one")
-    ex.add_argument("--top", type=int, default=5, help="latents per token")
+    ex.add_argument("--top", type=integer, default=5, help="latents per token")
     ex.add_argument("--contexts", help="reference text for the latents' summaries")
-    ex.add_argument("--context-tokens", type=int, default=20000, help="tokens of --contexts")
+    ex.add_argument("--context-tokens", type=integer, default=20000, help="tokens of --contexts")
     ex.add_argument("--html", help="also write an HTML view here")
     ex.add_argument("--device", default="auto", help="device (auto: cuda if available)")
     ex.set_defaults(fn=cmd_explain)
@@ -1004,13 +1048,19 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--text", required=True, help="'stdlib', a .txt or a .jsonl file")
     dash.add_argument("--out", required=True, help="dashboard folder (replaced whole)")
     _add_model_arguments(dash, "the SAE's recorded one")
-    dash.add_argument("--tokens", type=int, help="tokens to read (default: the whole text)")
+    dash.add_argument("--tokens", type=integer, help="tokens to read (default: the whole text)")
     dash.add_argument(
         "--features",
         default="all",
         help="'all', a count N (drawn at random, seeded) or ids like 3,17,100-120",
     )
-    dash.add_argument("--batch-size", type=int, default=32, help="text windows per forward")
+    dash.add_argument("--batch-size", type=integer, default=32, help="text windows per forward")
+    dash.add_argument(
+        "--neuronpedia",
+        metavar="SET",
+        help="also write Neuronpedia's batch files (SAEDashboard's and the upload API's) in "
+        "OUT/neuronpedia/, for the source LAYER-SET (e.g. res-sf: 3-res-sf)",
+    )
     dash.add_argument("--device", default="auto", help="device (auto: cuda if available)")
     _add_progress_argument(dash)
     dash.set_defaults(fn=cmd_dashboard)
@@ -1025,9 +1075,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="runs/demo", help="run folder")
     demo.add_argument("--text", default="stdlib", help="'stdlib', a .txt or a .jsonl file")
-    demo.add_argument("--steps", type=int, default=600, help="optimizer steps")
-    demo.add_argument("--n-latents", type=int, default=3072, help="dictionary size")
-    demo.add_argument("--k", type=int, default=32, help="active latents per token")
+    demo.add_argument("--steps", type=integer, default=600, help="optimizer steps")
+    demo.add_argument("--n-latents", type=integer, default=3072, help="dictionary size")
+    demo.add_argument("--k", type=integer, default=32, help="active latents per token")
     demo.add_argument("--hook", default="resid_post.3", help="hook point of MiniLM")
     _add_progress_argument(demo)
     demo.set_defaults(fn=cmd_demo)
@@ -1042,8 +1092,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("run", help="run folder (the --out-dir of sae-fast train)")
     report.add_argument("--text", help="text for the contexts (default: the run's own)")
-    report.add_argument("--tokens", type=int, default=32768, help="tokens to read")
-    report.add_argument("--features", type=int, default=8, help="feature cards")
+    report.add_argument("--tokens", type=integer, default=32768, help="tokens to read")
+    report.add_argument("--features", type=integer, default=8, help="feature cards")
     report.add_argument("--device", default="auto", help="device (auto: cuda if available)")
     report.add_argument("--out", help="the HTML file (default: RUN/report.html)")
     report.set_defaults(fn=cmd_report)
@@ -1052,15 +1102,15 @@ def build_parser() -> argparse.ArgumentParser:
         "layers",
         help="compare the SAEs of a multi-hook run (train --hooks) layer by layer",
         description="Write layers.html, layers.png and layers.json in a multi-hook run folder: "
-        "FVU, explained variance, L0, dead and dense fractions per hook point and, for a "
+        "FVU, 1 - FVU, L0, dead and dense fractions per hook point and, for a "
         "causal LM, the CE loss score. From each SAE's training metrics, or with --text "
         "evaluated on that held-out text (every SAE on the same tokens, from one model pass).",
     )
     layers.add_argument("run", help="multi-hook run folder (the --out-dir of train --hooks)")
     layers.add_argument("--text", help="held-out text to evaluate on (default: training metrics)")
-    layers.add_argument("--tokens", type=int, default=32768, help="tokens to evaluate on")
-    layers.add_argument("--batch-size", type=int, default=4096, help="activations per batch")
-    layers.add_argument("--ce-windows", type=int, default=64, help="text windows for CE")
+    layers.add_argument("--tokens", type=integer, default=32768, help="tokens to evaluate on")
+    layers.add_argument("--batch-size", type=integer, default=4096, help="activations per batch")
+    layers.add_argument("--ce-windows", type=integer, default=64, help="text windows for CE")
     layers.add_argument("--device", default="auto", help="device (auto: cuda if available)")
     layers.set_defaults(fn=cmd_layers)
 
@@ -1072,7 +1122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "frontier as toy_frontier.png.",
     )
     toy.add_argument("--out", default="runs/toy", help="output folder")
-    toy.add_argument("--steps", type=int, default=1000, help="optimizer steps per SAE")
+    toy.add_argument("--steps", type=integer, default=1000, help="optimizer steps per SAE")
     toy.set_defaults(fn=cmd_toy)
 
     convert = sub(
@@ -1106,12 +1156,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .training import roofline  # torch-free: the device models
 
     defaults = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(TrainConfig)})
-    plan.add_argument("--d-in", type=int, required=True, help="activation width")
-    plan.add_argument("--n-latents", type=int, required=True, help="dictionary size m")
-    plan.add_argument("--k", type=int, default=defaults.k, help="active latents per token")
-    plan.add_argument("--batch-size", type=int, default=defaults.batch_size,
+    plan.add_argument("--d-in", type=integer, required=True, help="activation width")
+    plan.add_argument("--n-latents", type=integer, required=True, help="dictionary size m")
+    plan.add_argument("--k", type=integer, default=defaults.k, help="active latents per token")
+    plan.add_argument("--batch-size", type=integer, default=defaults.batch_size,
                       help="tokens per step, over all data-parallel ranks")  # fmt: skip
-    plan.add_argument("--init-tokens", type=int, default=defaults.init_tokens,
+    plan.add_argument("--init-tokens", type=integer, default=defaults.init_tokens,
                       help="activations drawn before training")  # fmt: skip
     plan.add_argument("--dtype", default=defaults.dtype, choices=ACTIVATION_DTYPES,
                       help="parameter dtype")  # fmt: skip
@@ -1119,7 +1169,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the step's compute dtype")  # fmt: skip
     plan.add_argument("--adam-moments", default=defaults.adam_moments, choices=ADAM_MOMENTS,
                       help="storage of Adam's moments")  # fmt: skip
-    plan.add_argument("--gpus", type=int, default=1, help="devices of the run")
+    plan.add_argument("--gpus", type=integer, default=1, help="devices of the run")
     plan.add_argument("--gpu", default="h100", choices=(*roofline.GPUS, "cpu"),
                       help="the device model (cpu: this machine's memory, no time)")  # fmt: skip
     plan.add_argument("--json", action="store_true", help="print JSON")
@@ -1150,8 +1200,8 @@ def _token_bar(args: argparse.Namespace):
 def _add_sae_pass_arguments(parser: argparse.ArgumentParser, tokens_help: str) -> None:
     """--sae, --tokens, --batch-size and --device of a command that runs an SAE over data."""
     parser.add_argument("--sae", required=True, help="SAE folder (sae.safetensors + cfg.json)")
-    parser.add_argument("--tokens", type=int, default=65536, help=tokens_help)
-    parser.add_argument("--batch-size", type=int, default=4096, help="activations per batch")
+    parser.add_argument("--tokens", type=integer, default=65536, help=tokens_help)
+    parser.add_argument("--batch-size", type=integer, default=4096, help="activations per batch")
     parser.add_argument("--device", default="auto", help="device (auto: cuda if available)")
 
 
@@ -1181,7 +1231,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except user_errors as e:
-        print(f"sae-fast {args.command}: error: {e}", file=sys.stderr)
+        # An OSError we raised says what failed in its strerror; the system's name a file.
+        said = e.strerror if isinstance(e, OSError) and e.strerror and not e.filename else e
+        print(f"sae-fast {args.command}: error: {said}", file=sys.stderr)
         return 2
     except (TrainingDivergedError, DistributedRunError) as e:
         print(f"sae-fast {args.command}: {e}", file=sys.stderr)

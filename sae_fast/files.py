@@ -30,10 +30,11 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 LOCK_FILE = ".lock"
+MANIFEST_FILE = ".sae_fast-files.json"  # what atomic_folder wrote: see check_replaceable
 # Hidden siblings of a file or folder being written (.NAME.saving~HOST~PID~RANDOM) or removed
 # (.NAME.removing~HOST~PID~RANDOM); those of a dead process of this host are left over from a
 # kill (a folder shared between machines keeps the others').
-_SCRATCH = re.compile(r"^\.(?P<name>.+)\.(saving|removing)~(?P<host>[^~]+)~(?P<pid>\d+)~")
+_SCRATCH = re.compile(r"^\.(?P<name>.+)\.(saving|removing)~(?P<host>[^~]+)~(?P<pid>[0-9]+)~")
 _HOST = socket.gethostname().replace("~", "-")
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -109,11 +110,18 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None 
 
 def save_torch(obj: object, path: Path) -> None:
     """torch.save through a Python file, so that a full disk is an OSError (ENOSPC), not the
-    zip writer's bare assertion."""
+    zip writer's bare assertion: a write that fails part-way surfaces as torch's RuntimeError
+    raised while the file's OSError is handled, which is the error to report."""
     import torch
 
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            failed = e.__cause__ or e.__context__
+            if isinstance(failed, OSError):
+                raise OSError(failed.errno, failed.strerror) from None
+            raise
 
 
 def _alive(pid: int) -> bool:
@@ -177,23 +185,71 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def _entries(folder: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """(path relative to folder, lstat) of everything in folder at every depth but its
+    folders; links are not followed (a link is an entry of its own)."""
+    for root, dirs, names in os.walk(folder):
+        base = Path(root)
+        for name in names + [d for d in dirs if (base / d).is_symlink()]:
+            path = base / name
+            yield path.relative_to(folder).as_posix(), os.lstat(path)
+
+
+def _manifest(folder: Path) -> dict[str, int]:
+    """The files atomic_folder wrote in folder (relative path -> size); {} if none is recorded
+    or the record is unreadable."""
+    try:
+        with open(folder / MANIFEST_FILE, "rb") as f:
+            files = json.loads(f.read(1 << 24)).get("files")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(files, dict):
+        return {}
+    return {k: v for k, v in files.items() if isinstance(k, str) and isinstance(v, int)}
+
+
+def _write_manifest(folder: Path) -> None:
+    """Record every file now in folder, if it has subfolders, so that a later save knows them
+    for its own (a flat folder's files are known by their names)."""
+    if not any(entry.is_dir() for entry in folder.iterdir()):
+        return
+    files = {rel: st.st_size for rel, st in sorted(_entries(folder)) if stat.S_ISREG(st.st_mode)}
+    path = folder / MANIFEST_FILE
+    path.write_text(json.dumps({"files": files}, indent=0) + "\n")
+    shareable(path)
+
+
 def check_replaceable(target: str | Path, replaceable: Iterable[str] = ()) -> Path:
-    """target, resolved, if atomic_folder may replace it: absent, or a folder holding only
-    files named in replaceable; else FileExistsError. A command checks this before long work
-    whose result goes there."""
+    """target, resolved, if atomic_folder may replace it; else FileExistsError.
+
+    A folder is replaceable if every file in it, at every depth, is one a save wrote: a file
+    at its top level named in replaceable (names or fnmatch patterns of what a save of the
+    same kind writes), or a file in a subfolder listed in the manifest atomic_folder leaves
+    in a folder with subfolders (same path and size: a file edited since is kept). Nothing
+    else is deleted. A command checks this before long work whose result goes there."""
     target = Path(os.path.realpath(target))  # a link to a folder: replace the folder
-    if target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"{target} exists and is not a folder")
-        patterns = tuple(replaceable)
-        foreign = sorted(
-            name for name in os.listdir(target) if not any(fnmatch(name, p) for p in patterns)
+    if not target.exists():
+        return target
+    if not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder")
+    patterns, written = tuple(replaceable), _manifest(target)
+
+    def ours(rel: str, st: os.stat_result) -> bool:
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        if rel == MANIFEST_FILE or written.get(rel) == st.st_size:
+            return True
+        return "/" not in rel and any(fnmatch(rel, p) for p in patterns)
+
+    try:
+        foreign = sorted(rel for rel, st in _entries(target) if not ours(rel, st))
+    except OSError as e:
+        raise FileExistsError(f"{target} cannot be checked before replacing it: {e}") from None
+    if foreign:
+        raise FileExistsError(
+            f"{target} holds files this save would delete ({', '.join(foreign[:8])}"
+            f"{', ...' if len(foreign) > 8 else ''}); save into a new or empty folder"
         )
-        if foreign:
-            raise FileExistsError(
-                f"{target} holds files this save would delete ({foreign[:8]}); "
-                "save into a new or empty folder"
-            )
     return target
 
 
@@ -201,11 +257,11 @@ def check_replaceable(target: str | Path, replaceable: Iterable[str] = ()) -> Pa
 def atomic_folder(target: str | Path, replaceable: Iterable[str] = ()) -> Iterator[Path]:
     """Yield an empty scratch folder beside target; on success it replaces target whole.
 
-    target may be absent, empty, or hold only files named in replaceable (names or fnmatch
-    patterns of what an earlier save of the same kind wrote); anything else is refused with
-    FileExistsError rather than deleted. Readers see the old folder or the new one (swapped
-    by one rename where Linux allows, see read_stable); on error target is untouched and the
-    scratch folder removed.
+    target may be absent or hold only files an earlier save wrote (check_replaceable);
+    anything else is refused with FileExistsError rather than deleted. A new folder with
+    subfolders records its files in MANIFEST_FILE. Readers see the old folder or the new one
+    (swapped by one rename where Linux allows, see read_stable); on error target is untouched
+    and the scratch folder removed.
     """
     target = check_replaceable(target, replaceable)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -214,6 +270,7 @@ def atomic_folder(target: str | Path, replaceable: Iterable[str] = ()) -> Iterat
     try:
         shareable(tmp, folder=True)
         yield tmp
+        _write_manifest(tmp)
         for entry in tmp.rglob("*"):
             if entry.is_file():
                 _fsync(entry)
@@ -226,6 +283,10 @@ def atomic_folder(target: str | Path, replaceable: Iterable[str] = ()) -> Iterat
             os.rename(tmp, target)
             shutil.rmtree(old)
         _fsync(target.parent)
+    except OSError as e:  # a full disk, above all: name the folder, not its scratch copy
+        if not e.errno:
+            raise
+        raise OSError(e.errno, f"cannot write {target}: {os.strerror(e.errno)}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -297,6 +358,22 @@ def check_regular(path: Path, error: type[Exception]) -> None:
         raise error(f"{path} cannot be read: {e.strerror}") from None
     if not stat.S_ISREG(mode):
         raise error(f"{path} is not a regular file")
+
+
+def read_failure(path: Path, e: Exception) -> str:
+    """Why a reader (safetensors, torch.load) failed on the file at path: the system's reason
+    if the file cannot be opened (safetensors calls a permission error "No such file"), else
+    its contents."""
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        return f"{path} cannot be read: permission denied"
+    except OSError as opened:
+        return f"{path} cannot be read: {opened.strerror or opened}"
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        return f"{path} cannot be read: {e.strerror or e}"
+    return f"{path} is truncated or corrupt: {e}"
 
 
 def read_text(path: str | Path, error: type[Exception]) -> str:

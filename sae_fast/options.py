@@ -18,9 +18,43 @@ PARAMETER_DTYPES = (*ACTIVATION_DTYPES, "float64")
 BACKENDS = ("cuda", "triton", "chunked", "torch")
 # How Adam stores its two moments: in the parameters' dtype, or in bfloat16 (computed in fp32).
 ADAM_MOMENTS = ("param", "bf16")
+# The name of the packaged all-MiniLM-L6-v2 wherever a model is accepted, and the Hugging Face
+# id other tools (SAELens, Neuronpedia, transformers) know it by.
+MINILM, MINILM_HUB_ID = "minilm", "sentence-transformers/all-MiniLM-L6-v2"
 # Mixed precision of a training step: its option value -> the compute dtype (None: off).
 AUTOCAST_DTYPES = {"none": None, "bf16": "bfloat16", "fp16": "float16"}
-_HOOK_RANGE = re.compile(r"^(.+)\.(\d+)-(\d+)$")
+_HOOK_RANGE = re.compile(r"^(.+)\.([0-9]+)-([0-9]+)$")
+# Numbers as options and files write them: ASCII digits only (int() and str.isdigit() also
+# take other scripts' digits, '٣', and superscripts, '²').
+_NATURAL = re.compile(r"[0-9]+")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+# inf and nan too: the option's own check then says what range it wants.
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|nan)", re.I)
+
+
+def hub_id(model: str | None) -> str | None:
+    """A model's name as other tools resolve it: the Hugging Face id for our alias MINILM,
+    else the name as given."""
+    return MINILM_HUB_ID if model == MINILM else model
+
+
+def is_natural(text: str) -> bool:
+    """Whether text is a whole number >= 0 in ASCII digits."""
+    return _NATURAL.fullmatch(text) is not None
+
+
+def integer(text: str) -> int:
+    """An option's integer, in ASCII digits (a sign allowed); ValueError otherwise."""
+    if not _INTEGER.fullmatch(text.strip()):
+        raise ValueError(f"expected an integer in digits 0-9, got {text!r}")
+    return int(text)
+
+
+def decimal(text: str) -> float:
+    """An option's number, like 0.5, 3, 1e-4 or inf in ASCII digits; ValueError otherwise."""
+    if not _DECIMAL.fullmatch(text.strip()):
+        raise ValueError(f"expected a number like 0.5 or 1e-4, got {text!r}")
+    return float(text)
 
 
 def is_int(value: object, minimum: int | None = None) -> bool:
@@ -76,7 +110,7 @@ def parse_matryoshka(spec: str, n_latents: int) -> list[int] | None:
     smaller: the whole dictionary is the last prefix; the whole dictionary alone is a plain
     SAE, None); ValueError says what is wrong."""
     try:
-        prefixes = [int(part) for part in spec.split(",")]
+        prefixes = [integer(part) for part in spec.split(",")]
     except ValueError:
         raise ValueError(f"expected prefix sizes like 1024,4096, got {spec!r}") from None
     if prefixes and prefixes[-1] < n_latents:

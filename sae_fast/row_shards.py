@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from .files import atomic_path, check_regular, read_json, save_safetensors
+from .files import atomic_path, check_regular, read_failure, read_json, save_safetensors
 
 FORMAT = "sae_fast-row-shards"
 FORMAT_VERSION = 1
@@ -43,12 +43,15 @@ def write_shard(
     whole: dict[str, Tensor],
     shard: int,
     shards: int,
+    offset: int,
 ) -> None:
-    """Write this shard's rows (each (rows, ...)) and, from shard 0, the whole tensors."""
+    """Write this shard's rows (each (rows, ...), the latents from offset on) and, from shard
+    0, the whole tensors. The file records its own range, which a reader holds to the index."""
     body = {**rows, **(whole if shard == 0 else {})}
     body = {name: t.detach().contiguous().cpu() for name, t in body.items()}
+    size = next(iter(rows.values())).shape[0] if rows else 0
     with atomic_path(Path(folder) / shard_name(stem, shard, shards)) as tmp:
-        save_safetensors(body, tmp, {"format": FORMAT})
+        save_safetensors(body, tmp, {"format": FORMAT, "offset": str(offset), "rows": str(size)})
 
 
 def write_index(
@@ -99,6 +102,11 @@ class RowShards:
             self.shards = [(s["file"], int(s["offset"]), int(s["rows"])) for s in body["shards"]]
         except (KeyError, TypeError) as e:
             raise error(f"{path} is not a {FORMAT} index: {e!r}") from None
+        files = [file for file, _, _ in self.shards]
+        twice = sorted({file for file in files if files.count(file) > 1})
+        if twice:
+            raise error(f"{path}: shard file {twice[0]} backs more than one row range")
+        self._checked: set[str] = set()
         covered = 0
         for file, offset, size in self.shards:
             if Path(file).name != file:
@@ -114,12 +122,25 @@ class RowShards:
         return self.row_names + self.whole_names
 
     def _open(self, file: str):
+        """The shard file, once checked: it records the rows the index says it holds
+        (files written before shards recorded their range are taken at the index's word)."""
         path = self.folder / file
         check_regular(path, self.error)
         try:
-            return safe_open(path, framework="pt")
+            opened = safe_open(path, framework="pt")
         except (SafetensorError, OSError) as e:
-            raise self.error(f"{path} is truncated or corrupt: {e}") from e
+            raise self.error(read_failure(path, e)) from e
+        if file not in self._checked:
+            meta = opened.metadata() or {}
+            _, offset, size = next(s for s in self.shards if s[0] == file)
+            recorded = (meta.get("offset"), meta.get("rows"))
+            if recorded != (None, None) and recorded != (str(offset), str(size)):
+                raise self.error(
+                    f"{path} holds rows from {recorded[0]} ({recorded[1]} of them); the index "
+                    f"says from {offset} ({size})"
+                )
+            self._checked.add(file)
+        return opened
 
     def rows(self, name: str, offset: int, size: int, device: torch.device | str = "cpu") -> Tensor:
         """Rows [offset, offset + size) of row tensor name, from whichever shards hold them."""

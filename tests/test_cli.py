@@ -162,7 +162,7 @@ def test_train_help_lists_every_option(capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+        (["--steps", "many"], "argument --steps: invalid integer value: 'many'"),
         (["--backend", "fast"], "argument --backend: invalid choice: 'fast' (choose from"),
         (["--model-dtype", "half"], "argument --model-dtype: invalid choice: 'half' (choose"),
     ],
@@ -279,6 +279,41 @@ def test_cache_reports_the_rows_it_wrote_when_the_text_runs_out(tmp_path, folder
     rows = read_manifest(tmp_path / "cache")["rows"]
     assert 0 < rows < 10**6
     assert f"wrote {rows} activations" in capsys.readouterr().out
+
+
+def test_eval_never_takes_the_training_text_for_held_out_text(tmp_path, folders, capsys):
+    sae = identity_sae(WIDTH)
+    held = write_corpus(tmp_path / "held.txt", paragraphs=5)
+    sae.provenance = {"train": {"source": "model", "model": folders["gpt"],
+                                "hook": "resid_post.1", "text": folders["text"]}}  # fmt: skip
+    sae.save(tmp_path / "sae")
+    base = ["eval", "--sae", tmp_path / "sae", *MODEL_DATA, "--tokens", 64, "--device", "cpu"]
+    assert cli(*base) == 2  # the default text might be the training text: refused
+    line = error_line(capsys.readouterr().err)
+    assert (
+        f"--text: give held-out text to evaluate on (this SAE was trained on '{folders['text']}')"
+        in line
+    )
+    assert cli(*base, "--text", folders["text"]) == 0  # the training text: loudly
+    assert "is the text this SAE was trained on: these figures are not held out" in (
+        capsys.readouterr().err
+    )
+    assert cli(*base, "--text", held) == 0
+    assert "not held out" not in capsys.readouterr().err
+    assert (
+        cli(
+            "eval",
+            "--sae",
+            tmp_path / "sae",
+            "--source",
+            "synthetic",
+            "--synthetic-d",
+            WIDTH,
+            "--tokens",
+            64,
+        )
+        == 0
+    )  # fmt: skip (no text to hold out)
 
 
 def test_eval_ce_loss_recovered(tmp_path, folders, capsys):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,9 @@ import torch
 from safetensors import SafetensorError
 from test_cli import SYNTHETIC, cli, error_line, flags, printed_json, steps_saved, synthetic
 
+import sae_fast
 from sae_fast import SparseAutoencoder, files
+from sae_fast.checkpoint import CheckpointError
 from sae_fast.cli import build_parser
 from sae_fast.sources import minilm_path, model_location, read_manifest, write_cache
 from sae_fast.training import checkpoints
@@ -28,6 +32,31 @@ BAD_VALUES = {
     "huge dictionary": (["--n-latents", str(10**20)], "n_latents=100000000000000000000 x d_in"),
     "huge width": (["--synthetic-d", str(10**12)], "d_in=1000000000000 needs"),
 }
+
+
+# Digits of other scripts and superscripts: int() takes '\u0663' (Arabic-Indic three) and
+# str.isdigit() '\u00b2' (superscript two); every option reads ASCII digits only.
+NOT_ASCII_NUMBERS = {
+    "steps": (["--steps", "\u0663"], "--steps: invalid integer value: '\u0663'"),
+    "superscript steps": (["--steps", "\u00b2"], "--steps: invalid integer value"),
+    "full-width k": (["--k", "\uff18"], "--k: invalid integer value"),
+    "lr": (["--lr", "\u0661e-3"], "--lr: invalid decimal value"),
+    "matryoshka": (["--matryoshka", "\u0668,16"], "matryoshka"),
+    "device": (["--device", "cuda:\u0660"], "device must be auto, cpu, cuda or cuda:N"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_ASCII_NUMBERS)
+def test_numbers_in_other_scripts_are_refused_by_option(case, tmp_path, capsys):
+    argv, message = NOT_ASCII_NUMBERS[case]
+    try:
+        code = cli(*synthetic(tmp_path / "run", steps=2), *argv)
+    except SystemExit as e:  # argparse's own refusal of a --flag's type
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("case", BAD_VALUES)
@@ -82,6 +111,50 @@ def test_an_unreadable_folder_says_so(tmp_path, capsys, monkeypatch):
     assert "sae cannot be read: permission denied" in error_line(capsys.readouterr().err)
 
 
+_LOAD_AS_NOBODY = """
+import sys
+from sae_fast import SparseAutoencoder
+from sae_fast.checkpoint import CheckpointError
+try:
+    SparseAutoencoder.load(sys.argv[1])
+except CheckpointError as e:
+    print(e)
+"""
+
+
+def test_a_weights_file_the_user_may_not_read_is_not_called_corrupt(tmp_path_factory):
+    """A real permission error: the load runs as user nobody on a file only root may read."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run a process as another user")
+    shared = Path(tempfile.mkdtemp(prefix="sae-fast-perm-"))  # not under pytest's 0700 root
+    try:
+        os.chmod(shared, 0o755)
+        SparseAutoencoder(16, 32, k=4).save(shared / "sae")
+        os.chmod(shared / "sae", 0o755)
+        os.chmod(shared / "sae" / "sae.safetensors", 0)
+        root = str(Path(sae_fast.__file__).parents[1])
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                   sys.executable, "-c", _LOAD_AS_NOBODY, str(shared / "sae")]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": root})  # fmt: skip
+        assert done.stdout.strip().endswith("sae.safetensors cannot be read: permission denied")
+        assert "corrupt" not in done.stdout, done.stderr
+    finally:
+        shutil.rmtree(shared)
+
+
+def test_a_folder_that_is_a_link_to_itself(tmp_path, capsys):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(CheckpointError, match="loop cannot be read: Too many levels of symbolic"):
+        SparseAutoencoder.load(tmp_path / "loop")
+    assert cli("inspect", tmp_path / "loop") == 2
+    assert "Too many levels of symbolic links" in error_line(capsys.readouterr().err)
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert cli("eval", "--sae", tmp_path / "a", "--source", "synthetic") == 2
+    assert "Too many levels of symbolic links" in error_line(capsys.readouterr().err)
+
+
 def _cache(folder: Path, rows: int = 256, **meta) -> Path:
     chunks = [torch.randn(64, 16) for _ in range(rows // 64)]
     return write_cache(folder, chunks, tokens=rows, shard_rows=128, meta=meta)
@@ -134,8 +207,22 @@ def test_a_full_disk_while_training(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(checkpoints, "save_torch", to_a_full_disk)
     assert cli(*synthetic(tmp_path / "run", steps=4, checkpoint_every=2)) == 2
     line = error_line(capsys.readouterr().err)
-    assert "cannot write" in line and "train_state.pt: No space left on device" in line
+    assert line.endswith(
+        "cannot write "
+        + str(tmp_path / "run" / "checkpoints" / "step-00000002")
+        + ": No space left on device"
+    )  # the folder, not its scratch copy
     assert steps_saved(tmp_path / "run") == []
+
+
+def mount_tmpfs(folder: Path, size: str) -> bool:
+    """Whether a tmpfs of size (e.g. 64k) could be mounted on folder (made here)."""
+    folder.mkdir()
+    try:
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+        return subprocess.run(command, capture_output=True).returncode == 0
+    except OSError:  # no mount command
+        return False
 
 
 @pytest.fixture
@@ -143,12 +230,7 @@ def full_disk(tmp_path, monkeypatch):
     """fill() -> a folder on a full disk: a 64 KiB tmpfs where mounting one is allowed (a real
     ENOSPC), else safetensors made to fail as it does on one (its message, os error 28)."""
     mount = tmp_path / "full"
-    mount.mkdir()
-    try:
-        command = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)]
-        mounted = subprocess.run(command, capture_output=True).returncode == 0
-    except OSError:  # no mount command
-        mounted = False
+    mounted = mount_tmpfs(mount, "64k")
 
     def fill() -> Path:
         if not mounted:
@@ -172,6 +254,26 @@ def test_a_full_disk_while_saving(tmp_path, capsys, full_disk):
     assert cli("convert", tmp_path / "sae", full / "copy", "--to", "sae_fast") == 2
     assert "No space left on device" in error_line(capsys.readouterr().err)
     assert not (full / "copy").exists()
+
+
+def test_a_disk_that_fills_part_way_through_a_checkpoint(tmp_path, capsys):
+    disk = tmp_path / "disk"
+    if not mount_tmpfs(disk, "1m"):  # CI's machine mounts one; other machines may not
+        pytest.skip("this machine does not let the tests mount a tmpfs")
+    try:
+        run = disk / "run"  # a checkpoint is ~600 KB: the second one fills the disk
+        argv = synthetic(run, steps=6, checkpoint_every=2, keep_checkpoints=5, n_latents=1536)
+        assert cli(*argv) == 2
+        line = error_line(capsys.readouterr().err)
+        assert line.startswith("sae-fast train: error: cannot write ")
+        assert line.endswith("No space left on device")
+        assert steps_saved(run) == [2]  # the checkpoint already on disk stays good
+        kept = tmp_path / "kept"
+        shutil.copytree(run, kept)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert cli("train", "--resume", "--out-dir", kept) == 0
+    assert steps_saved(kept) == [2, 4, 6]
 
 
 def test_two_caches_on_one_folder(tmp_path, capsys):
@@ -280,7 +382,7 @@ def test_a_shard_damaged_while_training_is_a_source_error(tmp_path):
     source.next_batch(8)
     for shard in cache.glob("shard-*"):
         shard.write_bytes(shard.read_bytes()[:200])
-    with pytest.raises(SourceError, match=r"shard-0000\d.safetensors cannot be read"):
+    with pytest.raises(SourceError, match=r"shard-0000\d.safetensors is truncated or corrupt"):
         for _ in range(64):
             source.next_batch(64)
 

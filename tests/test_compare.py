@@ -10,10 +10,11 @@ import pytest
 import torch
 from model_folders import save_model, write_corpus
 from models import WIDTH, tiny_causal_lm
+from test_cli import synthetic
 from test_dashboard import strict_json
 
 from sae_fast import SparseAutoencoder
-from sae_fast.analysis.compare import match_decoders
+from sae_fast.analysis.compare import match_decoders, shared_initialisation
 from sae_fast.analysis.correlation import ActivationCorrelation
 from sae_fast.analysis.feature_stats import text_batches
 from sae_fast.cli import main
@@ -161,7 +162,9 @@ def test_the_command_matches_by_correlation_and_shows_pairs_side_by_side(tmp_pat
     assert json.loads((out / "compare.json").read_text())["pairs"][1]["b"] == 2
     capsys.readouterr()
     for extra, words in ((["--pairs", "0:99"], "--pairs: expected pairs A:B of latents 0..47"),
-                         (["--pairs", "x"], "--pairs")):  # fmt: skip
+                         (["--pairs", "x"], "--pairs"), (["--pairs", "\u00b2:1"], "'\u00b2:1'"),
+                         (["--pairs", "\u0663:1"], "--pairs"), (["--pairs", "+1:1"], "--pairs"),
+                         (["--pairs", "1:-0"], "--pairs")):  # fmt: skip
         assert main([*args, "--out", str(out), *extra]) == 2
         assert words in capsys.readouterr().err
     pair = ["compare", str(tmp_path / "a"), str(tmp_path / "b")]
@@ -173,3 +176,20 @@ def test_the_command_matches_by_correlation_and_shows_pairs_side_by_side(tmp_pat
     assert main([*pair, "--model", model, "--hook", "resid_post.0", "--text",
                  str(tmp_path / "empty.txt"), "--no-progress"]) == 2  # fmt: skip
     assert "holds no tokens" in capsys.readouterr().err
+
+
+def test_two_saes_trained_from_one_seed_are_said_to_share_their_start(tmp_path, capsys):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert main([str(a) for a in synthetic(tmp_path / name, steps=2, seed=seed)]) == 0
+    capsys.readouterr()
+    saes = {name: str(tmp_path / name / "sae") for name in "abc"}
+    assert main(["compare", saes["a"], saes["b"], "--out", str(tmp_path / "ab")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the two SAEs started from the same weights" in err and "'seed': 0" in err
+    report = json.loads((tmp_path / "ab" / "compare.json").read_text())
+    assert report["shared_initialisation"]["seed"] == 0
+    assert main(["compare", saes["a"], saes["c"], "--out", str(tmp_path / "ac")]) == 0
+    assert "same weights" not in capsys.readouterr().err
+    assert "shared_initialisation" not in json.loads((tmp_path / "ac" / "compare.json").read_text())
+    # An SAE without a record of its training (another library's) is never said to.
+    assert shared_initialisation({}, {"train": {"seed": 0}}, ((16, 32), (16, 32))) is None

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,7 +286,8 @@ def test_pick_latents_reads_all_counts_and_ranges():
     assert torch.equal(drawn, pick_latents("10", 100))  # seeded
     assert pick_latents("7, 3,10-12", 20).tolist() == [3, 7, 10, 11, 12]
     for bad, words in (("0", "1..20"), ("21", "1..20"), ("5-2", "not a range"),
-                       ("3,x", "ids like"), ("3-", "ids like"), ("19-20", "0..19")):  # fmt: skip
+                       ("3,x", "ids like"), ("3-", "ids like"), ("19-20", "0..19"),
+                       ("\u00b2", "ids like"), ("1-\u0663", "ids like")):  # fmt: skip
         with pytest.raises(ValueError, match=words):
             pick_latents(bad, 20)
 
@@ -352,15 +354,102 @@ def test_the_command_writes_the_folder_whole_and_names_bad_arguments(tmp_path, c
     empty.write_text("  \n")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"some text\n\x00\x89PNG")
     for extra, words in (
         (["--features", "50"], "--features: a count of features must be in 1..40"),
         (["--features", "x"], "--features: expected 'all'"),
         (["--tokens", "0"], "--tokens"),
         (["--text", str(tmp_path / "missing.txt")], "--text: "),
         (["--out", str(tmp_path / "mine")], "notes.txt"),  # before the pass
+        (["--text", str(binary)], "binary.txt:2 holds a NUL byte"),
         (["--text", str(empty)], "holds no tokens"),
     ):
         assert main([*args, *extra]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (out / "features" / "notes.md").write_text("keep me too")  # in the dashboard's own folder
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "would delete (features/notes.md)" in err and "Traceback" not in err
+    assert (out / "features" / "notes.md").read_text() == "keep me too"
+    (out / "features" / "notes.md").unlink()
+    # Text that is not UTF-8 reads with one warning, not a traceback.
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(Path(corpus).read_text().replace("e", "\xe9").encode("latin-1"))
+    with pytest.warns(UserWarning, match=r"latin1.txt:1 is not UTF-8"):
+        assert main([*args[:8], str(latin1), *args[9:], "--features", "1"]) == 0
+
+
+# CI installs SAEDashboard and the neuronpedia package (without their dependencies: see
+# .ci/run) and sets this: there a missing one fails instead of skipping.
+NEURONPEDIA_REQUIRED = os.environ.get("SAE_FAST_REQUIRE_NEURONPEDIA") == "1"
+
+
+def test_neuronpedia_batch_files_are_what_saedashboard_and_neuronpedia_take(
+    tmp_path, corpus, capsys, monkeypatch
+):
+    try:
+        from neuronpedia.np_activation import Activation
+        from neuronpedia.np_feature import Feature, Logit
+        from neuronpedia.requests.feature_request import FeatureRequest
+        from sae_dashboard.neuronpedia.neuronpedia_dashboard import NeuronpediaDashboardBatch
+    except ImportError as e:
+        if NEURONPEDIA_REQUIRED:
+            raise
+        pytest.skip(f"sae-dashboard or neuronpedia is not installed ({e}); CI installs them")
+    model = save_model(tmp_path / "gpt")
+    torch.manual_seed(0)
+    SparseAutoencoder(WIDTH, 200, k=4).save(tmp_path / "sae")
+    out = tmp_path / "dash"
+    args = ["dashboard", "--sae", str(tmp_path / "sae"), "--model", model, "--hook", HOOK,
+            "--text", corpus, "--out", str(out), "--tokens", "600", "--no-progress",
+            "--features", "0-139"]  # fmt: skip
+    assert main([*args, "--neuronpedia", "Res SF"]) == 2
+    assert "--neuronpedia: expected a name of lowercase letters" in capsys.readouterr().err
+    assert main([*args, "--neuronpedia", "res-sf"]) == 0
+    records = {r["index"]: r for r in map(strict_json, map(Path.read_text,
+               (out / "features").glob("*.json")))}  # fmt: skip
+    names = sorted(p.name for p in (out / "neuronpedia").iterdir())
+    assert names == ["batch-0.json", "batch-1.json", "upload-batch-0.json", "upload-batch-1.json"]
+    layer = int(HOOK.rsplit(".", 1)[1])
+    seen, sent, fired = [], [], 0  # sent: the bodies the neuronpedia package would POST
+    monkeypatch.setattr(FeatureRequest, "send_request", lambda self, **kw: sent.append(kw["json"]))
+    for n in (0, 1):
+        # SAEDashboard's own classes take every key of its batch file.
+        body = strict_json((out / "neuronpedia" / f"batch-{n}.json").read_text())
+        batch = NeuronpediaDashboardBatch(**body)
+        assert (batch.model_id, batch.layer, batch.sae_set) == (model, layer, "res-sf")
+        for feature in batch.features:
+            record = records[feature.feature_index]
+            assert feature.frac_nonzero == record["density"]
+            assert len(feature.activations) == len(record["top_examples"]) + sum(
+                len(g["examples"]) for g in record["quantile_examples"])  # fmt: skip
+            if record["top_examples"]:  # a feature that fired: its examples, top first
+                assert feature.activations[0].values == record["top_examples"][0]["values"]
+                fired += 1
+            assert feature.pos_str == [t["token"] for t in record["output_effect"]["positive"]]
+            seen.append(feature.feature_index)
+        # The neuronpedia package, given the same features, would send this very body.
+        upload = strict_json((out / "neuronpedia" / f"upload-batch-{n}.json").read_text())
+        source = f"{layer}-res-sf"
+        assert (upload["modelId"], upload["source"]) == (model, source)
+        features = []
+        for item in upload["features"]:
+            i = item["index"]
+            logits = {side: [Logit(**t) for t in item[side] or []] or None
+                      for side in ("topLogits", "bottomLogits")}  # fmt: skip
+            activations = [Activation(modelId=model, source=source, index=i, **a)
+                           for a in item["activations"]]  # fmt: skip
+            features.append(Feature(modelId=model, source=source, index=i,
+                                    density=item["density"], activations=activations,
+                                    top_logits=logits["topLogits"],
+                                    bottom_logits=logits["bottomLogits"]))  # fmt: skip
+        sent.clear()
+        FeatureRequest(api_key="offline").upload_batch(model, source, features)
+        assert sent == [upload]
+    assert sorted(seen) == list(range(140)) and fired > 20  # 128 + 12 features, each once
+    # Run again: the folder, neuronpedia/ included, is its own and is replaced.
+    assert main(args) == 0
+    assert not (out / "neuronpedia").exists()

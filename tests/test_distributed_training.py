@@ -4,6 +4,7 @@ the sharded SAE a run exports is one ordinary folder every loader reads."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -14,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from sae_fast import SparseAutoencoder
+from sae_fast.checkpoint import CheckpointError
 from sae_fast.sources import build_source
 from sae_fast.training import TrainConfig, Trainer
 from sae_fast.training.checkpoints import SAE_DIR, list_checkpoints
@@ -218,3 +220,63 @@ def test_a_data_parallel_transcoder_resumes_exactly(tmp_path, model_options):
     split = train(tmp_path / "split", world=2, resume=True, **options)
     assert SparseAutoencoder.load(split / SAE_DIR).transcoder
     assert_close(weights(split), weights(straight), 0)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file of a run folder but its lock (which names the last process to hold it)."""
+    files = (p for p in folder.rglob("*") if p.is_file() and p.name != ".lock")
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files}
+
+
+def _edit_index(index: Path, shards) -> None:
+    body = json.loads(index.read_text())
+    index.write_text(json.dumps({**body, "shards": shards(body["shards"])}))
+
+
+def _edit_state(step: Path, edit) -> None:
+    state = torch.load(step / "train_state.pt", weights_only=True)
+    edit(state)
+    torch.save(state, step / "train_state.pt")
+
+
+STATE_INDEX, SAE_INDEX = "train_state.safetensors.index.json", "sae.safetensors.index.json"
+# Damage to a sharded checkpoint (step folder -> None) that a resume must name, not read.
+DAMAGES = {
+    "its index is missing": (lambda s: (s / STATE_INDEX).unlink(), "index.json does not exist"),
+    "a shard is missing": (
+        lambda s: (s / "train_state-00002-of-00002.safetensors").unlink(),
+        "00002.safetensors does not exist",
+    ),
+    "one file backs two ranges": (
+        lambda s: _edit_index(s / STATE_INDEX, lambda h: [h[0], {**h[1], "file": h[0]["file"]}]),
+        "backs more than one row range",
+    ),
+    "the SAE's files swapped": (
+        lambda s: _edit_index(
+            s / SAE_INDEX,
+            lambda h: [{**h[0], "file": h[1]["file"]}, {**h[1], "file": h[0]["file"]}],
+        ),
+        "the index says from 0",
+    ),
+    "the state lacks a key": (
+        lambda s: _edit_state(s, lambda state: state.pop("scheduler")),
+        "incomplete or damaged",
+    ),
+    "an unknown layout": (
+        lambda s: _edit_state(s, lambda state: state.update(layout="x")),
+        "unknown layout",
+    ),
+}
+
+
+def test_a_damaged_sharded_checkpoint_is_named_and_the_run_left_unchanged(tmp_path):
+    sharded = train(tmp_path / "sharded", world=2, latent_parallel=2, steps=3)
+    for i, (what, (damage, message)) in enumerate(DAMAGES.items()):
+        run = tmp_path / f"run{i}"
+        shutil.copytree(sharded, run)
+        step = list_checkpoints(run / "checkpoints")[-1]
+        damage(step)
+        before = _tree(run)
+        with pytest.raises(CheckpointError, match=message):
+            train(run, resume=step, steps=6)
+        assert _tree(run) == before, what

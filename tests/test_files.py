@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -79,7 +80,7 @@ def test_a_save_replaces_only_a_folder_of_sae_files(tmp_path):
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match=r"would delete \(\['todo.txt'\]\)"):
+    with pytest.raises(CheckpointError, match=r"would delete \(todo.txt\)"):
         _sae(1.0, 2).save(notes)
     assert (notes / "todo.txt").read_text() == "mine"
     empty = tmp_path / "empty"
@@ -87,6 +88,71 @@ def test_a_save_replaces_only_a_folder_of_sae_files(tmp_path):
     _sae(1.0, 2).save(empty)
     _sae(2.0, 4).save(empty, format="saelens")  # another format's SAE files may be replaced
     assert sorted(p.name for p in empty.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+
+
+def _saved(folder) -> None:
+    """A folder as atomic_folder leaves it: files at two depths and their manifest."""
+    with files.atomic_folder(folder) as tmp:
+        (tmp / "index.html").write_text("<html>")
+        (tmp / "features").mkdir()
+        (tmp / "features" / "0.html").write_text("page")
+
+
+def _user_edits(folder):
+    """What a user may have put in or changed in a saved folder; each must stop a save."""
+    yield "a file in a subfolder", lambda: (folder / "features" / "notes.md").write_text("x")
+    yield (
+        "a new subfolder",
+        lambda: (
+            (folder / "mine" / "deep").mkdir(parents=True)
+            or (folder / "mine" / "deep" / "a.txt").write_text("x")
+        ),
+    )
+    yield "an edited page", lambda: (folder / "features" / "0.html").write_text("my notes")
+    yield "a top-level file", lambda: (folder / "data.js").write_text("x")
+    yield "a link", lambda: (folder / "features" / "link").symlink_to(folder / "index.html")
+    yield "a link to a folder", lambda: (folder / "out").symlink_to(folder.parent)
+    yield "a fifo", lambda: os.mkfifo(folder / "features" / "pipe")
+    yield (
+        "a damaged manifest",
+        lambda: (
+            (folder / "features" / "x.md").write_text("mine"),
+            (folder / files.MANIFEST_FILE).write_text("not json"),
+        ),
+    )
+
+
+def test_a_folder_is_replaced_only_if_every_file_at_every_depth_is_a_saves(tmp_path):
+    folder = tmp_path / "dash"
+    _saved(folder)
+    _saved(folder)  # its own files, at every depth: replaced
+    assert sorted(p.name for p in (folder / "features").iterdir()) == ["0.html"]
+    for what, edit in _user_edits(folder):
+        shutil.rmtree(folder)
+        _saved(folder)
+        edit()
+        before = sorted((p.relative_to(folder), p.is_file() and p.read_bytes()) for p in
+                        folder.rglob("*") if not p.is_symlink() and not p.is_fifo())  # fmt: skip
+        with pytest.raises(FileExistsError, match="would delete"):
+            _saved(folder)
+        after = sorted((p.relative_to(folder), p.is_file() and p.read_bytes()) for p in
+                       folder.rglob("*") if not p.is_symlink() and not p.is_fifo())  # fmt: skip
+        assert after == before, what
+    assert [p.name for p in tmp_path.iterdir()] == ["dash"]  # no scratch folder left
+
+
+def test_a_folder_saved_before_manifests_is_replaced_by_its_top_level_names(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "index.html").write_text("x")
+    with files.atomic_folder(old, ["*.html"]) as tmp:
+        (tmp / "index.html").write_text("new")
+    assert (old / "index.html").read_text() == "new"
+    old_nested = tmp_path / "old_nested"
+    (old_nested / "features").mkdir(parents=True)
+    (old_nested / "features" / "0.html").write_text("x")  # a pattern never reaches down
+    with pytest.raises(FileExistsError, match=r"features/0.html"):
+        files.check_replaceable(old_nested, ["*.html", "features", "features/*"])
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])

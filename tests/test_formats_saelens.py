@@ -467,6 +467,12 @@ def test_the_export_says_what_it_was_trained_on_and_which_saelens_it_targets(tmp
     assert (meta.context_size, meta.dataset_path) == (64, "c.txt")
     assert meta.sae_lens_version == saelens_format.SAELENS_VERSION == version("sae-lens")
     assert SparseAutoencoder.load(tmp_path).provenance == ours.provenance  # ours, whole
+    # Our alias for the packaged model is ours only: other tools get its Hugging Face id.
+    ours.provenance = {**ours.provenance, "model": "minilm"}
+    ours.save(tmp_path / "minilm", format="saelens")
+    meta = sae_lens.SAE.load_from_disk(tmp_path / "minilm").cfg.metadata
+    assert meta.model_name == "sentence-transformers/all-MiniLM-L6-v2"
+    assert SparseAutoencoder.load(tmp_path / "minilm").provenance["model"] == "minilm"
 
 
 def test_saelens_records_become_provenance(tmp_path):

@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
+import torch
 from model_folders import save_bert, save_model, write_corpus
 from models import tiny_bert
 from test_sources_model import corpus
 from test_trainer import assert_same_run, metric_rows
 
+from sae_fast import SparseAutoencoder
 from sae_fast.analysis.layers import METRICS
 from sae_fast.cli import main
 from sae_fast.files import FolderInUseError, lock_folder
@@ -118,8 +123,50 @@ def test_a_kill_between_the_hooks_checkpoints_resumes_from_their_common_step(set
         assert_same_run(a, b)
 
 
+# A child that trains through the command line and kills itself (SIGKILL) right after the
+# first checkpoint folder of the run appears: the first hook point has step 3, the others none.
+_KILLED_AFTER_FIRST_SAVE = """
+import os, signal, sys
+from sae_fast.cli import main
+from sae_fast.training import checkpoints
+real = checkpoints.save
+def save(*args, **kw):
+    done = real(*args, **kw)
+    os.kill(os.getpid(), signal.SIGKILL)
+checkpoints.save = save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_run_killed_between_the_hooks_first_checkpoints_resumes(tmp_path, capsys):
+    model = save_model(tmp_path / "gpt")
+    text = write_corpus(tmp_path / "train.txt")
+    run, hooks = tmp_path / "run", ["resid_post.0", "resid_post.1"]
+    args = train_args(model, text, run, ",".join(hooks))
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_FIRST_SAVE, *args])
+    assert killed.returncode == -signal.SIGKILL
+    steps = {h: [p.name for p in list_checkpoints(run / h / "checkpoints")] for h in hooks}
+    assert steps == {hooks[0]: ["step-00000003"], hooks[1]: []}
+    assert main(args) == 2  # a fresh start on it is refused, as for any run with checkpoints
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out-dir", str(run)]) == 0
+    assert "every SAE starts again from step 0" in capsys.readouterr().out
+    for hook in hooks:
+        rows = [json.loads(line) for line in (run / hook / "metrics.jsonl").open()]
+        assert [r["step"] for r in rows] == [3, 6]
+    aside = [p for p in (run / hooks[0] / "checkpoints").iterdir() if p.name.startswith("aband")]
+    assert sorted(p.name for p in aside[0].iterdir()) == ["metrics.jsonl", "step-00000003"]
+    # The resumed run is the run a straight one is.
+    straight = tmp_path / "straight"
+    assert main(train_args(model, text, straight, ",".join(hooks))) == 0
+    for hook in hooks:
+        resumed, once = (SparseAutoencoder.load(r / hook / "sae") for r in (run, straight))
+        for name, tensor in once.state_dict().items():
+            assert torch.equal(resumed.state_dict()[name], tensor), (hook, name)
+
+
 def test_resume_refusals(setup, tmp_path):
-    with pytest.raises(ConfigError, match="no checkpoint of one step in common"):
+    with pytest.raises(ConfigError, match="no checkpoint to resume"):
         multi(setup, tmp_path / "none", resume=True)
     multi(setup, tmp_path / "run").train(until=3)
     with pytest.raises(ConfigError, match="already holds checkpoints"):
@@ -184,7 +231,7 @@ def test_cli_trains_every_hook_and_writes_the_layer_sweep(tmp_path, capsys):
     assert [r["hook"] for r in rows] == hooks
     logged = [json.loads(line) for line in (run / hooks[1] / "metrics.jsonl").open()]
     assert rows[1]["fvu"] == logged[-1]["fvu"] and rows[1]["step"] == 6
-    assert rows[1]["explained_variance"] == pytest.approx(1 - logged[-1]["fvu"])
+    assert rows[1]["one_minus_fvu"] == pytest.approx(1 - logged[-1]["fvu"])
     assert "ce_loss_score" not in rows[0]  # training rows have no CE
     # Held out: every SAE on the same tokens, and a CE score for the causal LM.
     assert main(["layers", str(run), "--text", held, "--tokens", "300", "--ce-windows", "3",

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from sae_fast import row_shards
+from sae_fast import files, row_shards
 from sae_fast.checkpoint import CheckpointError
 from sae_fast.row_shards import RowShards, index_name, shard_name, write_index, write_shard
 
@@ -16,7 +16,7 @@ from sae_fast.row_shards import RowShards, index_name, shard_name, write_index, 
 def write(folder, splits, W, b):
     for i, (offset, size) in enumerate(splits):
         rows = {"W": W[offset : offset + size]}
-        write_shard(folder, "s", rows, {"b": b}, i, len(splits))
+        write_shard(folder, "s", rows, {"b": b}, i, len(splits), offset)
     write_index(folder, "s", W.shape[0], ["W"], ["b"], splits)
 
 
@@ -38,8 +38,24 @@ def test_damage_is_named_not_read(tmp_path):
     write(tmp_path, [(0, 3), (3, 3)], W, b)
     index = tmp_path / index_name("s")
     body = json.loads(index.read_text())
-    # A shard holding fewer rows than the index says.
-    write_shard(tmp_path, "s", {"W": W[:2]}, {"b": b}, 1, 2)
+    first, second = shard_name("s", 0, 2), shard_name("s", 1, 2)
+    # Two row ranges backed by one file, or by each other's files: refused, never read.
+    for shards, match in [
+        ([{"file": first, "offset": 0, "rows": 3}, {"file": first, "offset": 3, "rows": 3}],
+         f"{first} backs more than one row range"),
+        ([{"file": second, "offset": 0, "rows": 3}, {"file": first, "offset": 3, "rows": 3}],
+         "holds rows from 3 \\(3 of them\\); the index says from 0 \\(3\\)"),
+    ]:  # fmt: skip
+        index.write_text(json.dumps({**body, "shards": shards}))
+        with pytest.raises(CheckpointError, match=match):
+            RowShards(tmp_path, "s", CheckpointError).read_all()
+    index.write_text(json.dumps(body))
+    # A shard holding fewer rows than the index says: its own record, or (a shard written
+    # before shards recorded their range) its tensors.
+    write_shard(tmp_path, "s", {"W": W[:2]}, {"b": b}, 1, 2, 3)
+    with pytest.raises(CheckpointError, match="holds rows from 3 \\(2 of them\\)"):
+        RowShards(tmp_path, "s", CheckpointError).rows("W", 0, 6)
+    files.save_safetensors({"W": W[:2]}, tmp_path / second, {"format": row_shards.FORMAT})
     with pytest.raises(CheckpointError, match="has 2 rows, the index says 3"):
         RowShards(tmp_path, "s", CheckpointError).rows("W", 0, 6)
     # Shards that do not tile the rows, or a file outside the folder.

@@ -169,3 +169,26 @@ def test_model_source_on_cuda(tmp_path):
 
     resumed = assert_exact_resume(make, n=32, before=6, after=8)
     assert resumed.next_batch(4).device.type == "cuda"
+
+
+def test_a_huge_document_is_tokenised_only_as_far_as_its_windows_are_taken():
+    tokenizer = minilm_tokenizer()
+    calls = []
+
+    def counting(texts, **kw):
+        calls.append(sum(map(len, texts)))
+        return tokenizer(texts, **kw)
+
+    huge = " ".join([SENTENCE] * 200_000)  # 15 MB on one line
+    windows = token_windows(counting, [huge, "after"], context_size=64)
+    first = [next(windows) for _ in range(4)]
+    assert sum(calls[2:]) <= 1 << 16  # one piece, not 15 MB (2 calls: special_tokens)
+    # Cut in pieces at whitespace, the ids are the whole document's.
+    doc = " ".join([SENTENCE] * 3000)  # 3 pieces
+    whole = tokenizer(doc, add_special_tokens=False)["input_ids"]
+    got = [t for w in token_windows(tokenizer, [doc, "x"], context_size=64) for t in w[1:-1]]
+    assert got[: len(whole)] == whole and len(got) == len(whole) + 1
+    assert first[0][1:-1] == whole[:62]
+    no_spaces = "x" * 200_000  # nowhere to cut but the limit: 4 pieces, each one word
+    ids = [t for w in token_windows(tokenizer, [no_spaces], 64) for t in w[1:-1]]
+    assert ids == [tokenizer.unk_token_id] * 4  # a word too long for WordPiece

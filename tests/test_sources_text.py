@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import warnings
 from itertools import islice
 from pathlib import Path
 
@@ -83,3 +84,41 @@ def test_text_file_errors_name_the_path(tmp_path):
 
 def test_documents_stdlib():
     assert next(documents("stdlib")) == next(stdlib_docstrings())
+
+
+HOSTILE = {  # name: (bytes, the documents read, whether a warning names the first bad line)
+    "latin1.txt": (
+        "café au lait\n\nnaïve\n".encode("latin-1"),
+        ["caf\ufffd au lait", "na\ufffdve"],
+        1,
+    ),
+    "truncated.txt": (b"ok\n\nends mid-character \xe2\x82", ["ok", "ends mid-character \ufffd"], 3),
+    "surrogate.txt": (b"a\xed\xa0\x80b\n", ["a\ufffdb"], 1),  # UTF-8 forbids encoded surrogates
+    "overlong.md": (b"x \xc0\xaf y\n", ["x \ufffd y"], 1),
+    "bad.jsonl": (b'{"text": "fine"}\n{"text": "caf\xe9"}\n', ["fine", "caf\ufffd"], 2),
+    "escaped.jsonl": (b'{"text": "lone \\udc80 escape"}\n', ["lone \ufffd escape"], None),
+    "good.txt": ("ünïcödé ✓ \ufffd kept\n".encode(), ["ünïcödé ✓ \ufffd kept"], None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_text_that_is_not_utf8_reads_as_replacement_characters_with_one_warning(tmp_path, name):
+    data, want, line = HOSTILE[name]
+    path = tmp_path / name
+    path.write_bytes(data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert list(text_file(path)) == want
+    said = [str(w.message) for w in caught]
+    if line is None:
+        assert said == []
+    else:
+        assert said == [said[0]] and f"{name}:{line} is not UTF-8" in said[0]
+
+
+@pytest.mark.parametrize("data", [b"text\n\x00\x01\x02binary\n", b'{"text": "a"}\n\x00\n'])
+def test_a_nul_byte_is_refused_by_file_and_line(tmp_path, data):
+    path = tmp_path / ("binary.jsonl" if data.startswith(b"{") else "binary.txt")
+    path.write_bytes(data)
+    with pytest.raises(SourceError, match=rf"{path.name}:2 holds a NUL byte: a binary file"):
+        list(text_file(path))

@@ -5,7 +5,10 @@ map, exact resume on a real model, splicing into the output hook, and the comman
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -19,6 +22,7 @@ from sae_fast.analysis.steering import attach
 from sae_fast.cli import main
 from sae_fast.sources import ModelSource, capture
 from sae_fast.training import ConfigError, TrainConfig, Trainer
+from sae_fast.training.config import REFUSE
 
 D_IN, D_OUT, M, K = 7, 11, 37, 4  # widths that tile nothing
 
@@ -339,3 +343,41 @@ def test_an_saelens_transcoder_evaluates_at_its_recorded_hook_points(tmp_path):
     args = ["eval", "--sae", str(tmp_path / "tc"), "--text", text, "--tokens", "100"]
     assert main([*args, "--context-size", "16", "--device", "cpu", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["tokens"] == 100  # it read mlp_in.1 and mlp_out.1
+
+
+# A different, valid value of every option that shapes an SAE or its data, from the base run
+# below (a transcoder on LinearPlusSparse, which reads none of the data options itself).
+SHAPING = {
+    "source": "synthetic", "model": "other", "hook": "resid_post.1", "hooks": "x,y",
+    "hook_in": "x2", "hook_out": "y2", "text": "stdlib2.txt", "context_size": 64,
+    "model_batch_size": 4, "shuffle_buffer": 512, "model_dtype": "float16", "synthetic_d": 8,
+    "synthetic_features": 64, "synthetic_active": 3, "synthetic_noise": 0.1,
+    "activation": "relu", "n_latents": 64, "expansion_factor": 4, "k": 3,
+    "matryoshka": "8,32", "skip_connection": False, "dtype": "float64",
+    "normalize_decoder": False, "b_dec_init": "zeros", "normalize_input": False,
+    "init_tokens": 256, "batch_size": 64, "grad_accum": 2, "seed": 5,
+    "jumprelu_bandwidth": 0.01,
+}  # fmt: skip
+_BASE_RUN = dict(
+    source="model", model="synthetic", hook_in="x", hook_out="y", skip_connection=True,
+    n_latents=32, k=2, steps=4, batch_size=32, init_tokens=128, dead_tokens=64,
+    checkpoint_every=2, progress=False, plots=False,
+)  # fmt: skip
+
+
+def test_every_option_that_shaped_the_run_is_refused_by_name_on_resume(tmp_path):
+    refused = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resume"] == REFUSE}
+    assert set(SHAPING) == refused  # a new shaping option needs a case here
+    base = tmp_path / "base"
+    Trainer(TrainConfig(**_BASE_RUN, out_dir=str(base)), LinearPlusSparse()).train(until=2)
+    for option, value in SHAPING.items():
+        run = tmp_path / option
+        shutil.copytree(base, run)
+        changed = {**_BASE_RUN, option: value, "out_dir": str(run)}
+        if option in ("hooks", "hook"):  # instead of hook_in and hook_out
+            changed.update(hook_in=None, hook_out=None, skip_connection=False)
+        if option == "source":
+            changed.update(hook_in=None, hook_out=None, skip_connection=False, model=None)
+        shown = f"{option}={value!r} (the checkpoint has "
+        with pytest.raises(ConfigError, match=re.escape(shown)):
+            Trainer(TrainConfig(**changed), LinearPlusSparse(), resume=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_fast import decode, encode_topk, encode_topk_auxk
+from sae_fast import decode, encode_topk, encode_topk_auxk, options
 
 N, D, M, K = 4, 6, 10, 3
 
@@ -103,3 +103,24 @@ def test_decode_errors(change, error, message):
 def test_auxk_errors(dead_mask, k_aux, error, message):
     with pytest.raises(error, match=message):
         encode_topk_auxk(**good(), dead_mask=dead_mask, k_aux=k_aux)
+
+
+@pytest.mark.parametrize(
+    "text", ["\u00b2", "\u0663", "\uff18", "1\u0660", "", " ", "1.0", "0x10", "1_000"]
+)
+def test_options_read_numbers_in_ascii_digits_only(text):
+    assert not options.is_natural(text)
+    with pytest.raises(ValueError, match="expected an integer in digits 0-9"):
+        options.integer(text)
+    with pytest.raises(ValueError, match="expected a number like"):
+        options.decimal(text + "\u0660" if text[:1].isascii() else text)
+    # A range of hook points in other digits is a name, not a range.
+    assert options.parse_hooks(f"resid_post.{text}-\u0661") == [f"resid_post.{text}-\u0661"]
+
+
+@pytest.mark.parametrize(("text", "value"), [("7", 7), ("-3", -3), ("+12", 12), (" 5 ", 5)])
+def test_ascii_integers_parse(text, value):
+    assert options.integer(text) == value
+    assert options.decimal(text) == value
+    assert options.decimal("1e-4") == 1e-4 and options.decimal(".5") == 0.5
+    assert options.parse_hooks("resid_post.1-2") == ["resid_post.1", "resid_post.2"]

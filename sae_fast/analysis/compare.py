@@ -71,6 +71,22 @@ class Matches:
         }
 
 
+# The training options that fix an SAE's initial weights, besides its shape.
+INIT_OPTIONS = ("seed", "activation", "dtype", "b_dec_init")
+
+
+def shared_initialisation(a: dict, b: dict, shapes: tuple[tuple, tuple]) -> dict | None:
+    """The options two SAEs' provenances (a, b) record alike that gave them the same initial
+    weights, or None: decoder rows training left near their start then match across the two
+    without being features they share. shapes: each SAE's (d_in, n_latents)."""
+    train_a, train_b = (p.get("train") or {} for p in (a, b))
+    if shapes[0] != shapes[1] or "seed" not in train_a or "seed" not in train_b:
+        return None
+    if any(train_a.get(key) != train_b.get(key) for key in INIT_OPTIONS):
+        return None
+    return {key: train_a.get(key) for key in INIT_OPTIONS}
+
+
 def unit_rows(W: Tensor) -> Tensor:
     """W (m, d) as float32 rows of norm 1 (zero rows stay zero)."""
     W = W.detach().float()

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..options import is_natural
 from ..sae import SparseAutoencoder
 from ..seeds import seeded_generator
 from ..sources.hooks import is_causal_lm
@@ -32,6 +33,7 @@ from .best_k import rank_within
 from .compare import cosine_blocks, nearest_rows, unit_rows
 from .dashboard_html import density_histogram, write_dashboard
 from .feature_stats import BEFORE, FeatureStats, collect_feature_stats
+from .neuronpedia import neuronpedia_files
 
 SCHEMA = "sae_fast.dashboard.feature/1"
 NEIGHBOURS = 10  # nearest decoder features, co-firing features
@@ -254,7 +256,7 @@ def pick_latents(spec: str, n_latents: int, seed: int = 0) -> Tensor:
     spec = spec.strip()
     if spec == "all":
         return torch.arange(n_latents)
-    if spec.isdigit():
+    if is_natural(spec):
         count = int(spec)
         if not 0 < count <= n_latents:
             raise ValueError(f"a count of features must be in 1..{n_latents}, got {count}")
@@ -263,7 +265,7 @@ def pick_latents(spec: str, n_latents: int, seed: int = 0) -> Tensor:
     picked: set[int] = set()
     for part in spec.split(","):
         lo, dash, hi = part.strip().partition("-")
-        if not lo.isdigit() or (dash and not hi.isdigit()):
+        if not is_natural(lo) or (dash and not is_natural(hi)):
             raise ValueError(f"expected 'all', a count or ids like 3,17,100-120, got {spec!r}")
         first, last = int(lo), int(hi or lo)
         if first > last or last >= n_latents:
@@ -280,9 +282,11 @@ def write_feature_dashboard(
     out: str | Path,
     about: dict,
     context_size: int,
+    neuronpedia: str | None = None,
 ) -> tuple[dict, list[dict]]:
     """Write the dashboard folder out (dashboard_html.py) of a finished pass; returns its meta
-    (dashboard.json) and the records. about: sae, model, hook, text."""
+    (dashboard.json) and the records. about: sae, model, hook, text. neuronpedia: a source
+    set name, to write Neuronpedia's batch files too (neuronpedia.py)."""
     records, effect = feature_records(stats, sae.W_dec, model, tokenizer, about)
     meta = {
         **about,
@@ -294,7 +298,8 @@ def write_feature_dashboard(
         "output_effect": effect,
         "density_histogram": density_histogram(stats.firings, stats.n_tokens),
     }
-    write_dashboard(out, records, meta)
+    extra = neuronpedia_files(records, meta, neuronpedia) if neuronpedia else None
+    write_dashboard(out, records, meta, extra)
     return meta, records
 
 
@@ -310,12 +315,16 @@ def build_dashboard(
     max_tokens: int | None,
     batch_size: int = 32,
     progress: Any = None,
+    neuronpedia: str | None = None,
 ) -> tuple[dict, list[dict]]:
     """Stream the SAE over about["text"] at about["hook"] and write the dashboard folder out;
-    returns its meta (dashboard.json) and records. about: sae, model, hook, text."""
+    returns its meta (dashboard.json) and records. about: sae, model, hook, text.
+    neuronpedia: as write_feature_dashboard's."""
     stats = collect_feature_stats(
         sae, model, tokenizer, about["hook"], about["text"], features,
         context_size=context_size, max_tokens=max_tokens, batch_size=batch_size,
         progress=progress,
     )  # fmt: skip
-    return write_feature_dashboard(stats, sae, model, tokenizer, out, about, context_size)
+    return write_feature_dashboard(
+        stats, sae, model, tokenizer, out, about, context_size, neuronpedia
+    )

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from ..files import atomic_folder, atomic_path
 
-FILES = ("index.html", "data.js", "dashboard.css", "dashboard.js", "dashboard.json", "features")
+# A dashboard's top-level files; its features/ folder is replaceable through the manifest.
+FILES = ("index.html", "data.js", "dashboard.css", "dashboard.js", "dashboard.json")
 _ASSETS = Path(__file__).parent
 NONE = "<p class='muted'>none</p>"
 DENSITY_DECADES = 7  # the index's density histogram spans 1e-7 to 1 (log10 bins)
@@ -278,10 +279,13 @@ def _json(value: object, **kw) -> str:
     return json.dumps(value, allow_nan=False, **kw)  # strict JSON: other tools read it
 
 
-def write_dashboard(out: str | Path, records: list[dict], meta: dict) -> Path:
+def write_dashboard(
+    out: str | Path, records: list[dict], meta: dict, extra: dict[str, str] | None = None
+) -> Path:
     """Write the folder (the module docstring) at out, whole or not at all; returns out.
 
     meta: sae, model, hook, text, tokens_seen, n_latents, shown, density_histogram, effect.
+    extra: more files of the folder, {relative path: text} (neuronpedia.py's).
     """
     out = Path(out)
     shown = {r["index"] for r in records}
@@ -309,4 +313,7 @@ def write_dashboard(out: str | Path, records: list[dict], meta: dict) -> Path:
         (tmp / "index.html").write_text(index_page(meta), encoding="utf-8")
         for asset in ("dashboard.css", "dashboard.js"):
             shutil.copyfile(_ASSETS / asset, tmp / asset)
+        for name, text in (extra or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_text(text + "\n", encoding="utf-8")
     return out

@@ -2,11 +2,18 @@
 and the language-model loss with the SAE spliced in (CE loss recovered, KL divergence).
 
 The core metrics follow SAEBench's definitions (Karvonen et al. 2025, `sae_bench/evals/core/
-main.py`), over the evaluated tokens:
-- explained_variance: the mean over tokens of 1 - ||x - x_hat||^2 / ||x - mean(x)||^2, the
-  mean taken over the token's evaluation batch (SAEBench's per-token form: it depends on the
-  batch size, noisy for small batches; fvu is the pooled ratio, so 1 - fvu is the pooled
-  explained variance);
+main.py` of sae-bench 0.6.0), over the evaluated tokens, each evaluation batch counting as one
+of SAEBench's batches:
+- explained_variance: SAEBench's current formula, 1 - R / (S - (S / d)^2), where R and S are
+  the batch means of ||x - x_hat||^2 and of ||x||^2, averaged over batches. It is not a
+  variance ratio: (S / d)^2, the square of the mean of x^2 per dimension, stands where the
+  squared mean of x belongs (its quirk), so it comes out higher than 1 - fvu wherever the
+  activations have a mean;
+- explained_variance_legacy: SAEBench's former formula, the mean over tokens of
+  1 - ||x - x_hat||^2 / ||x - mean(x)||^2, the mean taken over the token's batch (per token:
+  it depends on the batch size, noisy for small batches);
+- fvu (ours): the summed squared error over the summed squared deviation from the mean of all
+  tokens, so 1 - fvu is the centred, pooled explained variance;
 - cossim: the mean of cos(x, x_hat); l2_norm_in, l2_norm_out: the means of ||x|| and
   ||x_hat||; l2_ratio: the mean of ||x_hat|| / ||x|| (||x|| below 1e-4 counts as 1);
 - relative_reconstruction_bias: E[||x_hat||^2] / E[x . x_hat] (Rajamanoharan et al. 2024,
@@ -85,7 +92,7 @@ def evaluate_with_frequencies(
     counts = torch.zeros(sae.n_latents, dtype=torch.int64, device=param.device)
     sums: dict[str, float] = {}
     total = torch.zeros(sae.d_out, dtype=torch.float64, device=param.device)
-    seen = 0
+    seen = batches = 0
     while seen < tokens:
         rows = source.next_batch(min(batch_size, tokens - seen)).to(param.device)
         raw, target = sae.split_rows(rows)
@@ -99,13 +106,18 @@ def evaluate_with_frequencies(
             sums[key] = sums.get(key, 0.0) + value
         total += x64.sum(dim=0)
         seen += raw.shape[0]
+        batches += 1
     variance = sums["sq_norm"] - total.pow(2).sum().item() / seen
+    # SAEBench's explained_variance (the module docstring), from its batch means.
+    mean_sq = sums["batch_sq_norm"] / batches
+    saebench_total = mean_sq - (mean_sq / sae.d_out) ** 2
     freq = counts.double() / seen
     metrics = {
         "tokens": seen,
         "mse": sums["sq_err"] / (seen * sae.d_out),
         "fvu": _ratio(sums["sq_err"], variance),
-        "explained_variance": _ratio(sums["explained"], sums["explained_tokens"]),
+        "explained_variance": 1 - _ratio(sums["batch_sq_err"] / batches, saebench_total),
+        "explained_variance_legacy": _ratio(sums["explained"], sums["explained_tokens"]),
         "cossim": sums["cossim"] / seen,
         "l2_norm_in": sums["norm_in"] / seen,
         "l2_norm_out": sums["norm_out"] / seen,
@@ -137,6 +149,8 @@ def _token_sums(x: Tensor, x_hat: Tensor, code) -> dict[str, float]:
     return {
         "sq_err": err.sum().item(),
         "sq_norm": x.pow(2).sum().item(),
+        "batch_sq_err": err.mean().item(),
+        "batch_sq_norm": x.pow(2).sum(dim=-1).mean().item(),
         "explained": (1 - err / spread)[~at_mean].sum().item(),
         "explained_tokens": float((~at_mean).sum()),
         "cossim": nn.functional.cosine_similarity(x, x_hat, dim=-1, eps=1e-12).sum().item(),

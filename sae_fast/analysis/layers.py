@@ -1,11 +1,11 @@
 """The layer sweep report: the SAEs of a multi-hook run side by side, hook point by hook point.
 
-Per hook point: FVU, explained variance, L0, the dead and dense latent fractions and, where
-the model is a causal LM, the CE loss score (CE loss recovered with the SAE spliced in).
-The numbers come either from training (each run's last logged step: that step's batch,
-explained variance = 1 - FVU, dead and dense over the run's dead_tokens window) or from
-held-out text (analysis.evaluate over the same tokens for every SAE, from one model pass;
-explained variance is SAEBench's per-token mean, dead = never fired on those tokens).
+Per hook point: FVU, 1 - FVU (the centred explained variance), L0, the dead and dense latent
+fractions and, where the model is a causal LM, the CE loss score (CE loss recovered with the
+SAE spliced in). The numbers come either from training (each run's last logged step: that
+step's batch, dead and dense over the run's dead_tokens window) or from held-out text
+(analysis.evaluate over the same tokens for every SAE, from one model pass; dead = never
+fired on those tokens).
 Written as layers.json, layers.png and layers.html in the run folder.
 """
 
@@ -30,13 +30,13 @@ from .evaluate import ce_loss_recovered, evaluate
 
 REPORT, PLOT, TABLE = "layers.html", "layers.png", "layers.json"
 TRAINING_NOTE = (
-    "From training: each SAE's last logged step (that step's batch; explained variance = "
-    "1 - FVU; dead and dense over the dead_tokens window)."
+    "From training: each SAE's last logged step (that step's batch; dead and dense over the "
+    "dead_tokens window)."
 )
 # (key, label, which way is better: -1 lower, 1 higher, 0 neither)
 METRICS = (
     ("fvu", "FVU", -1),
-    ("explained_variance", "explained variance", 1),
+    ("one_minus_fvu", "1 - FVU", 1),
     ("l0", "L0", 0),
     ("dead_fraction", "dead fraction", -1),
     ("dense_fraction", "dense fraction", -1),
@@ -80,7 +80,7 @@ def training_rows(run_dir: str | Path) -> list[dict]:
                 "step": last["step"],
                 "tokens": last["tokens"],
                 "fvu": last["fvu"],
-                "explained_variance": 1 - last["fvu"],
+                "one_minus_fvu": 1 - last["fvu"],
                 "l0": last["l0"],
                 "dead_fraction": last["dead_fraction"],
                 "dense_fraction": last["dense_fraction"],
@@ -107,6 +107,7 @@ def evaluated_rows(
     for stream in hook_streams(source):
         sae = saes[stream.hook]
         found = evaluate(sae, stream, tokens, batch_size, dense_threshold)
+        found["one_minus_fvu"] = 1 - found["fvu"]
         row = {"hook": stream.hook, **{k: found[k] for k in ("tokens", *_keys(found))}}
         if causal:
             ce = ce_loss_recovered(

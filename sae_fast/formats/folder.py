@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from ..checkpoint import CONFIG_FILE, CheckpointError
-from ..files import atomic_path, check_regular, read_json, save_safetensors
+from ..files import atomic_path, check_regular, read_failure, read_json, save_safetensors
 from ..validation import check_int
 
 
@@ -42,7 +42,7 @@ def read_weights(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is truncated or corrupt: {e}") from e
+        raise CheckpointError(read_failure(path, e)) from e
 
 
 def check_names(where: str, tensors: dict[str, Tensor], expected: Iterable[str]) -> None:

@@ -50,8 +50,12 @@ def writable() -> list[str]:
 def detect(path: str | Path) -> str:
     """The name of the format at path; CheckpointError saying what was found otherwise."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except OSError as e:  # a loop of links, a name too long
+        raise CheckpointError(f"{path} cannot be read: {e.strerror}") from None
     if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
         raise CheckpointError(f"{path} cannot be read: permission denied")
     for name, fmt in _FORMATS.items():
@@ -77,6 +81,8 @@ def load(path: str | Path, format: str | None = None) -> tuple[Config, Tensors]:
         return read_stable(path, lambda: _get(format or detect(path), readable()).load(path))
     except PermissionError as e:
         raise CheckpointError(f"{e.filename or path} cannot be read: permission denied") from None
+    except OSError as e:  # a loop of links, a name too long, an I/O error
+        raise CheckpointError(f"{e.filename or path} cannot be read: {e.strerror or e}") from None
 
 
 # The layouts with a field for a Matryoshka SAE's prefix sizes; those that hold transcoders

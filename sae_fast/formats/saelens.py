@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..checkpoint import CheckpointError
 from ..files import peek_json
-from ..options import SPARSE_ACTIVATIONS
+from ..options import SPARSE_ACTIVATIONS, hub_id, is_natural
 from ..validation import dtype_name, parse_dtype
 from . import folder, layout
 from .registry import Config, Format, Tensors, register
@@ -334,7 +334,7 @@ def _widths(where: str, cfg: dict, metadata: dict, arch: str, m: int) -> list[in
 def _tl_hook(hook: str | None) -> str | None:
     """resid_post.3 -> blocks.3.hook_resid_post; a module path stays as it is."""
     kind, _, layer = (hook or "").partition(".")
-    return f"blocks.{layer}.{_TL_HOOKS[kind]}" if kind in _TL_HOOKS and layer.isdigit() else hook
+    return f"blocks.{layer}.{_TL_HOOKS[kind]}" if kind in _TL_HOOKS and is_natural(layer) else hook
 
 
 def _our_hook(hook: Any) -> str | None:
@@ -342,7 +342,7 @@ def _our_hook(hook: Any) -> str | None:
     if not isinstance(hook, str):
         return None
     parts = hook.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in _OUR_HOOKS:
+    if len(parts) == 3 and parts[0] == "blocks" and is_natural(parts[1]) and parts[2] in _OUR_HOOKS:
         return f"{_OUR_HOOKS[parts[2]]}.{parts[1]}"
     return hook
 
@@ -410,7 +410,7 @@ def save(config: Config, ours: Tensors, path: Path) -> None:
         "reshape_activations": "none",
         "metadata": {
             "sae_lens_version": SAELENS_VERSION,
-            "model_name": provenance.get("model"),
+            "model_name": hub_id(provenance.get("model")),
             "hook_name": _tl_hook(provenance.get("hook_in" if transcoder else "hook")),
             **({"hook_name_out": _tl_hook(provenance.get("hook_out"))} if transcoder else {}),
             "context_size": provenance.get("source", {}).get("context_size"),  # model, cache

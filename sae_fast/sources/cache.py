@@ -25,7 +25,14 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from ..checkpoint import read_stamped_json
-from ..files import atomic_path, check_regular, clean_stale, lock_folder, save_safetensors
+from ..files import (
+    atomic_path,
+    check_regular,
+    clean_stale,
+    lock_folder,
+    read_failure,
+    save_safetensors,
+)
 from ..options import ACTIVATION_DTYPES, is_int
 from ..seeds import seeded_generator
 from ..validation import check_int, dtype_name, parse_dtype
@@ -254,7 +261,7 @@ class CacheSource:
                     # were truncated while training.
                     rows = f.get_tensor(TENSOR).to(self.device, copy=True)
             except (SafetensorError, OSError) as e:  # damaged since the manifest was checked
-                raise SourceError(f"{file} cannot be read (truncated or corrupt?): {e}") from e
+                raise SourceError(read_failure(file, e)) from e
             if tuple(rows.shape) != (self.shards[index]["rows"], self.d_in):
                 raise SourceError(f"{file} changed since the cache was opened: {tuple(rows.shape)}")
             perm = torch.randperm(

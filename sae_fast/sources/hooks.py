@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..options import MINILM
 from .base import SourceError
 
 INSTALL_HINT = 'pip install "sae-fast[train]"'
-MINILM = "minilm"  # the name of the packaged all-MiniLM-L6-v2 wherever a model is accepted
 # Submodule paths inside a block, first match wins: GPT-2/Llama/NeoX/OPT-style, then BERT's
 # dense layers (BERT's `attention` and `output` modules add the residual, so their dense
 # layers come first).

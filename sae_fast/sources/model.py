@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -18,12 +19,45 @@ from .text import documents
 
 T = TypeVar("T")
 _TOKENIZE_DOCS = 64  # documents per tokenizer call: batched calls are much faster
+# Characters per tokenizer call, and the longest piece of a document tokenised at once: a
+# 10 MB document then costs only the windows taken from it.
+_TOKENIZE_CHARS = 1 << 16
+_SPACE_AFTER_WORD = re.compile(r"(?<=\S)\s")
 
 
 def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
     it = iter(items)
     while batch := list(islice(it, size)):
         yield batch
+
+
+def _pieces(documents: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """(piece, whether it ends its document): each document in pieces of at most
+    _TOKENIZE_CHARS characters, cut just before a run of whitespace, where BPE and WordPiece
+    tokenizers start a new token anyway (a run of that many characters without whitespace is
+    cut where it must)."""
+    for doc in documents:
+        while len(doc) > _TOKENIZE_CHARS:
+            cuts = _SPACE_AFTER_WORD.finditer(doc, _TOKENIZE_CHARS // 2, _TOKENIZE_CHARS + 1)
+            cut = max((c.start() for c in cuts), default=_TOKENIZE_CHARS)
+            yield doc[:cut], False
+            doc = doc[cut:]
+        yield doc, True
+
+
+def _tokenizer_calls(pieces: Iterable[tuple[str, bool]]) -> Iterator[list[tuple[str, bool]]]:
+    """pieces in groups of at most _TOKENIZE_DOCS, and _TOKENIZE_CHARS characters (or one
+    piece)."""
+    group: list[tuple[str, bool]] = []
+    chars = 0
+    for piece in pieces:
+        if group and (len(group) == _TOKENIZE_DOCS or chars + len(piece[0]) > _TOKENIZE_CHARS):
+            yield group
+            group, chars = [], 0
+        group.append(piece)
+        chars += len(piece[0])
+    if group:
+        yield group
 
 
 def _check_positive(**values: int) -> None:
@@ -52,7 +86,8 @@ def token_windows(
 
     Each document is tokenised and cut into consecutive pieces that fill a window together with
     the tokenizer's special tokens ([CLS] piece [SEP] for BERT); the last piece may be shorter.
-    No tokens are dropped; documents without tokens give no window.
+    No tokens are dropped; documents without tokens give no window. A long document is
+    tokenised a piece at a time (_pieces), as far as the windows taken from it reach.
     """
     _check_positive(context_size=context_size)
     prefix, suffix = special_tokens(tokenizer)
@@ -62,10 +97,16 @@ def token_windows(
             f"context_size ({context_size}) must exceed the {len(prefix) + len(suffix)} special "
             f"tokens the tokenizer adds"
         )
-    for docs in _batched(documents, _TOKENIZE_DOCS):
-        for ids in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]:
-            for start in range(0, len(ids), body):
-                yield prefix + ids[start : start + body] + suffix
+    carry: list[int] = []  # a document's ids not yet in a window
+    for group in _tokenizer_calls(_pieces(documents)):
+        texts = [text for text, _ in group]
+        encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        for ids, (_, ends) in zip(encoded, group, strict=True):
+            carry += ids
+            whole = len(carry) if ends else len(carry) // body * body
+            for start in range(0, whole, body):
+                yield prefix + carry[start : start + body] + suffix
+            carry = carry[whole:]
 
 
 def pad_windows(batch: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:

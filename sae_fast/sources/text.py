@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import sysconfig
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +31,10 @@ _SKIP_DIRS = frozenset(
 )
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 TEXT_SUFFIXES = (".txt", ".md")
+# Lone surrogates: what the surrogateescape handler makes of bytes that are not UTF-8, and what
+# a JSON escape such as "\udc80" gives; no valid UTF-8 text holds them, and tokenizers fail on
+# them.
+_UNDECODABLE = re.compile("[\ud800-\udfff]+")
 
 
 def _stdlib_files(folder: Path) -> Iterator[Path]:
@@ -77,31 +83,54 @@ def text_file(path: str | Path) -> Iterator[str]:
     )
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file, the one rule for every reader of text: UTF-8,
+    where bytes that are not UTF-8 (latin-1, a damaged file) read as U+FFFD with one warning
+    naming the first such line, and a NUL byte (a binary file) is refused by line."""
+    warned = False
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
+        for number, line in enumerate(f, start=1):
+            if "\0" in line:
+                raise SourceError(
+                    f"{path}:{number} holds a NUL byte: a binary file, not text (give UTF-8 "
+                    f"text in a .txt, .md or .jsonl file)"
+                )
+            if _UNDECODABLE.search(line):
+                if not warned:
+                    warnings.warn(
+                        f"{path}:{number} is not UTF-8: its undecodable bytes (and any later "
+                        "ones) are read as U+FFFD; convert the file to UTF-8 (e.g. iconv -f "
+                        "latin1 -t utf-8) to keep them",
+                        stacklevel=2,
+                    )
+                    warned = True
+                line = _UNDECODABLE.sub("\ufffd", line)
+            yield number, line
+
+
 def _paragraphs(path: Path) -> Iterator[str]:
     lines: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                lines.append(line)
-            elif lines:
-                yield "".join(lines).strip()
-                lines = []
+    for _, line in _lines(path):
+        if line.strip():
+            lines.append(line)
+        elif lines:
+            yield "".join(lines).strip()
+            lines = []
     if lines:
         yield "".join(lines).strip()
 
 
 def _jsonl_documents(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SourceError(f"{path}:{number} is not valid JSON: {e}") from e
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise SourceError(f'{path}:{number} has no string "text" field')
-            yield record["text"]
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{path}:{number} is not valid JSON: {e}") from e
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise SourceError(f'{path}:{number} has no string "text" field')
+        yield _UNDECODABLE.sub("\ufffd", record["text"])
 
 
 def documents(spec: str | Path) -> Iterator[str]:

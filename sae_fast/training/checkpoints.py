@@ -17,6 +17,7 @@ on another number of processes.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -36,8 +37,11 @@ CHECKPOINTS_DIR = "checkpoints"
 SAE_DIR = "sae"  # the final SAE, for raw activations
 STATE_FILE = "train_state.pt"
 STATE_STEM = "train_state"  # a distributed run's row shards of the training state
+# How train_state.pt says its checkpoint is laid out (the "layout" key; before it, a state
+# without "optimizer" was a sharded one's).
+SINGLE, SHARDED = "single", "row_shards"
 WHOLE = ("b_dec", "W_skip")  # what every latent shard holds whole; the others have m rows
-_NAME = re.compile(r"^step-(\d{8})$")
+_NAME = re.compile(r"^step-([0-9]{8})$")
 
 
 def folder_name(step: int) -> str:
@@ -64,7 +68,7 @@ def save(
     with atomic_folder(final) as tmp:
         checkpoint.write(tmp, sae_config, sae_tensors)
         with atomic_path(tmp / STATE_FILE) as path:
-            save_torch(state, path)
+            save_torch({**state, "layout": SINGLE}, path)
     prune(root, keep)
     return final
 
@@ -87,11 +91,12 @@ def write_shards(
 ) -> None:
     """This rank's row_shards of a tensor set sharded by latents (data rank 0 writes; rank 0
     also the index, from the layout alone). rows: (m_r, ...) each; whole: the rest."""
+    n_rows = layout_rows(rows, layout)
+    splits = [shard_range(n_rows, i, layout.latent) for i in range(layout.latent)]
     if layout.data_rank == 0:
-        row_shards.write_shard(folder, stem, rows, whole, layout.latent_rank, layout.latent)
+        offset = splits[layout.latent_rank][0]
+        row_shards.write_shard(folder, stem, rows, whole, layout.latent_rank, layout.latent, offset)
     if layout.main:
-        n_rows = layout_rows(rows, layout)
-        splits = [shard_range(n_rows, i, layout.latent) for i in range(layout.latent)]
         row_shards.write_index(folder, stem, n_rows, list(rows), list(whole), splits)
 
 
@@ -128,7 +133,7 @@ def save_sharded(
         write_shards(tmp, STATE_STEM, *state_tensors, layout)
         if layout.main:
             with atomic_path(tmp / STATE_FILE) as path:
-                save_torch(state, path)
+                save_torch({**state, "layout": SHARDED}, path)
             checkpoint.write_config(tmp, config)
     if layout.main:
         prune(root, keep)
@@ -157,7 +162,14 @@ class CheckpointState:
             self.state = torch.load(folder / STATE_FILE, map_location=device, weights_only=True)
         except Exception as e:  # a damaged file raises many kinds of errors
             raise checkpoint.CheckpointError(f"{folder / STATE_FILE} cannot be read: {e!r}") from e
-        self.sharded = row_shards.has_shards(folder, STATE_STEM)
+        if not isinstance(self.state, dict):
+            raise checkpoint.CheckpointError(f"{folder / STATE_FILE} is not a training state")
+        layout = self.state.get("layout", SINGLE if "optimizer" in self.state else SHARDED)
+        if layout not in (SINGLE, SHARDED):
+            raise checkpoint.CheckpointError(f"{folder / STATE_FILE}: unknown layout {layout!r}")
+        # What the state declares, not what files happen to be there: a sharded checkpoint
+        # whose index is missing is damaged, not a one-process one.
+        self.sharded = layout == SHARDED
         if self.sharded:
             self.config = checkpoint.read_config(folder)
             self._sae = row_shards.RowShards(
@@ -165,16 +177,24 @@ class CheckpointState:
             )
             self._train = row_shards.RowShards(folder, STATE_STEM, checkpoint.CheckpointError)
         else:
-            self.config, tensors = checkpoint.read(folder, device=device)
-            self._tensors = self._single_layout(tensors, param_names)
+            self.config, self._sae_tensors = checkpoint.read(folder, device=device)
+            self._param_names = param_names
 
-    def _single_layout(self, sae: dict[str, Tensor], param_names: list[str]) -> dict[str, Tensor]:
-        """One process's train_state.pt as the names above. (Before train_tensors existed, a
-        checkpoint's SAE was the training-time one.)"""
-        named = {f"param.{k}": v for k, v in {**sae, **self.state.get("train_tensors", {})}.items()}
+    @functools.cached_property
+    def _tensors(self) -> dict[str, Tensor]:
+        """One process's train_state.pt as the names above, laid out on first use: after the
+        resume has compared the options that shaped the SAE. (Before train_tensors existed,
+        a checkpoint's SAE was the training-time one.)"""
+        tensors = {**self._sae_tensors, **self.state.get("train_tensors", {})}
+        named = {f"param.{k}": v for k, v in tensors.items()}
         optimizer = self.state["optimizer"]
         order = [i for group in optimizer["param_groups"] for i in group["params"]]
-        for i, name in zip(order, param_names, strict=True):
+        if len(order) != len(self._param_names):
+            raise checkpoint.CheckpointError(
+                f"{self.folder / STATE_FILE} holds the optimizer state of {len(order)} "
+                f"parameters; this SAE has {len(self._param_names)}"
+            )
+        for i, name in zip(order, self._param_names, strict=True):
             for key, value in optimizer["state"].get(i, {}).items():
                 named[f"adam.{name}.{key}"] = value
         for key in LatentStats.COUNTERS:

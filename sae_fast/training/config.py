@@ -26,13 +26,14 @@ from ..options import (
     BACKENDS,
     PARAMETER_DTYPES,
     check_matryoshka,
+    integer,
     is_int,
     parse_hooks,
     parse_matryoshka,
 )
 
 SOURCE_CHOICES = ("model", "cache", "synthetic")
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
 
 
 class ConfigError(ValueError):
@@ -394,7 +395,7 @@ class TrainConfig:
         n_latents option, else the last size given), checked with the activation;
         ConfigError says what is wrong."""
         try:
-            sizes = [int(part) for part in self.matryoshka.split(",")]
+            sizes = [integer(part) for part in self.matryoshka.split(",")]
         except ValueError:
             sizes = []  # parse_matryoshka says what is wrong
         m = n_latents or self.n_latents or (sizes[-1] if sizes else 1)

@@ -11,7 +11,8 @@ its folder).
 
 --resume continues every SAE from the newest step that all of them have a checkpoint of:
 a run killed while writing its checkpoints leaves some a step behind, and the newer
-checkpoints of the others move aside as any abandoned branch does (Trainer). Memory is the
+checkpoints of the others move aside as any abandoned branch does (Trainer); killed before
+all of them had a first checkpoint, every SAE starts again from step 0. Memory is the
 sum of the SAEs and one shuffle buffer as wide as all the hook points together.
 """
 
@@ -30,7 +31,14 @@ from ..validation import check_fits, parse_dtype
 from . import checkpoints
 from .config import ConfigError, TrainConfig, resolve_device
 from .layout import Layout, local_device
-from .trainer import StopOnInterrupt, Trainer, TrainResult, parameter_bytes, progress_bar
+from .trainer import (
+    StopOnInterrupt,
+    Trainer,
+    TrainResult,
+    abandon_after,
+    parameter_bytes,
+    progress_bar,
+)
 
 HOOKS_KEY = "hooks"  # in out_dir/config.json: hook point -> its run's folder name
 
@@ -72,19 +80,26 @@ def is_multi_hook_run(folder: str | Path) -> bool:
         return False
 
 
-def _common_step(runs: list[TrainConfig]) -> list[Path]:
-    """Per run, its checkpoint of the newest step every run has one of."""
+def _common_step(runs: list[TrainConfig]) -> list[Path] | list[bool]:
+    """Per run, its checkpoint of the newest step every run has one of; with none in common
+    (a run killed between its SAEs' first checkpoints), False for each: every SAE starts
+    again from step 0, its checkpoints moved aside as an abandoned branch."""
     found = [
         checkpoints.list_checkpoints(Path(r.out_dir) / checkpoints.CHECKPOINTS_DIR) for r in runs
     ]
+    if not any(found):
+        out_dir = Path(runs[0].out_dir).parent
+        raise ConfigError(f"--resume: no checkpoint to resume in the runs under {out_dir}")
     names = set.intersection(*({p.name for p in paths} for paths in found))
-    if not names:
-        have = {r.hook: [p.name for p in paths] for r, paths in zip(runs, found, strict=True)}
-        raise ConfigError(
-            f"--resume: the hook points have no checkpoint of one step in common: {have}"
-        )
-    newest = max(names)
-    return [Path(r.out_dir) / checkpoints.CHECKPOINTS_DIR / newest for r in runs]
+    if names:
+        newest = max(names)
+        return [Path(r.out_dir) / checkpoints.CHECKPOINTS_DIR / newest for r in runs]
+    have = {r.hook: [p.name for p in paths] for r, paths in zip(runs, found, strict=True)}
+    print(f"sae-fast: the hook points have no checkpoint of one step in common ({have}); "
+          "every SAE starts again from step 0")  # fmt: skip
+    for run in runs:
+        abandon_after(Path(run.out_dir), 0)
+    return [False] * len(runs)
 
 
 class MultiTrainer:

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..checkpoint import CheckpointError
 from ..files import atomic_path, clean_stale, lock_folder
 from ..options import AUTOCAST_DTYPES, SPARSE_ACTIVATIONS, parse_matryoshka
 from ..sae import SparseAutoencoder
@@ -662,6 +663,21 @@ class Trainer:
             folder = Path(resume)
         names = [name for name, _ in self.sae.named_parameters()]
         saved = checkpoints.CheckpointState(folder, self.device, names)
+        try:
+            self._restore(saved, folder)
+        except (KeyError, TypeError, AttributeError, IndexError) as e:  # a damaged state
+            raise CheckpointError(
+                f"--resume: checkpoint {folder} is incomplete or damaged ({e!r}); resume from "
+                "another one (--resume FOLDER) or start a new run"
+            ) from None
+        if self.layout.main:
+            abandon_after(self.out_dir, self.step)
+        if self.layout.distributed:
+            dist.barrier()
+
+    def _restore(self, saved: checkpoints.CheckpointState, folder: Path) -> None:
+        """The run's state as saved: parameters, optimizer, schedule, counters, data
+        position, step, scales and random states."""
         state, config = saved.state, saved.config
         self._check_options(state["config"], state["step"], folder)
         if (config["d_in"], config["n_latents"]) != (self.sae.d_in, self.sae.n_latents):
@@ -686,10 +702,6 @@ class Trainer:
             index = min(self.device.index or 0, len(saved_rng) - 1) if len(saved_rng) > 1 else 0
             torch.cuda.set_rng_state(saved_rng[index].cpu(), self.device)
         self._apply_optimizer_options()
-        if self.layout.main:
-            self._abandon_after(self.step)
-        if self.layout.distributed:
-            dist.barrier()
 
     def _load_tensors(self, saved: checkpoints.CheckpointState) -> None:
         """This rank's rows of the parameters, Adam's moments and the counters, from a
@@ -770,25 +782,28 @@ class Trainer:
             group["initial_lr"], group["lr"] = peak, peak * lr_factor(self.step, cfg)
             group["betas"], group["eps"] = (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps
 
-    def _abandon_after(self, step: int) -> None:
-        """Move the checkpoints newer than step (and the SAE exported from them) aside."""
-        last = checkpoints.folder_name(step)
-        newer = [p for p in checkpoints.list_checkpoints(self.checkpoints) if p.name > last]
-        if not newer:
-            return
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-        aside = self.checkpoints / f"abandoned-{stamp}-{os.getpid()}"
-        aside.mkdir()
-        exported = self.out_dir / checkpoints.SAE_DIR
-        for path in [*newer, *([exported] if exported.exists() else [])]:
-            os.rename(path, aside / path.name)
-        log = self.out_dir / checkpoints.METRICS_FILE
-        if log.exists():  # its rows past step go with the branch (the run's log is cut back)
-            shutil.copy2(log, aside / log.name)
-        print(
-            f"sae-fast: resumed from step {step}; moved the newer {[p.name for p in newer]} of "
-            f"the abandoned branch to {aside}"
-        )
+
+def abandon_after(out_dir: Path, step: int) -> None:
+    """Move the checkpoints of the run in out_dir newer than step (and the SAE exported from
+    them) aside, to checkpoints/abandoned-TIME-PID/, with a copy of the metrics log."""
+    root = out_dir / checkpoints.CHECKPOINTS_DIR
+    last = checkpoints.folder_name(step)
+    newer = [p for p in checkpoints.list_checkpoints(root) if p.name > last]
+    if not newer:
+        return
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    aside = root / f"abandoned-{stamp}-{os.getpid()}"
+    aside.mkdir()
+    exported = out_dir / checkpoints.SAE_DIR
+    for path in [*newer, *([exported] if exported.exists() else [])]:
+        os.rename(path, aside / path.name)
+    log = out_dir / checkpoints.METRICS_FILE
+    if log.exists():  # its rows past step go with the branch (the run's log is cut back)
+        shutil.copy2(log, aside / log.name)
+    print(
+        f"sae-fast: resumed from step {step}; moved the newer {[p.name for p in newer]} of "
+        f"the abandoned branch to {aside}"
+    )
 
 
 def parameter_bytes(n_latents: int, width: int, dtype: torch.dtype, moments: str = "param") -> int:
