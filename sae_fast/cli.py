@@ -18,11 +18,13 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from .options import (
     ACTIVATION_DTYPES,
     ADAM_MOMENTS,
     AUTOCAST_DTYPES,
+    HELD_OUT,
     decimal,
     integer,
     is_natural,
@@ -131,10 +133,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         close_layout,
         init_layout,
         is_collective_failure,
+        launched,
         local_device,
     )
+    from .training.trainer import check_run_folder
 
     cfg = config_from_args(args, tuple(_GROUPS))
+    # What fails fast, before a model or cache loads (10-90 s): the text, the run folder.
+    if cfg.source == "model":
+        check_text(cfg.text, "--text")
+    if cfg.hooks is None:
+        check_run_folder(Path(cfg.out_dir), args.resume, probe_lock=not launched())
     device = resolve_device(local_device(cfg.device))
     layout = init_layout(cfg, device)
     if cfg.hooks is not None:
@@ -201,6 +210,19 @@ def _train_hooks(cfg: TrainConfig, resume: bool | str, layout, device) -> int:
         about = f"{TRAINING_NOTE} Held-out numbers: {hint}"
         report = write_layer_report(cfg.out_dir, training_rows(cfg.out_dir), about)[-1]
         print(f"layer sweep report: {report}")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from .sources import split_documents
+
+    check_text(args.text, "text")
+    paths = split_documents(args.text, args.out, args.held_out)
+    counts = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            counts.append(sum(1 for _ in f))
+    print(f"wrote {paths[0]} ({counts[0]} documents) and {paths[1]} ({counts[1]} held out)")
     return 0
 
 
@@ -869,6 +891,16 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose errors print a one-line usage (positionals, then [options]) and the
+    error last: the nearest flag's hint is the line a user reads, not 40 lines of usage."""
+
+    def error(self, message: str) -> NoReturn:
+        positionals = [a.metavar or a.dest for a in self._actions if not a.option_strings]
+        usage = " ".join([self.prog, *map(str, positionals), "[options]"])
+        self.exit(2, f"usage: {usage} (--help lists them)\n{self.prog}: error: {message}\n")
+
+
 def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     """The error for arguments parser does not know, with the nearest flag of each."""
     flags = [f for action in parser._actions for f in action.option_strings]
@@ -888,13 +920,15 @@ def _out_of_memory(e: RuntimeError) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sae-fast",
         description="Train, cache, evaluate, report and demo sparse autoencoders.",
         allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"sae-fast {VERSION}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     def sub(name: str, **kw) -> argparse.ArgumentParser:
         command = commands.add_parser(name, formatter_class=_Formatter, allow_abbrev=False, **kw)
@@ -918,6 +952,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(train, tuple(_GROUPS))
     train.set_defaults(fn=cmd_train)
+
+    split = sub(
+        "split",
+        help="split a text into training and held-out documents",
+        description="Write DIR/train.jsonl and DIR/heldout.jsonl from a text's documents, a "
+        "--held-out fraction of them held out, spread evenly through the text (0.1: documents "
+        "0, 10, 20, ...), for train --text and eval/layers/dashboard --text.",
+    )
+    split.add_argument("text", help="'stdlib', a .txt or a .jsonl file")
+    split.add_argument("--held-out", type=decimal, default=HELD_OUT, help="fraction held out")
+    split.add_argument("--out", required=True, help="folder for train.jsonl and heldout.jsonl")
+    split.set_defaults(fn=cmd_split)
 
     cache = sub(
         "cache",

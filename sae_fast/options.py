@@ -21,6 +21,8 @@ ADAM_MOMENTS = ("param", "bf16")
 # The name of the packaged all-MiniLM-L6-v2 wherever a model is accepted, and the Hugging Face
 # id other tools (SAELens, Neuronpedia, transformers) know it by.
 MINILM, MINILM_HUB_ID = "minilm", "sentence-transformers/all-MiniLM-L6-v2"
+# The share of a text's documents `sae-fast split` (and the demo) holds out by default.
+HELD_OUT = 0.1
 # Mixed precision of a training step: its option value -> the compute dtype (None: off).
 AUTOCAST_DTYPES = {"none": None, "bf16": "bfloat16", "fp16": "float16"}
 _HOOK_RANGE = re.compile(r"^(.+)\.([0-9]+)-([0-9]+)$")

@@ -102,7 +102,10 @@ def test_train_synthetic_then_resume_with_more_steps(tmp_path, capsys):
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 4
 
     assert cli(*synthetic(run, steps=6, checkpoint_every=2, log_every=2), "--resume") == 0
-    assert printed_json(capsys.readouterr().out)["step"] == 6
+    out = capsys.readouterr().out
+    assert printed_json(out)["step"] == 6
+    checkpoint = run / "checkpoints" / "step-00000004"
+    assert f"sae-fast: resuming {run} from step 4 (checkpoint {checkpoint})" in out
     assert steps_saved(run) == [2, 4, 6]
     assert [row["step"] for row in read_jsonl(run / "metrics.jsonl")] == [2, 4, 6]
     assert SparseAutoencoder.load(run / "sae").config()["d_in"] == 16

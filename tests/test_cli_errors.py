@@ -338,9 +338,16 @@ def test_help_version_abbreviations_and_typos(capsys):
     ]:
         with pytest.raises(SystemExit) as exit_:
             cli(*argv)
-        err = capsys.readouterr().err
-        assert exit_.value.code == 2 and expected in err
-        assert err.startswith(f"usage: sae-fast {argv[0]} ")  # the subcommand's usage
+        err = capsys.readouterr().err.splitlines()
+        assert exit_.value.code == 2 and expected in err[-1]  # the hint is the last line
+        # after a one-line usage of the subcommand
+        assert err == [f"usage: sae-fast {argv[0]} [options] (--help lists them)", err[-1]]
+    with pytest.raises(SystemExit):
+        cli("compare", "a")  # a positional missing: the usage names them
+    assert capsys.readouterr().err.splitlines() == [
+        "usage: sae-fast compare a b [options] (--help lists them)",
+        "sae-fast compare: error: the following arguments are required: b",
+    ]
     parser = build_parser()
     assert parser.parse_args(["eval", "--sae", "x"]).device == "auto"
     assert (
@@ -439,3 +446,20 @@ def test_an_allocation_that_does_not_fit_is_one_line(tmp_path, capsys, monkeypat
     assert cli(*synthetic(tmp_path / "run", steps=2)) == 2
     line = error_line(capsys.readouterr().err)
     assert "out of memory (" in line and "can't allocate memory" in line
+
+
+def test_train_checks_its_text_and_folder_before_loading_a_model(tmp_path, capsys):
+    """A model that does not exist would be the error if it were loaded first."""
+    nowhere = ["--model", str(tmp_path / "no-model"), "--hook", "resid_post.0"]
+    run = tmp_path / "run"
+    assert cli("train", *nowhere, "--text", tmp_path / "missing.txt", "--out-dir", run) == 2
+    assert "--text: " in error_line(capsys.readouterr().err)
+    assert not run.exists()  # nothing made on the way to the refusal
+    assert cli(*synthetic(run, steps=2)) == 0
+    capsys.readouterr()
+    assert cli("train", *nowhere, "--out-dir", run) == 2
+    assert "already holds checkpoints" in error_line(capsys.readouterr().err)
+    other = tmp_path / "other"
+    with files.lock_folder(other, "test holder"):
+        assert cli("train", *nowhere, "--out-dir", other) == 2
+    assert "is in use by another sae-fast training run" in error_line(capsys.readouterr().err)

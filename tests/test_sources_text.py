@@ -9,8 +9,19 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
+import torch
+from model_folders import save_model, write_corpus
+from models import WIDTH
 
-from sae_fast.sources import SourceError, documents, stdlib_docstrings, text_file
+from sae_fast import SparseAutoencoder
+from sae_fast.cli import main
+from sae_fast.sources import (
+    SourceError,
+    documents,
+    split_documents,
+    stdlib_docstrings,
+    text_file,
+)
 from sae_fast.sources import text as text_module
 
 
@@ -122,3 +133,64 @@ def test_a_nul_byte_is_refused_by_file_and_line(tmp_path, data):
     path.write_bytes(data)
     with pytest.raises(SourceError, match=rf"{path.name}:2 holds a NUL byte: a binary file"):
         list(text_file(path))
+
+
+def test_every_command_that_reads_text_takes_latin1_and_refuses_binary(tmp_path, capsys):
+    """The one rule of sources/text.py, through each command that reads a text: a latin-1
+    file reads with one warning naming it; a binary one is one line and exit 2."""
+    model = save_model(tmp_path / "gpt")
+    torch.manual_seed(0)
+    SparseAutoencoder(WIDTH, 40, k=4).save(tmp_path / "sae")
+    good = write_corpus(tmp_path / "good.txt", paragraphs=6)
+    latin1, binary = tmp_path / "latin1.txt", tmp_path / "binary.txt"
+    latin1.write_bytes(Path(good).read_text().replace("e", "\xe9").encode("latin-1"))
+    binary.write_bytes(b"a line\n\x00\x89PNG\r\n")
+    sae, ctx = str(tmp_path / "sae"), ["--context-size", "16"]
+    hook = ["--model", model, "--hook", "resid_post.0"]
+    commands = {
+        "eval": lambda t: ["eval", "--sae", sae, *hook, *ctx, "--text", t, "--tokens", "64",
+                           "--device", "cpu"],
+        "drift": lambda t: ["drift", "--sae", sae, *hook, *ctx, "--text", good, "--against", t,
+                            "--tokens", "64", "--device", "cpu"],
+        "compare": lambda t: ["compare", sae, sae, *hook, "--text", t, "--tokens", "64",
+                              "--no-progress"],
+        "explain": lambda t: ["explain", "some text", "--sae", sae, *hook, "--contexts", t,
+                              "--context-tokens", "64", "--device", "cpu"],
+        "cache": lambda t: ["cache", *hook, *ctx, "--text", t, "--tokens", "64", "--out",
+                            str(tmp_path / f"cache-{Path(t).stem}")],
+        "train": lambda t: ["train", *hook, *ctx, "--text", t, "--steps", "1", "--batch-size", "16",
+                            "--init-tokens", "16", "--n-latents", "16",
+                            "--k", "2", "--out-dir", str(tmp_path / f"run-{Path(t).stem}"),
+                            "--no-progress", "--no-plots", "--device", "cpu"],
+    }  # fmt: skip
+    for name, argv in commands.items():
+        with pytest.warns(UserWarning, match=r"latin1.txt:1 is not UTF-8"):
+            assert main(argv(str(latin1))) == 0, name
+        capsys.readouterr()
+        assert main(argv(str(binary))) == 2, name
+        err = capsys.readouterr().err
+        assert "binary.txt:2 holds a NUL byte" in err and "Traceback" not in err, name
+
+
+def test_a_split_holds_out_an_even_share_of_the_documents(tmp_path, capsys):
+    path = tmp_path / "docs.txt"
+    path.write_text("\n\n".join(f"document {i}" for i in range(40)) + "\n")
+    train, held = split_documents(path, tmp_path / "tenth")  # the demo's: 0, 10, 20, 30
+    read = [[json.loads(line)["text"] for line in p.open()] for p in (train, held)]
+    assert read[1] == [f"document {i}" for i in (0, 10, 20, 30)]
+    assert read[0] == [f"document {i}" for i in range(40) if i % 10]
+    assert main(["split", str(path), "--held-out", "0.25", "--out", str(tmp_path / "q")]) == 0
+    assert "(30 documents)" in capsys.readouterr().out
+    held = [json.loads(line)["text"] for line in (tmp_path / "q" / "heldout.jsonl").open()]
+    assert held == [f"document {i}" for i in range(0, 40, 4)]
+    one = tmp_path / "one.txt"
+    one.write_text("a single document\n")
+    for bad, words in (([path, "--held-out", "1"], "held_out must be a fraction in (0, 1)"),
+                       ([one], "has 1 documents: too few to hold 0.1 of them out"),
+                       ([path, "--held-out", "\u00b2"], "invalid decimal value")):  # fmt: skip
+        try:
+            code = main(["split", *map(str, bad), "--out", str(tmp_path / "bad")])
+        except SystemExit as e:  # argparse's refusal of the value's type
+            code = e.code
+        assert code == 2 and words in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "train.jsonl").exists()

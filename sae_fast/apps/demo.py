@@ -19,32 +19,11 @@ from tqdm.auto import tqdm
 
 from ..analysis.dashboard import build_dashboard
 from ..analysis.evaluate import evaluate
-from ..files import atomic_path
-from ..sources import MINILM, ModelSource, documents, load_model
+from ..sources import MINILM, ModelSource, load_model, split_documents
 from ..training.checkpoints import CHECKPOINTS_DIR, RUN_CONFIG_FILE, SAE_DIR, list_checkpoints
 from ..training.config import TrainConfig
 from ..training.trainer import Trainer
 from .report import DASHBOARD_DIR, REPORT_FILE, feature_cards, write_html_report
-
-HELD_OUT_EVERY = 10  # every 10th document is held out
-
-
-def split_documents(spec: str, folder: str | Path) -> tuple[Path, Path]:
-    """Write the documents of spec as train.jsonl and heldout.jsonl in folder, every
-    HELD_OUT_EVERY-th held out (atomically: a demo still training on them keeps reading the
-    files it opened)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    train, held = folder / "train.jsonl", folder / "heldout.jsonl"
-    with (
-        atomic_path(train) as t_path,
-        atomic_path(held) as h_path,
-        open(t_path, "w") as t,
-        open(h_path, "w") as h,
-    ):
-        for i, doc in enumerate(documents(spec)):
-            (h if i % HELD_OUT_EVERY == 0 else t).write(json.dumps({"text": doc}) + "\n")
-    return train, held
 
 
 def run_demo(

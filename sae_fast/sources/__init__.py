@@ -36,7 +36,7 @@ from .model import (
 )
 from .streams import HookStream, hook_streams
 from .synthetic import HELD_OUT_STREAM, SyntheticSource, feature_recovery
-from .text import documents, stdlib_docstrings, text_file
+from .text import documents, split_documents, stdlib_docstrings, text_file
 
 __all__ = [
     "HELD_OUT_STREAM",
@@ -74,6 +74,7 @@ __all__ = [
     "run_to_hooks",
     "special_tokens",
     "splice",
+    "split_documents",
     "stdlib_docstrings",
     "text_file",
     "token_windows",

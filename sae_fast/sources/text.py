@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 import sysconfig
 import warnings
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 
+from ..files import atomic_path
+from ..options import HELD_OUT
 from .base import SourceError
 
 STDLIB = "stdlib"
@@ -31,6 +35,7 @@ _SKIP_DIRS = frozenset(
 )
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 TEXT_SUFFIXES = (".txt", ".md")
+TRAIN_FILE, HELD_OUT_FILE = "train.jsonl", "heldout.jsonl"  # a split's (split_documents)
 # Lone surrogates: what the surrogateescape handler makes of bytes that are not UTF-8, and what
 # a JSON escape such as "\udc80" gives; no valid UTF-8 text holds them, and tokenizers fail on
 # them.
@@ -136,3 +141,35 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
 def documents(spec: str | Path) -> Iterator[str]:
     """The documents named by spec: "stdlib" for stdlib_docstrings(), else a text file path."""
     return stdlib_docstrings() if str(spec) == STDLIB else text_file(spec)
+
+
+def split_documents(
+    spec: str | Path, folder: str | Path, held_out: float = HELD_OUT
+) -> tuple[Path, Path]:
+    """Write the documents of spec as train.jsonl and heldout.jsonl in folder (made if need
+    be), a held_out fraction of them held out, spread evenly: document i is held out when
+    floor(i f) steps up (f = 0.1: documents 0, 10, 20, ...). Each file appears whole
+    (files.atomic_path), so a run still training on an older split keeps reading the files
+    it opened."""
+    fraction = Fraction(str(held_out))
+    if not 0 < fraction < 1:
+        raise SourceError(f"held_out must be a fraction in (0, 1), got {held_out!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    train, held = folder / TRAIN_FILE, folder / HELD_OUT_FILE
+    counts = [0, 0]
+    with (
+        atomic_path(train) as t_path,
+        atomic_path(held) as h_path,
+        open(t_path, "w", encoding="utf-8") as t,
+        open(h_path, "w", encoding="utf-8") as h,
+    ):
+        for i, doc in enumerate(documents(spec)):
+            out = math.floor(i * fraction) > math.floor((i - 1) * fraction)
+            (h if out else t).write(json.dumps({"text": doc}) + "\n")
+            counts[out] += 1
+        if not all(counts):  # inside: neither file is written
+            raise SourceError(
+                f"{spec} has {sum(counts)} documents: too few to hold {held_out} of them out"
+            )
+    return train, held

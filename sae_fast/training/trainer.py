@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..checkpoint import CheckpointError
-from ..files import atomic_path, clean_stale, lock_folder
+from ..files import LOCK_FILE, atomic_path, clean_stale, lock_folder
 from ..options import AUTOCAST_DTYPES, SPARSE_ACTIVATIONS, parse_matryoshka
 from ..sae import SparseAutoencoder
 from ..sharded_sae import ShardedSparseAutoencoder
@@ -53,6 +53,7 @@ from .losses import LossWeights, training_loss
 from .metrics import LatentStats, MetricsLog, firing_counts, metrics_from_sums, reconstruction_sums
 from .optimizer import SaeAdam, moment_dtype
 
+RUN_LOCK = "sae-fast training run"  # what holds a run folder's lock, as messages say
 _BATCHTOPK_EMA = 0.01  # threshold estimate update rate (Bussmann et al. 2024)
 
 
@@ -199,10 +200,7 @@ class Trainer:
             if resume:
                 self._resume(resume, found)
             elif found:
-                raise ConfigError(
-                    f"out_dir {self.out_dir} already holds checkpoints: resume it (--resume) "
-                    "or choose another out_dir"
-                )
+                raise occupied(self.out_dir)
             else:
                 self._initialise()
         except BaseException:
@@ -253,7 +251,7 @@ class Trainer:
     def acquire(self) -> None:
         """Lock out_dir (again, after close()); FolderInUseError if another run holds it."""
         if self._lock is None and self.layout.main:
-            self._lock = lock_folder(self.out_dir, "sae-fast training run")
+            self._lock = lock_folder(self.out_dir, RUN_LOCK)
             self._lock.__enter__()
 
     def close(self) -> None:
@@ -671,6 +669,7 @@ class Trainer:
                 "another one (--resume FOLDER) or start a new run"
             ) from None
         if self.layout.main:
+            print(f"sae-fast: resuming {self.out_dir} from step {self.step} (checkpoint {folder})")
             abandon_after(self.out_dir, self.step)
         if self.layout.distributed:
             dist.barrier()
@@ -781,6 +780,24 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["initial_lr"], group["lr"] = peak, peak * lr_factor(self.step, cfg)
             group["betas"], group["eps"] = (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps
+
+
+def occupied(out_dir: Path) -> ConfigError:
+    """The refusal of a new run in a folder that already holds checkpoints."""
+    return ConfigError(
+        f"out_dir {out_dir} already holds checkpoints: resume it (--resume) or choose "
+        "another out_dir"
+    )
+
+
+def check_run_folder(out_dir: Path, resume: bool | str, probe_lock: bool = True) -> None:
+    """Before anything slow (a model, a cache): a new run's folder holds no checkpoints, and
+    (probe_lock) no other run holds its lock. Trainer checks both again, holding the lock."""
+    if not resume and checkpoints.list_checkpoints(out_dir / checkpoints.CHECKPOINTS_DIR):
+        raise occupied(out_dir)
+    if probe_lock and (out_dir / LOCK_FILE).exists():
+        with lock_folder(out_dir, RUN_LOCK):
+            pass
 
 
 def abandon_after(out_dir: Path, step: int) -> None:
