@@ -1,0 +1,93 @@
+"""`sae-fast dashboard`: write feature dashboards: static pages a browser opens offline."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..options import integer
+from ..training.config import ConfigError, check_device
+from .common import (
+    SubParser,
+    add_model_arguments,
+    add_progress_argument,
+    check_text,
+    model_for_sae,
+    token_bar,
+)
+
+
+def add_parser(sub: SubParser) -> None:
+    """Its subparser, from build_parser's sub()."""
+    dash = sub(
+        "dashboard",
+        help="write feature dashboards: static pages a browser opens offline",
+        description="One streaming pass of the SAE over --text through the model (the SAE's "
+        "recorded model and hook by default), memory bounded by the features shown, not the "
+        "text; writes OUT/index.html (every feature, sortable, filterable by density, "
+        "searchable by token) and per feature a page and a JSON record: top and "
+        "quantile examples shaded by activation, the activation histogram, the nearest "
+        "features by decoder cosine, the co-firing ones and the output-side effect.",
+    )
+    dash.add_argument("--sae", required=True, help="SAE folder")
+    dash.add_argument("--text", required=True, help="'stdlib', a .txt or a .jsonl file")
+    dash.add_argument("--out", required=True, help="dashboard folder (replaced whole)")
+    add_model_arguments(dash, "the SAE's recorded one")
+    dash.add_argument("--tokens", type=integer, help="tokens to read (default: the whole text)")
+    dash.add_argument(
+        "--features",
+        default="all",
+        help="'all', a count N (drawn at random, seeded) or ids like 3,17,100-120",
+    )
+    dash.add_argument("--batch-size", type=integer, default=32, help="text windows per forward")
+    dash.add_argument(
+        "--neuronpedia",
+        metavar="SET",
+        help="also write Neuronpedia's batch files (SAEDashboard's and the upload API's) in "
+        "OUT/neuronpedia/, for the source LAYER-SET (e.g. res-sf: 3-res-sf)",
+    )
+    dash.add_argument("--device", default="auto", help="device (auto: cuda if available)")
+    add_progress_argument(dash)
+    dash.set_defaults(fn=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from ..analysis.dashboard import build_dashboard, pick_latents
+    from ..analysis.dashboard_html import FILES
+    from ..analysis.neuronpedia import check_set_name
+    from ..files import check_replaceable
+    from ..sae import SparseAutoencoder
+    from ..training.config import resolve_device
+    from ..validation import check_int
+
+    check_int(args.batch_size, "--batch-size", error=ConfigError)
+    if args.tokens is not None:
+        check_int(args.tokens, "--tokens", error=ConfigError)
+    check_text(args.text, "--text")
+    check_replaceable(args.out, FILES)  # before the pass, not after it
+    if args.neuronpedia is not None:
+        try:
+            check_set_name(args.neuronpedia)
+        except ValueError as e:
+            raise ConfigError(f"--neuronpedia: {e}") from None
+    device = resolve_device(check_device(args.device, "--device"))
+    sae = SparseAutoencoder.load(args.sae, device=device)
+    try:
+        features = pick_latents(args.features, sae.n_latents)
+    except ValueError as e:
+        raise ConfigError(f"--features: {e}") from None
+    cfg, model, tokenizer, context_size = model_for_sae(args, sae)
+    about = {"sae": str(args.sae), "model": cfg.model, "hook": cfg.hook, "text": args.text}
+    started = time.perf_counter()
+    with token_bar(args) as bar:
+        meta, _ = build_dashboard(sae, model, tokenizer, args.out, about, features,
+                               context_size=context_size, max_tokens=args.tokens,
+                               batch_size=args.batch_size, progress=bar,
+                               neuronpedia=args.neuronpedia)  # fmt: skip
+    print(
+        f"wrote {Path(args.out) / 'index.html'}: {meta['shown']} features over "
+        f"{meta['tokens_seen']} tokens in {time.perf_counter() - started:.1f} s"
+    )
+    return 0

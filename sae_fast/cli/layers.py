@@ -1,0 +1,64 @@
+"""`sae-fast layers`: compare the SAEs of a multi-hook run (train --hooks) layer by layer."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..options import integer
+from ..training.config import TrainConfig, check_device
+from .common import SubParser, check_text
+
+
+def add_parser(sub: SubParser) -> None:
+    """Its subparser, from build_parser's sub()."""
+    layers = sub(
+        "layers",
+        help="compare the SAEs of a multi-hook run (train --hooks) layer by layer",
+        description="Write layers.html, layers.png and layers.json in a multi-hook run folder: "
+        "FVU, 1 - FVU, L0, dead and dense fractions per hook point and, for a "
+        "causal LM, the CE loss score. From each SAE's training metrics, or with --text "
+        "evaluated on that held-out text (every SAE on the same tokens, from one model pass).",
+    )
+    layers.add_argument("run", help="multi-hook run folder (the --out-dir of train --hooks)")
+    layers.add_argument("--text", help="held-out text to evaluate on (default: training metrics)")
+    layers.add_argument("--tokens", type=integer, default=32768, help="tokens to evaluate on")
+    layers.add_argument("--batch-size", type=integer, default=4096, help="activations per batch")
+    layers.add_argument("--ce-windows", type=integer, default=64, help="text windows for CE")
+    layers.add_argument("--device", default="auto", help="device (auto: cuda if available)")
+    layers.set_defaults(fn=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..analysis.layers import (
+        TRAINING_NOTE,
+        evaluated_rows,
+        load_saes,
+        training_rows,
+        write_layer_report,
+    )
+
+    run = Path(args.run)
+    if args.text is None:
+        rows, about = training_rows(run), TRAINING_NOTE
+    else:
+        from ..sources import build_source
+        from ..training.checkpoints import RUN_CONFIG_FILE
+        from ..training.config import resolve_device
+
+        check_text(args.text, "--text")
+        device = resolve_device(check_device(args.device, "--device"))
+        saes = load_saes(run, device)
+        cfg = TrainConfig.from_file(run / RUN_CONFIG_FILE, text=args.text, out_dir=str(run))
+        source = build_source(cfg, device)
+        rows = evaluated_rows(saes, source, args.tokens, args.batch_size, args.ce_windows)
+        ce = f"; CE loss score over {args.ce_windows} windows" if "ce_loss_score" in rows[0] else ""
+        about = (
+            f"Held out: the same {rows[0]['tokens']:,} tokens of {args.text} for every SAE, "
+            f"from one model pass (dead: never fired on those tokens{ce})."
+        )
+    for row in rows:
+        cells = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float))
+        print(f"{row['hook']}: {cells}")
+    print(f"layer sweep report: {write_layer_report(run, rows, about)[-1]}")
+    return 0
