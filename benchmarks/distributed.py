@@ -384,8 +384,8 @@ def _worker(rank: int, world: int, port: int, spec: dict) -> None:
 
 
 def _work(rank: int, world: int, port: int, spec: dict) -> None:
+    from sae_fast.parallel.layout import build_rank_source, close_layout, init_layout
     from sae_fast.training import TrainConfig
-    from sae_fast.training.layout import build_rank_source, close_layout, init_layout
 
     if world > 1:
         os.environ.update(

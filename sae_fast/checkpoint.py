@@ -20,8 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from . import row_shards
 from .files import atomic_path, check_regular, read_failure, read_json, save_safetensors
+from .parallel import row_shards
 from .sae_config import DEFAULTS, OPTIONAL
 
 FORMAT = "sae_fast"

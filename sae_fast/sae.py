@@ -16,7 +16,7 @@ from . import reference as ref
 from .ops import SparseCode
 from .options import SPARSE_ACTIVATIONS
 from .sae_config import check_hyperparameters
-from .seeds import seeded_generator
+from .sources.seeds import seeded_generator
 from .validation import check_activations, dtype_name
 
 _LN_EPS = 1e-5

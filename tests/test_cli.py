@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from models import WIDTH, minilm_tokenizer
 from sae_fast import SparseAutoencoder
 from sae_fast.apps import demo, toy
 from sae_fast.cli import main
+from sae_fast.cli.summary import cell, table
 from sae_fast.sources import read_manifest
 from sae_fast.training.checkpoints import list_checkpoints
 from sae_fast.training.config import TrainConfig
@@ -93,7 +95,7 @@ def folders(tmp_path_factory):
 
 def test_train_synthetic_then_resume_with_more_steps(tmp_path, capsys):
     run = tmp_path / "run"
-    assert cli(*synthetic(run, steps=4, checkpoint_every=2, log_every=2)) == 0
+    assert cli(*synthetic(run, steps=4, checkpoint_every=2, log_every=2), "--json") == 0
     out = capsys.readouterr().out
     assert printed_json(out)["step"] == 4
     assert f"saved the SAE to {run / 'sae'}" in out
@@ -101,7 +103,7 @@ def test_train_synthetic_then_resume_with_more_steps(tmp_path, capsys):
     assert steps_saved(run) == [2, 4]
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 4
 
-    assert cli(*synthetic(run, steps=6, checkpoint_every=2, log_every=2), "--resume") == 0
+    assert cli(*synthetic(run, steps=6, checkpoint_every=2, log_every=2), "--resume", "--json") == 0
     out = capsys.readouterr().out
     assert printed_json(out)["step"] == 6
     checkpoint = run / "checkpoints" / "step-00000004"
@@ -138,6 +140,41 @@ def test_config_file_with_a_flag_overriding_it(tmp_path, suffix, dump):
     assert steps_saved(run) == [2]
 
 
+def test_train_and_eval_end_with_a_table_and_json_on_request(tmp_path, capsys):
+    """A person reads a metric | value table; --json gives a script the same numbers."""
+    run = tmp_path / "run"
+    assert cli(*synthetic(run, steps=2)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split() == ["metric", "value"])
+    rows = dict(line.split() for line in lines[header + 1 : -1])
+    assert rows["step"] == "2" and 0 < float(rows["fvu"]) < 10 and float(rows["l0"]) <= 4
+    assert lines[-1] == f"saved the SAE to {run / 'sae'}"
+
+    assert cli("eval", "--sae", run / "sae", "--tokens", 128, "--device", "cpu") == 0
+    text = capsys.readouterr().out
+    assert "{" not in text and "feature_density_histogram" not in text
+    shown = dict(line.split()[:2] for line in text.splitlines()[1:-1])
+    assert cli("eval", "--sae", run / "sae", "--tokens", 128, "--device", "cpu", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["feature_density_histogram"]) > 0
+    for name, value in result.items():
+        if isinstance(value, float):
+            assert float(shown[name]) == pytest.approx(value, rel=1e-3, abs=1e-12), name
+        elif isinstance(value, int):
+            assert shown[name] == f"{value:,}", name
+
+
+def test_tables_align_numbers_right_and_text_left():
+    rows = [{"hook": "resid_post.0", "fvu": 0.123456, "tokens": 1234567},
+            {"hook": "mlp_out.10", "fvu": 12.5, "tokens": 7}]  # fmt: skip
+    assert table(rows, ("hook", "fvu", "tokens")).splitlines() == [
+        "hook             fvu     tokens",
+        "resid_post.0  0.1235  1,234,567",
+        "mlp_out.10      12.5          7",
+    ]
+    assert cell(None) == "-" and cell(True) == "True" and cell(123456.7) == "123,457"
+
+
 def test_unknown_key_in_config_file(tmp_path, capsys):
     path = tmp_path / "options.json"
     path.write_text(json.dumps({**SYNTHETIC, "stepz": 3}))
@@ -160,6 +197,22 @@ def test_train_help_lists_every_option(capsys):
         shown = "" if f.default is None else f" (default: {f.default})"
         assert "".join(f"{f.metadata['help']}{shown}".split()) in flat, f.name
     assert "(default: None)" not in text  # a derived default is described by the help
+
+
+@pytest.mark.parametrize("command", ["eval", "drift"])
+def test_reading_commands_list_no_training_only_option(capsys, command):
+    """eval and drift read an SAE's latents at one hook point: no --hooks, --hook-in or
+    --hook-out (their help says "train ..."), and such a flag is refused by name."""
+    with pytest.raises(SystemExit):
+        cli(command, "--help")
+    text = capsys.readouterr().out
+    assert "--text" in text and "--hook " in text
+    for flag in ("--hooks", "--hook-in", "--hook-out"):
+        assert flag not in text, flag
+    with pytest.raises(SystemExit) as exit_:
+        cli(command, "--sae", "x", "--against", "y", "--hook-in", "mlp_in.3")
+    assert exit_.value.code == 2
+    assert re.search(r"unrecognized arguments: .*--hook-in", capsys.readouterr().err)
 
 
 @pytest.mark.parametrize(
@@ -262,7 +315,7 @@ def test_cache_then_train_and_eval_on_it(tmp_path, folders, capsys):
 
     report = tmp_path / "eval.json"
     assert cli("eval", "--source", "cache", "--cache-dir", cache, "--sae", run / "sae",
-               "--tokens", 200, "--batch-size", 64, "--out", report) == 0  # fmt: skip
+               "--tokens", 200, "--batch-size", 64, "--out", report, "--json") == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out)
     assert result == json.loads(report.read_text())
     assert result["tokens"] == 200
@@ -325,7 +378,7 @@ def test_eval_ce_loss_recovered(tmp_path, folders, capsys):
     identity_sae(WIDTH).save(sae)
     model = ["--model", folders["gpt"], "--hook", "resid_post.1", "--text", folders["text"]]
     assert cli("eval", *model, *MODEL_DATA, "--sae", sae, "--tokens", 128, "--ce",
-               "--ce-windows", 6) == 0  # fmt: skip
+               "--ce-windows", 6, "--json") == 0  # fmt: skip
     result = printed_json(capsys.readouterr().out)
     assert result["fvu"] < 1e-10 and result["ce_tokens"] > 0
     assert result["ce_loss_clean"] <= result["ce_loss_zero_ablated"]
@@ -356,7 +409,9 @@ def test_eval_synthetic_uses_the_runs_dictionary(tmp_path, capsys):
     fvu = {}
     for seed in (7, 0):
         capsys.readouterr()
-        assert cli("eval", "--sae", run / "sae", *data, "--tokens", 512, "--seed", seed) == 0
+        assert (
+            cli("eval", "--sae", run / "sae", *data, "--tokens", 512, "--seed", seed, "--json") == 0
+        )
         fvu[seed] = printed_json(capsys.readouterr().out)["fvu"]
     assert fvu[7] < 0.5 * fvu[0]
 

@@ -291,7 +291,7 @@ def test_resume_alone_continues_a_run_from_its_folder(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli(*synthetic(run, steps=4, checkpoint_every=2)) == 0
     capsys.readouterr()
-    assert cli("train", "--resume", "--out-dir", run, "--steps", 6) == 0
+    assert cli("train", "--resume", "--out-dir", run, "--steps", 6, "--json") == 0
     out = capsys.readouterr().out
     assert printed_json(out)["step"] == 6 and "resuming with steps=6" in out
     assert steps_saved(run) == [2, 4, 6]  # checkpoint_every=2 from the run's config.json
@@ -310,7 +310,7 @@ def test_eval_takes_the_data_options_from_the_sae_and_warns_on_another_hook(tmp_
     run = tmp_path / "run"
     assert cli(*synthetic(run, steps=2)) == 0
     capsys.readouterr()
-    assert cli("eval", "--sae", run / "sae", "--tokens", 128, "--device", "cpu") == 0
+    assert cli("eval", "--sae", run / "sae", "--tokens", 128, "--device", "cpu", "--json") == 0
     assert printed_json(capsys.readouterr().out)["fvu"] > 0  # synthetic d=16 from provenance
     sae = SparseAutoencoder.load(run / "sae")
     sae.provenance = {"model": "gpt", "hook": "resid_post.1"}  # as an SAELens export says

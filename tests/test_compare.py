@@ -14,7 +14,7 @@ from test_cli import synthetic
 from test_dashboard import strict_json
 
 from sae_fast import SparseAutoencoder
-from sae_fast.analysis.compare import match_decoders, shared_initialisation
+from sae_fast.analysis.compare import match_decoders, plot_cosines, shared_initialisation
 from sae_fast.analysis.correlation import ActivationCorrelation
 from sae_fast.analysis.feature_stats import text_batches
 from sae_fast.cli import main
@@ -193,3 +193,19 @@ def test_two_saes_trained_from_one_seed_are_said_to_share_their_start(tmp_path, 
     assert "shared_initialisation" not in json.loads((tmp_path / "ac" / "compare.json").read_text())
     # An SAE without a record of its training (another library's) is never said to.
     assert shared_initialisation({}, {"train": {"seed": 0}}, ((16, 32), (16, 32))) is None
+
+
+def test_the_cosine_histograms_do_not_hide_each_other(tmp_path):
+    """Two SAEs that match each other alike give two equal histograms: both colours must
+    show, in bars of their own (drawn over each other, the second would cover the first)."""
+    from matplotlib import colors, image
+
+    torch.manual_seed(0)
+    W = unit(torch.randn(64, 16))
+    matches = match_decoders(W, W + 0.05 * torch.randn_like(W))
+    matches.cos_ba = matches.cos_ab.clone()
+    pixels = image.imread(plot_cosines(matches, tmp_path / "cosines.png"))[..., :3]
+    for colour in ("C0", "C1"):
+        rgb = torch.tensor(colors.to_rgb(colour))
+        near = (torch.from_numpy(pixels) - rgb).abs().amax(-1) < 0.02
+        assert near.sum() > 500, colour

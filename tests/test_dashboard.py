@@ -21,6 +21,7 @@ from sae_fast.analysis.dashboard import (
     SCHEMA,
     TokenPieces,
     cofiring,
+    distinct_contexts,
     feature_records,
     output_effect,
     pick_latents,
@@ -29,11 +30,14 @@ from sae_fast.analysis.feature_stats import (
     AFTER,
     BEFORE,
     SAMPLE_SIZE,
-    TOP_EXAMPLES,
+    TOP_HELD,
     DoublingHistogram,
     FeatureStats,
     FeatureStatsError,
     collect_feature_stats,
+)
+from sae_fast.analysis.feature_stats import (
+    WIDTH as WIDTH_CTX,
 )
 from sae_fast.analysis.features import collect_activations
 from sae_fast.cli import main
@@ -165,7 +169,7 @@ def test_the_pass_matches_every_activation_of_the_text(corpus, activation):
         assert abs(stats.total[i].item() - mine.double().sum().item()) < 1e-4
     codes = _by_token(acts)
     for row, f in enumerate(features.tolist()):
-        mine = value[latent == f].sort(descending=True).values[:TOP_EXAMPLES]
+        mine = value[latent == f].sort(descending=True).values[:TOP_HELD]
         held = stats.top.score[row][stats.top.filled()[row]]
         assert torch.allclose(held, mine, atol=1e-5)
         assert stats.histogram.counts[row].sum() == (latent == f).sum()
@@ -313,6 +317,52 @@ def test_records_hold_neighbours_by_decoder_cosine(corpus):
             assert example["values"][example["token_index"]] == example["value"] > 0
             assert len(example["tokens"]) == len(example["values"]) <= BEFORE + AFTER + 1
         assert len(record["output_effect"]["positive"]) == 10
+
+
+def _passage(start: int, shift: int = 0, shown: int = WIDTH_CTX) -> list[int]:
+    """A context window of the passage 100, 101, ... with its highlight moved by shift; -1
+    where the window runs past the document (shown: how many positions hold a token)."""
+    row = [100 + start + shift + t for t in range(WIDTH_CTX)]
+    return [v if t < shown else -1 for t, v in enumerate(row)]
+
+
+def test_distinct_contexts_leave_out_repeats_and_moved_highlights():
+    rows = [
+        _passage(0),  # 0: kept
+        _passage(0),  # 1: the same tokens (a boilerplate line met twice)
+        _passage(0, shift=3),  # 2: the same passage, the highlight 3 tokens on
+        _passage(0, shift=-AFTER),  # 3: ... AFTER tokens back
+        _passage(500),  # 4: another passage: kept
+        _passage(0, shift=AFTER + 1),  # 5: one place further than a repeat may move: kept
+        [7] * 3 + [-1] * (WIDTH_CTX - 3),  # 6: a short context: kept
+        [7] * 3 + [-1] * (WIDTH_CTX - 3),  # 7: the same short context
+        _passage(900),  # 8: past the limit
+    ]
+    ids = torch.tensor(rows)
+    assert distinct_contexts(ids, limit=4) == [0, 4, 5, 6]
+    assert distinct_contexts(ids, limit=16) == [0, 4, 5, 6, 8]
+    assert distinct_contexts(ids[:0], limit=16) == []
+
+
+def test_a_features_top_examples_are_distinct_passages(tmp_path):
+    """Over a text whose paragraphs repeat, no feature shows one context twice."""
+    model, tokenizer = tiny_causal_lm()
+    text = write_corpus(tmp_path / "repeats.txt", paragraphs=120)  # each paragraph 3-4 times
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(WIDTH, 32, k=4).eval()
+    features = torch.arange(32)
+    stats = collect_feature_stats(sae, model, tokenizer, HOOK, text, features,
+                                  context_size=32, max_tokens=6000)  # fmt: skip
+    records, _ = feature_records(stats, sae.W_dec, model, tokenizer, {"hook": HOOK})
+    repeated = 0
+    for record, row in zip(records, range(32), strict=True):
+        filled = stats.top.filled()[row]
+        shown = [(tuple(e["tokens"]), e["token_index"]) for e in record["top_examples"]]
+        assert len(set(shown)) == len(shown)
+        distinct = distinct_contexts(stats.top.payload["ids"][row][filled], TOP_HELD)
+        assert len(shown) == min(16, len(distinct))
+        repeated += len(distinct) < filled.sum().item()
+    assert repeated > 0  # the text's repeats reached the held examples, and were left out
 
 
 def test_the_command_writes_the_folder_whole_and_names_bad_arguments(tmp_path, corpus, capsys):

@@ -42,7 +42,7 @@ def test_torchrun_trains_latent_sharded_and_only_rank_0_logs(tmp_path):
     entry = shutil.which("sae-fast")
     assert entry, "the sae-fast entry point is not installed"
     done = run(torchrun(*launch, entry, *TRAIN[2:], "--steps", "4", "--latent-parallel", "2",
-                        "--out-dir", str(out)))  # fmt: skip
+                        "--out-dir", str(out), "--json"))  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("step 4/4") == 1  # one metric line per step: rank 0's
     assert done.stdout.count('"step": 4') == 1

@@ -16,10 +16,10 @@ import torch.multiprocessing as mp
 
 from sae_fast import SparseAutoencoder
 from sae_fast.checkpoint import CheckpointError
+from sae_fast.parallel.layout import PeerRows, build_rank_source, close_layout, init_layout
 from sae_fast.sources import build_source
 from sae_fast.training import TrainConfig, Trainer
 from sae_fast.training.checkpoints import SAE_DIR, list_checkpoints
-from sae_fast.training.layout import PeerRows, build_rank_source, close_layout, init_layout
 from sae_fast.training.metrics import read_jsonl
 
 # Small enough for seconds per run; dead_tokens low so AuxK acts on the sharded dead latents,

@@ -112,7 +112,12 @@ def test_docstrings_against_prose_drift_and_two_halves_of_one_corpus_do_not(setu
     assert same["moved_fraction"] == 0 and same["top"] == []
     assert prose["js_divergence"] > 10 * same["js_divergence"] > 0
     top = prose["top"][0]
-    assert f"latent {top['latent']:>6}" in printed.out
+    # The table of movers: a header, then the top mover first, its z as in the report.
+    lines = printed.out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["latent", "direction"])
+    first = lines[header + 1].split()
+    assert first[:2] == [str(top["latent"]), top["direction"]]
+    assert float(first[-1]) == pytest.approx(top["z"], abs=1e-3)
     assert abs(top["z"]) == max(abs(r["z"]) for r in prose["top"])
 
 

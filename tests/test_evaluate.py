@@ -15,6 +15,7 @@ from transformers import BertForMaskedLM
 
 from sae_fast import SparseAutoencoder, reference
 from sae_fast.analysis.evaluate import ce_loss_recovered, density_histogram, evaluate
+from sae_fast.analysis.feature_stats import text_batches, text_tokens
 from sae_fast.sources import SourceError, SyntheticSource
 
 
@@ -66,6 +67,32 @@ def test_evaluate_matches_a_direct_computation(activation):
     for key, value in want.items():
         assert got[key] == pytest.approx(value.item(), rel=1e-9), key
     assert got["frac_alive"] == 40 / 48
+
+
+class _Bar:
+    """A tqdm-like bar that records its updates."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def update(self, n: int) -> None:
+        self.steps.append(n)
+
+
+def test_the_progress_bar_counts_every_row_evaluated():
+    sae = SparseAutoencoder(16, 64, k=4)
+    bar = _Bar()
+    got = evaluate(sae, source(), tokens=300, batch_size=64, progress=bar)
+    assert bar.steps == [64, 64, 64, 64, 44] and got["tokens"] == 300
+
+
+def test_text_tokens_is_what_a_pass_over_the_whole_text_gives(tmp_path):
+    """The dashboard's bar total: BERT's [CLS] and [SEP] left out, every window counted."""
+    corpus = write_corpus(tmp_path / "corpus.txt", paragraphs=12)
+    for model, tokenizer in (tiny_causal_lm(), tiny_bert()):
+        batches = text_batches(model, tokenizer, "resid_post.0", str(corpus), 24, batch_size=4)
+        seen = sum(ids.numel() for ids, _, _ in batches)
+        assert text_tokens(tokenizer, str(corpus), 24) == seen > 200
 
 
 def test_an_sae_that_reconstructs_exactly():

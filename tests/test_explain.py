@@ -3,6 +3,8 @@ the hook point, summaries come from a reference text, and the HTML view holds th
 
 from __future__ import annotations
 
+import re
+
 import torch
 from model_folders import save_model, write_corpus
 from models import WIDTH, minilm_tokenizer, tiny_causal_lm
@@ -55,3 +57,32 @@ def test_the_command_prints_a_row_per_token_with_summaries_and_writes_html(tmp_p
     code = main(["explain", "--sae", str(tmp_path / "narrow"), "--model", model, "--hook",
                  "resid_post.0", TEXT])  # fmt: skip
     assert code == 2 and "has width 32; the SAE's d_in is 16" in capsys.readouterr().err
+
+
+def test_the_html_links_each_latent_to_its_dashboard_page(tmp_path, capsys):
+    """With --dashboard, a latent the dashboard shows links to its page, relative to the page
+    written; the others stay plain numbers."""
+    model = save_model(tmp_path / "gpt")
+    corpus = write_corpus(tmp_path / "corpus.txt", paragraphs=20)
+    torch.manual_seed(0)
+    SparseAutoencoder(WIDTH, 64, k=4).save(tmp_path / "sae")
+    model_args = ["--sae", str(tmp_path / "sae"), "--model", model, "--hook", "resid_post.0"]
+    board = tmp_path / "board"
+    assert main(["dashboard", *model_args, "--text", corpus, "--features", "0-31", "--tokens",
+                 "1000", "--out", str(board), "--no-progress"]) == 0  # fmt: skip
+    page = tmp_path / "pages" / "explain.html"
+    page.parent.mkdir()
+    assert main(["explain", *model_args, "--top", "4", "--html", str(page), "--dashboard",
+                 str(board), TEXT]) == 0  # fmt: skip
+    body = page.read_text()
+    linked = {int(i): href for href, i in re.findall(r"<a href='([^']+)'>(\d+)</a>", body)}
+    shown = {int(i) for i in re.findall(r"(?:>|\s)(\d+)(?:</a>)?:\d+\.\d\d", body)}
+    assert linked and set(linked) == {i for i in shown if i < 32} != shown
+    for latent, href in linked.items():
+        assert href == f"../board/features/{latent}.html"
+        assert (page.parent / href).resolve().is_file()
+    capsys.readouterr()
+    assert main(["explain", *model_args, "--dashboard", str(board), TEXT]) == 2
+    assert "give --html too" in capsys.readouterr().err
+    assert main(["explain", *model_args, "--html", str(page), "--dashboard", corpus, TEXT]) == 2
+    assert "is not a feature dashboard" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import sae_fast
 
@@ -122,3 +123,36 @@ def test_a_checkout_never_imports_its_kernels_as_a_top_level_package(tmp_path):
 def test_public_api():
     for name in sae_fast.__all__:
         assert hasattr(sae_fast, name), name
+
+
+_WITHOUT_TRITON = """
+import sys
+sys.modules["triton"] = None  # as where it is not installed: its import fails
+import torch
+import sae_fast
+from sae_fast.cli import main
+
+assert main(["train", "--source", "synthetic", "--steps", "3", "--n-latents", "64", "--k", "4",
+             "--batch-size", "64", "--init-tokens", "64", "--no-progress", "--no-plots",
+             "--out-dir", sys.argv[1]]) == 0
+sae = sae_fast.SparseAutoencoder.load(sys.argv[1] + "/sae")
+x = torch.randn(8, sae.d_in)
+assert torch.equal(sae(x).x_hat, sae(x).x_hat)
+status = sae_fast.backend_status()
+print(status["triton"])
+"""
+
+
+def test_without_triton_the_cpu_path_trains_and_the_backend_says_why(tmp_path):
+    """triton is an extra (CUDA builds of torch bring it): without it a CPU run trains, and
+    asking for the Triton backend names the missing import."""
+    env = {"TRITON_INTERPRET": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TRITON, str(tmp_path / "run")],
+        cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "triton does not import: ModuleNotFoundError" in out.stdout.splitlines()[-1]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert not [r for r in project["dependencies"] if r.startswith("triton")]
+    assert project["optional-dependencies"]["triton"] == ["triton>=3.0"]

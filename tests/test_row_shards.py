@@ -1,5 +1,5 @@
-"""Row shards (sae_fast/row_shards.py): tensors split by rows across files, read back in any
-other split, and the damage a reader must name instead of reading wrong rows."""
+"""Row shards (sae_fast/parallel/row_shards.py): tensors split by rows across files, read
+back in any other split, and the damage a reader must name instead of reading wrong rows."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from sae_fast import files, row_shards
+from sae_fast import files
 from sae_fast.checkpoint import CheckpointError
-from sae_fast.row_shards import RowShards, index_name, shard_name, write_index, write_shard
+from sae_fast.parallel import row_shards
+from sae_fast.parallel.row_shards import RowShards, index_name, shard_name, write_index, write_shard
 
 
 def write(folder, splits, W, b):

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sae_fast import decode, encode_topk, encode_topk_auxk
-from sae_fast.sharded import (
+from sae_fast.parallel.ops import (
     shard_range,
     sharded_decode,
     sharded_encode_topk,

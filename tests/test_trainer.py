@@ -15,7 +15,8 @@ from sae_fast.training.checkpoints import list_checkpoints
 from sae_fast.training.config import ConfigError, TrainConfig
 from sae_fast.training.losses import LossWeights, auxk_term, training_loss
 from sae_fast.training.metrics import read_jsonl
-from sae_fast.training.trainer import Trainer, TrainingDivergedError, lr_factor
+from sae_fast.training.optimizer import lr_factor
+from sae_fast.training.trainer import Trainer, TrainingDivergedError
 
 
 def config(tmp_path, name: str = "run", **kw) -> TrainConfig:

@@ -15,7 +15,8 @@ from sae_fast.files import FolderInUseError
 from sae_fast.training import metrics
 from sae_fast.training.checkpoints import list_checkpoints
 from sae_fast.training.config import ConfigError, TrainConfig
-from sae_fast.training.trainer import Trainer, lr_factor
+from sae_fast.training.optimizer import lr_factor
+from sae_fast.training.trainer import Trainer
 from sae_fast.version import VERSION
 
 

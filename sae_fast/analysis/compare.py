@@ -12,6 +12,7 @@ all taken stays unassigned).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,10 +180,17 @@ def plot_cosines(matches: Matches, path: str | Path, labels: tuple[str, str] = (
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    bins = torch.linspace(-1, 1, 81).tolist()
+    both = torch.cat([matches.cos_ab, matches.cos_ba]).float()
+    # From the lowest cosine (to a tenth) to 1: the matches crowd near 1, not over [-1, 1].
+    low = max(-1.0, math.floor(both.min().item() * 10) / 10) if both.numel() else 0.0
+    bins = torch.linspace(low, 1, 41).tolist()
     a, b = labels
-    ax.hist(matches.cos_ab.tolist(), bins=bins, alpha=0.6, label=f"each {a} latent's best in {b}")
-    ax.hist(matches.cos_ba.tolist(), bins=bins, alpha=0.6, label=f"each {b} latent's best in {a}")
+    # Side by side in each bin: neither side's bars hide the other's.
+    ax.hist(
+        [matches.cos_ab.tolist(), matches.cos_ba.tolist()],
+        bins=bins,
+        label=[f"each {a} latent's best in {b}", f"each {b} latent's best in {a}"],
+    )
     ax.set_xlabel("decoder cosine of the best match")
     ax.set_ylabel("latents")
     ax.legend()

@@ -27,15 +27,16 @@ from torch import Tensor, nn
 
 from ..options import is_natural
 from ..sae import SparseAutoencoder
-from ..seeds import seeded_generator
 from ..sources.hooks import is_causal_lm
+from ..sources.seeds import seeded_generator
 from .best_k import rank_within
 from .compare import cosine_blocks, nearest_rows, unit_rows
 from .dashboard_html import density_histogram, write_dashboard
-from .feature_stats import BEFORE, FeatureStats, collect_feature_stats
+from .feature_stats import AFTER, BEFORE, TOP_EXAMPLES, WIDTH, FeatureStats, collect_feature_stats
 from .neuronpedia import neuronpedia_files
 
 SCHEMA = "sae_fast.dashboard.feature/1"
+_RUN = WIDTH // 2  # shared tokens that make two contexts one passage
 NEIGHBOURS = 10  # nearest decoder features, co-firing features
 EFFECT_TOKENS = 10  # promoted and suppressed (or nearest) tokens
 EFFECT_BLOCK = 1 << 24  # logits or cosines held at a time: 64 MiB in float32
@@ -151,6 +152,30 @@ def _example(pieces: TokenPieces, ids: Tensor, acts: Tensor) -> dict:
     }
 
 
+def distinct_contexts(ids: Tensor, limit: int) -> list[int]:
+    """The first `limit` rows of ids (c, WIDTH; -1 outside the window, best first) that repeat
+    no row kept before them: neither the same tokens (a boilerplate line met twice) nor the same
+    passage with the highlight moved by up to AFTER tokens (a run of half the width or more
+    shown in both, at most AFTER places apart)."""
+    kept: list[int] = []
+    rows: set[tuple[int, ...]] = set()
+    runs: dict[tuple[int, ...], list[int]] = {}  # a kept row's runs -> their positions
+    for i, row in enumerate(ids.tolist()):
+        if len(kept) == limit:
+            break
+        mine = [(p, tuple(row[p : p + _RUN])) for p in range(WIDTH - _RUN + 1)]
+        mine = [(p, run) for p, run in mine if min(run) >= 0]
+        if tuple(row) in rows or any(
+            abs(p - q) <= AFTER for p, run in mine for q in runs.get(run, ())
+        ):
+            continue
+        kept.append(i)
+        rows.add(tuple(row))
+        for p, run in mine:
+            runs.setdefault(run, []).append(p)
+    return kept
+
+
 def significant(value: float, digits: int = 5) -> float:
     """value to `digits` significant digits: small activations keep their size."""
     return float(f"{value:.{digits}g}")
@@ -215,10 +240,9 @@ def feature_records(
     records = []
     for row, latent in enumerate(features.tolist()):
         firings = int(stats.firings[latent])
-        examples = [
-            _example(pieces, top_ids[row, j], top_acts[row, j])
-            for j in top_filled[row].nonzero().squeeze(1).tolist()
-        ]
+        filled = top_filled[row].nonzero().squeeze(1)
+        chosen = filled[distinct_contexts(top_ids[row, filled], TOP_EXAMPLES)]
+        examples = [_example(pieces, top_ids[row, j], top_acts[row, j]) for j in chosen.tolist()]
         record = {
             "schema": SCHEMA,
             **about,

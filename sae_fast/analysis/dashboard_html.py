@@ -21,6 +21,8 @@ from torch import Tensor
 
 from ..files import atomic_folder, atomic_path
 
+FEATURES_DIR = "features"  # a dashboard's feature pages: FEATURES_DIR/INDEX.html
+
 # A dashboard's top-level files; its features/ folder is replaceable through the manifest.
 FILES = ("index.html", "data.js", "dashboard.css", "dashboard.js", "dashboard.json")
 _ASSETS = Path(__file__).parent
@@ -224,9 +226,15 @@ def index_page(meta: dict) -> str:
 PAIR_EXAMPLES = 5  # top contexts per side on a page of pairs
 
 
+def feature_href(folder: str, latent: int) -> str:
+    """The address of latent's page in the dashboard at folder (relative or not), escaped
+    for an HTML attribute."""
+    return html.escape(f"{folder}/{FEATURES_DIR}/{latent}.html", quote=True)
+
+
 def _side(label: str, folder: str, record: dict) -> str:
     i = record["index"]
-    href = html.escape(f"{folder}/features/{i}.html", quote=True)
+    href = feature_href(folder, i)
     top = "".join(
         context_html(e, record["max_activation"]) for e in record["top_examples"][:PAIR_EXAMPLES]
     )
@@ -296,11 +304,11 @@ def write_dashboard(
         for r in records
     ]  # fmt: skip
     with atomic_folder(out, replaceable=FILES) as tmp:
-        (tmp / "features").mkdir()
+        (tmp / FEATURES_DIR).mkdir()
         for pos, record in enumerate(records):
             prev = order[pos - 1] if pos > 0 else None
             nxt = order[pos + 1] if pos + 1 < len(order) else None
-            name = tmp / "features" / str(record["index"])
+            name = tmp / FEATURES_DIR / str(record["index"])
             name.with_suffix(".json").write_text(
                 _json(record, separators=(",", ":")) + "\n", encoding="utf-8"
             )

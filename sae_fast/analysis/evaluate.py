@@ -57,14 +57,16 @@ def evaluate(
     tokens: int,
     batch_size: int = 4096,
     dense_threshold: float = 0.1,
+    progress: Any = None,
 ) -> dict[str, float]:
     """mse, fvu, SAEBench's core metrics (the module docstring), dead and dense latent
-    fractions of sae over `tokens` rows of source, drawn batch_size at a time.
+    fractions of sae over `tokens` rows of source, drawn batch_size at a time; progress: a
+    tqdm-like bar updated by rows, or None.
 
     FVU divides the summed squared error by the summed squared deviation from the mean of
     all rows seen; a latent is dead here when it fired on none of them.
     """
-    return evaluate_with_frequencies(sae, source, tokens, batch_size, dense_threshold)[0]
+    return evaluate_with_frequencies(sae, source, tokens, batch_size, dense_threshold, progress)[0]
 
 
 def evaluate_with_frequencies(
@@ -73,6 +75,7 @@ def evaluate_with_frequencies(
     tokens: int,
     batch_size: int = 4096,
     dense_threshold: float = 0.1,
+    progress: Any = None,
 ) -> tuple[dict[str, float], Tensor]:
     """evaluate's metrics and, from the same pass, each latent's firing frequency (m,).
 
@@ -107,6 +110,8 @@ def evaluate_with_frequencies(
         total += x64.sum(dim=0)
         seen += raw.shape[0]
         batches += 1
+        if progress is not None:
+            progress.update(raw.shape[0])
     variance = sums["sq_norm"] - total.pow(2).sum().item() / seen
     # SAEBench's explained_variance (the module docstring), from its batch means.
     mean_sq = sums["batch_sq_norm"] / batches

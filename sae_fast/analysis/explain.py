@@ -74,10 +74,25 @@ def feature_text(row: TokenFeatures, notes: dict[int, str]) -> str:
     )
 
 
-def explain_html(rows: list[TokenFeatures], notes: dict[int, str], title: str) -> str:
+def explain_html(
+    rows: list[TokenFeatures],
+    notes: dict[int, str],
+    title: str,
+    links: dict[int, str] | None = None,
+) -> str:
     """A static page: the text with each token shaded by its largest activation (hover for
-    its latents), then a table of every token's latents with their summaries."""
+    its latents), then a table of every token's latents with their summaries; links: latent ->
+    the address of its dashboard page (escaped), for the latents that have one."""
     peak = max((f[0][1] for f in (r.features for r in rows) if f), default=1.0) or 1.0
+    links = links or {}
+
+    def cell(row: TokenFeatures) -> str:
+        return "&nbsp; ".join(
+            (f"<a href='{links[i]}'>{i}</a>" if i in links else str(i))
+            + f":{v:.2f}"
+            + (html.escape(f" [{notes[i]}]") if i in notes else "")
+            for i, v in row.features
+        )
 
     described = [html.escape(feature_text(r, notes), quote=True) for r in rows]
     spans = "".join(
@@ -86,8 +101,8 @@ def explain_html(rows: list[TokenFeatures], notes: dict[int, str], title: str) -
         for r, text in zip(rows, described, strict=True)
     )
     table = "".join(
-        f"<tr><td>{i}</td><td>{html.escape(r.token)}</td><td>{text}</td></tr>"
-        for i, (r, text) in enumerate(zip(rows, described, strict=True))
+        f"<tr><td>{i}</td><td>{html.escape(r.token)}</td><td>{cell(r) or '-'}</td></tr>"
+        for i, r in enumerate(rows)
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

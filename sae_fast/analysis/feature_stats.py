@@ -1,7 +1,7 @@
 """One streaming pass of an SAE over a text: what a feature dashboard shows of each latent.
 
 Memory is bounded by the number of features shown, not by the text: per feature its
-TOP_EXAMPLES largest activations and a uniform sample of SAMPLE_SIZE of its firings (both
+TOP_HELD largest activations and a uniform sample of SAMPLE_SIZE of its firings (both
 with their contexts, BEFORE tokens before and AFTER after, each token's activation of the
 feature; the sample also with the other latents active on its token, for co-firing: all k
 of a TopK code, the largest max(DENSE_SLOTS, 2k) of other codes), and an
@@ -20,13 +20,14 @@ from torch import Tensor, nn
 
 from ..ops import SparseCode
 from ..sae import SparseAutoencoder, eval_mode
-from ..seeds import seeded_generator
-from ..sources.model import model_activations, token_windows
+from ..sources.model import model_activations, special_tokens, token_windows
+from ..sources.seeds import seeded_generator
 from ..sources.text import documents
 from .best_k import BestK
 from .features import active_entries, active_rows
 
-TOP_EXAMPLES = 16
+TOP_EXAMPLES = 16  # shown per feature, distinct (dashboard.distinct_contexts)
+TOP_HELD = 2 * TOP_EXAMPLES  # held, so that repeats of a passage leave enough
 SAMPLE_SIZE = 32
 BEFORE, AFTER = 16, 8  # context tokens around an example's token
 WIDTH = BEFORE + 1 + AFTER
@@ -126,6 +127,14 @@ def _active_latents(code: SparseCode | Tensor, tokens: Tensor, slots: int) -> Te
     return torch.nn.functional.pad(found, (0, slots - found.shape[1]), value=-1)
 
 
+def text_tokens(tokenizer: Any, text: str, context_size: int) -> int:
+    """How many tokens text_batches gives over the whole of text (special tokens left out):
+    a progress bar's total, from one pass of the tokenizer alone."""
+    prefix, suffix = special_tokens(tokenizer)
+    windows = token_windows(tokenizer, documents(text), context_size)
+    return sum(len(window) - len(prefix) - len(suffix) for window in windows)
+
+
 def text_batches(
     model: nn.Module,
     tokenizer: Any,
@@ -188,7 +197,7 @@ class FeatureStats:
         self.row_of[features.to(device)] = torch.arange(features.numel(), device=device)
         context = {"ids": ((WIDTH,), torch.int64), "acts": ((WIDTH,), torch.float32)}
         s = features.numel()
-        self.top = BestK(s, TOP_EXAMPLES, context, device)
+        self.top = BestK(s, TOP_HELD, context, device)
         self.sample = BestK(s, SAMPLE_SIZE, {**context, "cofire": ((slots,), torch.int64)}, device)
         self.histogram = DoublingHistogram(s, HIST_BINS, device)
         self.firings = torch.zeros(n_latents, dtype=torch.int64, device=device)

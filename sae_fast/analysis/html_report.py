@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import atomic_path
+from .dashboard_html import feature_href
 
 _STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -48,9 +49,7 @@ def _fmt(value: object) -> str:
 def _card(card: FeatureCard, corpus: str, dashboard: str | None) -> str:
     name = str(card.latent)
     if dashboard is not None:
-        name = (
-            f"<a href='{html.escape(dashboard, quote=True)}/features/{card.latent}.html'>{name}</a>"
-        )
+        name = f"<a href='{feature_href(dashboard, card.latent)}'>{name}</a>"
     lines = "".join(
         f"<tr><td>{value:.3f}</td><td class='ctx'>{html.escape(left)} "
         f"<span class='hit'>{html.escape(token)}</span> {html.escape(right)}</td></tr>"

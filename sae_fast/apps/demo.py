@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..analysis.dashboard import build_dashboard
 from ..analysis.evaluate import evaluate
+from ..analysis.feature_stats import text_tokens
 from ..sources import MINILM, ModelSource, load_model, split_documents
 from ..training.checkpoints import CHECKPOINTS_DIR, RUN_CONFIG_FILE, SAE_DIR, list_checkpoints
 from ..training.config import TrainConfig
@@ -78,7 +79,8 @@ def run_demo(
         print(f"interrupted at step {result.step}; run the demo again on {out} to continue")
         return {"interrupted": True, "steps": result.step}
     sae = result.sae
-    held_out = evaluate(sae, source(held_text), eval_tokens)
+    with tqdm(total=eval_tokens, unit="tok", disable=not progress, desc="held-out eval") as bar:
+        held_out = evaluate(sae, source(held_text), eval_tokens, progress=bar)
     cards, freq, _ = feature_cards(
         sae,
         model,
@@ -91,7 +93,8 @@ def run_demo(
     )
     # The dashboard of every feature over every held-out token, which the report links to.
     board_started = time.perf_counter()
-    with tqdm(unit="tok", disable=not progress, desc="dashboard") as bar:
+    total = text_tokens(tokenizer, str(held_text), context_size) if progress else None
+    with tqdm(total=total, unit="tok", disable=not progress, desc="dashboard") as bar:
         board, _ = build_dashboard(
             sae, model, tokenizer, out / DASHBOARD_DIR,
             {"sae": str(out / SAE_DIR), "model": MINILM, "hook": hook, "text": str(held_text)},

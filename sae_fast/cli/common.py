@@ -25,12 +25,20 @@ GROUPS = {
 }
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
-    """One --flag per TrainConfig field in groups, with its help text and default."""
+# Data options of a training run alone: a command that reads an SAE's latents reads one hook
+# point (a transcoder's is the input hook point its cfg.json records).
+TRAINING_ONLY = ("hooks", "hook_in", "hook_out")
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser, groups: tuple[str, ...], omit: tuple[str, ...] = ()
+) -> None:
+    """One --flag per TrainConfig field in groups but those named in omit, with its help
+    text and default."""
     sections = {g: parser.add_argument_group(GROUPS[g]) for g in groups}
     for f in dataclasses.fields(TrainConfig):
         group = f.metadata["group"]
-        if group not in sections:
+        if group not in sections or f.name in omit:
             continue
         kind, _ = field_type(f)
         parse = {int: integer, float: decimal}.get(kind, kind)

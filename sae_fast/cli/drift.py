@@ -11,6 +11,7 @@ from pathlib import Path
 from ..options import decimal, integer
 from ..training.config import ConfigError, TrainConfig, check_device
 from .common import (
+    TRAINING_ONLY,
     SubParser,
     add_config_arguments,
     add_progress_argument,
@@ -21,6 +22,7 @@ from .common import (
     recorded_data_options,
     token_bar,
 )
+from .summary import add_json_argument, show, table
 
 
 def add_parser(sub: SubParser) -> None:
@@ -44,7 +46,8 @@ def add_parser(sub: SubParser) -> None:
         "movers.html, each mover's pages side by side",
     )
     add_progress_argument(dr)
-    add_config_arguments(dr, ("data",))
+    add_json_argument(dr)
+    add_config_arguments(dr, ("data",), omit=TRAINING_ONLY)
     dr.set_defaults(fn=run)
 
 
@@ -98,18 +101,16 @@ def run(args: argparse.Namespace) -> int:
     (freq_a, n_a), (freq_b, n_b) = found
     drift = feature_drift(freq_a, n_a, freq_b, n_b, args.alpha)
     report = {"text_a": cfg.text, "text_b": args.against, **drift.summary(args.top)}
-    print(
-        f"{report['appeared']} latents appear and {report['vanished']} vanish from A to B "
-        f"(of {sae.n_latents}, FDR {args.alpha}); Jensen-Shannon divergence "
-        f"{report['js_divergence']:.4f}"
-    )
-    for row in report["top"]:
-        print(
-            f"  latent {row['latent']:>6}  {row['direction']:<8}  {row['freq_a']:.4f} -> "
-            f"{row['freq_b']:.4f}  z {row['z']:+.1f}"
-        )
     if args.dashboard:
         _drift_dashboards(args, sae, cfg, source, report)
+    movers = table(report["top"], ("latent", "direction", "freq_a", "freq_b", "z"))
+    show(
+        args,
+        report,
+        f"{report['appeared']} latents appear and {report['vanished']} vanish from A to B "
+        f"(of {sae.n_latents}, FDR {args.alpha}); Jensen-Shannon divergence "
+        f"{report['js_divergence']:.4f}\n{movers}",
+    )
     if args.out:
         from ..files import atomic_path
 

@@ -10,12 +10,14 @@ import sys
 from ..options import integer
 from ..training.config import ConfigError, TrainConfig, check_device
 from .common import (
+    TRAINING_ONLY,
     SubParser,
     add_config_arguments,
     add_sae_pass_arguments,
     given_options,
     recorded_data_options,
 )
+from .summary import add_json_argument, metric_table, show
 
 
 def add_parser(sub: SubParser) -> None:
@@ -38,7 +40,8 @@ def add_parser(sub: SubParser) -> None:
     ev.add_argument("--ce", action="store_true", help="also CE loss recovered (causal LMs)")
     ev.add_argument("--ce-windows", type=integer, default=64, help="text windows for --ce")
     ev.add_argument("--out", help="also write the results to this JSON file")
-    add_config_arguments(ev, ("data",))
+    add_json_argument(ev)
+    add_config_arguments(ev, ("data",), omit=TRAINING_ONLY)
     ev.set_defaults(fn=run)
 
 
@@ -79,13 +82,13 @@ def run(args: argparse.Namespace) -> int:
             args.ce_windows,
             hook_in=cfg.hook_in if sae.transcoder else None,
         )
-    text = json.dumps(result, indent=2)
-    print(text)
+    histogram = "(the latents by log10 firing frequency: --json or --out)"
+    show(args, result, f"{metric_table(result)}\n{histogram}")
     if args.out:
         from ..files import atomic_path
 
         with atomic_path(args.out) as tmp:
-            tmp.write_text(text + "\n")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

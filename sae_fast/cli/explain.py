@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from ..options import integer
 from ..training.config import ConfigError, check_device
@@ -26,6 +28,11 @@ def add_parser(sub: SubParser) -> None:
     ex.add_argument("--contexts", help="reference text for the latents' summaries")
     ex.add_argument("--context-tokens", type=integer, default=20000, help="tokens of --contexts")
     ex.add_argument("--html", help="also write an HTML view here")
+    ex.add_argument(
+        "--dashboard",
+        help="this SAE's feature dashboard folder (sae-fast dashboard --out): the HTML view's "
+        "latents link to their pages there",
+    )
     ex.add_argument("--device", default="auto", help="device (auto: cuda if available)")
     ex.set_defaults(fn=run)
 
@@ -42,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
         check_int(getattr(args, name), f"--{name.replace('_', '-')}", error=ConfigError)
     if not args.text.strip():
         raise ConfigError("text: give the text to explain")
+    if args.dashboard is not None:
+        if args.html is None:
+            raise ConfigError("--dashboard links the pages of --html: give --html too")
+        if not (Path(args.dashboard) / "index.html").is_file():
+            raise ConfigError(f"--dashboard: {args.dashboard} is not a feature dashboard")
     device = resolve_device(check_device(args.device, "--device"))
     sae = SparseAutoencoder.load(args.sae, device=device)
     cfg, model, tokenizer, context_size = model_for_sae(args, sae)
@@ -56,7 +68,22 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r.token:<{pad}}  {feature_text(r, notes) or '-'}")
     if args.html:
+        links = _dashboard_links(args.dashboard, args.html, rows) if args.dashboard else {}
         with atomic_path(args.html) as tmp:
-            tmp.write_text(explain_html(rows, notes, f"{cfg.hook} of {cfg.model}"))
+            tmp.write_text(explain_html(rows, notes, f"{cfg.hook} of {cfg.model}", links))
         print(f"wrote {args.html}")
     return 0
+
+
+def _dashboard_links(dashboard: str, page: str, rows) -> dict[int, str]:
+    """latent -> the address of its page in dashboard, relative to the page written, for the
+    latents of rows the dashboard has a page of (it may show some latents only)."""
+    from ..analysis.dashboard_html import FEATURES_DIR, feature_href
+
+    folder = os.path.relpath(dashboard, start=Path(page).resolve().parent)
+    latents = {i for r in rows for i, _ in r.features}
+    return {
+        i: feature_href(Path(folder).as_posix(), i)
+        for i in sorted(latents)
+        if (Path(dashboard) / FEATURES_DIR / f"{i}.html").is_file()
+    }

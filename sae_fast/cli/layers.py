@@ -8,6 +8,7 @@ from pathlib import Path
 from ..options import integer
 from ..training.config import TrainConfig, check_device
 from .common import SubParser, check_text
+from .summary import add_json_argument, show, table
 
 
 def add_parser(sub: SubParser) -> None:
@@ -26,6 +27,7 @@ def add_parser(sub: SubParser) -> None:
     layers.add_argument("--batch-size", type=integer, default=4096, help="activations per batch")
     layers.add_argument("--ce-windows", type=integer, default=64, help="text windows for CE")
     layers.add_argument("--device", default="auto", help="device (auto: cuda if available)")
+    add_json_argument(layers)
     layers.set_defaults(fn=run)
 
 
@@ -57,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
             f"Held out: the same {rows[0]['tokens']:,} tokens of {args.text} for every SAE, "
             f"from one model pass (dead: never fired on those tokens{ce})."
         )
-    for row in rows:
-        cells = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float))
-        print(f"{row['hook']}: {cells}")
-    print(f"layer sweep report: {write_layer_report(run, rows, about)[-1]}")
+    report = write_layer_report(run, rows, about)[-1]
+    numbers = [k for k, v in rows[0].items() if isinstance(v, float)]
+    show(args, rows, table(rows, ("hook", *numbers)))
+    print(f"layer sweep report: {report}")
     return 0

@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..backends import BackendUnavailableError
     from ..checkpoint import CheckpointError
     from ..files import FolderInUseError
+    from ..parallel.layout import DistributedRunError
     from ..sources import HookPointError, SourceError
     from ..training import TrainingDivergedError
-    from ..training.layout import DistributedRunError
 
     user_errors = (
         ConfigError,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 from pathlib import Path
 
 from ..training.config import ConfigError, TrainConfig
 from .common import GROUPS, SubParser, add_config_arguments, check_text, given_options
+from .summary import RUN_COLUMNS, add_json_argument, metric_table, show, table
 
 
 def add_parser(sub: SubParser) -> None:
@@ -28,15 +28,13 @@ def add_parser(sub: SubParser) -> None:
         help="continue the run in --out-dir from its newest checkpoint, or from the "
         "checkpoint folder given",
     )
+    add_json_argument(train)
     add_config_arguments(train, tuple(GROUPS))
     train.set_defaults(fn=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import Trainer
-    from ..training.checkpoints import SAE_DIR
-    from ..training.config import resolve_device
-    from ..training.layout import (
+    from ..parallel.layout import (
         DistributedRunError,
         build_rank_source,
         close_layout,
@@ -45,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
         launched,
         local_device,
     )
-    from ..training.trainer import check_run_folder
+    from ..training import Trainer
+    from ..training.checkpoints import SAE_DIR
+    from ..training.config import resolve_device
+    from ..training.run_folder import check_run_folder
 
     cfg = config_from_args(args, tuple(GROUPS))
     # What fails fast, before a model or cache loads (10-90 s): the text, the run folder.
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(local_device(cfg.device))
     layout = init_layout(cfg, device)
     if cfg.hooks is not None:
-        return _train_hooks(cfg, args.resume or False, layout, device)
+        return _train_hooks(args, cfg, layout, device)
     finished = False
     try:
         source = build_rank_source(cfg, device, layout)
@@ -75,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         close_layout(layout, finished)
     if not layout.main:
         return 130 if result.interrupted else 0
-    print(json.dumps({"step": result.step, **result.final}, indent=2))
+    final = {"step": result.step, **result.final}
+    show(args, final, metric_table(final))
     if result.interrupted:
         return _interrupted(result.step, cfg.out_dir)
     print(f"saved the SAE to {result.out_dir / SAE_DIR}")
@@ -139,11 +141,11 @@ def _interrupted(step: int, out_dir: str) -> int:
     return 130
 
 
-def _train_hooks(cfg: TrainConfig, resume: bool | str, layout, device) -> int:
+def _train_hooks(args: argparse.Namespace, cfg: TrainConfig, layout, device) -> int:
     """cmd_train for hooks: one SAE per hook point from one model pass, then the layer
     sweep report of their training metrics."""
+    from ..parallel.layout import close_layout
     from ..training import MultiTrainer
-    from ..training.layout import close_layout
 
     finished = False
     try:
@@ -152,11 +154,12 @@ def _train_hooks(cfg: TrainConfig, resume: bool | str, layout, device) -> int:
         from ..sources import build_source
 
         source = build_source(cfg, device)
-        results = MultiTrainer(cfg, source, resume=resume, layout=layout).train()
+        results = MultiTrainer(cfg, source, resume=args.resume or False, layout=layout).train()
         finished = True
     finally:
         close_layout(layout, finished)
-    print(json.dumps({r.out_dir.name: {"step": r.step, **r.final} for r in results}, indent=2))
+    finals = {r.out_dir.name: {"step": r.step, **r.final} for r in results}
+    show(args, finals, table([{"hook": h, **f} for h, f in finals.items()], ("hook", *RUN_COLUMNS)))
     if any(r.interrupted for r in results):
         return _interrupted(results[0].step, cfg.out_dir)
     print(f"saved the SAEs to {Path(cfg.out_dir)}/HOOK/sae for the hooks {cfg.hooks}")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import checkpoint, row_shards, sae_config
+from .. import checkpoint, sae_config
 from ..files import read_json
+from ..parallel import row_shards
 from .folder import check_names
 from .registry import Config, Format, Tensors, register
 

@@ -44,6 +44,12 @@ class ActivationSource(Protocol):
     def describe(self) -> dict: ...
 
 
+def broadcasts(source: ActivationSource) -> bool:
+    """Whether source's rows are drawn by one rank and broadcast (ActivationSource); a
+    source that does not say shares one stream."""
+    return getattr(source, "broadcast_rows", False)
+
+
 def check_batch_size(n: int) -> None:
     check_int(n, "n", minimum=0, error=SourceError)
 

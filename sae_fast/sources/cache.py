@@ -34,10 +34,10 @@ from ..files import (
     save_safetensors,
 )
 from ..options import ACTIVATION_DTYPES, is_int
-from ..seeds import seeded_generator
 from ..validation import check_int, dtype_name, parse_dtype
 from .base import SourceError, check_batch_size, check_state, part_rows
 from .model import model_activations, model_description, token_windows
+from .seeds import seeded_generator
 from .text import documents
 
 FORMAT = "sae_fast_activations"

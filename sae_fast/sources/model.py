@@ -11,10 +11,10 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from ..seeds import seeded_generator
 from ..validation import check_int, dtype_name
 from .base import ShuffleBuffer, SourceError, check_state, part_rows
 from .hooks import hook_module_path, model_device, probe_hooks, run_to_hooks
+from .seeds import seeded_generator
 from .text import documents
 
 T = TypeVar("T")

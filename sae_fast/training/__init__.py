@@ -1,7 +1,11 @@
 """Training SAEs on activation sources: options, the loop, losses, metrics, run checkpoints.
 
 - config: TrainConfig (every option of `sae-fast train`, its help, file loading, checks);
-- trainer: Trainer, the step and the loop, exact resume;
+- trainer: Trainer, the step and the loop;
+- run_folder: a run folder's lock, the checkpoint a run starts from, the options a resume
+  may change, abandoned branches;
+- run_state: what a checkpoint holds of the trainer and the exact resume from it;
+- loop: the loop's logs and bar, Ctrl-C between steps;
 - multi: MultiTrainer, one SAE per hook point from one model pass;
 - losses: each activation's loss terms (reconstruction, AuxK, L1, L0, gated aux);
 - metrics: MSE/FVU/L0, dead and dense latent counters, the JSONL log;

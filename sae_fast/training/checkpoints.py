@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .. import checkpoint, row_shards
+from .. import checkpoint
 from ..files import atomic_folder, atomic_path, remove_folder, save_torch
-from ..sharded import shard_range
-from .layout import Layout, agree, shared_folder
+from ..parallel import row_shards
+from ..parallel.layout import Layout, agree, shared_folder
+from ..parallel.ops import shard_range
 from .metrics import LatentStats
 
 # A run folder: what the trainer writes, by the names every reader uses.

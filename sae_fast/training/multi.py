@@ -25,20 +25,15 @@ from pathlib import Path
 
 from ..files import atomic_path, lock_folder, read_json
 from ..options import parse_hooks
+from ..parallel.layout import Layout, local_device
 from ..sources.model import ModelSource
 from ..sources.streams import hook_streams
 from ..validation import check_fits, parse_dtype
 from . import checkpoints
 from .config import ConfigError, TrainConfig, resolve_device
-from .layout import Layout, local_device
-from .trainer import (
-    StopOnInterrupt,
-    Trainer,
-    TrainResult,
-    abandon_after,
-    parameter_bytes,
-    progress_bar,
-)
+from .loop import StopOnInterrupt, progress_bar
+from .run_folder import abandon_after
+from .trainer import Trainer, TrainResult, parameter_bytes
 
 HOOKS_KEY = "hooks"  # in out_dir/config.json: hook point -> its run's folder name
 

@@ -18,6 +18,8 @@ checkpoint's save and load.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -25,11 +27,24 @@ from ..backends.triton import DTYPES as KERNEL_DTYPES
 from ..kernels.fallback import Fallback
 from ..options import ADAM_MOMENTS
 from ..sae import SparseAutoencoder
+from .config import TrainConfig
 
 _fallback = Fallback("optimizer")
 # The torch step works through a parameter in blocks of rows of about this many bytes, so
 # its fp32 temporaries stay small (a bf16 moment read as fp32 is a copy).
 _BLOCK_BYTES = 4 << 20
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): warmup, flat, decay."""
+    warmup = cfg.warmup_steps()
+    if step < warmup:
+        return (step + 1) / warmup
+    start = int(cfg.lr_decay_start * cfg.steps)
+    if cfg.lr_decay == "none" or step < start:
+        return 1.0
+    t = (step - start) / max(cfg.steps - start, 1)
+    return 1.0 - t if cfg.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def moment_dtype(moments: str, dtype: torch.dtype) -> torch.dtype:

@@ -4,9 +4,11 @@ One optimizer step draws grad_accum micro-batches of batch_size activations from
 computes the activation's loss (losses.py) and takes one Adam step that also removes the
 decoder gradient parallel to each row and renormalises the decoder (optimizer.py). A
 checkpoint holds everything the next step depends on, so N steps, a stop and N resumed steps
-give the weights of 2N straight steps.
+give the weights of 2N straight steps. The run folder's life (lock, resume, options on
+resume, abandoned branches) is run_folder.py's; what a checkpoint holds and how the trainer
+returns to it, run_state.py's; the loop's logs, bar and Ctrl-C, loop.py's.
 
-Under torchrun the same loop runs on every process of a Layout (layout.py): each data rank
+Under torchrun the same loop runs on every process of a Layout (parallel/layout.py): each data rank
 trains on its slice of the global batch and the data group averages the gradients; each
 latent shard holds its block of the latents (ShardedSparseAutoencoder: exact sharded ops).
 The losses, metrics and latent counters are the global batch's, so any layout trains the
@@ -16,63 +18,41 @@ the run's files; every rank of data rank 0 writes its shard of the checkpoints.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import math
-import os
-import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..checkpoint import CheckpointError
-from ..files import LOCK_FILE, atomic_path, clean_stale, lock_folder
-from ..options import AUTOCAST_DTYPES, SPARSE_ACTIVATIONS, parse_matryoshka
+from ..files import atomic_path
+from ..options import AUTOCAST_DTYPES, SPARSE_ACTIVATIONS
+from ..parallel.layout import Layout, all_sum, broadcast_first, local_device
+from ..parallel.sae import ShardedSparseAutoencoder
 from ..sae import SparseAutoencoder
-from ..sharded_sae import ShardedSparseAutoencoder
-from ..sources.base import ActivationSource, part_rows
+from ..sources.base import ActivationSource, broadcasts, part_rows
 from ..validation import check_fits, parse_dtype
-from ..version import VERSION
 from . import checkpoints
-from .config import REFUSE, ConfigError, TrainConfig, resolve_device
-from .layout import Layout, agree, all_sum, broadcast_first, local_device
+from .config import ConfigError, TrainConfig, resolve_device
 from .loggers import open_sinks
+from .loop import Loop, StopOnInterrupt, log_line, progress_bar
 from .losses import LossWeights, training_loss
 from .metrics import LatentStats, MetricsLog, firing_counts, metrics_from_sums, reconstruction_sums
-from .optimizer import SaeAdam, moment_dtype
+from .optimizer import SaeAdam, lr_factor, moment_dtype
+from .run_folder import RunFolder
+from .run_state import Checkpointing
 
-RUN_LOCK = "sae-fast training run"  # what holds a run folder's lock, as messages say
 _BATCHTOPK_EMA = 0.01  # threshold estimate update rate (Bussmann et al. 2024)
 
 
 class TrainingDivergedError(RuntimeError):
     """Loss or activations became NaN/Inf; the last good checkpoint is kept."""
-
-
-@dataclass
-class Loop:
-    """A run between Trainer.running() and finish(): its last step, logs and last row."""
-
-    stop: int
-    log: MetricsLog
-    sinks: Any
-    bar: Any
-    label: str
-    started: float
-    tokens_at: int
-    row: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -86,19 +66,7 @@ class TrainResult:
     interrupted: bool
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based): warmup, flat, decay."""
-    warmup = cfg.warmup_steps()
-    if step < warmup:
-        return (step + 1) / warmup
-    start = int(cfg.lr_decay_start * cfg.steps)
-    if cfg.lr_decay == "none" or step < start:
-        return 1.0
-    t = (step - start) / max(cfg.steps - start, 1)
-    return 1.0 - t if cfg.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-class Trainer:
+class Trainer(Checkpointing):
     """Train an SAE on source as cfg says, in cfg.out_dir.
 
     resume: False starts a new run (refusing a folder that already holds checkpoints), True
@@ -121,7 +89,8 @@ class Trainer:
         self.cfg, self.source = cfg, source
         self.layout = layout = layout or Layout()
         self.out_dir = Path(cfg.out_dir)
-        self.checkpoints = self.out_dir / checkpoints.CHECKPOINTS_DIR
+        self.folder = RunFolder(self.out_dir, layout)
+        self.checkpoints = self.folder.checkpoints
         self.device = resolve_device(local_device(cfg.device))
         self.dtype = parse_dtype(cfg.dtype)
         # A transcoder's source reads (hook_in, hook_out): rows of the two side by side.
@@ -190,19 +159,13 @@ class Trainer:
         self.scale = 1.0
         self.output_scale: float | None = None  # a transcoder's target's (None: scale)
         self.batchtopk_threshold: float | None = None
-        self._lock = None
         self.acquire()
         try:
-            if layout.main:
-                for folder in (self.out_dir, self.checkpoints):
-                    clean_stale(folder)
-            found = agree(checkpoints.list_checkpoints(self.checkpoints), layout)
-            if resume:
-                self._resume(resume, found)
-            elif found:
-                raise occupied(self.out_dir)
-            else:
+            start = self.folder.start(resume)
+            if start is None:
                 self._initialise()
+            else:
+                self._resume(start)
         except BaseException:
             self.close()
             raise
@@ -250,15 +213,11 @@ class Trainer:
 
     def acquire(self) -> None:
         """Lock out_dir (again, after close()); FolderInUseError if another run holds it."""
-        if self._lock is None and self.layout.main:
-            self._lock = lock_folder(self.out_dir, RUN_LOCK)
-            self._lock.__enter__()
+        self.folder.acquire()
 
     def close(self) -> None:
         """Release out_dir (train() does at its end; a later train() takes it again)."""
-        if self._lock is not None:
-            lock, self._lock = self._lock, None
-            lock.__exit__(None, None, None)
+        self.folder.close()
 
     def _batch(self, n: int, whole: bool = False) -> Tensor:
         """This rank's rows of the next global batch of n (whole: all n, on every rank), as
@@ -267,7 +226,7 @@ class Trainer:
         part = (layout.data_rank, layout.data)
         if not layout.distributed:  # any source, part or not
             x = source.next_batch(n).to(self.device, self.dtype)
-        elif not _broadcasts(source):  # the same stream on every rank: each keeps its rows
+        elif not broadcasts(source):  # the same stream on every rank: each keeps its rows
             x = source.next_batch(n, part=(0, 1) if whole else part).to(self.device, self.dtype)
         else:  # one rank draws and sends: rank 0 to all (from its own stream), or per group
             group = None if whole else layout.latent_group
@@ -451,7 +410,7 @@ class Trainer:
                 loop.log.write(row)
                 loop.sinks.write(row)
             if not cfg.progress and main:
-                print(loop.label + _log_line(row, cfg.steps), flush=True)
+                print(loop.label + log_line(row, cfg.steps), flush=True)
             if loop.bar is not None:
                 loop.bar.set_postfix(
                     fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=row["dead_fraction"]
@@ -466,7 +425,7 @@ class Trainer:
         self.save_checkpoint()
         sae = self.export()
         if self.step == cfg.steps:
-            self._save_sae(sae, self.out_dir / checkpoints.SAE_DIR)
+            self.save_sae(sae, self.out_dir / checkpoints.SAE_DIR)
             frequencies = self._gather_latents(self.stats.frequencies())
             if cfg.plots and main:
                 from .plots import plot_run
@@ -490,20 +449,6 @@ class Trainer:
         parts = [torch.empty_like(t) for _ in range(self.layout.latent)]
         dist.all_gather(parts, t.contiguous(), group=group)
         return torch.cat(parts)
-
-    def _save_sae(self, sae: SparseAutoencoder, folder: Path) -> None:
-        """sae (this rank's shard of it) as one sae_fast folder, written by its shards."""
-        if not self.layout.distributed:
-            sae.save(folder)
-            return
-        rows, whole = self._split(sae.state_dict())
-        checkpoints.save_sharded_sae(folder, sae.config(), rows, whole, self.layout)
-
-    @staticmethod
-    def _split(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(the tensors with a row per latent, the others) of a state dict."""
-        rows = {n: t for n, t in tensors.items() if checkpoints.is_row(n, t)}
-        return rows, {n: t for n, t in tensors.items() if n not in rows}
 
     def _warn_about_short_runs(self) -> None:
         """Say when defaults meant for long runs cannot act in this one."""
@@ -547,281 +492,6 @@ class Trainer:
         with atomic_path(self.out_dir / checkpoints.RUN_CONFIG_FILE) as tmp:
             tmp.write_text(json.dumps(body, indent=2) + "\n")
 
-    # --- saving and resuming ---------------------------------------------------------------
-
-    def provenance(self) -> dict:
-        """What the SAE was trained on, for its cfg.json (sae_config.PROVENANCE_KEYS)."""
-        described = self.source.describe()
-        transcoding = self.cfg.transcoder()
-        found = {
-            "model": described.get("model"),
-            "hook": described.get("hook"),
-            "hook_in": self.cfg.hook_in if transcoding else None,
-            "hook_out": self.cfg.hook_out if transcoding else None,
-            "text": described.get("text"),
-            "tokens": self.stats.tokens,
-            "step": self.step,
-            "sae_fast_version": VERSION,
-            "source": described,
-            "train": self.cfg.to_dict(),
-            "layout": self.layout.describe() if self.layout.distributed else None,
-        }
-        return {key: value for key, value in found.items() if value is not None}
-
-    def export(self) -> SparseAutoencoder:
-        """A copy of the SAE for raw activations: input scale folded in, threshold set,
-        provenance recorded."""
-        sae = copy.deepcopy(self.sae).eval()
-        if sae.activation == "batchtopk" and self.batchtopk_threshold is not None:
-            sae.threshold.fill_(self.batchtopk_threshold)
-        sae.fold_input_scale_(self.scale, self.output_scale)
-        sae.provenance = self.provenance()
-        return sae
-
-    def _state(self) -> dict:
-        """What the step depends on besides the tensors with a row per latent."""
-        # This device's CUDA generator alone: a resume may see fewer GPUs.
-        cuda = [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []
-        return {
-            "step": self.step,
-            "config": self.cfg.to_dict(),
-            "layout": self.layout.describe(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "scale": self.scale,
-            "output_scale": self.output_scale,
-            "batchtopk_threshold": self.batchtopk_threshold,
-            "source": self.source.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "cuda": cuda},
-        }
-
-    def save_checkpoint(self) -> Path:
-        """Write the checkpoint of the current step (atomic; keeps the newest few).
-
-        Its SAE is the exported one; the state keeps the training-time values of the
-        tensors that exporting changed (the biases, thresholds), for an exact resume.
-        """
-        exported = self.export()
-        ours, theirs = self.sae.state_dict(), exported.state_dict()
-        state = self._state()
-        if self.layout.distributed:
-            return self._save_sharded(exported.config(), ours, theirs, state)
-        state["optimizer"] = self.optimizer.state_dict()
-        state["stats"] = self.stats.state_dict()
-        state["train_tensors"] = {
-            name: t for name, t in ours.items() if not torch.equal(t, theirs[name])
-        }
-        return checkpoints.save(
-            self.checkpoints,
-            self.step,
-            exported.config(),
-            theirs,
-            state,
-            self.cfg.keep_checkpoints,
-        )
-
-    def _save_sharded(
-        self, config: dict, ours: dict[str, Tensor], exported: dict[str, Tensor], state: dict
-    ) -> Path:
-        """The checkpoint as every rank's shard (checkpoints.save_sharded): the tensors
-        with a row per latent go to the row shards, train_state.pt keeps the rest."""
-        # The training-time values of what exporting may change (fold_input_scale_): all
-        # but W_dec, and but W_enc unless a transcoder's two scales rescale it; by name, so
-        # every shard stores the same names.
-        kept = ("W_dec",) if self.sae.transcoder else ("W_enc", "W_dec")
-        named = {f"param.{n}": t for n, t in ours.items() if n not in kept}
-        for name, p in self.sae.named_parameters():
-            for key, value in self.optimizer.state.get(p, {}).items():
-                named[f"adam.{name}.{key}"] = value
-        for key in LatentStats.COUNTERS:
-            named[f"stats.{key}"] = getattr(self.stats, key)
-        state["optimizer_groups"] = self.optimizer.state_dict()["param_groups"]
-        state["stats"] = {"tokens": self.stats.tokens, "window_tokens": self.stats.window_tokens}
-        # One stream per data rank: its first latent shard's (the one that draws).
-        sources = [None] * self.layout.world if self.layout.main else None
-        dist.gather_object(state["source"], sources, dst=0)
-        state["source"] = sources[:: self.layout.latent] if sources else None
-        sae_rows, sae_whole = self._split(exported)
-        return checkpoints.save_sharded(
-            self.checkpoints,
-            self.step,
-            (config, sae_rows, sae_whole),
-            self._split(named),
-            state,
-            self.cfg.keep_checkpoints,
-            self.layout,
-        )
-
-    def _resume(self, resume: bool | str | Path, found: list[Path]) -> None:
-        if resume is True:
-            if not found:
-                raise ConfigError(f"--resume: no checkpoint in {self.checkpoints}")
-            folder = found[-1]
-        else:
-            folder = Path(resume)
-        names = [name for name, _ in self.sae.named_parameters()]
-        saved = checkpoints.CheckpointState(folder, self.device, names)
-        try:
-            self._restore(saved, folder)
-        except (KeyError, TypeError, AttributeError, IndexError) as e:  # a damaged state
-            raise CheckpointError(
-                f"--resume: checkpoint {folder} is incomplete or damaged ({e!r}); resume from "
-                "another one (--resume FOLDER) or start a new run"
-            ) from None
-        if self.layout.main:
-            print(f"sae-fast: resuming {self.out_dir} from step {self.step} (checkpoint {folder})")
-            abandon_after(self.out_dir, self.step)
-        if self.layout.distributed:
-            dist.barrier()
-
-    def _restore(self, saved: checkpoints.CheckpointState, folder: Path) -> None:
-        """The run's state as saved: parameters, optimizer, schedule, counters, data
-        position, step, scales and random states."""
-        state, config = saved.state, saved.config
-        self._check_options(state["config"], state["step"], folder)
-        if (config["d_in"], config["n_latents"]) != (self.sae.d_in, self.sae.n_latents):
-            raise ConfigError(
-                f"--resume: checkpoint {folder} has d_in={config['d_in']}, "
-                f"n_latents={config['n_latents']}; this run has d_in={self.sae.d_in}, "
-                f"n_latents={self.sae.n_latents}"
-            )
-        self._load_tensors(saved)
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"] and self.scaler.is_enabled():  # fp16 on both sides of the resume
-            self.scaler.load_state_dict(state["scaler"])
-        self.stats.tokens = state["stats"]["tokens"]
-        self.stats.window_tokens = state["stats"]["window_tokens"]
-        self._load_source(state["source"], folder)
-        self.step, self.scale = state["step"], state["scale"]
-        self.output_scale = state.get("output_scale")  # (older checkpoints: SAEs only)
-        self.batchtopk_threshold = state["batchtopk_threshold"]
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if state["rng"]["cuda"] and self.device.type == "cuda":  # (older: one per GPU)
-            saved_rng = state["rng"]["cuda"]
-            index = min(self.device.index or 0, len(saved_rng) - 1) if len(saved_rng) > 1 else 0
-            torch.cuda.set_rng_state(saved_rng[index].cpu(), self.device)
-        self._apply_optimizer_options()
-
-    def _load_tensors(self, saved: checkpoints.CheckpointState) -> None:
-        """This rank's rows of the parameters, Adam's moments and the counters, from a
-        checkpoint of any layout."""
-
-        def read(name: str) -> Tensor:
-            return saved.read(name, self.offset, self.m_local)
-
-        self.sae.load_state_dict({name: read(f"param.{name}") for name in self.sae.state_dict()})
-        present = saved.names()
-        groups = saved.state.get("optimizer_groups") or saved.state["optimizer"]["param_groups"]
-        moments = {}
-        for i, (name, _) in enumerate(self.sae.named_parameters()):
-            keys = [n.rsplit(".", 1)[1] for n in present if n.startswith(f"adam.{name}.")]
-            moments[i] = {key: read(f"adam.{name}.{key}") for key in keys}
-        self.optimizer.load_state_dict({"state": moments, "param_groups": groups})
-        for key in LatentStats.COUNTERS:
-            setattr(self.stats, key, read(f"stats.{key}").to(self.device))
-
-    def _load_source(self, saved: dict | list, folder: Path) -> None:
-        """The data position: one stream's state, or one per data rank of a distributed run
-        (a stream every rank shares resumes in any layout; a model's per rank, in the same)."""
-        if isinstance(saved, dict):
-            saved = [saved]
-        rank = self.layout.data_rank if _broadcasts(self.source) else 0
-        if rank >= len(saved):
-            raise ConfigError(
-                f"--resume: checkpoint {folder} holds the data streams of {len(saved)} "
-                f"data-parallel ranks; with a model source resume with that many"
-            )
-        self.source.load_state_dict(saved[rank])
-
-    def _check_options(self, saved: dict, step: int, folder: Path) -> None:
-        """Refuse the changed options that shaped the checkpoint; log the others."""
-        # An option newer than the checkpoint had its default there.
-        was = {f.name: saved.get(f.name, f.default) for f in dataclasses.fields(TrainConfig)}
-        changed = [
-            (f, was[f.name], getattr(self.cfg, f.name))
-            for f in dataclasses.fields(TrainConfig)
-            if not self._same_option(f.name, was[f.name], getattr(self.cfg, f.name))
-        ]
-        refused = [
-            f"{f.name}={new!r} (the checkpoint has {old!r})"
-            for f, old, new in changed
-            if f.metadata["resume"] == REFUSE
-        ]
-        if refused:
-            raise ConfigError(
-                f"--resume: checkpoint {folder} was trained with other values of options "
-                f"that shape the SAE or its data: {'; '.join(refused)}; resume with the "
-                "checkpoint's values, or start a new run"
-            )
-        if self.cfg.steps < step:
-            raise ConfigError(
-                f"--resume: steps={self.cfg.steps} is below the checkpoint's step {step}: "
-                f"give --steps {step} or more"
-            )
-        for f, old, new in changed if self.layout.main else ():
-            if f.name != "out_dir":
-                print(f"sae-fast: resuming with {f.name}={new!r} (the checkpoint had {old!r})")
-
-    def _same_option(self, name: str, old: object, new: object) -> bool:
-        """Whether two values of an option mean the same run: equal, or Matryoshka prefix
-        sizes that name the same prefixes of this dictionary (16,64 and 16,64,256 of 256)."""
-        if old == new:
-            return True
-        if name == "matryoshka" and isinstance(old, str) and isinstance(new, str):
-            m = self.sae.n_latents
-            return parse_matryoshka(old, m) == parse_matryoshka(new, m)
-        return False
-
-    def _apply_optimizer_options(self) -> None:
-        """The optimizer's state holds the checkpoint's lr, betas and eps: use this run's."""
-        cfg = self.cfg
-        peak = cfg.peak_lr(self.sae.n_latents)
-        self.scheduler.base_lrs = [peak for _ in self.optimizer.param_groups]
-        for group in self.optimizer.param_groups:
-            group["initial_lr"], group["lr"] = peak, peak * lr_factor(self.step, cfg)
-            group["betas"], group["eps"] = (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps
-
-
-def occupied(out_dir: Path) -> ConfigError:
-    """The refusal of a new run in a folder that already holds checkpoints."""
-    return ConfigError(
-        f"out_dir {out_dir} already holds checkpoints: resume it (--resume) or choose "
-        "another out_dir"
-    )
-
-
-def check_run_folder(out_dir: Path, resume: bool | str, probe_lock: bool = True) -> None:
-    """Before anything slow (a model, a cache): a new run's folder holds no checkpoints, and
-    (probe_lock) no other run holds its lock. Trainer checks both again, holding the lock."""
-    if not resume and checkpoints.list_checkpoints(out_dir / checkpoints.CHECKPOINTS_DIR):
-        raise occupied(out_dir)
-    if probe_lock and (out_dir / LOCK_FILE).exists():
-        with lock_folder(out_dir, RUN_LOCK):
-            pass
-
-
-def abandon_after(out_dir: Path, step: int) -> None:
-    """Move the checkpoints of the run in out_dir newer than step (and the SAE exported from
-    them) aside, to checkpoints/abandoned-TIME-PID/, with a copy of the metrics log."""
-    root = out_dir / checkpoints.CHECKPOINTS_DIR
-    last = checkpoints.folder_name(step)
-    newer = [p for p in checkpoints.list_checkpoints(root) if p.name > last]
-    if not newer:
-        return
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    aside = root / f"abandoned-{stamp}-{os.getpid()}"
-    aside.mkdir()
-    exported = out_dir / checkpoints.SAE_DIR
-    for path in [*newer, *([exported] if exported.exists() else [])]:
-        os.rename(path, aside / path.name)
-    log = out_dir / checkpoints.METRICS_FILE
-    if log.exists():  # its rows past step go with the branch (the run's log is cut back)
-        shutil.copy2(log, aside / log.name)
-    print(
-        f"sae-fast: resumed from step {step}; moved the newer {[p.name for p in newer]} of "
-        f"the abandoned branch to {aside}"
-    )
-
 
 def parameter_bytes(n_latents: int, width: int, dtype: torch.dtype, moments: str = "param") -> int:
     """What training n_latents latents holds: W_enc's and W_dec's rows (width: d_in + d_out
@@ -838,59 +508,9 @@ def _norm_scale(x: Tensor) -> float:
     return math.sqrt(x.shape[1]) / mean_norm
 
 
-def _broadcasts(source: ActivationSource) -> bool:
-    """Whether source's rows are drawn by one rank and broadcast (ActivationSource); a
-    source that does not say shares one stream."""
-    return getattr(source, "broadcast_rows", False)
-
-
 def warn(message: str) -> None:
     """A warning about the run, on stderr as the command line's are."""
     print(f"sae-fast: warning: {message}", file=sys.stderr)
-
-
-def _log_line(row: dict, steps: int) -> str:
-    """One line of a logged row, for runs without a progress bar."""
-    return (
-        f"step {row['step']}/{steps}  fvu {row['fvu']:.4f}  l0 {row['l0']:.1f}  "
-        f"dead {row['dead_fraction']:.3f}  loss {row['loss']:.4g}  lr {row['lr']:.3g}  "
-        f"{row['tokens_per_s']:,.0f} tokens/s"
-    )
-
-
-class StopOnInterrupt:
-    """While active, the first Ctrl-C (SIGINT) asks the loop to stop after the current step.
-
-    Stopping between steps keeps model, optimizer and data position consistent for the
-    checkpoint written at exit; a second Ctrl-C interrupts at once. Outside the main thread
-    signals cannot be caught and Ctrl-C behaves as usual.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous)
-        print("\nsae-fast: stopping after this step and saving a checkpoint (Ctrl-C again aborts)")
-
-    def __enter__(self) -> StopOnInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None and not self.requested:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def progress_bar(cfg: TrainConfig, initial: int, main: bool):
-    """The tqdm bar of a run at step initial, shown when cfg.progress on the main process."""
-    from tqdm.auto import tqdm
-
-    shown = cfg.progress and main
-    return tqdm(total=cfg.steps, initial=initial, disable=not shown, unit="step")
 
 
 def train(cfg: TrainConfig, source: ActivationSource, resume: bool | str | Path = False):

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..files import atomic_folder
-from ..sharded import shard_range
-from .config import ConfigError, TrainConfig
+from ..training.config import ConfigError, TrainConfig
+from .ops import shard_range
 
 # torchrun sets these in every process it starts.
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")

@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .ops import SparseCode, decode, encode_topk, encode_topk_auxk
-from .options import is_int
+from ..ops import SparseCode, decode, encode_topk, encode_topk_auxk
+from ..options import is_int
 
 _PAD_INDEX = torch.iinfo(torch.int64).max  # candidates a small shard lacks: sort last
 

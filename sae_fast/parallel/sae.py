@@ -8,11 +8,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .ops import SparseCode
-from .options import SPARSE_ACTIVATIONS
-from .sae import SparseAutoencoder, autocast_inputs
-from .sae_config import check_hyperparameters
-from .sharded import (
+from ..ops import SparseCode
+from ..options import SPARSE_ACTIVATIONS
+from ..sae import SparseAutoencoder, autocast_inputs
+from ..sae_config import check_hyperparameters
+from .ops import (
     own_pairs,
     sharded_decode,
     sharded_encode_topk,
@@ -25,7 +25,7 @@ class ShardedSparseAutoencoder(SparseAutoencoder):
     """Latents [offset, offset + size) of an SAE of n_latents latents, on one rank of group.
 
     W_enc, b_enc, W_dec: (size, d_in), this block's rows; b_dec (d_in,) is the same on every
-    rank (its gradient comes out whole on each, sae_fast.sharded). encode and decode run the
+    rank (its gradient comes out whole on each, sae_fast.parallel.ops). encode and decode run the
     sharded ops: the code (n, k) has global indices and is the same on every rank of group,
     and so is x_hat; n_latents and config() are the whole SAE's. Dense activations (relu,
     jumprelu, gated) are not sharded.

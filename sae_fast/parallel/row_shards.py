@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from .files import atomic_path, check_regular, read_failure, read_json, save_safetensors
+from ..files import atomic_path, check_regular, read_failure, read_json, save_safetensors
 
 FORMAT = "sae_fast-row-shards"
 FORMAT_VERSION = 1
