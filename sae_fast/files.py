@@ -446,3 +446,11 @@ def lock_folder(folder: str | Path, what: str) -> Iterator[Path]:
         yield folder
     finally:
         os.close(fd)
+
+
+def check_unlocked(folder: str | Path, what: str) -> None:
+    """FolderInUseError if another process holds folder's lock (lock_folder): a check before
+    slow work (a model to load), which then takes the lock itself."""
+    if (Path(folder) / LOCK_FILE).exists():
+        with lock_folder(folder, what):
+            pass

@@ -287,6 +287,23 @@ def test_two_caches_on_one_folder(tmp_path, capsys):
         holder.wait()
 
 
+def test_cache_checks_its_text_folder_and_sizes_before_the_model(tmp_path, capsys):
+    """Each mistake is named though --model names no model: nothing was loaded before."""
+    held = tmp_path / "held"
+    write_cache(held, [torch.randn(8, 4)], tokens=8)
+    argv = ["cache", "--model", tmp_path / "no-model", "--hook", "resid_post.0", "--tokens", 64]
+    cases = [
+        (["--text", tmp_path / "missing.txt", "--out", tmp_path / "c"], "--text: "),
+        (["--out", held], "already holds an activation cache"),
+        (["--out", tmp_path / "c", "--shard-rows", "-1"], "--shard-rows"),
+        (["--out", tmp_path / "c", "--context-size", "0"], "--context-size"),
+    ]
+    for extra, message in cases:
+        assert cli(*argv, *extra) == 2, extra
+        line = error_line(capsys.readouterr().err)
+        assert message in line and "no-model" not in line, line
+
+
 def test_resume_alone_continues_a_run_from_its_folder(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli(*synthetic(run, steps=4, checkpoint_every=2)) == 0

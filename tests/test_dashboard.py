@@ -272,6 +272,12 @@ def test_token_pieces_join_as_the_tokenizer_decodes():
     pieces = TokenPieces(tokenizer)(ids)
     assert any(not p.startswith(" ") for p in pieces[1:])  # a word piece
     assert "".join(pieces).strip() == tokenizer.decode(ids)
+    # Punctuation split off words joins back as the tokenizer's decode cleans it up.
+    ids = tokenizer("It's the user's dict, or None. Don't!", add_special_tokens=False)["input_ids"]
+    pieces = TokenPieces(tokenizer)(ids)
+    assert len(pieces) == len(ids)
+    assert "".join(pieces).strip() == "it's the user's dict, or none. don't!"
+    assert "".join(pieces).strip() == tokenizer.decode(ids, clean_up_tokenization_spaces=True)
     # A byte-level BPE (GPT-2's kind), trained here: spaces live in the tokens.
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast

@@ -16,6 +16,7 @@ from transformers import BertForMaskedLM
 from sae_fast import SparseAutoencoder, reference
 from sae_fast.analysis.evaluate import ce_loss_recovered, density_histogram, evaluate
 from sae_fast.analysis.feature_stats import text_batches, text_tokens
+from sae_fast.analysis.features import collect_activations
 from sae_fast.sources import SourceError, SyntheticSource
 
 
@@ -93,6 +94,13 @@ def test_text_tokens_is_what_a_pass_over_the_whole_text_gives(tmp_path):
         batches = text_batches(model, tokenizer, "resid_post.0", str(corpus), 24, batch_size=4)
         seen = sum(ids.numel() for ids, _, _ in batches)
         assert text_tokens(tokenizer, str(corpus), 24) == seen > 200
+    # The report's pass over a text counts its tokens on a bar too.
+    model, tokenizer = tiny_causal_lm()
+    bar = _Bar()
+    sae = SparseAutoencoder(WIDTH, 64, k=4)
+    acts = collect_activations(sae, model, tokenizer, "resid_post.0", str(corpus), 24,
+                               max_windows=None, max_tokens=150, progress=bar)  # fmt: skip
+    assert sum(bar.steps) == acts.n_tokens >= 150 and len(bar.steps) > 1
 
 
 def test_an_sae_that_reconstructs_exactly():

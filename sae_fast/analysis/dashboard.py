@@ -37,6 +37,7 @@ from .neuronpedia import neuronpedia_files
 
 SCHEMA = "sae_fast.dashboard.feature/1"
 _RUN = WIDTH // 2  # shared tokens that make two contexts one passage
+_PROBE = "It's a, b. Don't!"  # punctuation a decode may space out and clean up
 NEIGHBOURS = 10  # nearest decoder features, co-firing features
 EFFECT_TOKENS = 10  # promoted and suppressed (or nearest) tokens
 EFFECT_BLOCK = 1 << 24  # logits or cosines held at a time: 64 MiB in float32
@@ -48,7 +49,9 @@ SUMMARY_TOKENS = 3
 class TokenPieces:
     """Each token id's text as it reads inside a text: ' the' for GPT-2's 'Ġthe', 'ing' for
     BERT's '##ing'. The tokenizer joins an anchor token and the token; the piece is what the
-    join adds after the anchor, so any tokenizer spells its own word boundaries."""
+    join adds after the anchor, so any tokenizer spells its own word boundaries. Where the
+    tokenizer's decode cleans up spaces it puts around punctuation (BERT's: "it ' s" ->
+    "it's"), a sequence's pieces lose those spaces too."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -56,6 +59,11 @@ class TokenPieces:
         self.anchor = tokenizer.convert_ids_to_tokens(first)[0]
         self.base = tokenizer.convert_tokens_to_string([self.anchor])
         self.known: dict[int, str] = {}
+        # Whether the tokenizer's decode cleans up spaces it puts around punctuation.
+        probe = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+        spaced = tokenizer.decode(probe, clean_up_tokenization_spaces=False)
+        cleaned = tokenizer.decode(probe, clean_up_tokenization_spaces=True)
+        self.clean = tokenizer.clean_up_tokenization if spaced != cleaned else None
 
     def __call__(self, ids: list[int]) -> list[str]:
         for i in {i for i in ids if i not in self.known}:
@@ -63,7 +71,31 @@ class TokenPieces:
             joined = self.tokenizer.convert_tokens_to_string([self.anchor, token])
             alone = self.tokenizer.convert_tokens_to_string([token])
             self.known[i] = joined[len(self.base) :] if joined.startswith(self.base) else alone
-        return [self.known[i] for i in ids]
+        pieces = [self.known[i] for i in ids]
+        return pieces if self.clean is None else _without_cleaned_spaces(pieces, self.clean)
+
+
+def _without_cleaned_spaces(pieces: list[str], clean: Any) -> list[str]:
+    """pieces with the spaces clean (which only deletes spaces: ' .' to '.', " ' " to "'")
+    removes from their join, each left in the piece it came from."""
+    joined = "".join(pieces)
+    target = clean(joined)
+    if target == joined:
+        return pieces
+    j, out = 0, []
+    for piece in pieces:
+        if target.startswith(piece, j):  # most pieces: untouched
+            out.append(piece)
+            j += len(piece)
+            continue
+        kept = []
+        for c in piece:
+            if j < len(target) and target[j] == c:
+                kept.append(c)
+                j += 1
+            # else: a space the cleanup removed
+        out.append("".join(kept))
+    return out
 
 
 def output_effect(
@@ -226,10 +258,16 @@ def _quantiles(stats: FeatureStats, row: int, pieces: TokenPieces) -> list[dict]
 
 
 def feature_records(
-    stats: FeatureStats, W_dec: Tensor, model: nn.Module, tokenizer: Any, about: dict
+    stats: FeatureStats,
+    W_dec: Tensor,
+    model: nn.Module,
+    tokenizer: Any,
+    about: dict,
+    progress: Any = None,
 ) -> tuple[list[dict], dict]:
     """(records, effect): one schema record per shown feature, in stats.features order, and
-    what the output-side effect is (kind, label). about: the SAE, model, hook and text."""
+    what the output-side effect is (kind, label). about: the SAE, model, hook and text;
+    progress: a tqdm-like bar updated once per record, or None."""
     pieces = TokenPieces(tokenizer)
     features = stats.features.cpu()
     near_cos, near = nearest_rows(W_dec, features, NEIGHBOURS)
@@ -271,6 +309,8 @@ def feature_records(
                     for t, v in zip(tokens, values[row].tolist(), strict=True)
                 ]
         records.append(record)
+        if progress is not None:
+            progress.update(1)
     return records, effect
 
 
@@ -307,11 +347,13 @@ def write_feature_dashboard(
     about: dict,
     context_size: int,
     neuronpedia: str | None = None,
+    pages: Any = None,
 ) -> tuple[dict, list[dict]]:
     """Write the dashboard folder out (dashboard_html.py) of a finished pass; returns its meta
     (dashboard.json) and the records. about: sae, model, hook, text. neuronpedia: a source
-    set name, to write Neuronpedia's batch files too (neuronpedia.py)."""
-    records, effect = feature_records(stats, sae.W_dec, model, tokenizer, about)
+    set name, to write Neuronpedia's batch files too (neuronpedia.py). pages: a tqdm-like bar
+    of 2 steps per feature (its record, its pages), or None."""
+    records, effect = feature_records(stats, sae.W_dec, model, tokenizer, about, pages)
     meta = {
         **about,
         "schema": SCHEMA,
@@ -323,7 +365,7 @@ def write_feature_dashboard(
         "density_histogram": density_histogram(stats.firings, stats.n_tokens),
     }
     extra = neuronpedia_files(records, meta, neuronpedia) if neuronpedia else None
-    write_dashboard(out, records, meta, extra)
+    write_dashboard(out, records, meta, extra, pages)
     return meta, records
 
 
@@ -340,15 +382,16 @@ def build_dashboard(
     batch_size: int = 32,
     progress: Any = None,
     neuronpedia: str | None = None,
+    pages: Any = None,
 ) -> tuple[dict, list[dict]]:
     """Stream the SAE over about["text"] at about["hook"] and write the dashboard folder out;
-    returns its meta (dashboard.json) and records. about: sae, model, hook, text.
-    neuronpedia: as write_feature_dashboard's."""
+    returns its meta (dashboard.json) and records. about: sae, model, hook, text; progress:
+    a bar of the pass's tokens; neuronpedia and pages: as write_feature_dashboard's."""
     stats = collect_feature_stats(
         sae, model, tokenizer, about["hook"], about["text"], features,
         context_size=context_size, max_tokens=max_tokens, batch_size=batch_size,
         progress=progress,
     )  # fmt: skip
     return write_feature_dashboard(
-        stats, sae, model, tokenizer, out, about, context_size, neuronpedia
+        stats, sae, model, tokenizer, out, about, context_size, neuronpedia, pages
     )

@@ -15,6 +15,7 @@ import html
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -288,12 +289,17 @@ def _json(value: object, **kw) -> str:
 
 
 def write_dashboard(
-    out: str | Path, records: list[dict], meta: dict, extra: dict[str, str] | None = None
+    out: str | Path,
+    records: list[dict],
+    meta: dict,
+    extra: dict[str, str] | None = None,
+    progress: Any = None,
 ) -> Path:
     """Write the folder (the module docstring) at out, whole or not at all; returns out.
 
     meta: sae, model, hook, text, tokens_seen, n_latents, shown, density_histogram, effect.
-    extra: more files of the folder, {relative path: text} (neuronpedia.py's).
+    extra: more files of the folder, {relative path: text} (neuronpedia.py's). progress: a
+    tqdm-like bar updated once per feature's pages, or None.
     """
     out = Path(out)
     shown = {r["index"] for r in records}
@@ -315,6 +321,8 @@ def write_dashboard(
             name.with_suffix(".html").write_text(
                 feature_page(record, shown, (prev, nxt)), encoding="utf-8"
             )
+            if progress is not None:
+                progress.update(1)
         (tmp / "dashboard.json").write_text(_json(meta, indent=2) + "\n", encoding="utf-8")
         data = _json({"meta": meta, "features": rows})
         (tmp / "data.js").write_text(f"window.SAE_DASHBOARD = {data};\n", encoding="utf-8")

@@ -73,11 +73,13 @@ def collect_activations(
     max_windows: int | None = 256,
     batch_size: int = 32,
     max_tokens: int | None = None,
+    progress: Any = None,
 ) -> Activations:
     """The SAE's latents on the first windows of documents_spec at hook.
 
     It stops after max_windows windows, or once max_tokens tokens (special tokens not
-    counted) have been seen, whichever comes first; None sets no limit.
+    counted) have been seen, whichever comes first; None sets no limit. progress: a
+    tqdm-like bar updated by tokens, or None.
     """
     param = sae.W_dec
     windows = token_windows(tokenizer, documents(documents_spec), context_size)
@@ -95,6 +97,8 @@ def collect_activations(
         parts.append((value.float().cpu(), latent.cpu(), window.cpu(), pos.cpu()))
         kept.append(ids.tolist())
         n_tokens += ids.numel()
+        if progress is not None:
+            progress.update(ids.numel())
     if not parts:
         empty = torch.zeros(0, dtype=torch.long)
         return Activations(kept, empty.float(), empty, empty, empty, 0)

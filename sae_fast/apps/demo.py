@@ -81,25 +81,30 @@ def run_demo(
     sae = result.sae
     with tqdm(total=eval_tokens, unit="tok", disable=not progress, desc="held-out eval") as bar:
         held_out = evaluate(sae, source(held_text), eval_tokens, progress=bar)
-    cards, freq, _ = feature_cards(
-        sae,
-        model,
-        tokenizer,
-        hook,
-        str(held_text),
-        context_size=context_size,
-        tokens=eval_tokens,
-        n_features=n_features,
-    )
+    with tqdm(total=eval_tokens, unit="tok", disable=not progress, desc="report features") as bar:
+        cards, freq, _ = feature_cards(
+            sae,
+            model,
+            tokenizer,
+            hook,
+            str(held_text),
+            context_size=context_size,
+            tokens=eval_tokens,
+            n_features=n_features,
+            progress=bar,
+        )
     # The dashboard of every feature over every held-out token, which the report links to.
     board_started = time.perf_counter()
     total = text_tokens(tokenizer, str(held_text), context_size) if progress else None
-    with tqdm(total=total, unit="tok", disable=not progress, desc="dashboard") as bar:
+    with (
+        tqdm(total=total, unit="tok", disable=not progress, desc="dashboard") as bar,
+        tqdm(total=2 * sae.n_latents, disable=not progress, desc="dashboard pages") as pages,
+    ):
         board, _ = build_dashboard(
             sae, model, tokenizer, out / DASHBOARD_DIR,
             {"sae": str(out / SAE_DIR), "model": MINILM, "hook": hook, "text": str(held_text)},
             torch.arange(sae.n_latents), context_size=context_size, max_tokens=None,
-            progress=bar,
+            progress=bar, pages=pages,
         )  # fmt: skip
     board_seconds = time.perf_counter() - board_started
     rows = json.loads((out / RUN_CONFIG_FILE).read_text())

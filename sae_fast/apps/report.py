@@ -154,10 +154,11 @@ def feature_cards(
     tokens: int,
     n_features: int,
     batch_size: int = 32,
+    progress: Any = None,
 ) -> tuple[list[FeatureCard], Tensor, int]:
     """(cards, frequencies (m,), tokens seen): the SAE's latents on about `tokens` tokens of
     text at the model's hook point; n_features latents spread over the firing-frequency range,
-    each with its top contexts."""
+    each with its top contexts. progress: a tqdm-like bar updated by tokens, or None."""
     acts = collect_activations(
         sae,
         model,
@@ -168,6 +169,7 @@ def feature_cards(
         max_windows=None,
         batch_size=batch_size,
         max_tokens=tokens,
+        progress=progress,
     )
     freq = acts.frequencies(sae.n_latents)
     cards = [

@@ -155,6 +155,14 @@ def token_bar(args: argparse.Namespace):
     return tqdm(total=args.tokens, unit="tok", disable=not args.progress)
 
 
+def pages_bar(args: argparse.Namespace, features: int):
+    """A tqdm bar over a dashboard's records and pages (2 steps per feature), unless
+    --no-progress."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=2 * features, desc="pages", disable=not args.progress)
+
+
 def add_sae_pass_arguments(parser: argparse.ArgumentParser, tokens_help: str) -> None:
     """--sae, --tokens, --batch-size and --device of a command that runs an SAE over data."""
     parser.add_argument("--sae", required=True, help="SAE folder (sae.safetensors + cfg.json)")

@@ -13,6 +13,7 @@ from .common import (
     add_progress_argument,
     check_text,
     model_for_sae,
+    pages_bar,
     token_bar,
 )
 
@@ -81,11 +82,11 @@ def run(args: argparse.Namespace) -> int:
     cfg, model, tokenizer, context_size = model_for_sae(args, sae)
     about = {"sae": str(args.sae), "model": cfg.model, "hook": cfg.hook, "text": args.text}
     started = time.perf_counter()
-    with token_bar(args) as bar:
+    with token_bar(args) as bar, pages_bar(args, features.numel()) as pages:
         meta, _ = build_dashboard(sae, model, tokenizer, args.out, about, features,
                                context_size=context_size, max_tokens=args.tokens,
                                batch_size=args.batch_size, progress=bar,
-                               neuronpedia=args.neuronpedia)  # fmt: skip
+                               neuronpedia=args.neuronpedia, pages=pages)  # fmt: skip
     print(
         f"wrote {Path(args.out) / 'index.html'}: {meta['shown']} features over "
         f"{meta['tokens_seen']} tokens in {time.perf_counter() - started:.1f} s"

@@ -41,6 +41,7 @@ from .seeds import seeded_generator
 from .text import documents
 
 FORMAT = "sae_fast_activations"
+CACHE_LOCK = "sae-fast cache writing"  # what holds a cache folder's lock, as messages say
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TENSOR = "activations"
@@ -73,11 +74,18 @@ def write_cache(
     if clash:
         raise SourceError(f"meta must not set the manifest's own fields {clash}")
     folder = Path(out_dir)
-    with lock_folder(folder, "sae-fast cache writing"):
-        if (folder / MANIFEST_FILE).exists():
-            raise SourceError(f"{folder} already holds an activation cache; choose another out_dir")
+    with lock_folder(folder, CACHE_LOCK):
+        check_new_cache(folder)
         clean_stale(folder)  # shards a killed writer left half-written
         return _write_shards(folder, activations, tokens, shard_rows, dtype, meta)
+
+
+def check_new_cache(out_dir: str | Path) -> None:
+    """A new cache may be written into out_dir: it holds none yet. write_cache checks again,
+    holding the folder's lock; a command checks first, before it loads a model."""
+    folder = Path(out_dir)
+    if (folder / MANIFEST_FILE).exists():
+        raise SourceError(f"{folder} already holds an activation cache; choose another out_dir")
 
 
 def _write_shards(

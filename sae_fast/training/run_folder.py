@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..files import LOCK_FILE, clean_stale, lock_folder
+from ..files import check_unlocked, clean_stale, lock_folder
 from ..options import parse_matryoshka
 from ..parallel.layout import Layout, agree
 from . import checkpoints
@@ -123,9 +123,8 @@ def check_run_folder(out_dir: Path, resume: bool | str, probe_lock: bool = True)
     (probe_lock) no other run holds its lock. Trainer checks both again, holding the lock."""
     if not resume and checkpoints.list_checkpoints(out_dir / checkpoints.CHECKPOINTS_DIR):
         raise occupied(out_dir)
-    if probe_lock and (out_dir / LOCK_FILE).exists():
-        with lock_folder(out_dir, RUN_LOCK):
-            pass
+    if probe_lock:
+        check_unlocked(out_dir, RUN_LOCK)
 
 
 def abandon_after(out_dir: Path, step: int) -> None:
