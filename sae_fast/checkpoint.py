@@ -1,8 +1,8 @@
 """The sae_fast checkpoint folder: sae.safetensors + cfg.json, written atomically.
 
 An SAE sharded by latents may be stored instead as sae-0000i-of-0000n.safetensors with
-sae.safetensors.index.json (row_shards.py), each shard written by the process that holds it;
-reading gives the same (config, tensors) as the single file.
+sae.safetensors.index.json (parallel/row_shards.py), each shard written by the process that
+holds it; reading gives the same (config, tensors) as the single file.
 
 cfg.json holds {"format": "sae_fast", "format_version": N, ...hyperparameters}; the weights
 are stored bit-exactly by safetensors. Reading checks both files and says what is wrong:

@@ -330,8 +330,8 @@ class SparseAutoencoder(nn.Module):
         does, but from seed alone, the same for each latent whichever process holds it.
 
         The rows come in blocks of _SEED_BLOCK latents, each from a generator of its own
-        (seeds.seeded_generator(seed, block)), so the latents [offset, offset + m) of a shard
-        (latent_offset) get the rows that one SAE of all the latents gives them.
+        (sources.seeds.seeded_generator(seed, block)), so the latents [offset, offset + m) of a
+        shard (latent_offset) get the rows that one SAE of all the latents gives them.
         """
         self.W_dec.copy_(self._seeded_rows(seed, self.W_dec.shape[1]))
         if self.W_enc.shape == self.W_dec.shape:

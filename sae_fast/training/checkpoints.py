@@ -7,7 +7,7 @@ and the training-time values of the few tensors folding changed, so resuming is 
 folder appears whole (files.atomic_folder) and old ones vanish whole (files.remove_folder),
 so a crash leaves complete checkpoints and hidden scratch folders that the next run removes.
 
-A distributed run's checkpoint holds the same, sharded by latents (row_shards.py): each
+A distributed run's checkpoint holds the same, sharded by latents (parallel/row_shards.py): each
 latent shard of data rank 0 writes its rows of the SAE (sae-0000i-of-0000L.safetensors, read
 by every loader as one SAE) and of the training state (train_state-*.safetensors: the
 optimizer's moments, the firing counters, the training-time biases), and rank 0 the rest of
