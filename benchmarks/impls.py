@@ -68,7 +68,10 @@ class Impl:
     def why_not(self, device: str) -> str | None:
         """None if this implementation can run on device, else the reason."""
         if self.package and importlib.util.find_spec(self.module) is None:
-            return f"{self.package} is not installed (pip install -e '.[bench]', see README)"
+            return (
+                f"{self.package} is not installed (pip install -e '.[bench]', see "
+                "docs/benchmarks.md)"
+            )
         return None
 
     def version(self) -> str | None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..options import ACTIVATION_DTYPES, integer
-from ..training.config import ConfigError, check_device
-from .common import SubParser, check_text
+from ..training.config import check_device
+from .common import SubParser, check_counts, check_text
 
 
 def add_parser(sub: SubParser) -> None:
@@ -42,14 +42,13 @@ def run(args: argparse.Namespace) -> int:
     from ..sources import cache_from_model, load_model, read_manifest
     from ..sources.cache import CACHE_LOCK, DTYPES, check_new_cache
     from ..training.config import resolve_device
-    from ..validation import check_int, parse_dtype
+    from ..validation import parse_dtype
 
     # What fails fast, before the model loads: the text, the folder, the sizes.
     check_text(args.text, "--text")
     check_new_cache(args.out)
     check_unlocked(args.out, CACHE_LOCK)
-    for name in ("tokens", "context_size", "batch_size", "shard_rows"):
-        check_int(getattr(args, name), f"--{name.replace('_', '-')}", error=ConfigError)
+    check_counts(args, "tokens", "context_size", "batch_size", "shard_rows")
     device = resolve_device(check_device(args.device, "--device"))
     model_dtype = parse_dtype(args.model_dtype) if args.model_dtype else None
     model, tokenizer = load_model(args.model, device, model_dtype)

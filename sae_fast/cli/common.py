@@ -42,7 +42,7 @@ def add_config_arguments(
             continue
         kind, _ = field_type(f)
         parse = {int: integer, float: decimal}.get(kind, kind)
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_of(f.name)
         # None means a derived default, which the help text describes.
         shown = "" if f.default is None else f" (default: {f.default})"
         # argparse %-formats help texts: a literal % must be doubled.
@@ -55,6 +55,21 @@ def add_config_arguments(
             sections[group].add_argument(
                 flag, type=parse, default=None, choices=f.metadata["choices"], help=text
             )
+
+
+def flag_of(name: str) -> str:
+    """The flag of an option's name: context_size -> --context-size."""
+    return "--" + name.replace("_", "-")
+
+
+def check_counts(args: argparse.Namespace, *names: str) -> None:
+    """Each of args' options names, where given (None: an option without a default left
+    out), a positive int; else ConfigError naming its flag."""
+    from ..validation import check_int
+
+    for name in names:
+        if getattr(args, name) is not None:
+            check_int(getattr(args, name), flag_of(name), error=ConfigError)
 
 
 def given_options(args: argparse.Namespace, groups: tuple[str, ...]) -> dict:

@@ -13,6 +13,7 @@ from .common import (
     SubParser,
     add_model_arguments,
     add_progress_argument,
+    check_counts,
     check_text,
     model_for_sae,
     recorded_data_options,
@@ -58,11 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from ..files import atomic_path, check_replaceable
     from ..sae import SparseAutoencoder
     from ..training.config import resolve_device
-    from ..validation import check_int
 
-    check_int(args.top, "--top", error=ConfigError)
-    if args.tokens is not None:
-        check_int(args.tokens, "--tokens", error=ConfigError)
+    check_counts(args, "top", "tokens")
     needs_text = [f"--{k}" for k in ("model", "hook", "tokens", "pairs") if getattr(args, k)]
     if needs_text and not args.text:
         raise ConfigError(f"{', '.join(needs_text)}: only used with --text")

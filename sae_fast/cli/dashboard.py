@@ -11,6 +11,7 @@ from .common import (
     SubParser,
     add_model_arguments,
     add_progress_argument,
+    check_counts,
     check_text,
     model_for_sae,
     pages_bar,
@@ -61,11 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from ..files import check_replaceable
     from ..sae import SparseAutoencoder
     from ..training.config import resolve_device
-    from ..validation import check_int
 
-    check_int(args.batch_size, "--batch-size", error=ConfigError)
-    if args.tokens is not None:
-        check_int(args.tokens, "--tokens", error=ConfigError)
+    check_counts(args, "batch_size", "tokens")
     check_text(args.text, "--text")
     check_replaceable(args.out, FILES)  # before the pass, not after it
     if args.neuronpedia is not None:

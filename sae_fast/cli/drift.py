@@ -16,6 +16,7 @@ from .common import (
     add_config_arguments,
     add_progress_argument,
     add_sae_pass_arguments,
+    check_counts,
     check_text,
     fit_context,
     given_options,
@@ -58,9 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from ..sources import build_source
     from ..sources.factory import model_source
     from ..training.config import resolve_device
-    from ..validation import check_int
 
-    check_int(args.top, "--top", error=ConfigError)
+    check_counts(args, "top")
     if not 0 < args.alpha < 1:
         raise ConfigError(f"--alpha must be in (0, 1), got {args.alpha}")
     device = resolve_device(check_device(args.device, "--device"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..options import integer
 from ..training.config import ConfigError, check_device
-from .common import SubParser, add_model_arguments, model_for_sae
+from .common import SubParser, add_model_arguments, check_counts, model_for_sae
 
 
 def add_parser(sub: SubParser) -> None:
@@ -43,10 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from ..files import atomic_path
     from ..sae import SparseAutoencoder
     from ..training.config import resolve_device
-    from ..validation import check_int
 
-    for name in ("top", "context_tokens"):
-        check_int(getattr(args, name), f"--{name.replace('_', '-')}", error=ConfigError)
+    check_counts(args, "top", "context_tokens")
     if not args.text.strip():
         raise ConfigError("text: give the text to explain")
     if args.dashboard is not None:

@@ -8,7 +8,8 @@ import json
 
 from ..options import ACTIVATION_DTYPES, ADAM_MOMENTS, AUTOCAST_DTYPES, integer
 from ..training.config import ConfigError, TrainConfig
-from .common import SubParser
+from .common import SubParser, check_counts
+from .summary import add_json_argument
 
 
 def add_parser(sub: SubParser) -> None:
@@ -40,7 +41,7 @@ def add_parser(sub: SubParser) -> None:
     plan.add_argument("--gpus", type=integer, default=1, help="devices of the run")
     plan.add_argument("--gpu", default="h100", choices=(*roofline.GPUS, "cpu"),
                       help="the device model (cpu: this machine's memory, no time)")  # fmt: skip
-    plan.add_argument("--json", action="store_true", help="print JSON")
+    add_json_argument(plan)
     plan.set_defaults(fn=run)
 
 
@@ -48,8 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training import roofline
     from ..validation import check_int
 
-    for flag in ("d_in", "n_latents", "k", "batch_size", "gpus"):
-        check_int(getattr(args, flag), f"--{flag.replace('_', '-')}", error=ConfigError)
+    check_counts(args, "d_in", "n_latents", "k", "batch_size", "gpus")
     check_int(args.init_tokens, "--init-tokens", minimum=0, error=ConfigError)
     if args.k > args.n_latents:
         raise ConfigError(f"--k={args.k} is larger than --n-latents={args.n_latents}")
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"predicted step {low:.2f}-{high:.2f}x the encoder GEMM "
             f"({result['gemm_ms'][0]:.2f}-{result['gemm_ms'][1]:.2f} ms) on one GPU "
-            "(a roofline, not a measurement: README > Planning a run)"
+            "(a roofline, not a measurement: docs/training.md, Planning a run)"
         )
     head = "data x latent | params | grads | Adam | step | checkpoint | total GiB | fits"
     print(head + (" | step ms" if "gemm_ms" in result else "") + " | largest n_latents")
