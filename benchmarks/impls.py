@@ -11,6 +11,9 @@ backward, Adam, and the decoder-norm handling that library does in its own train
 - SAELens (`sae-lens`, TopKTrainingSAE): as its SAETrainer does: training_forward_pass loss
   (summed squared error, mean over tokens), gradient norm clipped to 1, Adam; it rescales
   activations by decoder norms instead of renormalising.
+- sparsify[sae_fast] and saelens[sae_fast]: each peer's own step above, on the drop-in layer
+  of sae_fast.integrations (FastSparseCoder; the sae_fast_topk architecture): what a user of
+  that library gets by changing one line.
 No AuxK: every latent is alive, so all compute the same function.
 """
 
@@ -203,13 +206,18 @@ class Sparsify(_Peer):
         if w.W_enc.device.type == "cpu":
             # Its Triton decoder cannot take CPU tensors; this selects its eager one.
             os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
-        from sparsify import SparseCoder, SparseCoderConfig
+        from sparsify import SparseCoderConfig
 
         m, d = w.W_enc.shape
         cfg = SparseCoderConfig(num_latents=m, k=k)
-        sae = SparseCoder(d, cfg, device=w.W_enc.device, dtype=w.W_enc.dtype)
+        sae = self.coder_class()(d, cfg, device=w.W_enc.device, dtype=w.W_enc.dtype)
         pairs = [(sae.encoder.weight, w.W_enc), (sae.encoder.bias, w.b_enc)]
         self.adopt(sae, [*pairs, (sae.W_dec, w.W_dec), (sae.b_dec, w.b_dec)])
+
+    def coder_class(self) -> type:
+        from sparsify import SparseCoder
+
+        return SparseCoder
 
     def decode(self, code) -> Tensor:
         return self.sae.decode(code.top_acts, code.top_indices)
@@ -231,19 +239,23 @@ class SAELens(_Peer):
     module = "sae_lens"
 
     def build(self, w: Weights, k: int) -> None:
-        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
-
+        sae_class, config_class = self.classes()
         m, d = w.W_enc.shape
-        cfg = TopKTrainingSAEConfig(
+        cfg = config_class(
             d_in=d,
             d_sae=m,
             k=k,
             dtype=dtype_name(w.W_enc.dtype),
             device=str(w.W_enc.device),
         )
-        sae = TopKTrainingSAE(cfg)
+        sae = sae_class(cfg)
         pairs = [(sae.W_enc, w.W_enc.T), (sae.b_enc, w.b_enc)]  # SAELens's W_enc is (d, m)
         self.adopt(sae, [*pairs, (sae.W_dec, w.W_dec), (sae.b_dec, w.b_dec)])
+
+    def classes(self) -> tuple[type, type]:
+        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+        return TopKTrainingSAE, TopKTrainingSAEConfig
 
     def decode(self, code) -> Tensor:
         return self.sae.decode(code)
@@ -267,17 +279,45 @@ class SAELens(_Peer):
         self.zero_grad()
 
 
-PEERS = ("reference", "sparsify", "saelens")
+class SparsifyOnSaeFast(Sparsify):
+    """sparsify's step with the one-line change: FastSparseCoder (sae_fast.integrations)."""
+
+    name = "sparsify[sae_fast]"
+
+    def coder_class(self) -> type:
+        from sae_fast.integrations.sparsify import FastSparseCoder
+
+        return FastSparseCoder
+
+
+class SAELensOnSaeFast(SAELens):
+    """SAELens's step with the one-line change: the sae_fast_topk architecture."""
+
+    name = "saelens[sae_fast]"
+
+    def classes(self) -> tuple[type, type]:
+        from sae_fast.integrations import saelens
+
+        return saelens.FastTopKTrainingSAE, saelens.FastTopKTrainingSAEConfig
+
+
+PEERS = ("reference", "sparsify", "sparsify[sae_fast]", "saelens", "saelens[sae_fast]")
 
 
 def make(name: str) -> Impl:
-    """An implementation by name: sae_fast[BACKEND], sae_fast-matryoshka[BACKEND], reference,
-    sparsify or saelens."""
+    """An implementation by name: sae_fast[BACKEND], sae_fast-matryoshka[BACKEND], or one of
+    PEERS (the peers, and each peer's own step on sae_fast's drop-in layer)."""
     if name.startswith("sae_fast[") and name.endswith("]"):
         return SaeFast(name[len("sae_fast[") : -1])
     if name.startswith("sae_fast-matryoshka[") and name.endswith("]"):
         return SaeFastMatryoshka(name[len("sae_fast-matryoshka[") : -1])
-    factories = {"reference": Reference, "sparsify": Sparsify, "saelens": SAELens}
+    factories = {
+        "reference": Reference,
+        "sparsify": Sparsify,
+        "sparsify[sae_fast]": SparsifyOnSaeFast,
+        "saelens": SAELens,
+        "saelens[sae_fast]": SAELensOnSaeFast,
+    }
     if name not in factories:
         raise ValueError(f"unknown implementation {name!r}")
     return factories[name]()

@@ -6,8 +6,10 @@ All ops are differentiable with respect to every floating input.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from . import backends
@@ -100,3 +102,36 @@ def decode(
     check_decode(values, indices, W_dec, b_dec)
     impl = backends.resolve(backend, values, W_dec)
     return impl.decode(values, indices.long(), W_dec, b_dec)
+
+
+def batch_topk(
+    topk: Callable[[int], SparseCode],
+    n: int,
+    m: int,
+    budget: int,
+    width: int,
+    candidates: SparseCode | None = None,
+) -> SparseCode:
+    """The top `budget` of relu(pre) over a batch of n rows (BatchTopK), from per-row TopK codes.
+
+    topk(width) -> SparseCode (n, width): the rows' TopK codes (e.g. encode_topk over the batch);
+    m latents; candidates: a first (n, width) code, if one was computed. A row can hold more than
+    k of the batch's winners, so each row offers `width` candidates; if some row had all of its
+    positive candidates selected, its next latent might also win, and the selection is redone
+    with twice the width. The kept entries of each row are a prefix of its canonical order, so
+    the code (n, w) is trimmed to the widest, the others' values zero.
+    """
+    while True:
+        code = topk(width) if candidates is None else candidates
+        candidates = None
+        device = code.values.device
+        order = torch.sort(code.values.detach().reshape(-1), descending=True, stable=True)
+        keep = torch.zeros(n * width, dtype=torch.bool, device=device)
+        keep[order.indices[:budget]] = True
+        keep = keep.reshape(n, width)
+        saturated = keep.all(dim=1) & (code.values[:, -1] > 0)
+        if width == m or not bool(saturated.any()):
+            break
+        width = min(m, 2 * width)
+    used = int(keep.sum(dim=1).max()) if n else 0
+    return SparseCode(code.values[:, :used] * keep[:, :used], code.indices[:, :used])

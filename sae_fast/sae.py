@@ -244,29 +244,12 @@ class SparseAutoencoder(nn.Module):
         return min(self.n_latents, 2 * self.k)
 
     def _batchtopk(self, x: Tensor, candidates: SparseCode | None = None) -> SparseCode:
-        """Top n*k of relu(pre) over the batch x (n, d), from per-row TopK candidates.
-
-        A row can hold more than k of the batch's winners, so each row offers `width`
-        candidates (a first set may be given); if some row had all of its positive candidates
-        selected, its next latent might also win, and the selection is redone with twice the
-        width. The kept entries of each row are a prefix of its canonical order, so the code
-        is trimmed to the widest.
-        """
-        n, m, budget = x.shape[0], self.n_latents, x.shape[0] * self.k
-        width = self._candidates()
-        while True:
-            code = self._topk(x, width) if candidates is None else candidates
-            candidates = None
-            order = torch.sort(code.values.detach().reshape(-1), descending=True, stable=True)
-            keep = torch.zeros(n * width, dtype=torch.bool, device=x.device)
-            keep[order.indices[:budget]] = True
-            keep = keep.reshape(n, width)
-            saturated = keep.all(dim=1) & (code.values[:, -1] > 0)
-            if width == m or not bool(saturated.any()):
-                break
-            width = min(m, 2 * width)
-        used = int(keep.sum(dim=1).max()) if n else 0
-        return SparseCode(code.values[:, :used] * keep[:, :used], code.indices[:, :used])
+        """Top n*k of relu(pre) over the batch x (n, d) (ops.batch_topk)."""
+        n = x.shape[0]
+        return ops.batch_topk(
+            lambda width: self._topk(x, width), n, self.n_latents, n * self.k,
+            self._candidates(), candidates,
+        )  # fmt: skip
 
     # --- decoding -------------------------------------------------------------------------
 

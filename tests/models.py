@@ -60,3 +60,14 @@ def tiny_bert(seed: int = 0) -> tuple[BertModel, object]:
         pad_token_id=tokenizer.pad_token_id,
     )
     return _seeded(lambda: BertModel(config), seed), tokenizer
+
+
+def tiny_hooked_transformer(seed: int = 0):
+    """A 2-layer TransformerLens HookedTransformer of width 32 over 100 tokens, built offline."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    config = HookedTransformerConfig(
+        n_layers=N_LAYERS, d_model=WIDTH, n_ctx=16, d_head=8, n_heads=4, d_vocab=100,
+        act_fn="relu", d_mlp=64, seed=seed,
+    )  # fmt: skip
+    return _seeded(lambda: HookedTransformer(config), seed)

@@ -29,6 +29,7 @@ LAYERS = [
     ("module", ["sae_fast.sae", "sae_fast.parallel.sae"]),
     ("training", ["sae_fast.training", "sae_fast.parallel"]),
     ("analysis", ["sae_fast.analysis"]),
+    ("integrations", ["sae_fast.integrations"]),
     ("apps", ["sae_fast.apps"]),
     ("package", ["sae_fast"]),
     ("cli", ["sae_fast.cli", "sae_fast.__main__"]),

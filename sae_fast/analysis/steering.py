@@ -247,6 +247,19 @@ class SAESite:
         return x_hat.to(h.device, h.dtype)
 
 
+def check_site(sae: SparseAutoencoder, hook_in: object | None) -> None:
+    """An SAE that can be spliced in: a SparseAutoencoder, with hook_in exactly if it is a
+    transcoder (which reads hook_in and replaces hook)."""
+    if not isinstance(sae, SparseAutoencoder):
+        raise TypeError(f"sae must be a SparseAutoencoder, got {type(sae).__name__}")
+    if sae.transcoder != (hook_in is not None):
+        raise ValueError(
+            "a transcoder reads hook_in and replaces hook: give both"
+            if sae.transcoder
+            else "hook_in is a transcoder's, and this SAE is not one"
+        )
+
+
 @contextmanager
 def attach(
     model: nn.Module,
@@ -267,14 +280,7 @@ def attach(
     A transcoder reads hook_in's output and its prediction replaces hook's output (with
     add_error, hook's output plus the edits' change).
     """
-    if not isinstance(sae, SparseAutoencoder):
-        raise TypeError(f"sae must be a SparseAutoencoder, got {type(sae).__name__}")
-    if sae.transcoder != (hook_in is not None):
-        raise ValueError(
-            "a transcoder reads hook_in and replaces hook: give both"
-            if sae.transcoder
-            else "hook_in is a transcoder's, and this SAE is not one"
-        )
+    check_site(sae, hook_in)
     with ExitStack() as stack:
         read = stack.enter_context(capture(model, hook_in)) if hook_in is not None else None
         site = SAESite(hook, sae, add_error, edits, read)
