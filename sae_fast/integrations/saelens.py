@@ -83,12 +83,13 @@ class _FastPath:
         return self.W_dec.norm(dim=-1) if self.cfg.rescale_acts_by_decoder_norm else None
 
     def _encoder(self, norms: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(W_enc (m, d), b_enc (m,)) in sae_fast's layout; with norms, rescaled:
+        """(W_enc (m, d), b_enc (m,)) in sae_fast's layout, row-major (the encoder reads and
+        gathers rows; SAELens's W_enc is (d, m)); with norms, rescaled:
         (x @ W + b) * n = x @ (W * n) + b * n."""
-        W_enc, b_enc = self.W_enc.T, self.b_enc
+        W_enc = self.W_enc.T.contiguous()
         if norms is None:
-            return W_enc, b_enc
-        return W_enc * norms[:, None], b_enc * norms
+            return W_enc, self.b_enc
+        return W_enc * norms[:, None], self.b_enc * norms
 
     def _topk(self, sae_in: Tensor, k: int, norms: Tensor | None) -> SparseCode:
         """sae_in (n, d), already through process_sae_in -> TopK code (n, k) of the (rescaled)
