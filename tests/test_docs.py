@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from integrations import require
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -53,6 +54,47 @@ def test_the_steering_examples_on_gpt2_and_minilm(tmp_path, monkeypatch):
     assert torch.allclose(minilm["same"], minilm["clean"], atol=1e-5)  # add_error: exact
     assert minilm["latents"].shape[::2] == (2, 3072)
     assert (minilm["moved"] > 1e-4).all()  # the clamp moved both sentences' embeddings
+
+
+def test_the_saelens_page_trains_through_saelenss_runner(tmp_path, monkeypatch):
+    require("sae_lens", load=False)
+    monkeypatch.chdir(tmp_path)
+    runner, hooked = run_examples(DOCS / "saelens.md")
+    assert type(runner["trained"]).__name__ == "FastTopKTrainingSAE"
+    assert type(runner["plain"]).__name__ == "TopKSAE"
+    assert hooked["logits"].shape == (2, 16, 100)
+
+
+def test_the_sparsify_page_trains_through_sparsifys_trainer(tmp_path, monkeypatch):
+    sparsify_trainer = require("sparsify.trainer")
+    monkeypatch.chdir(tmp_path)
+    # The page patches sparsify for good (use_in_trainer()) and sets an env var: undo both.
+    monkeypatch.setattr(sparsify_trainer, "SparseCoder", sparsify_trainer.SparseCoder)
+    monkeypatch.setenv("SPARSIFY_DISABLE_TRITON", "1")
+    (page,) = run_examples(DOCS / "sparsify.md")
+    assert (tmp_path / "sparsify_out" / "run" / "h.0" / "sae.safetensors").is_file()
+    assert type(page["fast"]).__name__ == "FastSparseCoder"
+
+
+def test_the_transformer_lens_page_splices_steers_and_reads(tmp_path, monkeypatch):
+    require("transformer_lens", load=False)
+    (page,) = run_examples(DOCS / "transformer_lens.md")
+    assert page["values"].shape == page["indices"].shape == (2, 12, 8)
+    assert not torch.allclose(page["spliced"], page["clean"])
+    assert not torch.allclose(page["steered"], page["clean"])
+    assert page["replaced"].shape == page["clean"].shape
+
+
+def test_the_nnsight_page_runs_as_a_script(tmp_path):
+    """nnsight finds a trace by its source file, and patches every object on import: the
+    page's example runs as a file, in a Python of its own."""
+    require("nnsight", load=False)
+    (block,) = re.findall(r"```python\n(.*?)```", (DOCS / "nnsight.md").read_text(), flags=re.S)
+    script = tmp_path / "nnsight_page.py"
+    script.write_text(block + "\nassert values.shape == (2, 12, 8)\nprint(replaced.shape)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "torch.Size([2, 12, 100])"
 
 
 def _links(page: Path) -> list[str]:
