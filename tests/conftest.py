@@ -6,6 +6,7 @@ anything else imports torch or triton.
 
 import os
 import shutil
+import signal
 
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -21,3 +22,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def signal_handlers_kept():
+    """SAELens's runners install SIGINT and SIGTERM handlers for good: put the previous ones
+    back after the test, so the rest of the session sees the handlers it started with."""
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in kept.items():
+        signal.signal(sig, handler)

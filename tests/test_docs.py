@@ -56,6 +56,7 @@ def test_the_steering_examples_on_gpt2_and_minilm(tmp_path, monkeypatch):
     assert (minilm["moved"] > 1e-4).all()  # the clamp moved both sentences' embeddings
 
 
+@pytest.mark.usefixtures("signal_handlers_kept")
 def test_the_saelens_page_trains_through_saelenss_runner(tmp_path, monkeypatch):
     require("sae_lens", load=False)
     monkeypatch.chdir(tmp_path)

@@ -17,6 +17,7 @@ from integrations import require
 from models import tiny_hooked_transformer
 
 sae_lens = require("sae_lens")
+pytestmark = pytest.mark.usefixtures("signal_handlers_kept")
 from sae_lens.saes.batchtopk_sae import (  # noqa: E402
     BatchTopKTrainingSAE,
     BatchTopKTrainingSAEConfig,
@@ -134,8 +135,9 @@ def test_training_step_equals_saelens(kind, dead, rescale):
 
 
 @pytest.mark.parametrize("rescale", [True, False], ids=["rescaled", "not rescaled"])
-def test_encode_decode_forward_equal_saelens(rescale):
-    theirs, ours = pair("topk", rescale_acts_by_decoder_norm=rescale)
+@pytest.mark.parametrize("kind", ["topk", "batchtopk"])
+def test_encode_decode_forward_equal_saelens(kind, rescale):
+    theirs, ours = pair(kind, rescale_acts_by_decoder_norm=rescale)
     x = inputs(theirs).reshape(1, N, D)  # leading dims, as a hooked model gives them
     for sae in (theirs, ours):
         sae.zero_grad()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from integrations import require
-from models import WIDTH, tiny_hooked_transformer
+from models import WIDTH, tiny_causal_lm, tiny_hooked_transformer
 
 require("transformer_lens", load=False)
 
@@ -104,3 +104,25 @@ def test_a_wrong_hook_name_is_named(model):
     for error, message, hook, sae, hook_in in cases:
         with pytest.raises(error, match=message), attach(model, hook, sae, hook_in=hook_in):
             pass
+
+
+def test_transformer_bridge_splices_as_the_plain_model_does():
+    """TransformerLens 3's TransformerBridge (over a transformers model) takes the same splice;
+    the oracle is analysis.steering's attach on the wrapped model itself."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from sae_fast.analysis.steering import attach as attach_hf
+
+    hf, tokenizer = tiny_causal_lm()
+    bridge = TransformerBridge.boot_transformers("gpt2", hf_model=hf, tokenizer=tokenizer)
+    sae = make_sae()
+    ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102]])
+    with attach_hf(hf, "transformer.h.0", sae):
+        want = hf(ids).logits
+    with attach(bridge, "blocks.0.hook_resid_post", sae) as site:
+        got = bridge(ids)
+    torch.testing.assert_close(got, want, **TOL)
+    assert isinstance(site.code, SparseCode) and site.code.values.shape == (1, 7, 4)
+    logits, codes = run_with_sparse_cache(bridge, ids, saes={"blocks.0.hook_resid_post": sae})
+    torch.testing.assert_close(logits, hf(ids).logits, atol=0, rtol=0)
+    torch.testing.assert_close(codes["blocks.0.hook_resid_post"].values, site.code.values)

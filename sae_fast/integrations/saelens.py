@@ -112,12 +112,13 @@ class _FastPath:
         x_hat = self.hook_sae_recons(self._gather(code, norms, self.b_dec))
         return self.run_time_activation_norm_fn_out(x_hat)
 
-    def _sparse_forward(self, x: Tensor) -> tuple[SparseCode, Tensor, Tensor | None]:
-        """x (..., d) -> (code (n, w), sae_out (n, d), norms) over the flattened rows."""
+    def _sparse_forward(self, x: Tensor) -> tuple[Tensor, SparseCode, Tensor, Tensor | None]:
+        """x (..., d) -> (sae_in (n, d) through process_sae_in, code (n, w), sae_out (n, d),
+        norms) over the flattened rows."""
         sae_in = self.process_sae_in(x).reshape(-1, self.cfg.d_in)
         norms = self._norms()
         code = self._code(sae_in, norms)
-        return code, self._decode_code(code, norms), norms
+        return sae_in, code, self._decode_code(code, norms), norms
 
     def encode(self, x: Tensor) -> Tensor:
         """x (..., d_in) -> dense feature activations (..., d_sae), as SAELens's encode."""
@@ -134,7 +135,7 @@ class _FastPath:
         """x (..., d_in) -> the reconstruction (..., d_in), decoded from the sparse code."""
         if self.use_error_term or not self._fast():
             return super().forward(x)
-        _, sae_out, _ = self._sparse_forward(x)
+        sae_out = self._sparse_forward(x)[2]
         return self.hook_sae_output(sae_out.reshape(x.shape))
 
 
@@ -158,10 +159,7 @@ class _FastTraining(_FastPath):
         if not self._fast():
             return super().training_forward_pass(step_input)
         x = step_input.sae_in
-        sae_in = self.process_sae_in(x)
-        norms = self._norms()
-        code = self._code(sae_in, norms)
-        sae_out = self._decode_code(code, norms)
+        sae_in, code, sae_out, norms = self._sparse_forward(x)
         mse = self.mse_loss_fn(sae_out, x).sum(dim=-1).mean()
         aux = self._auxk(x, sae_in, sae_out, step_input.dead_neuron_mask, norms)
         # SAELens's order of the losses, and of their sum.
