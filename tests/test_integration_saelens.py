@@ -8,12 +8,10 @@ Every comparison is in float64, where the two sides differ only by the order of 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from integrations import require
+from integrations import require, without_sae_fast
 from models import tiny_hooked_transformer
 
 sae_lens = require("sae_lens")
@@ -250,31 +248,14 @@ def test_saelens_runner_trains_ours_as_it_trains_its_own(tmp_path, kind):
     assert (ours_dir / "sparsity.safetensors").exists()
     x = torch.randn(20, 32)
     want = SAE.load_from_disk(str(theirs_dir))(x)
-    got = saelens_without_sae_fast(ours_dir, x, tmp_path)
+    loads = f"from sae_lens import SAE\nsae = SAE.load_from_disk({str(ours_dir)!r})\n"
+    got, printed = without_sae_fast(loads + "y = sae(x)\nprint(type(sae).__name__)", x, tmp_path)
+    assert printed == {"topk": "TopKSAE", "batchtopk": "JumpReLUSAE"}[kind]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     # And in sae_fast: its own loader reads SAELens's folder.
     loaded = SparseAutoencoder.load(ours_dir)
     assert loaded.activation == {"topk": "topk", "batchtopk": "jumprelu"}[kind]
     torch.testing.assert_close(loaded(x).x_hat, got, atol=1e-5, rtol=1e-4)
-
-
-def saelens_without_sae_fast(folder, x: torch.Tensor, tmp_path) -> torch.Tensor:
-    """SAE.load_from_disk(folder)(x) in a fresh Python where importing sae_fast fails."""
-    torch.save(x, tmp_path / "x.pt")
-    script = (
-        "import sys, torch\n"
-        "sys.modules['sae_fast'] = None  # importing sae_fast now raises ImportError\n"
-        "from sae_lens import SAE\n"
-        f"sae = SAE.load_from_disk({str(folder)!r})\n"
-        "assert not any(m.startswith('sae_fast') for m in sys.modules if sys.modules[m])\n"
-        f"torch.save(sae(torch.load({str(tmp_path / 'x.pt')!r})).detach(), "
-        f"{str(tmp_path / 'y.pt')!r})\n"
-        "print(type(sae).__name__)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() in ("TopKSAE", "JumpReLUSAE")
-    return torch.load(tmp_path / "y.pt")
 
 
 def test_multi_sae_runner_trains_ours(tmp_path):

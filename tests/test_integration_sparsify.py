@@ -9,12 +9,10 @@ order within a row is unspecified, so the codes are compared row by row in sorte
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from integrations import require
+from integrations import require, without_sae_fast
 
 # sparsify's Triton decoder cannot take CPU tensors; this selects its eager one, as the
 # benchmark does (it must be set before sparsify is imported).
@@ -165,25 +163,11 @@ def test_trainer_trains_ours_as_it_trains_its_own(tmp_path):
     folder = tmp_path / "ours" / "h.0"
     x = torch.randn(20, 32)
     want = ours["h.0"](x).sae_out.detach()
-    torch.testing.assert_close(sparsify_without_sae_fast(folder, x, tmp_path), want)
+    loads = (
+        f"from sparsify import SparseCoder\ncoder = SparseCoder.load_from_disk({str(folder)!r})\n"
+        "assert type(coder) is SparseCoder\ny = coder(x).sae_out"
+    )
+    torch.testing.assert_close(without_sae_fast(loads, x, tmp_path)[0], want)
     loaded = fast_sparsify.FastSparseCoder.load_from_disk(folder)
     assert type(loaded) is fast_sparsify.FastSparseCoder
     torch.testing.assert_close(loaded(x).sae_out, want)
-
-
-def sparsify_without_sae_fast(folder, x: torch.Tensor, tmp_path) -> torch.Tensor:
-    """SparseCoder.load_from_disk(folder)(x).sae_out in a Python where sae_fast cannot import."""
-    torch.save(x, tmp_path / "x.pt")
-    script = (
-        "import sys, torch\n"
-        "sys.modules['sae_fast'] = None\n"
-        "from sparsify import SparseCoder\n"
-        f"coder = SparseCoder.load_from_disk({str(folder)!r})\n"
-        "assert type(coder) is SparseCoder\n"
-        f"out = coder(torch.load({str(tmp_path / 'x.pt')!r})).sae_out.detach()\n"
-        f"torch.save(out, {str(tmp_path / 'y.pt')!r})\n"
-    )
-    env = {**os.environ, "SPARSIFY_DISABLE_TRITON": "1"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(tmp_path / "y.pt")
