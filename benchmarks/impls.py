@@ -260,6 +260,10 @@ class SAELens(_Peer):
     def decode(self, code) -> Tensor:
         return self.sae.decode(code)
 
+    def forward(self, x: Tensor) -> Tensor:
+        # The module's forward: on sae_fast's layer the sparse decoder the step uses.
+        return self.sae(x)
+
     def loss(self, x: Tensor) -> Tensor:
         from sae_lens.saes.sae import TrainStepInput
 

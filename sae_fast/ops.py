@@ -121,6 +121,10 @@ def batch_topk(
     with twice the width. The kept entries of each row are a prefix of its canonical order, so
     the code (n, w) is trimmed to the widest, the others' values zero.
     """
+    if not 1 <= width <= m:
+        raise ValueError(f"width must be in [1, m={m}], got {width}")
+    if not 0 <= budget <= n * m:
+        raise ValueError(f"budget must be in [0, n*m={n * m}], got {budget}")
     while True:
         code = topk(width) if candidates is None else candidates
         candidates = None
@@ -133,5 +137,6 @@ def batch_topk(
         if width == m or not bool(saturated.any()):
             break
         width = min(m, 2 * width)
-    used = int(keep.sum(dim=1).max()) if n else 0
+    # At least one column, all zeros where nothing is kept (a budget of 0): a code to decode.
+    used = max(int(keep.sum(dim=1).max()) if n else 0, 1)
     return SparseCode(code.values[:, :used] * keep[:, :used], code.indices[:, :used])

@@ -475,12 +475,13 @@ def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
     """Cast to the autocast dtype when autocast is on for their device, else as they are.
 
     torch.autocast casts only its own ops; the sparse ops need x and weights in one dtype.
+    As autocast does, float64 tensors keep their dtype.
     """
     device = tensors[0].device.type
     if not torch.is_autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) for t in tensors)
+    return tuple(t if t.dtype == torch.float64 else t.to(dtype) for t in tensors)
 
 
 def geometric_median(x: Tensor, start: Tensor, max_iter: int = 100, tol: float = 1e-6) -> Tensor:

@@ -2,7 +2,8 @@
 SAELens's own classes with the same weights, its runner training on them, and what it saves
 loading in SAELens without sae_fast and in sae_fast.
 
-Every comparison is in float64, where the two sides differ only by the order of their sums.
+The comparisons of one step are in float64, where the two sides differ only by the order of
+their sums (1e-12); those of SAELens's runners and HookedSAETransformer in float32 (1e-5).
 """
 
 from __future__ import annotations
@@ -38,27 +39,27 @@ from sae_fast.integrations import saelens as fast_saelens  # noqa: E402
 D, M, K, N = 24, 96, 5, 37
 TOL = {"atol": 1e-12, "rtol": 1e-10}
 
+# kind: (SAELens's class, its config class, our architecture, extra config fields)
 TRAINING = {
-    "topk": (TopKTrainingSAE, TopKTrainingSAEConfig, {}),
-    "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, {}),
+    "topk": (TopKTrainingSAE, TopKTrainingSAEConfig, "sae_fast_topk", {}),
+    "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, "sae_fast_batchtopk", {}),
     "matryoshka": (
         MatryoshkaBatchTopKTrainingSAE,
         MatryoshkaBatchTopKTrainingSAEConfig,
+        "sae_fast_matryoshka_batchtopk",
         {"matryoshka_widths": [12, 40, M]},
     ),
 }
 
 
-ARCH = {"matryoshka": "matryoshka_batchtopk"}
-
-
 def randomized(sae: SAE, seed: int = 0) -> SAE:
     """sae with decoder rows of norms 0.5 to 1.5, negative encoder biases and a random b_dec."""
     g = torch.Generator().manual_seed(seed)
+    m, d = sae.W_dec.shape
     with torch.no_grad():
-        sae.W_dec.mul_(torch.rand(M, 1, generator=g, dtype=torch.float64) + 0.5)
-        sae.b_enc.copy_(-0.1 - 0.2 * torch.rand(M, generator=g, dtype=torch.float64))
-        sae.b_dec.copy_(torch.randn(D, generator=g, dtype=torch.float64))
+        sae.W_dec.mul_(torch.rand(m, 1, generator=g).to(sae.W_dec.dtype) + 0.5)
+        sae.b_enc.copy_(-0.1 - 0.2 * torch.rand(m, generator=g))
+        sae.b_dec.copy_(torch.randn(d, generator=g))
     return sae
 
 
@@ -71,8 +72,9 @@ def inputs(sae: SAE, seed: int = 1) -> torch.Tensor:
 
 def pair(kind: str, **kw) -> tuple[TrainingSAE, TrainingSAE]:
     """(SAELens's training SAE, ours from fast()) with the same random weights."""
-    cls, config_class, extra = TRAINING[kind]
-    theirs = randomized(cls(config_class(d_in=D, d_sae=M, k=K, dtype="float64", **extra, **kw)))
+    cls, config_class, _, extra = TRAINING[kind]
+    fields = {"d_in": D, "d_sae": M, "k": K, "dtype": "float64", **extra, **kw}
+    theirs = randomized(cls(config_class(**fields)))
     return theirs, fast_saelens.fast(theirs)
 
 
@@ -122,7 +124,7 @@ DEAD = {
 def test_training_step_equals_saelens(kind, dead, rescale):
     theirs, ours = pair(kind, rescale_acts_by_decoder_norm=rescale)
     x = inputs(theirs)
-    assert ours.cfg.architecture() == f"sae_fast_{ARCH.get(kind, kind)}"
+    assert ours.cfg.architecture() == TRAINING[kind][2]
     got, want = step(ours, x, dead), step(theirs, x, dead)
     assert got["is_sparse"], "our feature_acts must be sparse: no dense (n, m) tensor"
     assert_same_step(want, got)
@@ -133,7 +135,7 @@ def test_training_step_equals_saelens(kind, dead, rescale):
 
 
 @pytest.mark.parametrize("rescale", [True, False], ids=["rescaled", "not rescaled"])
-@pytest.mark.parametrize("kind", ["topk", "batchtopk"])
+@pytest.mark.parametrize("kind", TRAINING)
 def test_encode_decode_forward_equal_saelens(kind, rescale):
     theirs, ours = pair(kind, rescale_acts_by_decoder_norm=rescale)
     x = inputs(theirs).reshape(1, N, D)  # leading dims, as a hooked model gives them
@@ -168,14 +170,63 @@ def test_inference_topk_sae_and_its_error_term():
     assert fast_saelens.fast(ours) is ours
 
 
-def test_a_hook_on_the_dense_activations_runs_saelens_code():
+@pytest.mark.parametrize("how", ["TransformerLens add_hook", "torch register_forward_hook"])
+def test_a_hook_on_the_dense_activations_runs_saelens_code(how):
     theirs, ours = pair("topk")
     x = inputs(theirs)
     seen = []
-    ours.hook_sae_acts_post.add_hook(lambda acts, hook: seen.append(acts.shape) or acts * 2)
-    theirs.hook_sae_acts_post.add_hook(lambda acts, hook: acts * 2)
+
+    def double(acts, hook=None):
+        return acts * 2
+
+    def doubling_and_seen(acts, hook=None):
+        seen.append(acts.shape)
+        return acts * 2
+
+    for sae, fn in ((theirs, double), (ours, doubling_and_seen)):
+        if how.startswith("torch"):
+            sae.hook_sae_acts_post.register_forward_hook(lambda mod, args, out, fn=fn: fn(out))
+        else:
+            sae.hook_sae_acts_post.add_hook(fn)
     torch.testing.assert_close(ours(x), theirs(x), **TOL)
     assert seen == [(N, M)], "the hook sees SAELens's dense activations"
+    assert not torch.allclose(ours(x), fast_saelens.fast(TopKTrainingSAE(theirs.cfg))(x))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [{"apply_b_dec_to_input": False}, {"normalize_activations": "layer_norm"}],
+    ids=["b_dec not subtracted", "layer norm (SAELens's code)"],
+)
+def test_config_variants_equal_saelens(cfg):
+    theirs, ours = pair("topk", **cfg)
+    x = inputs(theirs, seed=4)
+    assert_same_step(step(theirs, x, None), step(ours, x, None))
+
+
+def test_a_batch_budget_of_zero_decodes_b_dec():
+    theirs, ours = pair("batchtopk", k=0.5)  # int(0.5 * 1) = 0 latents for a batch of one row
+    x = inputs(theirs)[1:2]
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+    torch.testing.assert_close(ours(x)[0], ours.b_dec.detach(), **TOL)
+
+
+def test_autocast_runs_the_sparse_ops_in_its_dtype():
+    theirs, ours = pair("topk", dtype="float32")
+    x = inputs(theirs).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = step(ours, x, DEAD["many dead"]), step(theirs, x, DEAD["many dead"])
+    assert got["sae_out"].dtype == want["sae_out"].dtype
+    torch.testing.assert_close(got["loss"], want["loss"], rtol=2e-2, atol=0)
+
+
+def test_fast_copies_the_config_and_keeps_the_threshold_in_float64():
+    theirs = randomized(BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D, d_sae=M, k=K)))
+    before = theirs.cfg.metadata.training_architecture
+    ours = fast_saelens.fast(theirs)
+    assert theirs.cfg.metadata.training_architecture == before
+    assert ours.cfg.metadata is not theirs.cfg.metadata
+    assert ours.W_dec.dtype == torch.float32 and ours.topk_threshold.dtype == torch.float64
 
 
 def test_fast_refuses_other_architectures():
@@ -189,16 +240,14 @@ def test_registered_in_saelens_registries():
     from sae_lens.registry import get_sae_class, get_sae_training_class
 
     assert get_sae_class("sae_fast_topk")[0] is fast_saelens.FastTopKSAE
-    for name, (cls, config_class) in fast_saelens.ARCHITECTURES.items():
+    for _, _, name, extra in TRAINING.values():
+        cls, config_class = fast_saelens.ARCHITECTURES[name]
         assert get_sae_training_class(name) == (cls, config_class)
         # The runner rebuilds the SAE through the registry from the config's dict.
-        cfg = config_class(d_in=D, d_sae=M, k=K, **TRAINING_EXTRA.get(name, {}))
+        cfg = config_class(d_in=D, d_sae=M, k=K, **extra)
         rebuilt = TrainingSAE.from_dict(cfg.to_dict())
         assert type(rebuilt) is cls
     fast_saelens.register()  # again: a no-op, where SAELens's own call would raise
-
-
-TRAINING_EXTRA = {"sae_fast_matryoshka_batchtopk": {"matryoshka_widths": [12, 40, M]}}
 
 
 # --- SAELens's runner ------------------------------------------------------------------------
@@ -229,32 +278,35 @@ def run_saelens(tmp_path, sae_cfg, name: str, steps: int = 12, seed: int = 0):
     return runner.run(), out
 
 
-@pytest.mark.parametrize("kind", ["topk", "batchtopk"])
+@pytest.mark.parametrize("kind", TRAINING)
 def test_saelens_runner_trains_ours_as_it_trains_its_own(tmp_path, kind):
-    ours_cfg = {"topk": fast_saelens.FastTopKTrainingSAEConfig,
-                "batchtopk": fast_saelens.FastBatchTopKTrainingSAEConfig}[kind]  # fmt: skip
-    theirs_cfg = TRAINING[kind][1]
+    theirs_class, theirs_cfg, name, extra = TRAINING[kind]
+    ours_class, ours_cfg = fast_saelens.ARCHITECTURES[name]
     common = {"d_in": 32, "d_sae": 128, "k": 4, "aux_loss_coefficient": 1 / 32}
+    if extra:
+        common["matryoshka_widths"] = [32, 128]
     ours, ours_dir = run_saelens(tmp_path, ours_cfg(**common), "ours")
     theirs, theirs_dir = run_saelens(tmp_path, theirs_cfg(**common), "theirs")
-    assert type(ours) is fast_saelens.ARCHITECTURES[f"sae_fast_{kind}"][0]
+    assert type(ours) is ours_class and type(theirs) is theirs_class
     # The same init, data and steps: float32 sums in another order, nothing else.
-    for (name, p), q in zip(theirs.named_parameters(), ours.parameters(), strict=True):
-        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4, msg=name)
+    for (param, p), q in zip(theirs.named_parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4, msg=param)
     # What the runner saved: SAELens's own inference architecture, loadable without us.
     saved = json.loads((ours_dir / "cfg.json").read_text())
-    assert saved["architecture"] == {"topk": "topk", "batchtopk": "jumprelu"}[kind]
-    assert saved["metadata"]["training_architecture"] == f"sae_fast_{kind}"
+    arch = "topk" if kind == "topk" else "jumprelu"
+    assert saved["architecture"] == arch
+    assert saved["metadata"]["training_architecture"] == name
+    assert saved["metadata"]["num_dead_features"] > 0, "AuxK must have had dead latents"
     assert (ours_dir / "sparsity.safetensors").exists()
     x = torch.randn(20, 32)
     want = SAE.load_from_disk(str(theirs_dir))(x)
     loads = f"from sae_lens import SAE\nsae = SAE.load_from_disk({str(ours_dir)!r})\n"
     got, printed = without_sae_fast(loads + "y = sae(x)\nprint(type(sae).__name__)", x, tmp_path)
-    assert printed == {"topk": "TopKSAE", "batchtopk": "JumpReLUSAE"}[kind]
+    assert printed == {"topk": "TopKSAE", "jumprelu": "JumpReLUSAE"}[arch]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     # And in sae_fast: its own loader reads SAELens's folder.
     loaded = SparseAutoencoder.load(ours_dir)
-    assert loaded.activation == {"topk": "topk", "batchtopk": "jumprelu"}[kind]
+    assert loaded.activation == arch
     torch.testing.assert_close(loaded(x).x_hat, got, atol=1e-5, rtol=1e-4)
 
 
@@ -297,8 +349,7 @@ def test_hooked_sae_transformer_runs_ours_as_saelens_topk():
     base = tiny_hooked_transformer()
     model = HookedSAETransformer(base.cfg)
     model.load_state_dict(base.state_dict(), strict=False)
-    theirs = TopKSAE(TopKSAEConfig(d_in=32, d_sae=128, k=4))
-    randomized_float32(theirs)
+    theirs = randomized(TopKSAE(TopKSAEConfig(d_in=32, d_sae=128, k=4)))
     theirs.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
     ours = fast_saelens.fast(theirs)
     tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -315,11 +366,3 @@ def test_hooked_sae_transformer_runs_ours_as_saelens_topk():
     # With the error term the model's outputs come back unchanged.
     kept = model.run_with_saes(tokens, saes=[ours], use_error_term=True)
     torch.testing.assert_close(kept, model(tokens), atol=1e-4, rtol=1e-4)
-
-
-def randomized_float32(sae: SAE) -> None:
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        sae.W_dec.copy_(torch.randn(sae.W_dec.shape, generator=g))
-        sae.W_enc.copy_(sae.W_dec.T)
-        sae.b_enc.copy_(-0.05 * torch.rand(sae.b_enc.shape, generator=g))

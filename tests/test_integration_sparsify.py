@@ -114,6 +114,18 @@ def test_encode_decode_and_rows_with_few_positive_pre_activations():
     torch.testing.assert_close(ours(x).sae_out, theirs(x).sae_out, **TOL)
 
 
+def test_leading_dims_and_other_dtypes_as_sparsify_takes_them():
+    theirs, ours = pair()
+    x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    got, want = ours.encode(x), theirs.encode(x)
+    assert got.top_acts.shape == want.top_acts.shape == (2, 5, K)
+    a, b = sorted_code(got.top_acts, got.top_indices), sorted_code(want.top_acts, want.top_indices)
+    torch.testing.assert_close(a, b, **TOL)
+    # bf16 activations into a float64 coder: sparsify's x - b_dec promotes them; so does ours.
+    xb = x[0].to(torch.bfloat16)
+    torch.testing.assert_close(ours(xb).sae_out, theirs(xb).sae_out, **TOL)
+
+
 def test_groupmax_runs_sparsifys_code():
     theirs, ours = pair(activation="groupmax", k=4)
     x = torch.randn(N, D, dtype=torch.float64)
@@ -140,13 +152,17 @@ def train(tmp_path, name: str) -> dict[str, torch.nn.Module]:
     tokens = torch.randint(0, 100, (64, 16), generator=torch.Generator().manual_seed(7))
     data = Dataset.from_dict({"input_ids": tokens.tolist()}).with_format("torch")
     cfg = TrainConfig(
-        SparseCoderConfig(num_latents=128, k=4, multi_topk=True), batch_size=8,
+        # 2 of 512 latents per token: a step fires some, and those that did not are dead.
+        SparseCoderConfig(num_latents=512, k=2), batch_size=8,
         log_to_wandb=False, save_dir=str(tmp_path), run_name=name, save_every=100,
         auxk_alpha=1 / 32, dead_feature_threshold=64, layers=[0, 1], optimizer="adam",
         lr=3e-3,
     )  # fmt: skip
     trainer = Trainer(cfg, data, model)
     trainer.fit()
+    dead = [bool((since > cfg.dead_feature_threshold).any()) for since in
+            trainer.num_tokens_since_fired.values()]  # fmt: skip
+    assert any(dead), "AuxK must have had dead latents"
     return trainer.saes
 
 
@@ -171,3 +187,6 @@ def test_trainer_trains_ours_as_it_trains_its_own(tmp_path):
     loaded = fast_sparsify.FastSparseCoder.load_from_disk(folder)
     assert type(loaded) is fast_sparsify.FastSparseCoder
     torch.testing.assert_close(loaded(x).sae_out, want)
+    many = fast_sparsify.FastSparseCoder.load_many(str(tmp_path / "ours"), local=True)
+    assert {type(c) for c in many.values()} == {fast_sparsify.FastSparseCoder}
+    torch.testing.assert_close(many["h.0"](x).sae_out, want)

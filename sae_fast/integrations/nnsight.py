@@ -20,7 +20,7 @@ from typing import Any
 
 from ..analysis.steering import FeatureEdits, SAESite, check_site
 from ..sae import SparseAutoencoder, eval_mode
-from ..sources.hooks import Captured
+from ..sources.hooks import Captured, first_output, replace_first
 
 
 def splice(
@@ -43,14 +43,10 @@ def splice(
     captured = None
     if read is not None:
         captured = Captured()
-        captured.output = _first(read.output)
-    site = SAESite(str(getattr(envoy, "path", envoy)), sae, add_error, edits, captured)
+        captured.record(read.output)
+    where = str(getattr(envoy, "path", envoy))
+    site = SAESite(where, sae, add_error, edits, captured)
     output = envoy.output
     with eval_mode(sae):
-        new = site(_first(output))
-    envoy.output = (new, *output[1:]) if isinstance(output, tuple) else new
+        envoy.output = replace_first(output, site(first_output(output)), where)
     return site
-
-
-def _first(output: Any) -> Any:
-    return output[0] if isinstance(output, tuple) else output

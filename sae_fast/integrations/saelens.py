@@ -22,9 +22,11 @@ the dead latents' encoder columns, (n, n_dead) (its cost: n_dead / m of the enco
 
 Where the dense activations are asked for, SAELens's own code runs: a hook on
 ``hook_sae_acts_pre`` or ``hook_sae_acts_post`` (``run_with_cache`` of HookedSAETransformer),
+``forward`` with ``use_error_term`` (it reruns the SAE with the hooks off),
 ``reshape_activations="hook_z"``, the layer-norm and constant-norm normalisations (which SAELens's
 AuxK refuses), and Matryoshka's ``use_matryoshka_aux_loss``. ``encode`` returns the dense
-(..., d_sae) activations, as SAELens's does; ``forward`` decodes from the sparse code.
+(..., d_sae) activations, as SAELens's does; ``forward`` decodes from the sparse code. Under
+``torch.autocast`` the sparse ops take the autocast dtype, as SAELens's matmuls do.
 
 After training the runner saves an inference SAE that SAELens alone loads: ``topk`` for
 sae_fast_topk (its decoder norms folded, as SAELens folds them) and ``jumprelu`` for the
@@ -34,6 +36,7 @@ BatchTopK ones. ``fast(sae)`` gives any SAELens TopK or BatchTopK SAE (e.g. one 
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, fields
 from typing import Any
@@ -57,6 +60,7 @@ from torch import Tensor
 
 from .. import ops
 from ..ops import SparseCode
+from ..sae import autocast_inputs
 
 # The normalisations SAELens's AuxK refuses; their SAEs run SAELens's own code.
 _DENSE_NORMS = ("constant_norm_rescale", "layer_norm")
@@ -69,8 +73,10 @@ class _FastPath:
     def _fast(self) -> bool:
         """Whether the sparse path computes what SAELens's code would: no hook wants the dense
         activations, and no reshape or normalisation needs SAELens's own code."""
+        # Any hook, TransformerLens's add_hook or torch's own register_*_hook, lands in the
+        # module's hook dicts (SAELens's SparseHookPoint reads the same ones).
         hooked = any(
-            getattr(point, "fwd_hooks", None) or getattr(point, "bwd_hooks", None)
+            point._forward_hooks or point._forward_pre_hooks or point._backward_hooks
             for point in (self.hook_sae_acts_pre, self.hook_sae_acts_post)
         )
         cfg = self.cfg
@@ -95,7 +101,8 @@ class _FastPath:
         """sae_in (n, d), already through process_sae_in -> TopK code (n, k) of the (rescaled)
         ReLU pre-activations."""
         W_enc, b_enc = self._encoder(norms)
-        return ops.encode_topk(sae_in, W_enc, b_enc, sae_in.new_zeros(sae_in.shape[-1]), k)
+        zeros = sae_in.new_zeros(sae_in.shape[-1])
+        return ops.encode_topk(*autocast_inputs(sae_in, W_enc, b_enc, zeros), k)
 
     def _code(self, sae_in: Tensor, norms: Tensor | None) -> SparseCode:
         """The architecture's code of sae_in (n, d): TopK here."""
@@ -104,7 +111,10 @@ class _FastPath:
     def _gather(self, code: SparseCode, norms: Tensor | None, bias: Tensor) -> Tensor:
         """sum_j values[:, j] / n[idx] * W_dec[idx] + bias: (n, d) from code (n, w)."""
         values = code.values if norms is None else code.values * (1 / norms)[code.indices]
-        return ops.decode(values, code.indices, self.W_dec, bias)
+        values, W_dec = autocast_inputs(values, self.W_dec)
+        # The bias is added after, in its own dtype, as SAELens's acts @ W_dec + b_dec does.
+        rows = ops.decode(values, code.indices, W_dec, W_dec.new_zeros(W_dec.shape[1]))
+        return rows + bias
 
     def _decode_code(self, code: SparseCode, norms: Tensor | None) -> Tensor:
         """SparseCode (n, w) -> SAELens's decode output (n, d): the gather-sum of the decoder
@@ -296,7 +306,8 @@ class FastMatryoshkaBatchTopKTrainingSAE(_FastBatchTopK, MatryoshkaBatchTopKTrai
         losses = {}
         for width in self.cfg.matryoshka_widths[:-1]:
             inner = SparseCode(code.values * (code.indices < width), code.indices)
-            recons = self._decode_code(inner, norms)
+            # SAELens's inner reconstructions skip hook_sae_recons; so do these.
+            recons = self.run_time_activation_norm_fn_out(self._gather(inner, norms, self.b_dec))
             losses[f"inner_mse_loss_{width}"] = (
                 self.mse_loss_fn(recons, step_input.sae_in).sum(dim=-1).mean()
             )
@@ -343,11 +354,12 @@ def fast(sae: SAE) -> SAE:
         supported = ", ".join(cls.__name__ for cls in _FAST_CLASSES)
         raise TypeError(f"sae must be one of SAELens's {supported}, got {type(sae).__name__}")
     ours, config_class = _FAST_CLASSES[type(sae)]
-    values = {f.name: getattr(sae.cfg, f.name) for f in fields(sae.cfg) if f.init}
-    cfg = config_class(**values)
-    converted = ours(cfg, use_error_term=sae.use_error_term)
+    # A copy of each field: building the SAE writes into its config (metadata, widths).
+    values = {f.name: copy.deepcopy(getattr(sae.cfg, f.name)) for f in fields(sae.cfg) if f.init}
+    converted = ours(config_class(**values), use_error_term=sae.use_error_term)
     converted.load_state_dict(sae.state_dict())
-    return converted.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
+    # The device alone: the config gave the dtype, and BatchTopK keeps its threshold in float64.
+    return converted.to(device=sae.W_dec.device)
 
 
 register()

@@ -11,18 +11,21 @@ encoder is sae_fast's fused TopK of ReLU: the (n, m) pre-activations are never w
 What differs, and why:
 - ``encode`` returns ``pre_acts=None`` (the dense pre-activations are what is never built), and
   the k latents of a row come in descending order (``torch.topk(sorted=False)`` leaves sparsify's
-  order unspecified; the sets are the same).
+  order unspecified; the sets are the same where a row has k positive pre-activations).
 - As in sparsify, the AuxK and multi-TopK losses train the decoder only: sparsify's encoder
   backward drops their gradient, and so does this one, so both train the same weights.
 - Where a row has fewer than k positive pre-activations, sparsify fills its k with zeros picked
-  among ties and passes them gradient as if ReLU were linear there; here those entries carry no
-  gradient, the derivative of ReLU at a non-positive input. Outputs are the same.
+  among ties and passes them gradient as if ReLU were linear there; here the zeros sit at the
+  lowest unused latents and carry no gradient, the derivative of ReLU at a non-positive input.
+  The outputs are the same; the encoder's gradient on such rows and which zero latents the
+  Trainer counts as fired differ.
 - ``activation="groupmax"`` runs sparsify's own code.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from sparsify import SparseCoder
@@ -41,27 +44,29 @@ _MULTI_TOPK = 4  # sparsify's multi-TopK loss decodes the top 4k latents
 class FastSparseCoder(SparseCoder):
     """sparsify's SparseCoder (same constructor and state) on sae_fast's encoder and decoder."""
 
-    def _center(self) -> Tensor:
-        """What the encoder subtracts from x: b_dec, or zeros for a transcoder."""
-        d_in = self.encoder.weight.shape[1]
-        return self.encoder.weight.new_zeros(d_in) if self.cfg.transcode else self.b_dec
-
     def _encode(
         self, x: Tensor, width: int, dead_mask: Tensor | None = None, k_aux: int = 0
     ) -> list[SparseCode]:
         """x (n, d_in) -> [TopK code (n, width)] and, with a dead_mask, the AuxK code (n, k_aux)."""
-        W, b, center = self.encoder.weight, self.encoder.bias, self._center()
-        x, W, b, center = autocast_inputs(x, W, b, center)
+        # As sparsify: b_dec subtracted before any cast (x - b_dec promotes to the coder's
+        # dtype), and the encoder in the autocast dtype where autocast is on.
+        if not self.cfg.transcode:
+            x = x - self.b_dec
+        W, b = self.encoder.weight, self.encoder.bias
+        x, W, b = autocast_inputs(x.to(W.dtype), W, b)
+        zeros = x.new_zeros(x.shape[-1])
         if dead_mask is None:
-            return [ops.encode_topk(x, W, b, center, width)]
-        return list(ops.encode_topk_auxk(x, W, b, center, width, dead_mask, k_aux))
+            return [ops.encode_topk(x, W, b, zeros, width)]
+        return list(ops.encode_topk_auxk(x, W, b, zeros, width, dead_mask, k_aux))
 
     def encode(self, x: Tensor) -> EncoderOutput:
-        """x (n, d_in) -> EncoderOutput(top_acts (n, k), top_indices (n, k), pre_acts=None)."""
+        """x (..., d_in) -> EncoderOutput(top_acts (..., k), top_indices (..., k),
+        pre_acts=None)."""
         if self.cfg.activation != "topk":
             return super().encode(x)
-        values, indices = self._encode(x, self.cfg.k)[0]
-        return EncoderOutput(values, indices, None)
+        lead = x.shape[:-1]
+        values, indices = self._encode(x.reshape(-1, x.shape[-1]), self.cfg.k)[0]
+        return EncoderOutput(values.reshape(*lead, -1), indices.reshape(*lead, -1), None)
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         """top_acts, top_indices (n, k) -> (n, d_out): the decoder rows' sum plus b_dec."""
@@ -121,10 +126,21 @@ class FastSparseCoder(SparseCoder):
             multi_topk_fvu = sae_out.new_tensor(0.0)
         return ForwardOutput(sae_out, top_acts, top_indices, fvu, auxk_loss, multi_topk_fvu)
 
-    @classmethod
-    def load_from_disk(cls, path, device="cpu", *, decoder: bool = True) -> FastSparseCoder:
-        """sparsify's load_from_disk (cfg.json, sae.safetensors), as a FastSparseCoder."""
-        return fast(SparseCoder.load_from_disk(path, device, decoder=decoder))
+    # sparsify's loaders build its own class; these return the same coders, fast.
+    @staticmethod
+    def load_from_disk(*args: Any, **kwargs: Any) -> FastSparseCoder:
+        """sparsify's SparseCoder.load_from_disk (cfg.json, sae.safetensors), fast."""
+        return fast(SparseCoder.load_from_disk(*args, **kwargs))
+
+    @staticmethod
+    def load_from_hub(*args: Any, **kwargs: Any) -> FastSparseCoder:
+        """sparsify's SparseCoder.load_from_hub, fast."""
+        return fast(SparseCoder.load_from_hub(*args, **kwargs))
+
+    @staticmethod
+    def load_many(*args: Any, **kwargs: Any) -> dict[str, FastSparseCoder]:
+        """sparsify's SparseCoder.load_many, each coder fast."""
+        return {name: fast(c) for name, c in SparseCoder.load_many(*args, **kwargs).items()}
 
 
 def fast(coder: SparseCoder) -> FastSparseCoder:

@@ -62,20 +62,13 @@ def attach(
     hooks = []
     if hook_in is not None:
         read = Captured()
-        hooks.append((_hook_point(model, hook_in, "hook_in"), _recorder(read)))
+        hooks.append((_hook_point(model, hook_in, "hook_in"), lambda act, hook: read.record(act)))
     site = SAESite(hook_name, sae, add_error, edits, read)
     hooks.append((hook_name, lambda act, hook: site(act)))
     with ExitStack() as stack:
         stack.enter_context(eval_mode(sae))
         stack.enter_context(model.hooks(fwd_hooks=hooks))
         yield site
-
-
-def _recorder(read: Captured):
-    def hook(act: Tensor, hook: object) -> None:
-        read.output = act
-
-    return hook
 
 
 def run_with_sparse_cache(

@@ -155,11 +155,24 @@ def resolve_hook(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(hook_module_path(model, name))
 
 
-def _first(output: Tensor | tuple) -> Tensor:
+def first_output(output: Tensor | tuple) -> Tensor:
+    """A module's output tensor: the output itself, or the first element of a tuple."""
     tensor = output[0] if isinstance(output, tuple | list) else output
     if not isinstance(tensor, Tensor):
         raise HookPointError(f"the hooked module returned {type(tensor).__name__}, not a tensor")
     return tensor
+
+
+def replace_first(output: Tensor | tuple, new: Tensor, where: str) -> Tensor | tuple:
+    """output with first_output(output) replaced by new, of the same shape (the rest of a
+    tuple kept); where names the hook point in the error."""
+    original = first_output(output)
+    if not isinstance(new, Tensor) or new.shape != original.shape:
+        shape = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+        raise HookPointError(
+            f"splice fn must keep the shape {tuple(original.shape)} at {where!r}, got {shape}"
+        )
+    return (new, *output[1:]) if isinstance(output, tuple | list) else new
 
 
 class _StopForwardError(Exception):
@@ -172,6 +185,10 @@ class Captured:
 
     output: Tensor | None = None
 
+    def record(self, output: Tensor | tuple) -> None:
+        """Hold a module's output (its first element if a tuple)."""
+        self.output = first_output(output)
+
 
 @contextmanager
 def capture(model: nn.Module, name: str) -> Iterator[Captured]:
@@ -180,7 +197,7 @@ def capture(model: nn.Module, name: str) -> Iterator[Captured]:
     held = Captured()
 
     def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
-        held.output = _first(output)
+        held.record(output)
 
     handle = resolve_hook(model, name).register_forward_hook(hook)
     try:
@@ -197,14 +214,7 @@ def splice(model: nn.Module, name: str, fn: Callable[[Tensor], Tensor]) -> Itera
     """
 
     def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> Tensor | tuple:
-        original = _first(output)
-        new = fn(original)
-        if not isinstance(new, Tensor) or new.shape != original.shape:
-            shape = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
-            raise HookPointError(
-                f"splice fn must keep the shape {tuple(original.shape)} at {name!r}, got {shape}"
-            )
-        return (new, *output[1:]) if isinstance(output, tuple | list) else new
+        return replace_first(output, fn(first_output(output)), name)
 
     handle = resolve_hook(model, name).register_forward_hook(hook)
     try:
@@ -227,7 +237,7 @@ def run_to_hooks(model: nn.Module, names: Sequence[str], **inputs: Tensor) -> li
     def recorder(index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
             # A copy when later layers still run: one of them may update it in place.
-            found = _first(output)
+            found = first_output(output)
             held[index] = found.clone() if wanted > 1 else found
             if len(held) == wanted:
                 raise _StopForwardError
