@@ -6,6 +6,7 @@ All ops are differentiable with respect to every floating input.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -104,6 +105,12 @@ def decode(
     return impl.decode(values, indices.long(), W_dec, b_dec)
 
 
+def batch_topk_width(k: float, m: int) -> int:
+    """The candidates each row first offers to batch_topk for an average of k latents per row:
+    2k (rounded up), at most m."""
+    return min(m, 2 * math.ceil(k))
+
+
 def batch_topk(
     topk: Callable[[int], SparseCode],
     n: int,
@@ -115,7 +122,8 @@ def batch_topk(
     """The top `budget` of relu(pre) over a batch of n rows (BatchTopK), from per-row TopK codes.
 
     topk(width) -> SparseCode (n, width): the rows' TopK codes (e.g. encode_topk over the batch);
-    m latents; candidates: a first (n, width) code, if one was computed. A row can hold more than
+    m latents; width: batch_topk_width(k, m) at first; candidates: a first (n, width) code, if
+    one was computed. A row can hold more than
     k of the batch's winners, so each row offers `width` candidates; if some row had all of its
     positive candidates selected, its next latent might also win, and the selection is redone
     with twice the width. The kept entries of each row are a prefix of its canonical order, so

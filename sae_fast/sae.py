@@ -241,7 +241,7 @@ class SparseAutoencoder(nn.Module):
         return int(mask.sum())
 
     def _candidates(self) -> int:
-        return min(self.n_latents, 2 * self.k)
+        return ops.batch_topk_width(self.k, self.n_latents)
 
     def _batchtopk(self, x: Tensor, candidates: SparseCode | None = None) -> SparseCode:
         """Top n*k of relu(pre) over the batch x (n, d) (ops.batch_topk)."""

@@ -37,7 +37,6 @@ BatchTopK ones. ``fast(sae)`` gives any SAELens TopK or BatchTopK SAE (e.g. one 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -122,12 +121,16 @@ class _FastPath:
         x_hat = self.hook_sae_recons(self._gather(code, norms, self.b_dec))
         return self.run_time_activation_norm_fn_out(x_hat)
 
-    def _sparse_forward(self, x: Tensor) -> tuple[Tensor, SparseCode, Tensor, Tensor | None]:
-        """x (..., d) -> (sae_in (n, d) through process_sae_in, code (n, w), sae_out (n, d),
-        norms) over the flattened rows."""
+    def _sparse_code(self, x: Tensor) -> tuple[Tensor, SparseCode, Tensor | None]:
+        """x (..., d) -> (sae_in (n, d) through process_sae_in, code (n, w), norms) over the
+        flattened rows."""
         sae_in = self.process_sae_in(x).reshape(-1, self.cfg.d_in)
         norms = self._norms()
-        code = self._code(sae_in, norms)
+        return sae_in, self._code(sae_in, norms), norms
+
+    def _sparse_forward(self, x: Tensor) -> tuple[Tensor, SparseCode, Tensor, Tensor | None]:
+        """x (..., d) -> (sae_in (n, d), code (n, w), sae_out (n, d), norms) (_sparse_code)."""
+        sae_in, code, norms = self._sparse_code(x)
         return sae_in, code, self._decode_code(code, norms), norms
 
     def encode(self, x: Tensor) -> Tensor:
@@ -135,7 +138,7 @@ class _FastPath:
         if not self._fast():
             return super().encode(x)
         lead = x.shape[:-1]
-        code = self._code(self.process_sae_in(x).reshape(-1, self.cfg.d_in), self._norms())
+        code = self._sparse_code(x)[1]
         if getattr(self.cfg, "use_sparse_activations", False) and x.dim() == 2:
             return self.hook_sae_acts_post(sparse_feature_acts(code, self.cfg.d_sae))
         dense = code.to_dense(self.cfg.d_sae).reshape(*lead, self.cfg.d_sae)
@@ -261,7 +264,7 @@ class _FastBatchTopK(_FastTraining):
     def _code(self, sae_in: Tensor, norms: Tensor | None) -> SparseCode:
         n, m = sae_in.shape[0], self.cfg.d_sae
         budget = int(self.cfg.k * n)
-        width = min(m, 2 * math.ceil(self.cfg.k))
+        width = ops.batch_topk_width(self.cfg.k, m)
         return ops.batch_topk(lambda w: self._topk(sae_in, w, norms), n, m, budget, width)
 
     def _after_step(self, code: SparseCode) -> None:
