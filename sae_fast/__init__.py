@@ -13,6 +13,7 @@ _EXPORTS = {
     "ACTIVATIONS": ".options",
     "BackendUnavailableError": ".backends",
     "CheckpointError": ".checkpoint",
+    "CrossLayerTranscoder": ".clt.module",
     "SAEOutput": ".sae",
     "SparseAutoencoder": ".sae",
     "SparseCode": ".ops",

@@ -163,6 +163,18 @@ def decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Ten
     return decode_dense(sparse_to_dense(values, indices, W_dec.shape[0]), W_dec, b_dec)
 
 
+def clt_decode(z: Tensor, W_dec: list[Tensor], b_dec: Tensor) -> Tensor:
+    """A cross-layer transcoder's outputs from its codes, by the definition: target t gets
+    `b_dec[t] + sum(z[i] @ W_dec[i][:, t - i])` over source layers i <= t.
+
+    z: (L, n, m) dense codes; W_dec[i]: (m, L - i, d_out); b_dec: (L, d_out) -> (L, n, d_out).
+    """
+    L = z.shape[0]
+    return torch.stack(
+        [b_dec[t] + sum(z[i] @ W_dec[i][:, t - i] for i in range(t + 1)) for t in range(L)]
+    )
+
+
 def mse(x: Tensor, x_hat: Tensor) -> Tensor:
     """Mean over all elements of (x - x_hat)^2."""
     return (x - x_hat).pow(2).mean()

@@ -22,11 +22,11 @@ ROOTS = {"sae_fast": REPO / "sae_fast", "sae_fast.kernels": REPO / "kernels"}
 LAYERS = [
     ("foundation", ["sae_fast.version", "sae_fast.options", "sae_fast.lazy", "sae_fast.files",
                     "sae_fast.reference", "sae_fast.validation", "sae_fast.sae_config",
-                    "sae_fast.parallel.row_shards", "sae_fast.checkpoint"]),
+                    "sae_fast.parallel.row_shards", "sae_fast.checkpoint", "sae_fast.clt.config"]),
     ("engine", ["sae_fast.backends", "sae_fast.kernels", "sae_fast._C"]),
     ("ops", ["sae_fast.ops", "sae_fast.parallel.ops"]),
     ("formats and sources", ["sae_fast.formats", "sae_fast.sources"]),
-    ("module", ["sae_fast.sae", "sae_fast.parallel.sae"]),
+    ("module", ["sae_fast.sae", "sae_fast.parallel.sae", "sae_fast.clt"]),
     ("training", ["sae_fast.training", "sae_fast.parallel"]),
     ("analysis", ["sae_fast.analysis"]),
     ("integrations", ["sae_fast.integrations"]),

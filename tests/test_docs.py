@@ -38,6 +38,16 @@ def test_getting_started_and_the_formats_page_run(tmp_path, monkeypatch):
     assert foreign["back"].activation == "topk"
 
 
+def test_the_clt_page_saves_for_circuit_tracer_and_calibrates(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    module, calibration = run_examples(DOCS / "clt.md")
+    assert module["out"].y_hat.shape == (6, 128, 384)
+    assert module["back"].activation == "jumprelu"
+    assert (tmp_path / "my_clt" / "W_dec_5.safetensors").is_file()
+    assert calibration["jump"].activation == "jumprelu"
+    assert (tmp_path / "my_clt_for_circuit_tracer" / "config.yaml").is_file()
+
+
 def test_the_training_example_recovers_the_true_dictionary(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (training,) = run_examples(DOCS / "training.md")

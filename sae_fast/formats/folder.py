@@ -80,11 +80,13 @@ def write(
     tensors: dict[str, Tensor],
     config: dict[str, Any],
     metadata: dict[str, str] | None = None,
+    config_file: str = CONFIG_FILE,
 ) -> None:
-    """Write tensors to folder/weights_file, then config to folder/cfg.json, each atomically."""
+    """Write tensors to folder/weights_file, then config to folder/config_file (cfg.json),
+    each atomically."""
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / weights_file) as tmp:
         body = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
         save_safetensors(body, tmp, metadata)
-    with atomic_path(folder / CONFIG_FILE) as tmp:
+    with atomic_path(folder / config_file) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")

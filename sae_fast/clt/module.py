@@ -1,0 +1,297 @@
+"""The CrossLayerTranscoder module: an encoder per layer, decoders from each layer to it and to
+every later one, on the sparse ops."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .. import formats, ops
+from .. import reference as ref
+from ..ops import SparseCode
+from ..sae import autocast_inputs
+from ..validation import check_activations, dtype_name
+from . import config as clt_config
+
+
+@dataclass
+class CLTOutput:
+    """What forward returns.
+
+    y_hat: (L, ..., d_out), every layer's predicted output (its MLP output); code: SparseCode
+    (L, ..., width), zero values padding rows and layers to one width; pre: the dense
+    pre-activations (L, ..., m) of relu, jumprelu and calibrated batchtopk (for their sparsity
+    losses), None where the sparse TopK ops ran.
+    """
+
+    y_hat: Tensor
+    code: SparseCode
+    pre: Tensor | None = None
+
+
+class CrossLayerTranscoder(nn.Module):
+    """A cross-layer transcoder (CLT) over L layers with n_latents features per layer.
+
+    Feature j of layer i reads layer i's input x[i] (d_in) and writes to the outputs of layers
+    i, i+1, ..., L-1 (d_out each): `y_hat[t] = b_dec[t] + sum(z[i] @ W_dec[i][:, t - i])` over
+    i <= t (+ `x[t] @ W_skip[t].T` with a skip connection), where
+    `z[i] = act(x[i] @ W_enc[i].T + b_enc[i])` (no centring: a transcoder's b_dec is its
+    output's).
+
+    Parameters (sae_fast.clt.config.tensor_shapes): W_enc (L, m, d_in), b_enc (L, m),
+    W_dec[i] (m, L - i, d_out), b_dec (L, d_out); W_skip (L, d_out, d_in); jumprelu's
+    log_threshold (L, m); batchtopk's buffer threshold (L,), negative until calibrated.
+
+    activation: topk (k features per token at each layer), batchtopk (the top n*k of a layer's
+    batch, per layer, while training), relu (trained with an L1 penalty) or jumprelu. The
+    TopK codes come from ops.encode_topk, never a dense (n, m) matrix; every decode is a
+    sparse gather-sum (ops.decode) of the features' decoder rows to all their targets at
+    once, W_dec[i] read as (m, (L - i) * d_out).
+
+    Initialisation: encoder rows are random unit vectors; decoder columns random unit vectors
+    scaled by 1 / sqrt(t + 1) for target t, which t + 1 source layers write to; biases zero.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        d_in: int,
+        n_latents: int,
+        *,
+        k: int | None = None,
+        activation: str = "topk",
+        d_out: int | None = None,
+        skip_connection: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+        chunk_size: int | None = None,
+        jumprelu_bandwidth: float = 1e-3,
+        jumprelu_init_threshold: float = 1e-3,
+        provenance: dict | None = None,
+    ) -> None:
+        super().__init__()
+        clt_config.check_hyperparameters(
+            n_layers, d_in, n_latents, k, activation, d_out, jumprelu_bandwidth, skip_connection
+        )
+        if jumprelu_init_threshold <= 0:
+            raise ValueError(f"jumprelu_init_threshold must be > 0, got {jumprelu_init_threshold}")
+        self.n_layers, self.d_in, self.n_latents = n_layers, d_in, n_latents
+        self.d_out = d_out or d_in
+        self.k, self.activation, self.skip_connection = k, activation, skip_connection
+        self.backend, self.chunk_size = backend, chunk_size
+        self.jumprelu_bandwidth = jumprelu_bandwidth
+        self.provenance = dict(provenance or {})
+        factory = {"dtype": dtype, "device": device}
+        L, m = n_layers, n_latents
+        W_enc = torch.randn(L, m, d_in, **factory)
+        self.W_enc = nn.Parameter(W_enc / W_enc.norm(dim=-1, keepdim=True))
+        self.b_enc = nn.Parameter(torch.zeros(L, m, **factory))
+        decoders = []
+        for i in range(L):
+            W = torch.randn(m, L - i, self.d_out, **factory)
+            fan_in = torch.arange(i + 1, L + 1, **factory).sqrt()[:, None]
+            decoders.append(nn.Parameter(W / W.norm(dim=-1, keepdim=True) / fan_in))
+        self.W_dec = nn.ParameterList(decoders)
+        self.b_dec = nn.Parameter(torch.zeros(L, self.d_out, **factory))
+        if skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(L, self.d_out, d_in, **factory))
+        if activation == "jumprelu":
+            log_t = torch.full((L, m), math.log(jumprelu_init_threshold), **factory)
+            self.log_threshold = nn.Parameter(log_t)
+        if activation == "batchtopk":
+            self.register_buffer("threshold", torch.full((L,), -1.0, **factory))
+
+    def extra_repr(self) -> str:
+        k = f", k={self.k}" if self.k is not None else ""
+        return (
+            f"n_layers={self.n_layers}, d_in={self.d_in}, d_out={self.d_out}, "
+            f"n_latents={self.n_latents}{k}, activation={self.activation!r}"
+        )
+
+    # --- encoding -------------------------------------------------------------------------
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        check_activations(x, self.d_in, self.W_enc)
+        if x.dim() < 2 or x.shape[0] != self.n_layers:
+            raise ValueError(
+                f"x must be (n_layers={self.n_layers}, ..., d_in={self.d_in}): every layer's "
+                f"input stacked, got {tuple(x.shape)}"
+            )
+        return x
+
+    def encode(self, x: Tensor) -> SparseCode:
+        """x: (L, ..., d_in) -> SparseCode (L, ..., width)."""
+        return self._encode(x)[0]
+
+    def _sparse_path(self) -> bool:
+        """Whether the TopK ops compute the code (topk; batchtopk training or uncalibrated)."""
+        if self.activation == "topk":
+            return True
+        uncalibrated = self.activation == "batchtopk" and bool((self.threshold < 0).any())
+        return self.activation == "batchtopk" and (self.training or uncalibrated)
+
+    def _encode(self, x: Tensor) -> tuple[SparseCode, Tensor | None]:
+        """x: (L, ..., d_in) -> (code (L, ..., width), pre (L, ..., m) or None)."""
+        self._check_input(x)
+        L, lead = self.n_layers, x.shape[1:-1]
+        flat = x.reshape(L, -1, self.d_in)
+        W_enc, b_enc = self.W_enc.unbind(0), self.b_enc.unbind(0)
+        pre = None
+        if self._sparse_path():
+            codes = [self._topk_layer(flat[i], W_enc[i], b_enc[i]) for i in range(L)]
+        else:
+            flat, W, b = autocast_inputs(flat, self.W_enc, self.b_enc)
+            pre = torch.baddbmm(b[:, None], flat, W.transpose(1, 2))
+            codes = self._dense_codes(pre)
+        width = max(code.values.shape[-1] for code in codes)
+        values = torch.stack([_pad(code.values, width) for code in codes])
+        indices = torch.stack([_pad(code.indices, width) for code in codes])
+        code = SparseCode(values.reshape(L, *lead, width), indices.reshape(L, *lead, width))
+        return code, None if pre is None else pre.reshape(L, *lead, self.n_latents)
+
+    def _topk_layer(self, x: Tensor, W_enc: Tensor, b_enc: Tensor) -> SparseCode:
+        """One layer's TopK (or batch TopK) code of x (n, d_in)."""
+        zero = W_enc.new_zeros(self.d_in)
+        inputs = autocast_inputs(x, W_enc, b_enc, zero)
+
+        def topk(width: int) -> SparseCode:
+            return ops.encode_topk(*inputs, width, backend=self.backend, chunk_size=self.chunk_size)
+
+        if self.activation == "topk":
+            return topk(self.k)
+        n = x.shape[0]
+        width = ops.batch_topk_width(self.k, self.n_latents)
+        return ops.batch_topk(topk, n, self.n_latents, n * self.k, width)
+
+    def _dense_codes(self, pre: Tensor) -> list[SparseCode]:
+        """The sparse codes (n, width) of each layer's dense activation of pre (L, n, m).
+
+        A row's code holds its active features in index order, padded with zeros. For
+        jumprelu it also holds the inactive features within half a bandwidth below their
+        threshold: their value is 0, but the threshold's straight-through gradient reads the
+        gradient at them, which the gather-sum's backward then gives exactly.
+        """
+        if self.activation == "relu":
+            z, keep = torch.relu(pre), pre > 0
+        elif self.activation == "batchtopk":
+            threshold = self.threshold.to(pre.dtype)[:, None, None]
+            z = ref.threshold_relu(pre, threshold)
+            keep = z > 0
+        else:
+            threshold = self.log_threshold.exp().to(pre.dtype)
+            bandwidth = self.jumprelu_bandwidth
+            z = torch.stack(
+                [ref.jumprelu(p, t, bandwidth) for p, t in zip(pre, threshold, strict=True)]
+            )
+            keep = pre > threshold[:, None] - bandwidth / 2
+        width = max(int(keep.sum(dim=-1).max()) if keep.numel() else 0, 1)
+        # The kept entries first, in index order (a stable sort); the rest pad with zeros.
+        order = torch.sort(keep.to(torch.uint8), dim=-1, descending=True, stable=True)
+        indices = order.indices[..., :width]
+        values = z.gather(-1, indices)
+        return [SparseCode(values[i], indices[i]) for i in range(len(pre))]
+
+    # --- decoding -------------------------------------------------------------------------
+
+    def decode(self, code: SparseCode) -> Tensor:
+        """SparseCode (L, ..., width) -> y_hat (L, ..., d_out), without the skip connection.
+
+        Source layer i's code gathers its features' decoder rows to all targets i..L-1 in one
+        sparse gather-sum; target t adds what every source i <= t wrote to it.
+        """
+        values, indices = code
+        L, d_out = self.n_layers, self.d_out
+        if values.dim() < 2 or values.shape[0] != L:
+            raise ValueError(f"code must be (n_layers={L}, ..., width), got {tuple(values.shape)}")
+        lead, width = values.shape[1:-1], values.shape[-1]
+        values, indices = values.reshape(L, -1, width), indices.reshape(L, -1, width)
+        n = values.shape[1]
+        written: list[list[Tensor]] = [[] for _ in range(L)]
+        for i, W in enumerate(self.W_dec):
+            columns = (L - i) * d_out
+            v, rows = autocast_inputs(values[i], W.reshape(self.n_latents, columns))
+            out = ops.decode(v, indices[i], rows, rows.new_zeros(columns), backend=self.backend)
+            out = out.reshape(n, L - i, d_out)
+            for t in range(i, L):
+                written[t].append(out[:, t - i])
+        (b_dec,) = autocast_inputs(values, self.b_dec)[1:]
+        y_hat = torch.stack([b_dec[t] + sum(written[t]) for t in range(L)])
+        return y_hat.reshape(L, *lead, d_out)
+
+    def skip(self, x: Tensor) -> Tensor | None:
+        """The skip connection's part of the outputs, x[t] @ W_skip[t].T: (L, ..., d_out);
+        None without one."""
+        if not self.skip_connection:
+            return None
+        flat, W_skip = autocast_inputs(x.reshape(self.n_layers, -1, self.d_in), self.W_skip)
+        out = torch.bmm(flat, W_skip.transpose(1, 2))
+        return out.reshape(*x.shape[:-1], self.d_out)
+
+    def forward(self, x: Tensor) -> CLTOutput:
+        """x: (L, ..., d_in), every layer's input stacked -> CLTOutput, y_hat (L, ..., d_out)."""
+        code, pre = self._encode(x)
+        y_hat = self.decode(code)
+        skipped = self.skip(x)
+        return CLTOutput(y_hat if skipped is None else y_hat + skipped, code, pre)
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def decoder_norms(self) -> Tensor:
+        """(L, m, L): the norm of feature j of layer i's decoder to each target t (zero for
+        t < i, which it cannot write to)."""
+        L = self.n_layers
+        norms = self.W_enc.new_zeros(L, self.n_latents, L)
+        for i, W in enumerate(self.W_dec):
+            norms[i, :, i:] = W.detach().norm(dim=-1)
+        return norms
+
+    def config(self) -> dict:
+        """The hyperparameters that rebuild this module (sae_fast.clt.config)."""
+        found = {name: getattr(self, name) for name in clt_config.FIELDS if name != "dtype"}
+        found["d_out"] = self.d_out if self.d_out != self.d_in else None
+        return {**found, "dtype": dtype_name(self.W_enc.dtype)}
+
+    @classmethod
+    def from_config(
+        cls, config: dict, tensors: dict[str, Tensor], backend: str | None = None
+    ) -> CrossLayerTranscoder:
+        """The module holding tensors (its state dict, taken as they are), as config says."""
+        config = clt_config.complete(config)
+        options = {name: value for name, value in config.items() if name != "dtype"}
+        clt = cls(**options, dtype=clt_config.dtype(config), device="meta", backend=backend)
+        clt.load_state_dict(tensors, assign=True)
+        return clt
+
+    def save(self, path: str | Path, format: str = "sae_fast") -> None:
+        """Write the CLT into the folder path, which appears whole.
+
+        format: "sae_fast", "circuit-tracer" or "llamascopium"
+        (sae_fast.formats.writable("clt") lists them).
+        """
+        tensors = {name: t.detach().cpu() for name, t in self.state_dict().items()}
+        formats.save(self.config(), tensors, path, format, kind="clt")
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        backend: str | None = None,
+        format: str | None = None,
+    ) -> CrossLayerTranscoder:
+        """Load a CLT in eval mode from path in any layout sae_fast reads (format None
+        detects it; sae_fast.formats.readable("clt") lists them)."""
+        config, tensors = formats.load(path, format, kind="clt")
+        clt = cls.from_config(config, tensors, backend=backend)
+        return clt.to(device=device, dtype=dtype).eval()
+
+
+def _pad(t: Tensor, width: int) -> Tensor:
+    """t (n, w) padded with zeros to (n, width): a code's padding (value 0, index 0)."""
+    return nn.functional.pad(t, (0, width - t.shape[-1]))
