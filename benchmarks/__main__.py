@@ -26,7 +26,7 @@ import torch
 
 import sae_fast
 
-from . import distributed, hooks, presets, report, suites
+from . import clt, distributed, hooks, presets, report, suites
 from .compile import DEFAULT_OUT, DEFAULT_PRESETS
 from .impls import PEERS
 
@@ -97,6 +97,10 @@ def parser() -> argparse.ArgumentParser:
     multi = sub.add_parser("hooks", help="SAEs of several hook points: one run against one each")
     hooks.add_arguments(multi)
     multi.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output folder")
+    cross = sub.add_parser("clt", help="a cross-layer transcoder's step: sparse against dense")
+    clt.add_arguments(cross)
+    cross.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output folder")
+    sub.add_parser("_clt_child", help=argparse.SUPPRESS).add_argument("spec")
     return ap
 
 
@@ -170,12 +174,20 @@ def main(argv: list[str] | None = None) -> int:
         command = [sys.executable, "-m", "benchmarks.compile", "--presets", args.presets]
         command += ["--out", args.out] + (["--no-sweep"] if args.no_sweep else [])
         return subprocess.run(command, env=env).returncode
-    if args.command == "hooks":
-        result = hooks.run(args, _progress)
-        stem = args.out / f"hooks-cpu-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.command == "_clt_child":
+        print(json.dumps(clt.child(json.loads(args.spec))))
+        return 0
+    if args.command in ("hooks", "clt"):
+        bench = hooks if args.command == "hooks" else clt
+        try:
+            result = bench.run(args, _progress)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        stem = args.out / f"{args.command}-cpu-{time.strftime('%Y%m%d-%H%M%S')}"
         args.out.mkdir(parents=True, exist_ok=True)
         report.write_json(stem.with_suffix(".json"), result)
-        table = hooks.markdown(result)
+        table = bench.markdown(result)
         stem.with_suffix(".md").write_text(table + "\n")
         print(table)
         print(f"\nwrote {stem}.json, .md")

@@ -217,3 +217,35 @@ def test_the_hooks_benchmark_times_both_ways_and_checks_them_equal(tmp_path, cap
     assert "Speed-up" in capsys.readouterr().out
     assert cli.main(["table", str(record)]) == 0  # the summary lists it in its own table
     assert f"| {record.name} | 2 |" in capsys.readouterr().out
+
+
+def test_the_clt_benchmark_checks_both_ways_equal_then_times_and_measures_them(tmp_path, capsys):
+    args = ["clt", "--layers", "3", "--d", "16", "--m", "96", "--k", "4", "--n", "32"]
+    args += ["--repeats", "1", "--out", str(tmp_path / "out")]
+    assert cli.main(args) == 0
+    (record,) = (tmp_path / "out").glob("clt-cpu-*.json")
+    run = json.loads(record.read_text())
+    assert run["shape"] == {"layers": 3, "d": 16, "m": 96, "k": 4, "n": 32}
+    assert run["max_error"] < 1e-4
+    assert [r["way"] for r in run["records"]] == ["sparse", "dense"]
+    for r in run["records"]:
+        assert r["status"] == "ok" and r["ms"] > 0 and r["gemm_ms"] > 0 and r["peak_mib"] >= 0
+    assert "| sparse |" in capsys.readouterr().out
+    assert cli.main(["clt", "--repeats", "0", "--out", str(tmp_path)]) == 2
+
+
+def test_the_clt_benchmarks_dense_way_is_the_definition():
+    from benchmarks.clt import dense_outputs
+    from sae_fast import reference
+    from sae_fast.clt import CrossLayerTranscoder
+
+    torch.manual_seed(0)
+    clt = CrossLayerTranscoder(3, 8, 40, k=3, dtype=torch.float64)
+    x = torch.randn(3, 10, 8, dtype=torch.float64)
+    pre = torch.stack(
+        [reference.pre_activation(x[i], clt.W_enc[i], clt.b_enc[i], 0) for i in range(3)]
+    )
+    z = torch.stack([reference.sparse_to_dense(*reference.topk(p, 3), 40) for p in pre])
+    want = reference.clt_decode(z, list(clt.W_dec), clt.b_dec)
+    torch.testing.assert_close(dense_outputs(clt, x), want)
+    torch.testing.assert_close(clt(x).y_hat, want)

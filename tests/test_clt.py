@@ -4,6 +4,9 @@ no dense (n, m) tensor on the sparse path, and the checks of its arguments."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -190,3 +193,33 @@ def test_to_jumprelu_calibrates_thresholds_to_the_topk_rule(tmp_path, activation
     jump.save(tmp_path / "ct", format="circuit-tracer")  # the layout that needs it
     with pytest.raises(ValueError, match="topk or batchtopk"):
         to_jumprelu(jump, held_out)
+
+
+@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+def test_fold_scales_makes_the_scaled_clt_compute_raw_outputs(activation):
+    clt, x = integer_clt(activation, skip=True)
+    clt.eval()
+    a = torch.tensor([0.5, 2.0, 4.0], dtype=torch.float64)
+    c = torch.tensor([0.25, 1.0, 8.0], dtype=torch.float64)
+    trained = clt(x * a[:, None, None]).y_hat / c[:, None, None]  # y from the scaled CLT
+    clt.fold_scales_(a, c)
+    torch.testing.assert_close(clt(x).y_hat, trained, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="input_scale must hold n_layers=3"):
+        clt.fold_scales_(torch.ones(2), c)
+    with pytest.raises(ValueError, match="output_scale"):
+        clt.fold_scales_(a, torch.tensor([1.0, 0.0, 1.0]))
+
+
+def test_the_minilm_example_trains_calibrates_evaluates_and_saves(tmp_path):
+    """examples/clt_minilm.py, the README's CLT example, at a tiny size (MiniLM is packaged)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "clt_minilm.py"
+    spec = importlib.util.spec_from_file_location("clt_minilm", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = ["--docs", "30", "--steps", "3", "--n-latents", "64", "--k", "4"]
+    result = example.main([*args, "--out", str(tmp_path)])
+    for name in ("topk", "jumprelu"):
+        assert len(result[name]["fvu"]) == 6 and all(v > 0 for v in result[name]["fvu"])
+    assert result["topk"]["l0"] == [4.0] * 6
+    assert CrossLayerTranscoder.load(tmp_path / "clt").activation == "topk"
+    assert CrossLayerTranscoder.load(tmp_path / "clt_circuit_tracer").activation == "jumprelu"

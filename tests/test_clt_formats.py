@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,3 +242,16 @@ def test_llamascopium_refusals(tmp_path):
     clt = CrossLayerTranscoder(L, 7, 61, activation="relu")  # int(7 * (61 / 7)) = 60
     with pytest.raises(CheckpointError, match="expansion_factor"):
         clt.save(tmp_path / "bad", format="llamascopium")
+
+
+def test_real_circuit_tracer_attributes_through_a_clt_we_trained():
+    """circuit_tracer_checks.py, in a Python of its own: circuit-tracer's ReplacementModel on
+    a tiny random model with a CLT sae_fast trained and saved, its attribution graph against
+    sae_fast's activations, hand formulas and a frozen-model recomputation of every edge."""
+    require("circuit_tracer", load=False)
+    script = Path(__file__).with_name("circuit_tracer_checks.py")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    lines = done.stdout.splitlines()
+    assert sum(line.startswith("PASS") for line in lines) == 28, done.stdout[-4000:]
+    assert "OVERALL: PASS" in lines

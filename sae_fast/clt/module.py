@@ -138,35 +138,74 @@ class CrossLayerTranscoder(nn.Module):
     def _encode(self, x: Tensor) -> tuple[SparseCode, Tensor | None]:
         """x: (L, ..., d_in) -> (code (L, ..., width), pre (L, ..., m) or None)."""
         self._check_input(x)
+        lead = x.shape[1:-1]
+        if self._sparse_path():
+            return self._sparse_codes(x)[0], None
+        flat, W, b = autocast_inputs(
+            x.reshape(self.n_layers, -1, self.d_in), self.W_enc, self.b_enc
+        )
+        pre = torch.baddbmm(b[:, None], flat, W.transpose(1, 2))
+        code = _stack(self._dense_codes(pre), lead)
+        return code, pre.reshape(self.n_layers, *lead, self.n_latents)
+
+    def encode_with_auxk(
+        self, x: Tensor, dead_mask: Tensor, k_aux: int
+    ) -> tuple[SparseCode, SparseCode]:
+        """topk/batchtopk training: (code (L, n, width), aux_code (L, n, k_aux)) from one
+        encoder pass per layer.  x: (L, n, d_in); dead_mask: (L, m) bool.
+
+        aux_code holds, per layer, the top k_aux of relu(pre) among that layer's dead features
+        (Gao et al. 2024's AuxK, ops.encode_topk_auxk); a layer with none dead gives zeros.
+        """
+        if self.activation not in ("topk", "batchtopk"):
+            raise ValueError(f"AuxK needs activation topk or batchtopk, not {self.activation!r}")
+        self._check_input(x)
+        if dead_mask.shape != (self.n_layers, self.n_latents) or dead_mask.dtype != torch.bool:
+            raise ValueError(
+                f"dead_mask must be bool (n_layers={self.n_layers}, n_latents={self.n_latents}), "
+                f"got {dead_mask.dtype} {tuple(dead_mask.shape)}"
+            )
+        return self._sparse_codes(x, dead_mask, k_aux)
+
+    def _sparse_codes(
+        self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int = 0
+    ) -> tuple[SparseCode, SparseCode | None]:
+        """Each layer's TopK (or batch TopK) code of x (L, ..., d_in), stacked, and with a
+        dead_mask (L, m) the AuxK codes of the same encoder passes."""
         L, lead = self.n_layers, x.shape[1:-1]
         flat = x.reshape(L, -1, self.d_in)
         W_enc, b_enc = self.W_enc.unbind(0), self.b_enc.unbind(0)
-        pre = None
-        if self._sparse_path():
-            codes = [self._topk_layer(flat[i], W_enc[i], b_enc[i]) for i in range(L)]
-        else:
-            flat, W, b = autocast_inputs(flat, self.W_enc, self.b_enc)
-            pre = torch.baddbmm(b[:, None], flat, W.transpose(1, 2))
-            codes = self._dense_codes(pre)
-        width = max(code.values.shape[-1] for code in codes)
-        values = torch.stack([_pad(code.values, width) for code in codes])
-        indices = torch.stack([_pad(code.indices, width) for code in codes])
-        code = SparseCode(values.reshape(L, *lead, width), indices.reshape(L, *lead, width))
-        return code, None if pre is None else pre.reshape(L, *lead, self.n_latents)
+        codes, aux = [], []
+        for i in range(L):
+            dead = None if dead_mask is None else dead_mask[i]
+            code, extra = self._topk_layer(flat[i], W_enc[i], b_enc[i], dead, k_aux)
+            codes.append(code)
+            aux.append(extra)
+        return _stack(codes, lead), None if dead_mask is None else _stack(aux, lead)
 
-    def _topk_layer(self, x: Tensor, W_enc: Tensor, b_enc: Tensor) -> SparseCode:
-        """One layer's TopK (or batch TopK) code of x (n, d_in)."""
-        zero = W_enc.new_zeros(self.d_in)
-        inputs = autocast_inputs(x, W_enc, b_enc, zero)
+    def _topk_layer(
+        self, x: Tensor, W_enc: Tensor, b_enc: Tensor, dead: Tensor | None, k_aux: int
+    ) -> tuple[SparseCode, SparseCode | None]:
+        """One layer's TopK (or batch TopK) code of x (n, d_in), and with dead (m,) its AuxK
+        code from the same pass."""
+        inputs = autocast_inputs(x, W_enc, b_enc, W_enc.new_zeros(self.d_in))
+        options = {"backend": self.backend, "chunk_size": self.chunk_size}
 
         def topk(width: int) -> SparseCode:
-            return ops.encode_topk(*inputs, width, backend=self.backend, chunk_size=self.chunk_size)
+            return ops.encode_topk(*inputs, width, **options)
 
-        if self.activation == "topk":
-            return topk(self.k)
         n = x.shape[0]
-        width = ops.batch_topk_width(self.k, self.n_latents)
-        return ops.batch_topk(topk, n, self.n_latents, n * self.k, width)
+        width = (
+            self.k if self.activation == "topk" else ops.batch_topk_width(self.k, self.n_latents)
+        )
+        aux = None
+        if dead is None:
+            code = topk(width)
+        else:
+            code, aux = ops.encode_topk_auxk(*inputs, width, dead, k_aux, **options)
+        if self.activation == "batchtopk":
+            code = ops.batch_topk(topk, n, self.n_latents, n * self.k, width, code)
+        return code, aux
 
     def _dense_codes(self, pre: Tensor) -> list[SparseCode]:
         """The sparse codes (n, width) of each layer's dense activation of pre (L, n, m).
@@ -239,6 +278,35 @@ class CrossLayerTranscoder(nn.Module):
         skipped = self.skip(x)
         return CLTOutput(y_hat if skipped is None else y_hat + skipped, code, pre)
 
+    @torch.no_grad()
+    def fold_scales_(self, input_scale: Tensor, output_scale: Tensor) -> None:
+        """Make a CLT trained to predict output_scale[t] * y[t] from input_scale[i] * x[i]
+        compute y from raw x: the per-layer normalisation folded in.
+
+        input_scale, output_scale: (L,) finite and positive. W_enc[i] takes input_scale[i], so
+        every pre-activation, and which features fire, stay as trained; the decoders to
+        target t, b_dec[t] and W_skip[t] (times input_scale[t]) are divided by
+        output_scale[t].
+        """
+        scales = []
+        for name, scale in (("input_scale", input_scale), ("output_scale", output_scale)):
+            scale = torch.as_tensor(scale, dtype=torch.float64)
+            if scale.shape != (self.n_layers,) or not bool(
+                (scale > 0).all() & scale.isfinite().all()
+            ):
+                raise ValueError(
+                    f"{name} must hold n_layers={self.n_layers} finite positive numbers, "
+                    f"got {scale.tolist()}"
+                )
+            scales.append(scale.to(self.W_enc.device))
+        a, c = scales
+        self.W_enc.mul_(a[:, None, None].to(self.W_enc.dtype))
+        for i, W in enumerate(self.W_dec):
+            W.div_(c[i:, None].to(W.dtype))
+        self.b_dec.div_(c[:, None].to(self.b_dec.dtype))
+        if self.skip_connection:
+            self.W_skip.mul_((a / c)[:, None, None].to(self.W_skip.dtype))
+
     # --- checkpoints ----------------------------------------------------------------------
 
     def decoder_norms(self) -> Tensor:
@@ -290,6 +358,15 @@ class CrossLayerTranscoder(nn.Module):
         config, tensors = formats.load(path, format, kind="clt")
         clt = cls.from_config(config, tensors, backend=backend)
         return clt.to(device=device, dtype=dtype).eval()
+
+
+def _stack(codes: list[SparseCode], lead: tuple[int, ...]) -> SparseCode:
+    """Per-layer codes (n, w_i) as one (L, *lead, max w_i), zero-padded."""
+    width = max(code.values.shape[-1] for code in codes)
+    values = torch.stack([_pad(code.values, width) for code in codes])
+    indices = torch.stack([_pad(code.indices, width) for code in codes])
+    L = len(codes)
+    return SparseCode(values.reshape(L, *lead, width), indices.reshape(L, *lead, width))
 
 
 def _pad(t: Tensor, width: int) -> Tensor:
