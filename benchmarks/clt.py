@@ -25,9 +25,11 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 import torch
 
+from sae_fast import reference
 from sae_fast.clt import CrossLayerTranscoder
 
 from . import report
@@ -57,13 +59,10 @@ def _inputs(shape: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dense_outputs(clt: CrossLayerTranscoder, x: torch.Tensor) -> torch.Tensor:
     """The dense way (module docstring): (L, n, d) from x (L, n, d)."""
-    L = clt.n_layers
     pre = torch.baddbmm(clt.b_enc[:, None], x, clt.W_enc.transpose(1, 2))  # (L, n, m)
     values, indices = pre.relu().topk(clt.k, dim=-1)
     z = torch.zeros_like(pre).scatter(-1, indices, values)
-    return torch.stack(
-        [clt.b_dec[t] + sum(z[s] @ clt.W_dec[s][:, t - s] for s in range(t + 1)) for t in range(L)]
-    )
+    return reference.clt_decode(z, list(clt.W_dec), clt.b_dec)
 
 
 def _step_fn(way: str, shape: dict):
@@ -89,7 +88,7 @@ def _step_fn(way: str, shape: dict):
     return clt, outputs, step
 
 
-def run(args: argparse.Namespace, progress) -> dict:
+def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict:
     """Equality, then time against the floor and the peak memory of each way."""
     shape = _shape(args)
     if args.repeats < 1:

@@ -92,8 +92,9 @@ def summary(runs: dict[str, dict]) -> str:
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     hooks = {name: run for name, run in runs.items() if run.get("benchmark") == "hooks"}
+    clts = {name: run for name, run in runs.items() if run.get("benchmark") == "clt"}
     for name, run in runs.items():
-        if name in hooks:  # their own table, below
+        if name in hooks or name in clts:  # their own tables, below
             continue
         device = run["env"]["gpu"] or f"{run['env']['cpu']} ({run['env']['threads']} threads)"
         figures: dict[str, dict] = {}
@@ -135,6 +136,20 @@ def summary(runs: dict[str, dict]) -> str:
             f"| {name} | {len(run['options']['hooks'])} | {median['multi']:.1f} | "
             f"{median['single']:.1f} | {run['speedup']:.2f} | {run['bit_equal']} |"
         )
+    if clts:
+        lines += [
+            "",
+            "| run | CLT (L, d, m, k, n) | way | step ms | x GEMMs | peak MiB |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+    for name, run in clts.items():
+        shape = ", ".join(str(run["shape"][key]) for key in ("layers", "d", "m", "k", "n"))
+        for r in run["records"]:
+            if r["status"] == "ok":
+                lines.append(
+                    f"| {name} | {shape} | {r['way']} | {r['ms']:.0f} | {r['x_gemm']:.2f} | "
+                    f"{r['peak_mib']:.0f} |"
+                )
     return "\n".join(lines)
 
 

@@ -4,12 +4,13 @@ CPU, with its held-out FVU per target layer, TopK and calibrated JumpReLU.
     python examples/clt_minilm.py [--steps 600 --n-latents 2048 --k 16 --out runs/clt_minilm]
 
 The model and the text are packaged: the docstrings of Python's standard library, every
-tenth document held out. One model pass per batch of documents reads every layer's MLP
-input and output (sae_fast.sources.run_to_hooks). The CLT trains on them, each layer scaled
-to mean norm sqrt(d), with sae_fast's CLT loss (sum of per-layer squared errors, AuxK on
-dead features) and Adam. The scales are then folded in, the CLT is calibrated to JumpReLU on
-held-out tokens, and both are evaluated on the rest of the held-out tokens and saved. This
-is a hand loop over the library's pieces: `sae-fast train --clt` does not exist yet.
+tenth document held out. One model pass per batch of 64-token windows reads every layer's
+MLP input and output (sae_fast.sources.stacked_activations). The CLT trains on them, each
+layer scaled to mean norm sqrt(d), with sae_fast's CLT loss (sum of per-layer squared
+errors, AuxK on dead features) and Adam. The scales are then folded in, the CLT is
+calibrated to JumpReLU on held-out tokens, and both are evaluated on the rest of the
+held-out tokens and saved. This is a hand loop over the library's pieces: `sae-fast train
+--clt` does not exist yet.
 """
 
 from __future__ import annotations
@@ -22,32 +23,22 @@ from pathlib import Path
 import torch
 
 from sae_fast import CrossLayerTranscoder
+from sae_fast.analysis.clt_eval import clt_metrics
 from sae_fast.clt import to_jumprelu
-from sae_fast.sources import load_model, run_to_hooks
+from sae_fast.files import atomic_path
+from sae_fast.sources import load_model, stacked_activations
 from sae_fast.sources.text import stdlib_docstrings
-from sae_fast.training.clt_losses import CLTLossWeights, clt_training_loss, layer_metrics
+from sae_fast.training.clt_losses import CLTLossWeights, clt_training_loss
 
 LAYERS = 6
-
-
-def activations(model, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every layer's MLP input and output for the texts' tokens: (6, tokens, 384) each."""
-    hooks = [f"mlp_in.{i}" for i in range(LAYERS)] + [f"mlp_out.{i}" for i in range(LAYERS)]
-    xs, ys = [], []
-    for i in range(0, len(texts), 32):
-        batch = tokenizer(
-            texts[i : i + 32], truncation=True, max_length=64, padding=True, return_tensors="pt"
-        )
-        outputs = run_to_hooks(model, hooks, **batch)
-        keep = batch["attention_mask"].bool()
-        xs.append(torch.stack([o[keep] for o in outputs[:LAYERS]]))
-        ys.append(torch.stack([o[keep] for o in outputs[LAYERS:]]))
-    return torch.cat(xs, dim=1), torch.cat(ys, dim=1)
+HOOKS_IN = [f"mlp_in.{i}" for i in range(LAYERS)]
+HOOKS_OUT = [f"mlp_out.{i}" for i in range(LAYERS)]
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--docs", type=int, default=2200, help="documents read (default: 2200)")
+    ap.add_argument("--tokens", type=int, default=65536, help="training tokens (default: 65536)")
+    ap.add_argument("--held-out", type=int, default=8192, help="held-out tokens (default: 8192)")
     ap.add_argument("--steps", type=int, default=600, help="Adam steps (default: 600)")
     ap.add_argument("--batch-size", type=int, default=256, help="tokens per step")
     ap.add_argument("--n-latents", type=int, default=2048, help="features per layer")
@@ -56,10 +47,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     model, tokenizer = load_model("minilm")
-    docs = list(itertools.islice(stdlib_docstrings(), args.docs))
-    held = docs[::10]
-    x, y = activations(model, tokenizer, [d for i, d in enumerate(docs) if i % 10])
-    x_held, y_held = activations(model, tokenizer, held)
+    hooks = [HOOKS_IN, HOOKS_OUT]
+    train = (d for i, d in enumerate(stdlib_docstrings()) if i % 10)
+    held = itertools.islice(stdlib_docstrings(), 0, None, 10)
+    x, y = stacked_activations(model, tokenizer, train, hooks, max_tokens=args.tokens)
+    x_held, y_held = stacked_activations(model, tokenizer, held, hooks, max_tokens=args.held_out)
     half = x_held.shape[1] // 2  # calibration tokens, then evaluation tokens
 
     d = x.shape[-1]
@@ -84,18 +76,19 @@ def main(argv: list[str] | None = None) -> dict:
             terms = {k: round(v.item(), 1) for k, v in res.terms.items()}
             print(f"step {step}: {terms}, dead {int(dead.sum())}", flush=True)
     clt.fold_scales_(a, c)
+    clt.provenance = {"model": "minilm", "hooks_in": HOOKS_IN, "hooks_out": HOOKS_OUT}
     clt.eval()
-    jump = to_jumprelu(clt, [x_held[:, i : i + 512] for i in range(0, half, 512)])
+    jump = to_jumprelu(clt, x_held[:, :half].split(512, dim=1))
     result = {"tokens": {"train": x.shape[1], "held_out": x_held.shape[1] - half}}
     for name, each in (("topk", clt), ("jumprelu", jump.eval())):
-        with torch.no_grad():
-            out = each(x_held[:, half:])
-        metrics = layer_metrics(y_held[:, half:], out.y_hat, out.code)
-        result[name] = {key: [round(v, 4) for v in values] for key, values in metrics.items()}
+        metrics = clt_metrics(each, x_held[:, half:], y_held[:, half:])
+        result[name] = {key: [round(v, 4) for v in values] for key, values in metrics.items()
+                        if key != "tokens"}  # fmt: skip
         print(f"{name}: held-out FVU per target layer {result[name]['fvu']}")
     clt.save(args.out / "clt")
     jump.save(args.out / "clt_circuit_tracer", format="circuit-tracer")
-    (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_path(args.out / "result.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

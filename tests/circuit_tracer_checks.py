@@ -160,7 +160,10 @@ def make_clt(activation: str, hook_in: str, gen: torch.Generator) -> CrossLayerT
             clt.log_threshold.copy_(
                 (0.05 * torch.exp(0.3 * torch.randn(L, M, generator=gen))).log()
             )
-    clt.provenance = {"hook_in": hook_in, "hook_out": "hook_mlp_out"}
+    clt.provenance = {
+        "hooks_in": [f"blocks.{layer}.{hook_in}" for layer in range(L)],
+        "hooks_out": [f"blocks.{layer}.hook_mlp_out" for layer in range(L)],
+    }
     return clt.eval()
 
 

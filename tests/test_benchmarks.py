@@ -231,6 +231,8 @@ def test_the_clt_benchmark_checks_both_ways_equal_then_times_and_measures_them(t
     for r in run["records"]:
         assert r["status"] == "ok" and r["ms"] > 0 and r["gemm_ms"] > 0 and r["peak_mib"] >= 0
     assert "| sparse |" in capsys.readouterr().out
+    assert cli.main(["table", str(record)]) == 0  # the summary lists it in its own table
+    assert f"| {record.name} | 3, 16, 96, 4, 32 | dense |" in capsys.readouterr().out
     assert cli.main(["clt", "--repeats", "0", "--out", str(tmp_path)]) == 2
 
 

@@ -59,3 +59,76 @@ def test_bad_inputs_exit_2_naming_the_problem(saved, tmp_path, capsys):
     (tmp_path / "junk" / "weights.bin").write_bytes(b"\0" * 8)
     assert main(["inspect", str(tmp_path / "junk")]) == 2
     assert "not a checkpoint sae_fast reads" in capsys.readouterr().err
+
+
+def clt_of(activation: str, provenance: dict | None = None):
+    from sae_fast import CrossLayerTranscoder
+
+    torch.manual_seed(0)
+    k = 4 if activation == "topk" else None
+    clt = CrossLayerTranscoder(2, 32, 64, k=k, activation=activation, provenance=provenance)
+    with torch.no_grad():
+        clt.b_enc.uniform_(-0.1, 0.2)
+    return clt.eval()
+
+
+def test_convert_moves_a_clt_between_its_layouts(tmp_path, capsys):
+    from sae_fast import CrossLayerTranscoder
+
+    clt = clt_of("relu")
+    clt.save(tmp_path / "ours")
+    assert (
+        main(["convert", str(tmp_path / "ours"), str(tmp_path / "ct"), "--to", "circuit-tracer"])
+        == 0
+    )
+    assert (tmp_path / "ct" / "W_dec_1.safetensors").is_file()
+    assert (
+        main(["convert", str(tmp_path / "ct"), str(tmp_path / "lm"), "--to", "llamascopium"]) == 0
+    )
+    back = CrossLayerTranscoder.load(tmp_path / "lm")
+    for name, t in clt.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+    assert "wrote" in capsys.readouterr().out
+    code = main(["convert", str(tmp_path / "ours"), str(tmp_path / "x"), "--to", "saelens"])
+    assert code == 2 and "format must be one of" in capsys.readouterr().err
+    code = main(["convert", str(tmp_path / "ours"), str(tmp_path / "x"), "--to", "sae_fast",
+                 "--calibrate", "stdlib"])  # fmt: skip
+    assert code == 2 and "--calibrate: this CLT is relu" in capsys.readouterr().err
+
+
+def test_convert_calibrates_a_topk_clt_for_circuit_tracer(tmp_path, capsys):
+    from model_folders import save_bert, write_corpus
+
+    from sae_fast import CrossLayerTranscoder
+
+    model = save_bert(tmp_path / "bert")
+    text = write_corpus(tmp_path / "text.txt")
+    hooks = {"hooks_in": ["mlp_in.0", "mlp_in.1"], "hooks_out": ["mlp_out.0", "mlp_out.1"]}
+    clt_of("topk", {"model": model, **hooks}).save(tmp_path / "topk")
+    args = ["convert", str(tmp_path / "topk"), str(tmp_path / "ct"), "--to", "circuit-tracer"]
+    assert main(args) == 2
+    assert "--calibrate: circuit-tracer holds no topk CLT" in capsys.readouterr().err
+    assert main([*args, "--calibrate", text, "--calibrate-tokens", "400"]) == 0
+    out = capsys.readouterr().out
+    assert "topk FVU per target layer:" in out and "jumprelu FVU per target layer:" in out
+    back = CrossLayerTranscoder.load(tmp_path / "ct")
+    assert back.activation == "jumprelu" and torch.isfinite(back.log_threshold).all()
+    clt_of("topk").save(tmp_path / "bare")
+    bare = ["convert", str(tmp_path / "bare"), str(tmp_path / "ct2"), "--to", "circuit-tracer"]
+    assert main([*bare, "--calibrate", text]) == 2
+    assert "does not record its model" in capsys.readouterr().err
+
+
+def test_convert_keeps_sae_and_clt_apart(tmp_path, capsys):
+    from sae_fast import CrossLayerTranscoder
+
+    make_saved(tmp_path / "sae")
+    args = ["convert", str(tmp_path / "sae"), str(tmp_path / "out"), "--to", "saelens"]
+    assert main([*args, "--from", "sae_fast"]) == 0  # sae_fast names an SAE and a CLT layout
+    assert SparseAutoencoder.load(tmp_path / "out").d_in > 0
+    assert main([*args, "--calibrate", "stdlib"]) == 2
+    assert "--calibrate: only for a TopK cross-layer transcoder" in capsys.readouterr().err
+    clt_of("relu").save(tmp_path / "clt", format="llamascopium")
+    dst = str(tmp_path / "back")
+    assert main(["convert", str(tmp_path / "clt"), dst, "--to", "sae_fast"]) == 0
+    assert CrossLayerTranscoder.load(dst).activation == "relu"

@@ -174,13 +174,14 @@ def test_input_must_stack_every_layer():
 
 
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])
-def test_to_jumprelu_calibrates_thresholds_to_the_topk_rule(tmp_path, activation):
+@pytest.mark.parametrize("method", ["frequency", "crosslayer-coding"])
+def test_to_jumprelu_calibrates_thresholds_to_the_topk_rule(tmp_path, activation, method):
     torch.manual_seed(0)
     clt = CrossLayerTranscoder(L, 16, 64, k=4, activation=activation)
     with torch.no_grad():
         clt.b_enc.uniform_(-0.3, 0.1)
     held_out = [torch.randn(L, 256, 16) for _ in range(4)]
-    jump = to_jumprelu(clt, held_out)
+    jump = to_jumprelu(clt, iter(held_out), method=method)  # any iterable, read twice
     assert jump.activation == "jumprelu" and jump.k is None
     assert torch.isfinite(jump.log_threshold).all()
     for name in ("W_enc", "b_enc", "b_dec", "W_dec.0", "W_dec.2"):
@@ -188,11 +189,27 @@ def test_to_jumprelu_calibrates_thresholds_to_the_topk_rule(tmp_path, activation
     x = torch.randn(L, 512, 16)
     l0 = (jump.eval()(x).code.values > 0).sum(-1).double().mean(-1)
     assert ((l0 > 3) & (l0 < 5)).all(), l0  # the per-layer L0 matched to k = 4
-    raw = to_jumprelu(clt, held_out, match_l0=False)
-    assert not torch.equal(raw.log_threshold, jump.log_threshold)
+    raw = to_jumprelu(clt, held_out, method=method, match_l0=False)
+    if method == "crosslayer-coding":
+        assert not torch.equal(raw.log_threshold, jump.log_threshold)
     jump.save(tmp_path / "ct", format="circuit-tracer")  # the layout that needs it
     with pytest.raises(ValueError, match="topk or batchtopk"):
         to_jumprelu(jump, held_out)
+
+
+def test_frequency_calibration_fires_each_feature_as_often_as_topk_selects_it():
+    torch.manual_seed(1)
+    clt = CrossLayerTranscoder(L, 16, 64, k=4).train()
+    held_out = [torch.randn(L, 300, 16, dtype=torch.float32) for _ in range(3)]
+    jump = to_jumprelu(clt, held_out, match_l0=False).eval()
+    x = torch.cat(held_out, dim=1)
+    selected = (clt.encode(x).to_dense(64) > 0).sum(dim=1)  # (L, m) over all tokens
+    fired = (jump.encode(x).to_dense(64) > 0).sum(dim=1)
+    assert torch.equal(fired, selected)
+    with pytest.raises(ValueError, match="method must be one of"):
+        to_jumprelu(clt, held_out, method="quantile")
+    with pytest.raises(ValueError, match="at least one batch"):
+        to_jumprelu(clt, [])
 
 
 @pytest.mark.parametrize("activation", ["topk", "jumprelu"])
@@ -216,7 +233,7 @@ def test_the_minilm_example_trains_calibrates_evaluates_and_saves(tmp_path):
     spec = importlib.util.spec_from_file_location("clt_minilm", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    args = ["--docs", "30", "--steps", "3", "--n-latents", "64", "--k", "4"]
+    args = ["--tokens", "600", "--held-out", "300", "--steps", "3", "--n-latents", "64", "--k", "4"]
     result = example.main([*args, "--out", str(tmp_path)])
     for name in ("topk", "jumprelu"):
         assert len(result[name]["fvu"]) == 6 and all(v > 0 for v in result[name]["fvu"])

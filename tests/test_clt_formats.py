@@ -98,8 +98,9 @@ def test_foreign_layouts_refuse_what_they_cannot_hold(tmp_path, layout, options,
     assert not (tmp_path / "clt").exists()
 
 
-def test_an_sae_loader_says_the_folder_holds_a_clt(tmp_path):
-    clt_of("relu").save(tmp_path / "clt", format="circuit-tracer")
+@pytest.mark.parametrize("layout", ["sae_fast", "circuit-tracer", "llamascopium"])
+def test_an_sae_loader_says_the_folder_holds_a_clt(tmp_path, layout):
+    clt_of("relu").save(tmp_path / "clt", format=layout)
     with pytest.raises(CheckpointError, match="cross-layer transcoder.*CrossLayerTranscoder.load"):
         SparseAutoencoder.load(tmp_path / "clt")
     SparseAutoencoder(D, M, k=3).save(tmp_path / "sae")
@@ -109,7 +110,8 @@ def test_an_sae_loader_says_the_folder_holds_a_clt(tmp_path):
 
 def test_circuit_tracer_files_and_config(tmp_path):
     clt = clt_of("jumprelu")
-    clt.provenance = {"model": "gpt2", "hook_in": "ln2.hook_normalized"}
+    hooks_in = [f"blocks.{i}.ln2.hook_normalized" for i in range(L)]
+    clt.provenance = {"model": "gpt2", "hooks_in": hooks_in}
     clt.save(tmp_path / "clt", format="circuit-tracer")
     names = sorted(p.name for p in (tmp_path / "clt").iterdir() if not p.name.startswith("."))
     assert names == ["W_dec_0.safetensors", "W_dec_1.safetensors", "W_dec_2.safetensors",
@@ -124,8 +126,14 @@ def test_circuit_tracer_files_and_config(tmp_path):
     ]
     assert set(want) <= set(text.splitlines())
     back = CrossLayerTranscoder.load(tmp_path / "clt")
-    assert back.provenance == {"model": "gpt2", "hook_in": "ln2.hook_normalized",
-                               "hook_out": "hook_mlp_out"}  # fmt: skip
+    assert back.provenance == {
+        "model": "gpt2",
+        "hooks_in": hooks_in,
+        "hooks_out": [f"blocks.{i}.hook_mlp_out" for i in range(L)],
+    }
+    clt.provenance = {"hooks_in": ["mlp_in.0", "mlp_in.1", "mlp_in.2"]}  # not TL's names
+    clt.save(tmp_path / "ours", format="circuit-tracer")
+    assert "feature_input_hook: hook_resid_mid" in (tmp_path / "ours" / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize("activation", ["relu", "jumprelu"])

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from ..options import integer
 from ..training.config import ConfigError, TrainConfig, check_device
@@ -14,21 +15,26 @@ from .common import (
     SubParser,
     add_config_arguments,
     add_sae_pass_arguments,
+    check_text,
     given_options,
     recorded_data_options,
 )
-from .summary import add_json_argument, metric_table, show
+from .summary import add_json_argument, metric_table, show, table
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_parser(sub: SubParser) -> None:
     """Its subparser, from build_parser's sub()."""
     ev = sub(
         "eval",
-        help="evaluate a trained SAE on held-out activations",
+        help="evaluate a trained SAE or cross-layer transcoder on held-out activations",
         description="MSE, FVU, L0, dead and dense fractions and SAEBench's core metrics on "
         "held-out activations; with --ce, the next-token loss and KL divergence of a causal "
         "LM with the SAE spliced in at the hook point, against the clean and the "
-        "zero-ablated model.",
+        "zero-ablated model. For a cross-layer transcoder: FVU, MSE, L0 and the dead "
+        "fraction per target layer, at the model and hook points it records.",
     )
     add_sae_pass_arguments(ev, "activations to evaluate on")
     ev.add_argument(
@@ -46,6 +52,7 @@ def add_parser(sub: SubParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import formats
     from ..analysis.evaluate import (
         ce_loss_recovered,
         check_causal_lm,
@@ -57,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from ..training.config import resolve_device
 
     device = resolve_device(check_device(args.device, "--device"))
+    if formats.kind_of(args.sae) == "clt":
+        return _evaluate_clt(args, device)
     sae = SparseAutoencoder.load(args.sae, device=device)
     given = given_options(args, ("data",)) | ({"seed": args.seed} if args.seed is not None else {})
     options = recorded_data_options(sae.provenance, given)
@@ -84,12 +93,44 @@ def run(args: argparse.Namespace) -> int:
         )
     histogram = "(the latents by log10 firing frequency: --json or --out)"
     show(args, result, f"{metric_table(result)}\n{histogram}")
+    _write_out(args, result)
+    return 0
+
+
+def _evaluate_clt(args: argparse.Namespace, device: torch.device) -> int:
+    """A cross-layer transcoder's held-out FVU, MSE, L0 and dead fraction per target layer,
+    on --tokens tokens of --text at the model and hook points it records (or --model)."""
+    from ..analysis.clt_eval import clt_activations, clt_metrics
+    from ..clt import CrossLayerTranscoder
+    from ..sources import documents
+
+    if args.ce:
+        raise ConfigError("--ce: CE loss recovered is for SAEs; not for a cross-layer transcoder")
+    clt = CrossLayerTranscoder.load(args.sae, device=device)
+    if args.text is None:
+        raise ConfigError("--text: give held-out text to evaluate the cross-layer transcoder on")
+    check_text(args.text, "--text")
+    x, y = clt_activations(clt, documents(args.text), args.tokens, args.model)
+    if y is None:
+        raise ConfigError(
+            "--sae: the cross-layer transcoder does not record the hook points it predicts "
+            "(provenance hooks_out)"
+        )
+    result = clt_metrics(clt, x, y, args.batch_size)
+    names = ("fvu", "mse", "l0", "dead_fraction")
+    rows = [{"layer": t, **{k: result[k][t] for k in names}} for t in range(clt.n_layers)]
+    show(args, result, f"{table(rows, ('layer', *names))}\n({result['tokens']} held-out tokens)")
+    _write_out(args, result)
+    return 0
+
+
+def _write_out(args: argparse.Namespace, result: dict) -> None:
+    """--out: the results as a JSON file, written atomically."""
     if args.out:
         from ..files import atomic_path
 
         with atomic_path(args.out) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
 
 
 def check_held_out(provenance: dict, text: str | None) -> None:

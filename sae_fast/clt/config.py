@@ -10,7 +10,7 @@ Formats read and write (config, tensors) with these helpers and never import the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -101,6 +101,12 @@ def output_width(config: Mapping[str, Any]) -> int:
 def dtype(config: Mapping[str, Any]) -> torch.dtype:
     """The parameter dtype a checked config names."""
     return parse_dtype(config["dtype"])
+
+
+def decoder_norms(W_dec: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(L, m): each feature's decoder norm over every target it writes to, from the decoders
+    W_dec[i] (m, L - i, d_out) (differentiable)."""
+    return torch.stack([W.pow(2).sum(dim=(1, 2)).sqrt() for W in W_dec])
 
 
 def tensor_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .. import formats, ops
 from .. import reference as ref
 from ..ops import SparseCode
+from ..options import SPARSE_ACTIVATIONS
 from ..sae import autocast_inputs
 from ..validation import check_activations, dtype_name
 from . import config as clt_config
@@ -24,8 +25,8 @@ class CLTOutput:
 
     y_hat: (L, ..., d_out), every layer's predicted output (its MLP output); code: SparseCode
     (L, ..., width), zero values padding rows and layers to one width; pre: the dense
-    pre-activations (L, ..., m) of relu, jumprelu and calibrated batchtopk (for their sparsity
-    losses), None where the sparse TopK ops ran.
+    pre-activations (L, ..., m) of relu, jumprelu and batchtopk with its thresholds set, which
+    compute them; None where the sparse TopK ops ran.
     """
 
     y_hat: Tensor
@@ -44,7 +45,8 @@ class CrossLayerTranscoder(nn.Module):
 
     Parameters (sae_fast.clt.config.tensor_shapes): W_enc (L, m, d_in), b_enc (L, m),
     W_dec[i] (m, L - i, d_out), b_dec (L, d_out); W_skip (L, d_out, d_in); jumprelu's
-    log_threshold (L, m); batchtopk's buffer threshold (L,), negative until calibrated.
+    log_threshold (L, m); batchtopk's buffer threshold (L,): in eval mode, once every layer's
+    is set (>= 0), features above it fire; while any is negative, the batch rule applies.
 
     activation: topk (k features per token at each layer), batchtopk (the top n*k of a layer's
     batch, per layer, while training), relu (trained with an L1 penalty) or jumprelu. The
@@ -157,7 +159,7 @@ class CrossLayerTranscoder(nn.Module):
         aux_code holds, per layer, the top k_aux of relu(pre) among that layer's dead features
         (Gao et al. 2024's AuxK, ops.encode_topk_auxk); a layer with none dead gives zeros.
         """
-        if self.activation not in ("topk", "batchtopk"):
+        if self.activation not in SPARSE_ACTIVATIONS:
             raise ValueError(f"AuxK needs activation topk or batchtopk, not {self.activation!r}")
         self._check_input(x)
         if dead_mask.shape != (self.n_layers, self.n_latents) or dead_mask.dtype != torch.bool:
@@ -227,7 +229,9 @@ class CrossLayerTranscoder(nn.Module):
             z = torch.stack(
                 [ref.jumprelu(p, t, bandwidth) for p, t in zip(pre, threshold, strict=True)]
             )
-            keep = pre > threshold[:, None] - bandwidth / 2
+            # The backward's own window test, so rounding cannot drop an entry it reads.
+            near = (pre - threshold[:, None]).abs() < bandwidth / 2
+            keep = (pre > threshold[:, None]) | near
         width = max(int(keep.sum(dim=-1).max()) if keep.numel() else 0, 1)
         # The kept entries first, in index order (a stable sort); the rest pad with zeros.
         order = torch.sort(keep.to(torch.uint8), dim=-1, descending=True, stable=True)
@@ -308,15 +312,6 @@ class CrossLayerTranscoder(nn.Module):
             self.W_skip.mul_((a / c)[:, None, None].to(self.W_skip.dtype))
 
     # --- checkpoints ----------------------------------------------------------------------
-
-    def decoder_norms(self) -> Tensor:
-        """(L, m, L): the norm of feature j of layer i's decoder to each target t (zero for
-        t < i, which it cannot write to)."""
-        L = self.n_layers
-        norms = self.W_enc.new_zeros(L, self.n_latents, L)
-        for i, W in enumerate(self.W_dec):
-            norms[i, :, i:] = W.detach().norm(dim=-1)
-        return norms
 
     def config(self) -> dict:
         """The hyperparameters that rebuild this module (sae_fast.clt.config)."""

@@ -19,13 +19,25 @@ from . import (  # noqa: F401
     saelens,
     sparsify,
 )
-from .registry import Config, Format, Tensors, detect, load, readable, register, save, writable
+from .registry import (
+    Config,
+    Format,
+    Tensors,
+    detect,
+    kind_of,
+    load,
+    readable,
+    register,
+    save,
+    writable,
+)
 
 __all__ = [
     "Config",
     "Format",
     "Tensors",
     "detect",
+    "kind_of",
     "load",
     "readable",
     "register",

@@ -3,7 +3,8 @@
 A folder of W_enc_{i}.safetensors (W_enc_i (m, d), b_enc_i (m,), b_dec_i (d,), and
 threshold_i (m,) for a JumpReLU CLT, ReLU without) and W_dec_{i}.safetensors (W_dec_i
 (m, L - i, d)) for i < L, and config.yaml naming the model kind and the hook points features
-read from and write to. circuit-tracer computes pre = x @ W_enc_i.T + b_enc_i and keeps
+read from and write to (inside each TransformerLens block; ours: provenance hooks_in and
+hooks_out, one per layer). circuit-tracer computes pre = x @ W_enc_i.T + b_enc_i and keeps
 pre where pre > threshold: ours with log_threshold = log(threshold), so thresholds round
 trip within an ulp of the log, every other tensor bit for bit.
 
@@ -20,9 +21,10 @@ from typing import Any
 import torch
 
 from ..checkpoint import CheckpointError
-from ..files import atomic_path, read_text, save_safetensors
+from ..files import atomic_path, read_text
+from ..validation import dtype_name
 from .clt_native import checked
-from .folder import read_weights
+from .folder import read_weights, write_weights
 from .registry import Config, Format, Tensors, register
 
 CONFIG_YAML = "config.yaml"
@@ -83,18 +85,17 @@ def load(path: Path) -> tuple[Config, Tensors]:
         tensors[f"W_dec.{i}"] = _get(path, decoder, f"W_dec_{i}", i)
     tensors = {name: t.to(dtype) for name, t in tensors.items()}
     m, d = tensors["W_enc"].shape[1:]
-    provenance = {
-        "model": meta.get("model_name"),
-        "hook_in": meta.get("feature_input_hook"),
-        "hook_out": meta.get("feature_output_hook"),
-    }
+    provenance = {"model": meta["model_name"]} if isinstance(meta.get("model_name"), str) else {}
+    for key, name in (("hooks_in", "feature_input_hook"), ("hooks_out", "feature_output_hook")):
+        if isinstance(meta.get(name), str):  # a hook point inside each TransformerLens block
+            provenance[key] = [f"blocks.{i}.{meta[name]}" for i in range(L)]
     config = {
         "n_layers": L,
         "d_in": d,
         "n_latents": m,
         "activation": "jumprelu" if jumprelu else "relu",
-        "dtype": str(dtype).removeprefix("torch."),
-        "provenance": {k: v for k, v in provenance.items() if isinstance(v, str)},
+        "dtype": dtype_name(dtype),
+        "provenance": provenance,
     }
     return checked(str(path), config, tensors)
 
@@ -103,6 +104,18 @@ def _get(path: Path, tensors: Tensors, key: str, layer: int) -> torch.Tensor:
     if key not in tensors:
         raise CheckpointError(f"{path}: layer {layer}'s file has no {key}")
     return tensors[key]
+
+
+def block_hook(hooks: object, n_layers: int) -> str | None:
+    """The hook point inside each TransformerLens block that hooks (one per layer,
+    blocks.{i}.NAME) name, as circuit-tracer's config.yaml says it: NAME; None when they name
+    no such pattern (sae_fast's friendly names, another library's)."""
+    if not isinstance(hooks, list) or len(hooks) != n_layers:
+        return None
+    if any(not isinstance(h, str) or not h.startswith(f"blocks.{i}.") for i, h in enumerate(hooks)):
+        return None
+    names = {hook.removeprefix(f"blocks.{i}.") for i, hook in enumerate(hooks)}
+    return names.pop() if len(names) == 1 else None
 
 
 def check_holds(config: Config) -> None:
@@ -131,24 +144,16 @@ def save(config: Config, tensors: Tensors, path: Path) -> None:
         if config["activation"] == "jumprelu":
             log_t = tensors["log_threshold"][i]
             layer[f"threshold_{i}"] = log_t.double().exp().to(log_t.dtype)
-        _write(path / f"W_enc_{i}.safetensors", layer)
-        _write(path / f"W_dec_{i}.safetensors", {f"W_dec_{i}": tensors[f"W_dec.{i}"]})
+        write_weights(path / f"W_enc_{i}.safetensors", layer)
+        write_weights(path / f"W_dec_{i}.safetensors", {f"W_dec_{i}": tensors[f"W_dec.{i}"]})
     provenance = config.get("provenance") or {}
-    meta = {
-        "model_kind": MODEL_KIND,
-        "model_name": provenance.get("model"),
-        "feature_input_hook": provenance.get("hook_in") or DEFAULT_HOOKS["feature_input_hook"],
-        "feature_output_hook": provenance.get("hook_out") or DEFAULT_HOOKS["feature_output_hook"],
-    }
+    meta = {"model_kind": MODEL_KIND, "model_name": provenance.get("model")}
+    for key, name in (("hooks_in", "feature_input_hook"), ("hooks_out", "feature_output_hook")):
+        meta[name] = block_hook(provenance.get(key), L) or DEFAULT_HOOKS[name]
     with atomic_path(path / CONFIG_YAML) as tmp:
         import yaml
 
         tmp.write_text(yaml.safe_dump({k: v for k, v in meta.items() if v is not None}))
-
-
-def _write(path: Path, tensors: Tensors) -> None:
-    with atomic_path(path) as tmp:
-        save_safetensors({k: v.detach().contiguous() for k, v in tensors.items()}, tmp)
 
 
 FILES = ("W_enc_*.safetensors", "W_dec_*.safetensors", CONFIG_YAML)

@@ -85,8 +85,15 @@ def write(
     """Write tensors to folder/weights_file, then config to folder/config_file (cfg.json),
     each atomically."""
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / weights_file) as tmp:
-        body = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-        save_safetensors(body, tmp, metadata)
+    write_weights(folder / weights_file, tensors, metadata)
     with atomic_path(folder / config_file) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_weights(
+    path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write tensors (on the CPU, contiguous) to the safetensors file path, atomically."""
+    with atomic_path(path) as tmp:
+        body = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        save_safetensors(body, tmp, metadata)

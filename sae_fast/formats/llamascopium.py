@@ -24,7 +24,9 @@ from typing import Any
 import torch
 
 from ..checkpoint import CheckpointError
+from ..clt.config import decoder_norms
 from ..files import peek_json, read_json
+from ..validation import dtype_name
 from .clt_native import checked
 from .folder import check_names, read_weights, write
 from .registry import Config, Format, Tensors, register
@@ -72,14 +74,13 @@ def load(path: Path) -> tuple[Config, Tensors]:
         out_scale = [_scale(where, f64, h, d) for h in hooks_out]
     elif norm_mode != "inference":
         raise CheckpointError(
-            f"{where}: norm_activation {norm_mode!r} scales each batch by its own norm, which "
-            "no fixed CLT computes; save it with the normalisation folded (inference)"
+            f"{where}: norm_activation {norm_mode!r} scales by norms each batch or token has, "
+            "which no fixed CLT computes; save it with the normalisation folded (inference)"
         )
     # (m, L - s, d) per source s, from the decoders stored per target t.
-    W_dec = [
-        torch.stack([f64[f"W_D.{t}"][s] * in_scale[s] / out_scale[t] for t in range(s, L)], 1)
-        for s in range(L)
-    ]
+    stored = [torch.stack([f64[f"W_D.{t}"][s] for t in range(s, L)], 1) for s in range(L)]
+    out = torch.tensor(out_scale, dtype=torch.float64)
+    W_dec = [W * in_scale[s] / out[s:, None] for s, W in enumerate(stored)]
     tensors = {
         "W_enc": f64["W_E"].transpose(1, 2),
         "b_enc": f64["b_E"] / torch.tensor(in_scale, dtype=torch.float64)[:, None],
@@ -91,7 +92,7 @@ def load(path: Path) -> tuple[Config, Tensors]:
     if act_fn == "jumprelu":
         log_t = f64[THRESHOLD] - torch.tensor(in_scale, dtype=torch.float64).log()[:, None]
         if meta.get("sparsity_include_decoder_norm", True):
-            log_t = log_t - _decoder_norms(f64, L).log()
+            log_t = log_t - decoder_norms(stored).log()  # the norms as stored, unfolded
         tensors["log_threshold"] = log_t
     tensors = {name: t.to(dtype).contiguous() for name, t in tensors.items()}
     config = {
@@ -99,7 +100,7 @@ def load(path: Path) -> tuple[Config, Tensors]:
         "d_in": d,
         "n_latents": m,
         "activation": act_fn,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name(dtype),
         "provenance": {"hooks_in": hooks_in, "hooks_out": hooks_out},
     }
     return checked(str(path), config, tensors)
@@ -109,12 +110,6 @@ def _scale(where: Path, weights: Tensors, hook: str, d: int) -> float:
     if NORM + hook not in weights:
         raise CheckpointError(f"{where}: no stored average norm for {hook}")
     return math.sqrt(d) / float(weights[NORM + hook])
-
-
-def _decoder_norms(weights: Tensors, L: int) -> torch.Tensor:
-    """(L, m): each feature's decoder norm over every target it writes to."""
-    sq = [sum(weights[f"W_D.{t}"][s].pow(2).sum(-1) for t in range(s, L)) for s in range(L)]
-    return torch.stack(sq).sqrt()
 
 
 def save(config: Config, tensors: Tensors, path: Path) -> None:

@@ -69,11 +69,13 @@ def detect(path: str | Path, kind: str = "sae") -> str:
         raise CheckpointError(f"{path} cannot be read: {e.strerror}") from None
     if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
         raise CheckpointError(f"{path} cannot be read: permission denied")
-    for name, fmt in _of(kind).items():
-        if fmt.detect(path):
-            return name
-    for (other, name), fmt in _FORMATS.items():
-        if other != kind and fmt.detect(path):
+    # The CLT layouts first: SAELens's detector also takes llamascopium's weights file name.
+    for other in ("clt", "sae"):
+        for name, fmt in _of(other).items():
+            if not fmt.detect(path):
+                continue
+            if other == kind:
+                return name
             loader = "CrossLayerTranscoder" if other == "clt" else "SparseAutoencoder"
             raise CheckpointError(
                 f"{path} holds {KINDS[other]} ({name} layout), not {KINDS[kind]}: load it "
@@ -84,6 +86,15 @@ def detect(path: str | Path, kind: str = "sae") -> str:
         f"{path} is not a checkpoint sae_fast reads (formats: {', '.join(_of(kind))}); "
         f"found {found}"
     )
+
+
+def kind_of(path: str | Path) -> str:
+    """What path holds: "clt" where a cross-layer transcoder's layout detects it, else "sae"
+    (whose loading says what is wrong, if anything is)."""
+    path = Path(path)
+    if path.is_dir() and any(fmt.detect(path) for fmt in _of("clt").values()):
+        return "clt"
+    return "sae"
 
 
 def _get(name: str, kind: str, names: list[str]) -> Format:

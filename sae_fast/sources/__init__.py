@@ -34,6 +34,7 @@ from .model import (
     special_tokens,
     token_windows,
 )
+from .stacked import stacked_activations
 from .streams import HookStream, hook_streams
 from .synthetic import HELD_OUT_STREAM, SyntheticSource, feature_recovery
 from .text import documents, split_documents, stdlib_docstrings, text_file
@@ -75,6 +76,7 @@ __all__ = [
     "special_tokens",
     "splice",
     "split_documents",
+    "stacked_activations",
     "stdlib_docstrings",
     "text_file",
     "token_windows",

@@ -1,4 +1,4 @@
-"""A cross-layer transcoder's training loss and its metrics per target layer.
+"""A cross-layer transcoder's training loss.
 
 - Reconstruction: the sum over target layers of the squared error (summed over d_out,
   averaged over tokens, as an SAE's: losses.squared_error). That is the sum of the per-layer
@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..clt.config import decoder_norms
 from ..clt.module import CLTOutput, CrossLayerTranscoder
 from ..ops import SparseCode
+from ..options import SPARSE_ACTIVATIONS
 from .losses import StepOutput, squared_error
 
 
@@ -38,17 +40,12 @@ class CLTLossWeights:
     tanh_c: float = 4.0
 
 
-def decoder_norms(clt: CrossLayerTranscoder) -> Tensor:
-    """(L, m): each feature's decoder norm over every target it writes to (differentiable)."""
-    return torch.stack([W.pow(2).sum(dim=(1, 2)).sqrt() for W in clt.W_dec])
-
-
 def sparsity_penalty(clt: CrossLayerTranscoder, code: SparseCode, c: float) -> Tensor:
     """Mean over tokens of the summed penalty of code (L, n, width): tanh(c * norm * a)
     (jumprelu) or norm * a (relu), norm the feature's decoder norm."""
     values, indices = code
     L = values.shape[0]
-    norms = decoder_norms(clt).gather(1, indices.reshape(L, -1)).reshape(indices.shape)
+    norms = decoder_norms(clt.W_dec).gather(1, indices.reshape(L, -1)).reshape(indices.shape)
     weighted = norms.to(values.dtype) * values
     if clt.activation == "jumprelu":
         weighted = torch.tanh(c * weighted)
@@ -71,7 +68,7 @@ def clt_training_loss(
     terms: dict[str, Tensor] = {}
     aux = None
     dead = dead_mask is not None and weights.auxk > 0 and bool(dead_mask.any())
-    if dead and clt.activation in ("topk", "batchtopk"):
+    if dead and clt.activation in SPARSE_ACTIVATIONS:
         k_aux = min(weights.k_aux, int(dead_mask.sum(dim=1).max()))
         code, aux = clt.encode_with_auxk(x, dead_mask, k_aux)
         y_hat = clt.decode(code)
@@ -90,17 +87,3 @@ def clt_training_loss(
         terms["sparsity"] = sparsity_penalty(clt, out.code, weights.tanh_c)
         loss = loss + sparsity_scale * weights.sparsity * terms["sparsity"]
     return StepOutput(loss=loss, terms={k: v.detach() for k, v in terms.items()}, out=out)
-
-
-@torch.no_grad()
-def layer_metrics(y: Tensor, y_hat: Tensor, code: SparseCode) -> dict[str, list[float]]:
-    """Per target layer t: fvu (||y - y_hat||^2 / ||y - mean||^2 over the tokens), mse (per
-    element) and l0 (features of source layer t active per token).  y, y_hat: (L, n, d)."""
-    error = (y - y_hat).double().pow(2).sum(dim=(1, 2))
-    spread = (y - y.mean(dim=1, keepdim=True)).double().pow(2).sum(dim=(1, 2))
-    l0 = (code.values != 0).sum(dim=-1).double().reshape(y.shape[0], -1).mean(dim=1)
-    return {
-        "fvu": (error / spread).tolist(),
-        "mse": (error / y[0].numel()).tolist(),
-        "l0": l0.tolist(),
-    }
