@@ -12,7 +12,7 @@ from the pair (SparseAutoencoder.from_config).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -114,20 +114,30 @@ def check_hyperparameters(
         check_matryoshka(matryoshka, n_latents, activation)
 
 
-def complete(config: Mapping[str, Any]) -> dict[str, Any]:
-    """config with its defaults filled in, checked: ValueError/TypeError naming what is wrong."""
-    unknown = sorted(set(config) - set(FIELDS))
+def filled(
+    config: Mapping[str, Any], fields: Sequence[str], required: Sequence[str], defaults: dict
+) -> dict[str, Any]:
+    """config with defaults filled in; ValueError for a field not in fields, a required one
+    missing, a dtype that names no floating-point torch dtype, a provenance that is not an
+    object (an SAE's config here, a cross-layer transcoder's in sae_fast.clt.config)."""
+    unknown = sorted(set(config) - set(fields))
     if unknown:
         raise ValueError(f"unknown fields {unknown}")
-    missing = [name for name in REQUIRED if name not in config]
+    missing = [name for name in required if name not in config]
     if missing:
         raise ValueError(f"missing fields {missing}")
-    full = {**DEFAULTS, **config}
+    full = {**defaults, **config}
     if not isinstance(full["dtype"], str) or parse_dtype(full["dtype"]) is None:
         raise ValueError(f"dtype must name a floating-point torch dtype, got {full['dtype']!r}")
+    if not isinstance(full["provenance"], dict):
+        raise ValueError(f"provenance must be an object, got {full['provenance']!r}")
+    return full
+
+
+def complete(config: Mapping[str, Any]) -> dict[str, Any]:
+    """config with its defaults filled in, checked: ValueError/TypeError naming what is wrong."""
+    full = filled(config, FIELDS, REQUIRED, DEFAULTS)
     provenance = full["provenance"]
-    if not isinstance(provenance, dict):
-        raise ValueError(f"provenance must be an object, got {provenance!r}")
     for key, kind in PROVENANCE_KEYS.items():
         value = provenance.get(key)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..options import SPARSE_ACTIVATIONS
+from ..sae_config import filled
 from ..validation import check_int, check_k, parse_dtype
 
 # The activations a CLT takes (gated has no cross-layer form in the field's tools).
@@ -75,17 +76,7 @@ def check_hyperparameters(
 
 def complete(config: Mapping[str, Any]) -> dict[str, Any]:
     """config with its defaults filled in, checked: ValueError/TypeError naming what is wrong."""
-    unknown = sorted(set(config) - set(FIELDS))
-    if unknown:
-        raise ValueError(f"unknown fields {unknown}")
-    missing = [name for name in REQUIRED if name not in config]
-    if missing:
-        raise ValueError(f"missing fields {missing}")
-    full = {**DEFAULTS, **config}
-    if not isinstance(full["dtype"], str) or parse_dtype(full["dtype"]) is None:
-        raise ValueError(f"dtype must name a floating-point torch dtype, got {full['dtype']!r}")
-    if not isinstance(full["provenance"], dict):
-        raise ValueError(f"provenance must be an object, got {full['provenance']!r}")
+    full = filled(config, FIELDS, REQUIRED, DEFAULTS)
     full["provenance"] = dict(full["provenance"])
     check_hyperparameters(
         **{name: full[name] for name in FIELDS if name not in ("dtype", "provenance")}

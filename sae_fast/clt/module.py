@@ -162,12 +162,18 @@ class CrossLayerTranscoder(nn.Module):
         if self.activation not in SPARSE_ACTIVATIONS:
             raise ValueError(f"AuxK needs activation topk or batchtopk, not {self.activation!r}")
         self._check_input(x)
-        if dead_mask.shape != (self.n_layers, self.n_latents) or dead_mask.dtype != torch.bool:
+        held = self.W_enc.shape[1]  # the features this module holds at each layer
+        if dead_mask.shape != (self.n_layers, held) or dead_mask.dtype != torch.bool:
             raise ValueError(
-                f"dead_mask must be bool (n_layers={self.n_layers}, n_latents={self.n_latents}), "
+                f"dead_mask must be bool (n_layers={self.n_layers}, {held} features), "
                 f"got {dead_mask.dtype} {tuple(dead_mask.shape)}"
             )
         return self._sparse_codes(x, dead_mask, k_aux)
+
+    def count_features(self, mask: Tensor) -> Tensor:
+        """(L,): how many features of each layer mask (L, the features this module holds)
+        marks (a latent shard's counts are the whole CLT's)."""
+        return mask.sum(dim=1)
 
     def _sparse_codes(
         self, x: Tensor, dead_mask: Tensor | None = None, k_aux: int = 0
@@ -191,10 +197,9 @@ class CrossLayerTranscoder(nn.Module):
         """One layer's TopK (or batch TopK) code of x (n, d_in), and with dead (m,) its AuxK
         code from the same pass."""
         inputs = autocast_inputs(x, W_enc, b_enc, W_enc.new_zeros(self.d_in))
-        options = {"backend": self.backend, "chunk_size": self.chunk_size}
 
         def topk(width: int) -> SparseCode:
-            return ops.encode_topk(*inputs, width, **options)
+            return self._layer_topk(inputs, width)
 
         n = x.shape[0]
         width = (
@@ -204,10 +209,26 @@ class CrossLayerTranscoder(nn.Module):
         if dead is None:
             code = topk(width)
         else:
-            code, aux = ops.encode_topk_auxk(*inputs, width, dead, k_aux, **options)
+            code, aux = self._layer_topk_auxk(inputs, width, dead, k_aux)
         if self.activation == "batchtopk":
             code = ops.batch_topk(topk, n, self.n_latents, n * self.k, width, code)
         return code, aux
+
+    def _layer_topk(self, inputs: tuple[Tensor, ...], width: int) -> SparseCode:
+        """ops.encode_topk of one layer's (x, W_enc, b_enc, zero centre)."""
+        return ops.encode_topk(*inputs, width, backend=self.backend, chunk_size=self.chunk_size)
+
+    def _layer_topk_auxk(
+        self, inputs: tuple[Tensor, ...], width: int, dead: Tensor, k_aux: int
+    ) -> tuple[SparseCode, SparseCode]:
+        """ops.encode_topk_auxk of one layer's (x, W_enc, b_enc, zero centre)."""
+        options = {"backend": self.backend, "chunk_size": self.chunk_size}
+        return ops.encode_topk_auxk(*inputs, width, dead, k_aux, **options)
+
+    def _gather(self, values: Tensor, indices: Tensor, rows: Tensor) -> Tensor:
+        """sum_j values[:, j] * rows[indices[:, j]]: (n, width) -> (n, rows' width)."""
+        zero = rows.new_zeros(rows.shape[1])
+        return ops.decode(values, indices, rows, zero, backend=self.backend)
 
     def _dense_codes(self, pre: Tensor) -> list[SparseCode]:
         """The sparse codes (n, width) of each layer's dense activation of pre (L, n, m).
@@ -256,10 +277,8 @@ class CrossLayerTranscoder(nn.Module):
         n = values.shape[1]
         written: list[list[Tensor]] = [[] for _ in range(L)]
         for i, W in enumerate(self.W_dec):
-            columns = (L - i) * d_out
-            v, rows = autocast_inputs(values[i], W.reshape(self.n_latents, columns))
-            out = ops.decode(v, indices[i], rows, rows.new_zeros(columns), backend=self.backend)
-            out = out.reshape(n, L - i, d_out)
+            v, rows = autocast_inputs(values[i], W.reshape(W.shape[0], (L - i) * d_out))
+            out = self._gather(v, indices[i], rows).reshape(n, L - i, d_out)
             for t in range(i, L):
                 written[t].append(out[:, t - i])
         (b_dec,) = autocast_inputs(values, self.b_dec)[1:]

@@ -67,9 +67,11 @@ def clt_training_loss(
     """
     terms: dict[str, Tensor] = {}
     aux = None
-    dead = dead_mask is not None and weights.auxk > 0 and bool(dead_mask.any())
-    if dead and clt.activation in SPARSE_ACTIVATIONS:
-        k_aux = min(weights.k_aux, int(dead_mask.sum(dim=1).max()))
+    use_auxk = clt.activation in SPARSE_ACTIVATIONS and weights.auxk > 0
+    # Per layer, over the whole CLT (every latent shard of a sharded one).
+    dead = clt.count_features(dead_mask) if use_auxk and dead_mask is not None else None
+    if dead is not None and bool(dead.any()):
+        k_aux = min(weights.k_aux, int(dead.max()))
         code, aux = clt.encode_with_auxk(x, dead_mask, k_aux)
         y_hat = clt.decode(code)
         skipped = clt.skip(x)
