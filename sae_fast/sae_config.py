@@ -98,20 +98,26 @@ def check_hyperparameters(
     if (transcoder or skip_connection) and input_norm != "none":
         raise ValueError(f"input_norm={input_norm!r} with a transcoder or skip connection")
     check_int(n_latents, "n_latents")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation, k, n_latents, ACTIVATIONS)
     if input_norm not in INPUT_NORMS:
         raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+    if jumprelu_bandwidth <= 0:
+        raise ValueError(f"jumprelu_bandwidth must be > 0, got {jumprelu_bandwidth}")
+    if matryoshka is not None:
+        check_matryoshka(matryoshka, n_latents, activation)
+
+
+def check_activation(activation: object, k: object, n_latents: int, allowed: Sequence[str]) -> None:
+    """ValueError unless activation is one of allowed and k fits it: an int in [1, n_latents]
+    for the TopK activations, None for the others (TypeError for a k that is not an int)."""
+    if activation not in allowed:
+        raise ValueError(f"activation must be one of {tuple(allowed)}, got {activation!r}")
     if activation in SPARSE_ACTIVATIONS:
         if k is None:
             raise ValueError(f"k is required for activation={activation!r}")
         check_k(k, n_latents)
     elif k is not None:
         raise ValueError(f"k is only used by activations {SPARSE_ACTIVATIONS}, not {activation!r}")
-    if jumprelu_bandwidth <= 0:
-        raise ValueError(f"jumprelu_bandwidth must be > 0, got {jumprelu_bandwidth}")
-    if matryoshka is not None:
-        check_matryoshka(matryoshka, n_latents, activation)
 
 
 def filled(

@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 
-from ..options import SPARSE_ACTIVATIONS
-from ..sae_config import filled
-from ..validation import check_int, check_k, parse_dtype
+from ..sae_config import check_activation, filled
+from ..validation import check_int, parse_dtype
 
 # The activations a CLT takes (gated has no cross-layer form in the field's tools).
 ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
@@ -62,14 +61,7 @@ def check_hyperparameters(
     check_int(n_latents, "n_latents")
     if not isinstance(skip_connection, bool):
         raise ValueError(f"skip_connection must be true or false, got {skip_connection!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if activation in SPARSE_ACTIVATIONS:
-        if k is None:
-            raise ValueError(f"k is required for activation={activation!r}")
-        check_k(k, n_latents)
-    elif k is not None:
-        raise ValueError(f"k is only used by activations {SPARSE_ACTIVATIONS}, not {activation!r}")
+    check_activation(activation, k, n_latents, ACTIVATIONS)
     if not isinstance(jumprelu_bandwidth, int | float) or not jumprelu_bandwidth > 0:
         raise ValueError(f"jumprelu_bandwidth must be > 0, got {jumprelu_bandwidth!r}")
 
