@@ -59,7 +59,7 @@ def _inputs(shape: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dense_outputs(clt: CrossLayerTranscoder, x: torch.Tensor) -> torch.Tensor:
     """The dense way (module docstring): (L, n, d) from x (L, n, d)."""
-    pre = torch.baddbmm(clt.b_enc[:, None], x, clt.W_enc.transpose(1, 2))  # (L, n, m)
+    pre = clt.pre_activations(x)  # (L, n, m)
     values, indices = pre.relu().topk(clt.k, dim=-1)
     z = torch.zeros_like(pre).scatter(-1, indices, values)
     return reference.clt_decode(z, list(clt.W_dec), clt.b_dec)

@@ -116,10 +116,12 @@ def _zscored(clt: CrossLayerTranscoder, batches: list[Tensor], selected: list[Te
 def _pre(clt: CrossLayerTranscoder, x: Tensor, layer: int | None = None) -> Tensor:
     """Each layer's dense pre-activations (L, n, m) in float64 of x (L, ..., d_in), or one
     layer's (n, m)."""
-    x = x.reshape(clt.n_layers, -1, clt.d_in).to(clt.W_enc.dtype)
-    if layer is not None:
-        return torch.addmm(clt.b_enc[layer], x[layer], clt.W_enc[layer].T).double()
-    return torch.baddbmm(clt.b_enc[:, None], x, clt.W_enc.transpose(1, 2)).double()
+    if layer is None:
+        return clt.pre_activations(x).double()
+    # One layer's alone: the frequency calibration holds a layer's pre-activations of all
+    # the batches at once.
+    x = x.reshape(clt.n_layers, -1, clt.d_in)
+    return torch.addmm(clt.b_enc[layer], x[layer], clt.W_enc[layer].T).double()
 
 
 def _l0_multipliers(

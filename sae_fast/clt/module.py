@@ -132,10 +132,9 @@ class CrossLayerTranscoder(nn.Module):
 
     def _sparse_path(self) -> bool:
         """Whether the TopK ops compute the code (topk; batchtopk training or uncalibrated)."""
-        if self.activation == "topk":
-            return True
-        uncalibrated = self.activation == "batchtopk" and bool((self.threshold < 0).any())
-        return self.activation == "batchtopk" and (self.training or uncalibrated)
+        if self.activation != "batchtopk":
+            return self.activation == "topk"
+        return self.training or bool((self.threshold < 0).any())
 
     def _encode(self, x: Tensor) -> tuple[SparseCode, Tensor | None]:
         """x: (L, ..., d_in) -> (code (L, ..., width), pre (L, ..., m) or None)."""
@@ -143,12 +142,17 @@ class CrossLayerTranscoder(nn.Module):
         lead = x.shape[1:-1]
         if self._sparse_path():
             return self._sparse_codes(x)[0], None
+        pre = self.pre_activations(x)
+        code = _stack(self._dense_codes(pre), lead)
+        return code, pre.reshape(self.n_layers, *lead, self.n_latents)
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """Every layer's dense pre-activations x[i] @ W_enc[i].T + b_enc[i]: x (L, ..., d_in)
+        -> (L, n, m), n the tokens of the leading dimensions (the dense activations' path)."""
         flat, W, b = autocast_inputs(
             x.reshape(self.n_layers, -1, self.d_in), self.W_enc, self.b_enc
         )
-        pre = torch.baddbmm(b[:, None], flat, W.transpose(1, 2))
-        code = _stack(self._dense_codes(pre), lead)
-        return code, pre.reshape(self.n_layers, *lead, self.n_latents)
+        return torch.baddbmm(b[:, None], flat, W.transpose(1, 2))
 
     def encode_with_auxk(
         self, x: Tensor, dead_mask: Tensor, k_aux: int

@@ -23,10 +23,11 @@ import torch
 from ..checkpoint import CheckpointError
 from ..files import atomic_path, read_text
 from ..validation import dtype_name
-from .clt_native import checked
+from .clt_native import check_plain, checked
 from .folder import read_weights, write_weights
 from .registry import Config, Format, Tensors, register
 
+NAME = "circuit-tracer"
 CONFIG_YAML = "config.yaml"
 MODEL_KIND = "cross_layer_transcoder"
 # circuit-tracer's hook names (TransformerLens's, inside a block) where none is known.
@@ -118,22 +119,8 @@ def block_hook(hooks: object, n_layers: int) -> str | None:
     return names.pop() if len(names) == 1 else None
 
 
-def check_holds(config: Config) -> None:
-    """CheckpointError unless circuit-tracer's layout holds the CLT config describes."""
-    if config["activation"] not in ("relu", "jumprelu"):
-        raise CheckpointError(
-            f"circuit-tracer's CLTs are ReLU or JumpReLU, not {config['activation']}: convert "
-            "it with per-feature thresholds calibrated on held-out activations "
-            "(sae_fast.clt.to_jumprelu, or `sae-fast convert --to circuit-tracer --calibrate`)"
-        )
-    if config.get("skip_connection"):
-        raise CheckpointError("circuit-tracer's CLT files hold no skip connection: use sae_fast")
-    if config.get("d_out") not in (None, config["d_in"]):
-        raise CheckpointError("circuit-tracer's CLTs read and write one width (d_out = d_in)")
-
-
 def save(config: Config, tensors: Tensors, path: Path) -> None:
-    check_holds(config)
+    check_plain(config, NAME)
     L = config["n_layers"]
     for i in range(L):
         layer = {
@@ -157,4 +144,4 @@ def save(config: Config, tensors: Tensors, path: Path) -> None:
 
 
 FILES = ("W_enc_*.safetensors", "W_dec_*.safetensors", CONFIG_YAML)
-register(Format("circuit-tracer", detect, load, save, files=FILES, kind="clt"))
+register(Format(NAME, detect, load, save, files=FILES, kind="clt"))

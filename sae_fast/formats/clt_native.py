@@ -8,7 +8,7 @@ from pathlib import Path
 from ..checkpoint import CONFIG_FILE, CheckpointError, read_stamped_json
 from ..clt import config as clt_config
 from ..files import peek_json
-from .folder import check_names, read_weights, write
+from .folder import check_tensors, read_weights, write
 from .registry import Config, Format, Tensors, register
 
 FORMAT = "sae_fast-clt"
@@ -28,16 +28,23 @@ def checked(where: str, config: Config, tensors: Tensors) -> tuple[Config, Tenso
         config = clt_config.complete(config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where} does not describe a cross-layer transcoder: {e}") from e
-    shapes, dtype = clt_config.tensor_shapes(config), clt_config.dtype(config)
-    check_names(where, tensors, shapes)
-    for name, shape in shapes.items():
-        got = tensors[name]
-        if tuple(got.shape) != shape or got.dtype != dtype:
-            raise CheckpointError(
-                f"{where}: {name} is {tuple(got.shape)} {got.dtype} but the config implies "
-                f"{shape} {dtype}"
-            )
+    check_tensors(where, tensors, clt_config.tensor_shapes(config), clt_config.dtype(config))
     return config, tensors
+
+
+def check_plain(config: Config, layout: str) -> None:
+    """CheckpointError unless layout (circuit-tracer's, llamascopium's) holds the CLT config
+    describes: ReLU or JumpReLU, no skip connection, one width for inputs and outputs."""
+    if config["activation"] not in ("relu", "jumprelu"):
+        raise CheckpointError(
+            f"{layout}'s CLTs are ReLU or JumpReLU, not {config['activation']}: convert it "
+            "with per-feature thresholds calibrated on held-out activations "
+            f"(sae_fast.clt.to_jumprelu, or `sae-fast convert --to {layout} --calibrate`)"
+        )
+    if config.get("skip_connection"):
+        raise CheckpointError(f"{layout}'s CLT files hold no skip connection: save as sae_fast")
+    if config.get("d_out") not in (None, config["d_in"]):
+        raise CheckpointError(f"{layout}'s CLTs read and write one width (d_out = d_in)")
 
 
 def load(path: Path) -> tuple[Config, Tensors]:

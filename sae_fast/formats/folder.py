@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
@@ -51,6 +52,25 @@ def check_names(where: str, tensors: dict[str, Tensor], expected: Iterable[str])
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:
         raise CheckpointError(f"{where}: missing tensors {missing}, unexpected tensors {extra}")
+
+
+def check_tensors(
+    where: str,
+    tensors: dict[str, Tensor],
+    shapes: dict[str, tuple[int, ...]],
+    dtype: torch.dtype,
+    config: str = "the config",
+) -> None:
+    """Raise CheckpointError unless tensors has exactly the names of shapes, each of its shape
+    and of dtype: what config (named so in the message) implies."""
+    check_names(where, tensors, shapes)
+    for name, shape in shapes.items():
+        got = tensors[name]
+        if tuple(got.shape) != shape or got.dtype != dtype:
+            raise CheckpointError(
+                f"{where}: {name} is {tuple(got.shape)} {got.dtype} but {config} implies "
+                f"{shape} {dtype}"
+            )
 
 
 def integer(where: str, name: str, value: Any, minimum: int = 1) -> int:

@@ -27,10 +27,11 @@ from ..checkpoint import CheckpointError
 from ..clt.config import decoder_norms
 from ..files import peek_json, read_json
 from ..validation import dtype_name
-from .clt_native import checked
+from .clt_native import check_plain, checked
 from .folder import check_names, read_weights, write
 from .registry import Config, Format, Tensors, register
 
+NAME = "llamascopium"
 CONFIG_JSON = "config.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 THRESHOLD = "activation_function.log_jumprelu_threshold"
@@ -113,16 +114,8 @@ def _scale(where: Path, weights: Tensors, hook: str, d: int) -> float:
 
 
 def save(config: Config, tensors: Tensors, path: Path) -> None:
+    check_plain(config, NAME)
     L, m, d = config["n_layers"], config["n_latents"], config["d_in"]
-    if config["activation"] not in ("relu", "jumprelu") or config.get("skip_connection"):
-        raise CheckpointError(
-            "llamascopium's layout holds ReLU and JumpReLU CLTs without a skip connection; "
-            f"this one is {config['activation']}"
-            f"{' with a skip connection' if config.get('skip_connection') else ''}: save as "
-            "sae_fast, or convert a TopK CLT with sae_fast.clt.to_jumprelu"
-        )
-    if config.get("d_out") not in (None, d):
-        raise CheckpointError("llamascopium's CLTs read and write one width (d_out = d_in)")
     if int(d * (m / d)) != m:
         raise CheckpointError(
             f"llamascopium derives d_sae = int(d_model * expansion_factor), which gives "
@@ -152,4 +145,4 @@ def save(config: Config, tensors: Tensors, path: Path) -> None:
     write(path, WEIGHTS_FILE, weights, meta, config_file=CONFIG_JSON)
 
 
-register(Format("llamascopium", detect, load, save, files=(WEIGHTS_FILE, CONFIG_JSON), kind="clt"))
+register(Format(NAME, detect, load, save, files=(WEIGHTS_FILE, CONFIG_JSON), kind="clt"))

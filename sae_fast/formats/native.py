@@ -7,7 +7,7 @@ from pathlib import Path
 from .. import checkpoint, sae_config
 from ..files import read_json
 from ..parallel import row_shards
-from .folder import check_names
+from .folder import check_tensors
 from .registry import Config, Format, Tensors, register
 
 
@@ -40,16 +40,9 @@ def load(path: Path) -> tuple[Config, Tensors]:
 def _check_tensors(path: Path, config: Config, tensors: Tensors) -> None:
     """Raise CheckpointError unless tensors has exactly the names, shapes and dtype that
     config implies (sae_config.tensor_shapes)."""
-    where = path / checkpoint.WEIGHTS_FILE
+    where = str(path / checkpoint.WEIGHTS_FILE)
     shapes, dtype = sae_config.tensor_shapes(config), sae_config.dtype(config)
-    check_names(str(where), tensors, shapes)
-    for name, shape in shapes.items():
-        got = tensors[name]
-        if tuple(got.shape) != shape or got.dtype != dtype:
-            raise checkpoint.CheckpointError(
-                f"{where}: {name} is {tuple(got.shape)} {got.dtype} but "
-                f"{checkpoint.CONFIG_FILE} implies {shape} {dtype}"
-            )
+    check_tensors(where, tensors, shapes, dtype, checkpoint.CONFIG_FILE)
 
 
 def save(config: Config, tensors: Tensors, path: Path) -> None:

@@ -69,18 +69,16 @@ def detect(path: str | Path, kind: str = "sae") -> str:
         raise CheckpointError(f"{path} cannot be read: {e.strerror}") from None
     if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
         raise CheckpointError(f"{path} cannot be read: permission denied")
-    # The CLT layouts first: SAELens's detector also takes llamascopium's weights file name.
-    for other in ("clt", "sae"):
-        for name, fmt in _of(other).items():
-            if not fmt.detect(path):
-                continue
-            if other == kind:
-                return name
-            loader = "CrossLayerTranscoder" if other == "clt" else "SparseAutoencoder"
-            raise CheckpointError(
-                f"{path} holds {KINDS[other]} ({name} layout), not {KINDS[kind]}: load it "
-                f"with sae_fast.{loader}.load"
-            )
+    found = _found(path)
+    if found is not None:
+        other, name = found
+        if other == kind:
+            return name
+        loader = "CrossLayerTranscoder" if other == "clt" else "SparseAutoencoder"
+        raise CheckpointError(
+            f"{path} holds {KINDS[other]} ({name} layout), not {KINDS[kind]}: load it "
+            f"with sae_fast.{loader}.load"
+        )
     found = sorted(p.name for p in path.iterdir())[:12] if path.is_dir() else [path.name]
     raise CheckpointError(
         f"{path} is not a checkpoint sae_fast reads (formats: {', '.join(_of(kind))}); "
@@ -88,13 +86,22 @@ def detect(path: str | Path, kind: str = "sae") -> str:
     )
 
 
+def _found(path: Path) -> tuple[str, str] | None:
+    """(kind, name) of the first format that detects path, or None."""
+    # The CLT layouts first: SAELens's detector also takes llamascopium's weights file name.
+    for kind in ("clt", "sae"):
+        for name, fmt in _of(kind).items():
+            if fmt.detect(path):
+                return kind, name
+    return None
+
+
 def kind_of(path: str | Path) -> str:
-    """What path holds: "clt" where a cross-layer transcoder's layout detects it, else "sae"
-    (whose loading says what is wrong, if anything is)."""
+    """What the folder path holds: "clt" where a cross-layer transcoder's layout detects it,
+    else "sae" (whose loading says what is wrong, if anything is)."""
     path = Path(path)
-    if path.is_dir() and any(fmt.detect(path) for fmt in _of("clt").values()):
-        return "clt"
-    return "sae"
+    found = _found(path) if path.is_dir() else None
+    return found[0] if found else "sae"
 
 
 def _get(name: str, kind: str, names: list[str]) -> Format:

@@ -11,8 +11,7 @@ from torch import Tensor
 
 from ..clt.module import CrossLayerTranscoder
 from ..ops import SparseCode
-from ..options import SPARSE_ACTIVATIONS
-from .ops import sharded_decode, sharded_encode_topk, sharded_encode_topk_auxk
+from .ops import check_block, sharded_decode, sharded_encode_topk, sharded_encode_topk_auxk
 
 
 class ShardedCrossLayerTranscoder(CrossLayerTranscoder):
@@ -44,12 +43,7 @@ class ShardedCrossLayerTranscoder(CrossLayerTranscoder):
         device: torch.device | str | None = None,
         backend: str | None = None,
     ) -> None:
-        if activation not in SPARSE_ACTIVATIONS:
-            raise ValueError(
-                f"a latent-sharded CLT needs activation in {SPARSE_ACTIVATIONS}, not {activation!r}"
-            )
-        if not 0 <= offset < offset + size <= n_latents:
-            raise ValueError(f"features [{offset}, {offset + size}) are not in [0, {n_latents})")
+        check_block("CLT", activation, offset, size, n_latents, unit="features")
         super().__init__(
             n_layers, d_in, size, k=min(k, size), activation=activation, d_out=d_out,
             skip_connection=skip_connection, dtype=dtype, device=device, backend=backend,

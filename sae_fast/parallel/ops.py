@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..ops import SparseCode, decode, encode_topk, encode_topk_auxk
-from ..options import is_int
+from ..options import SPARSE_ACTIVATIONS, is_int
 
 _PAD_INDEX = torch.iinfo(torch.int64).max  # candidates a small shard lacks: sort last
 
@@ -74,6 +74,20 @@ class _SumOverGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         return grad, None
+
+
+def check_block(
+    what: str, activation: str, offset: int, size: int, n_latents: int, unit: str = "latents"
+) -> None:
+    """ValueError unless a latent-sharded `what` (an SAE, a CLT) can hold the block
+    [offset, offset + size) of n_latents: a TopK activation, the block inside the dictionary
+    (unit: what the messages call its latents)."""
+    if activation not in SPARSE_ACTIVATIONS:
+        raise ValueError(
+            f"a latent-sharded {what} needs activation in {SPARSE_ACTIVATIONS}, not {activation!r}"
+        )
+    if not 0 <= offset < offset + size <= n_latents:
+        raise ValueError(f"{unit} [{offset}, {offset + size}) are not in [0, {n_latents})")
 
 
 def _merge(local: SparseCode, offset: int, k: int, group) -> SparseCode:

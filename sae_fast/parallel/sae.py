@@ -9,10 +9,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..ops import SparseCode
-from ..options import SPARSE_ACTIVATIONS
 from ..sae import SparseAutoencoder, autocast_inputs
 from ..sae_config import check_hyperparameters
 from .ops import (
+    check_block,
     own_pairs,
     sharded_decode,
     sharded_encode_topk,
@@ -46,13 +46,8 @@ class ShardedSparseAutoencoder(SparseAutoencoder):
         device: torch.device | str | None = None,
         backend: str | None = None,
     ) -> None:
-        if activation not in SPARSE_ACTIVATIONS:
-            raise ValueError(
-                f"a latent-sharded SAE needs activation in {SPARSE_ACTIVATIONS}, not {activation!r}"
-            )
+        check_block("SAE", activation, offset, size, n_latents)
         check_hyperparameters(d_in, n_latents, k, activation, "none", 1.0, matryoshka)
-        if not 0 <= offset < offset + size <= n_latents:
-            raise ValueError(f"latents [{offset}, {offset + size}) are not in [0, {n_latents})")
         super().__init__(
             d_in, size, k=min(k, size), activation=activation, dtype=dtype, device=device,
             backend=backend,
