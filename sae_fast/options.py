@@ -9,6 +9,9 @@ from itertools import pairwise
 # SAE activations; those with a k are computed by the sparse TopK ops (and trained with AuxK).
 ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "gated")
 SPARSE_ACTIVATIONS = ("topk", "batchtopk")
+# The activations a cross-layer transcoder takes (gated has no cross-layer form in the field's
+# tools).
+CLT_ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
 INPUT_NORMS = ("none", "layer_norm", "constant_norm")
 # The dtypes activations come in (models, caches, the CUDA kernels); parameters may also be
 # float64. Names as configs and command lines spell them.
@@ -64,6 +67,19 @@ def is_int(value: object, minimum: int | None = None) -> bool:
     if isinstance(value, bool) or not isinstance(value, int):
         return False
     return minimum is None or value >= minimum
+
+
+def clt_hooks(layers: str) -> tuple[list[str], list[str]]:
+    """(mlp_in.A..B, mlp_out.A..B): what a cross-layer transcoder over layers "A-B" (or one
+    layer "A") reads and writes; ValueError unless it names layers in order."""
+    found = re.match(r"^([0-9]+)(?:-([0-9]+))?$", layers.strip() if isinstance(layers, str) else "")
+    if not found:
+        raise ValueError(f"expected A-B (first and last layer, e.g. 0-5), got {layers!r}")
+    first, last = int(found[1]), int(found[2] or found[1])
+    if first > last:
+        raise ValueError(f"the range {layers!r} runs backwards")
+    span = range(first, last + 1)
+    return [f"mlp_in.{i}" for i in span], [f"mlp_out.{i}" for i in span]
 
 
 def parse_hooks(spec: str) -> list[str]:

@@ -324,15 +324,8 @@ class SparseAutoencoder(nn.Module):
 
     def _seeded_rows(self, seed: int, width: int, stream: int = 0) -> Tensor:
         """Random unit rows (this module's latents, width) of seed_parameters_."""
-        rows, first = self.W_dec.shape[0], self.latent_offset
-        parts = []
-        for block in range(first // _SEED_BLOCK, (first + rows - 1) // _SEED_BLOCK + 1):
-            ids = (seed, block, stream) if stream else (seed, block)
-            g = seeded_generator(*ids, device=self.W_dec.device)
-            W = torch.randn(_SEED_BLOCK, width, generator=g, device=g.device)
-            lo = max(first - block * _SEED_BLOCK, 0)
-            parts.append(W[lo : min(first + rows - block * _SEED_BLOCK, _SEED_BLOCK)])
-        W = torch.cat(parts).to(self.W_dec.dtype)
+        W = seeded_normal(seed, self.latent_offset, self.W_dec.shape[0], width, stream,
+                          self.W_dec.device).to(self.W_dec.dtype)  # fmt: skip
         return W / W.norm(dim=1, keepdim=True)
 
     @torch.no_grad()
@@ -395,15 +388,7 @@ class SparseAutoencoder(nn.Module):
         """Set b_dec from a sample x (..., d_out) of what the SAE outputs: its mean or
         geometric median (Weiszfeld)."""
         check_activations(x, self.d_out, self.b_dec)
-        flat = x.reshape(-1, self.d_out)
-        if flat.shape[0] == 0:
-            raise ValueError("x must hold at least one activation to set b_dec from")
-        if method not in ("mean", "geometric_median"):
-            raise ValueError(f"method must be 'mean' or 'geometric_median', got {method!r}")
-        center = flat.mean(dim=0)
-        if method == "geometric_median":
-            center = geometric_median(flat, center, max_iter)
-        self.b_dec.copy_(center)
+        self.b_dec.copy_(data_center(x.reshape(-1, self.d_out), method, max_iter))
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -482,6 +467,37 @@ def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(t if t.dtype == torch.float64 else t.to(dtype) for t in tensors)
+
+
+def seeded_normal(
+    seed: int,
+    first: int,
+    rows: int,
+    width: int,
+    stream: int = 0,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Standard normal draws (rows, width) for the latents [first, first + rows), the same for
+    each latent whichever process draws it: blocks of _SEED_BLOCK latents, each from a
+    generator of its own (sources.seeds.seeded_generator(seed, block[, stream]))."""
+    parts = []
+    for block in range(first // _SEED_BLOCK, (first + rows - 1) // _SEED_BLOCK + 1):
+        ids = (seed, block, stream) if stream else (seed, block)
+        g = seeded_generator(*ids, device=device)
+        W = torch.randn(_SEED_BLOCK, width, generator=g, device=g.device)
+        lo = max(first - block * _SEED_BLOCK, 0)
+        parts.append(W[lo : min(first + rows - block * _SEED_BLOCK, _SEED_BLOCK)])
+    return torch.cat(parts)
+
+
+def data_center(x: Tensor, method: str = "geometric_median", max_iter: int = 100) -> Tensor:
+    """x: (n, d) -> (d,), its mean or geometric median (Weiszfeld): an initial b_dec."""
+    if x.shape[0] == 0:
+        raise ValueError("x must hold at least one activation to set b_dec from")
+    if method not in ("mean", "geometric_median"):
+        raise ValueError(f"method must be 'mean' or 'geometric_median', got {method!r}")
+    center = x.mean(dim=0)
+    return geometric_median(x, center, max_iter) if method == "geometric_median" else center
 
 
 def geometric_median(x: Tensor, start: Tensor, max_iter: int = 100, tol: float = 1e-6) -> Tensor:

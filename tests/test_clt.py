@@ -13,9 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sae_fast import reference
 from sae_fast.clt import CrossLayerTranscoder, to_jumprelu
+from sae_fast.options import CLT_ACTIVATIONS as ACTIVATIONS
 
 L, D_IN, D_OUT, M, K, N = 3, 7, 5, 37, 4, 13  # widths that tile nothing
-ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
 
 
 def integer_clt(activation: str, skip: bool = False, d_out: int = D_OUT, seed: int = 0):

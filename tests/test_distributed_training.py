@@ -16,9 +16,10 @@ import torch.multiprocessing as mp
 
 from sae_fast import SparseAutoencoder
 from sae_fast.checkpoint import CheckpointError
+from sae_fast.clt import CrossLayerTranscoder
 from sae_fast.parallel.layout import PeerRows, build_rank_source, close_layout, init_layout
 from sae_fast.sources import build_source
-from sae_fast.training import TrainConfig, Trainer
+from sae_fast.training import CLTTrainer, TrainConfig, Trainer
 from sae_fast.training.checkpoints import SAE_DIR, list_checkpoints
 from sae_fast.training.metrics import read_jsonl
 
@@ -52,7 +53,7 @@ def _worker(rank: int, world: int, port: int, options: dict, resume) -> None:
         source = build_rank_source(cfg, torch.device("cpu"), layout)
         # A model runs on each latent group's first shard alone; the others receive its rows.
         assert isinstance(source, PeerRows) == (cfg.source == "model" and layout.latent_rank > 0)
-        Trainer(cfg, source, resume, layout).train()
+        (CLTTrainer if cfg.clt else Trainer)(cfg, source, resume, layout).train()
         finished = True
     finally:
         close_layout(layout, finished)
@@ -63,7 +64,7 @@ def train(out: Path, world: int = 1, resume=False, **options) -> Path:
     options = {**BASE, **options, "out_dir": str(out)}
     if world == 1:
         cfg = TrainConfig(**options)
-        Trainer(cfg, build_source(cfg, "cpu"), resume).train()
+        (CLTTrainer if cfg.clt else Trainer)(cfg, build_source(cfg, "cpu"), resume).train()
     else:
         mp.spawn(_worker, args=(world, free_port(), options, resume), nprocs=world)
     return out
@@ -153,6 +154,43 @@ def test_a_single_process_checkpoint_resumes_sharded(tmp_path):
     run = train(tmp_path / "run", steps=3)
     train(run, world=2, resume=True, steps=6, latent_parallel=2)
     assert_close(weights(run), straight, 2e-5)
+
+
+# A CLT over three layers of the synthetic map, with a skip connection (whole on every shard).
+CLT = dict(clt=True, layers="0-2", n_latents=32, k=3, skip_connection=True, dtype="float64")
+
+
+def clt_weights(run: Path) -> dict[str, torch.Tensor]:
+    return CrossLayerTranscoder.load(run / SAE_DIR).state_dict()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_trains_the_clt_of_one_process(tmp_path, layout):
+    """Each latent shard holds a block of every layer's features with all their decoders."""
+    one = train(tmp_path / "one", **CLT)
+    two = train(tmp_path / layout, **CLT, **LAYOUTS[layout])
+    assert_close(clt_weights(two), clt_weights(one), 1e-10)
+    rows_one, rows_two = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+    for a, b in zip(rows_one, rows_two, strict=True):
+        for key in ("loss", "recon", "fvu", "fvu/2", "l0/1", "dead_fraction", "tokens"):
+            assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), key
+    assert any(r.get("auxk", 0) > 0 for r in rows_two)
+
+
+def test_clt_checkpoints_reshard_between_layouts(tmp_path):
+    """A (latent=2) CLT run resumed from step 3 in one process gives one process's straight
+    run; resumed in its own layout, bit for bit its own."""
+    straight = clt_weights(train(tmp_path / "straight", **CLT))
+    sharded = train(tmp_path / "sharded", world=2, latent_parallel=2, **CLT)
+    step3 = list_checkpoints(sharded / "checkpoints")[0]
+    assert step3.name == "step-00000003"
+    for name, layout in [("as-one", dict(world=1)),
+                         ("as-latent", dict(world=2, latent_parallel=2))]:  # fmt: skip
+        run = tmp_path / name
+        shutil.copytree(sharded, run)
+        train(run, resume=run / "checkpoints" / step3.name, **layout, **CLT)
+        want = clt_weights(sharded) if name == "as-latent" else straight
+        assert_close(clt_weights(run), want, 0 if name == "as-latent" else 1e-10)
 
 
 def test_layouts_that_cannot_run_are_refused_naming_the_option(tmp_path):

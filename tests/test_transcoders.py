@@ -356,7 +356,7 @@ SHAPING = {
     "matryoshka": "8,32", "skip_connection": False, "dtype": "float64",
     "normalize_decoder": False, "b_dec_init": "zeros", "normalize_input": False,
     "init_tokens": 256, "batch_size": 64, "grad_accum": 2, "seed": 5,
-    "jumprelu_bandwidth": 0.01,
+    "jumprelu_bandwidth": 0.01, "clt": True, "layers": "0-1",
 }  # fmt: skip
 _BASE_RUN = dict(
     source="model", model="synthetic", hook_in="x", hook_out="y", skip_connection=True,
@@ -378,6 +378,8 @@ def test_every_option_that_shaped_the_run_is_refused_by_name_on_resume(tmp_path)
             changed.update(hook_in=None, hook_out=None, skip_connection=False)
         if option == "source":
             changed.update(hook_in=None, hook_out=None, skip_connection=False, model=None)
+        if option in ("clt", "layers"):  # a CLT over the model's layers, instead of hook_in
+            changed.update(clt=True, layers="0-1", hook_in=None, hook_out=None)
         shown = f"{option}={value!r} (the checkpoint has "
         with pytest.raises(ConfigError, match=re.escape(shown)):
             Trainer(TrainConfig(**changed), LinearPlusSparse(), resume=True)

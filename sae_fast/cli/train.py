@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         launched,
         local_device,
     )
-    from ..training import Trainer
+    from ..training import CLTTrainer, Trainer
     from ..training.checkpoints import SAE_DIR
     from ..training.config import resolve_device
     from ..training.run_folder import check_run_folder
@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     finished = False
     try:
         source = build_rank_source(cfg, device, layout)
-        result = Trainer(cfg, source, resume=args.resume or False, layout=layout).train()
+        trainer = CLTTrainer if cfg.clt else Trainer
+        result = trainer(cfg, source, resume=args.resume or False, layout=layout).train()
         finished = True
     except RuntimeError as e:
         if not (layout.distributed and is_collective_failure(e)):
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     show(args, final, metric_table(final))
     if result.interrupted:
         return _interrupted(result.step, cfg.out_dir)
-    print(f"saved the SAE to {result.out_dir / SAE_DIR}")
+    print(f"saved the {'CLT' if cfg.clt else 'SAE'} to {result.out_dir / SAE_DIR}")
     return 0
 
 

@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 
+from ..options import CLT_ACTIVATIONS
 from ..sae_config import check_activation, filled
 from ..validation import check_int, parse_dtype
 
-# The activations a CLT takes (gated has no cross-layer form in the field's tools).
-ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
 FIELDS = (
     "n_layers",
     "d_in",
@@ -61,7 +60,7 @@ def check_hyperparameters(
     check_int(n_latents, "n_latents")
     if not isinstance(skip_connection, bool):
         raise ValueError(f"skip_connection must be true or false, got {skip_connection!r}")
-    check_activation(activation, k, n_latents, ACTIVATIONS)
+    check_activation(activation, k, n_latents, CLT_ACTIVATIONS)
     if not isinstance(jumprelu_bandwidth, int | float) or not jumprelu_bandwidth > 0:
         raise ValueError(f"jumprelu_bandwidth must be > 0, got {jumprelu_bandwidth!r}")
 
@@ -90,6 +89,15 @@ def decoder_norms(W_dec: Sequence[torch.Tensor]) -> torch.Tensor:
     """(L, m): each feature's decoder norm over every target it writes to, from the decoders
     W_dec[i] (m, L - i, d_out) (differentiable)."""
     return torch.stack([W.pow(2).sum(dim=(1, 2)).sqrt() for W in W_dec])
+
+
+def feature_dim(name: str) -> int | None:
+    """The dim of the state dict's tensor name that runs over features (a latent shard holds
+    a block of it): W_enc, b_enc, log_threshold 1, W_dec.i 0; None for b_dec, W_skip and
+    batchtopk's threshold, which every shard holds whole."""
+    if name.startswith("W_dec."):
+        return 0
+    return 1 if name in ("W_enc", "b_enc", "log_threshold") else None
 
 
 def tensor_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:

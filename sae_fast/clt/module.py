@@ -14,7 +14,7 @@ from .. import formats, ops
 from .. import reference as ref
 from ..ops import SparseCode
 from ..options import SPARSE_ACTIVATIONS
-from ..sae import autocast_inputs
+from ..sae import autocast_inputs, seeded_normal
 from ..validation import check_activations, dtype_name
 from . import config as clt_config
 
@@ -88,6 +88,7 @@ class CrossLayerTranscoder(nn.Module):
         self.backend, self.chunk_size = backend, chunk_size
         self.jumprelu_bandwidth = jumprelu_bandwidth
         self.provenance = dict(provenance or {})
+        self.latent_offset = 0  # the first feature this module holds (a shard's, parallel/clt.py)
         factory = {"dtype": dtype, "device": device}
         L, m = n_layers, n_latents
         W_enc = torch.randn(L, m, d_in, **factory)
@@ -107,6 +108,24 @@ class CrossLayerTranscoder(nn.Module):
             self.log_threshold = nn.Parameter(log_t)
         if activation == "batchtopk":
             self.register_buffer("threshold", torch.full((L,), -1.0, **factory))
+
+    @torch.no_grad()
+    def seed_parameters_(self, seed: int) -> None:
+        """Initialise W_enc and the decoders as the constructor does, but from seed alone, the
+        same for each feature whichever process holds it (sae.seeded_normal: a shard holding
+        features [latent_offset, ...) gets the values one CLT of all of them gives them)."""
+        L, rows = self.n_layers, self.W_enc.shape[1]
+
+        def normal(width: int, stream: int) -> Tensor:
+            W = seeded_normal(seed, self.latent_offset, rows, width, stream, self.W_enc.device)
+            return W.to(self.W_enc.dtype)
+
+        for i in range(L):
+            W = normal(self.d_in, stream=2 + i)
+            self.W_enc[i].copy_(W / W.norm(dim=-1, keepdim=True))
+            W = normal((L - i) * self.d_out, stream=2 + L + i).view(rows, L - i, self.d_out)
+            fan_in = torch.arange(i + 1, L + 1, dtype=W.dtype, device=W.device).sqrt()[:, None]
+            self.W_dec[i].copy_(W / W.norm(dim=-1, keepdim=True) / fan_in)
 
     def extra_repr(self) -> str:
         k = f", k={self.k}" if self.k is not None else ""

@@ -89,3 +89,13 @@ class ShardedCrossLayerTranscoder(CrossLayerTranscoder):
         counts = mask.sum(dim=1)
         dist.all_reduce(counts, group=self.group)
         return counts
+
+
+def gather_features(t: Tensor, dim: int | None, group: dist.ProcessGroup | None) -> Tensor:
+    """A latent shard's block t of a CLT tensor, whole: every rank's block of group along dim
+    in rank order (dim None, or no group: t, which every rank holds whole)."""
+    if dim is None or group is None:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)

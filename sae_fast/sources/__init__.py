@@ -36,7 +36,7 @@ from .model import (
 )
 from .stacked import stacked_activations
 from .streams import HookStream, hook_streams
-from .synthetic import HELD_OUT_STREAM, SyntheticSource, feature_recovery
+from .synthetic import HELD_OUT_STREAM, SyntheticCLTSource, SyntheticSource, feature_recovery
 from .text import documents, split_documents, stdlib_docstrings, text_file
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "ModelSource",
     "ShuffleBuffer",
     "SourceError",
+    "SyntheticCLTSource",
     "SyntheticSource",
     "build_source",
     "cache_from_model",

@@ -7,13 +7,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..options import parse_hooks
+from ..options import clt_hooks, parse_hooks
 from ..validation import parse_dtype
 from .base import ActivationSource
 from .cache import CacheSource
 from .hooks import load_model
 from .model import ModelSource
-from .synthetic import HELD_OUT_STREAM, SyntheticSource
+from .synthetic import HELD_OUT_STREAM, SyntheticCLTSource, SyntheticSource
 
 
 class DataOptions(Protocol):
@@ -25,6 +25,8 @@ class DataOptions(Protocol):
     hooks: str | None
     hook_in: str | None
     hook_out: str | None
+    clt: bool
+    layers: str | None
     text: str
     context_size: int
     model_batch_size: int
@@ -51,14 +53,15 @@ def build_source(
     share of the documents (the others share one stream, ActivationSource).
     """
     if options.source == "synthetic":
-        return SyntheticSource(
-            options.synthetic_d,
-            options.synthetic_features,
-            options.synthetic_active,
-            options.synthetic_noise,
-            seed=options.seed,
-            stream_seed=options.seed + HELD_OUT_STREAM if held_out else None,
-        )
+        shape = (options.synthetic_d, options.synthetic_features, options.synthetic_active)
+        seeds = {
+            "seed": options.seed,
+            "stream_seed": options.seed + HELD_OUT_STREAM if held_out else None,
+        }
+        if options.clt:
+            n_layers = len(clt_hooks(options.layers)[0])
+            return SyntheticCLTSource(n_layers, *shape, options.synthetic_noise, **seeds)
+        return SyntheticSource(*shape, options.synthetic_noise, **seeds)
     if options.source == "cache":
         return CacheSource(options.cache_dir, seed=options.seed, device=device)
     dtype = parse_dtype(options.model_dtype) if options.model_dtype else None
@@ -75,8 +78,11 @@ def model_source(
 ) -> ModelSource:
     """The ModelSource options describe, over a model already loaded (several texts through
     one model load it once); with hooks, on all of them (sources.hook_streams splits it); a
-    transcoder's on (hook_in, hook_out), its rows the two side by side."""
-    if options.hooks:
+    transcoder's on (hook_in, hook_out), its rows the two side by side; a cross-layer
+    transcoder's on every layer's mlp_in, then every layer's mlp_out."""
+    if options.clt:
+        hook = [name for group in clt_hooks(options.layers) for name in group]
+    elif options.hooks:
         hook = parse_hooks(options.hooks)
     elif options.hook_in is not None:
         hook = [options.hook_in, options.hook_out]

@@ -120,3 +120,80 @@ def feature_recovery(true_features: Tensor, W_dec: Tensor) -> float:
     true = torch.nn.functional.normalize(true_features.detach().double(), dim=1)
     learned = torch.nn.functional.normalize(W_dec.detach().double().to(true.device), dim=1)
     return (true @ learned.T).max(dim=1).values.mean().item()
+
+
+class SyntheticCLTSource:
+    """Every layer's MLP input and output from known cross-layer features: what a
+    cross-layer transcoder should recover.
+
+    Layer i's input is a SyntheticSource's rows (n_features unit features, k_active per row,
+    noise; seed + i). Feature f of layer i writes to its own layer's output and to each later
+    one with probability 1/2, along a random unit vector: true_decoders[i] (n_features,
+    n_layers - i, d), zero where it does not write. Layer t's output is the sum over i <= t of
+    layer i's codes times their decoders to t. A row holds x[0..L-1] then y[0..L-1] side by
+    side: (n, 2 * n_layers * d), as a model source over those hook points gives them.
+    """
+
+    broadcast_rows = False
+
+    def __init__(
+        self,
+        n_layers: int,
+        d: int,
+        n_features: int,
+        k_active: int,
+        noise: float = 0.02,
+        seed: int = 0,
+        stream_seed: int | None = None,
+    ) -> None:
+        check_int(n_layers, "n_layers", error=SourceError)
+        self.n_layers, self.seed, self.stream_seed = n_layers, seed, stream_seed
+        self.layers = [
+            SyntheticSource(
+                d,
+                n_features,
+                k_active,
+                noise,
+                seed=seed + i,
+                stream_seed=None if stream_seed is None else stream_seed + i,
+            )
+            for i in range(n_layers)
+        ]
+        g = torch.Generator().manual_seed(seed + n_layers)
+        self.true_decoders = []
+        for i in range(n_layers):
+            W = torch.randn(n_features, n_layers - i, d, generator=g)
+            writes = torch.rand(n_features, n_layers - i, generator=g) < 0.5
+            writes[:, 0] = True
+            self.true_decoders.append(W / W.norm(dim=-1, keepdim=True) * writes[..., None])
+        self.d, self.widths = d, (d,) * (2 * n_layers)
+        self.d_in = 2 * n_layers * d
+
+    @property
+    def true_encoders(self) -> list[Tensor]:
+        """Each layer's (n_features, d) input features."""
+        return [layer.true_features for layer in self.layers]
+
+    def next_batch(self, n: int, part: tuple[int, int] = (0, 1)) -> Tensor:
+        """The next n rows: (n, 2 * n_layers * d); part: the rows part_rows(n, *part)."""
+        lo, hi = part_rows(n, *part)
+        xs, ys = [], [torch.zeros(n, self.d) for _ in range(self.n_layers)]
+        for i, layer in enumerate(self.layers):
+            x, codes = layer.sample(n)
+            xs.append(x)
+            for t, y in enumerate(torch.einsum("nf,ftd->tnd", codes, self.true_decoders[i]), i):
+                ys[t] += y
+        return torch.cat(xs + ys, dim=1)[lo:hi]
+
+    def state_dict(self) -> dict:
+        return {"identity": self.describe(), "layers": [s.state_dict() for s in self.layers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        check_state(state, self.describe())
+        for layer, saved in zip(self.layers, state["layers"], strict=True):
+            layer.load_state_dict(saved)
+
+    def describe(self) -> dict:
+        first = self.layers[0].describe()
+        return {**first, "kind": "synthetic-clt", "n_layers": self.n_layers, "seed": self.seed,
+                "stream_seed": self.stream_seed}  # fmt: skip

@@ -7,7 +7,9 @@
 - run_state: what a checkpoint holds of the trainer and the exact resume from it;
 - loop: the loop's logs and bar, Ctrl-C between steps;
 - multi: MultiTrainer, one SAE per hook point from one model pass;
+- clt_trainer: CLTTrainer, a cross-layer transcoder over a model's layers;
 - losses: each activation's loss terms (reconstruction, AuxK, L1, L0, gated aux);
+- clt_losses: a cross-layer transcoder's (per-layer reconstruction, AuxK, sparsity);
 - metrics: MSE/FVU/L0, dead and dense latent counters, the JSONL log;
 - checkpoints: atomic step-N folders of the run state, rotation;
 - loggers: TensorBoard and wandb beside the JSONL log;
@@ -18,6 +20,7 @@ The names below import on first use (sae_fast.lazy): the config needs no torch.
 from ..lazy import exports
 
 _EXPORTS = {
+    "CLTTrainer": ".clt_trainer",
     "ConfigError": ".config",
     "MultiTrainer": ".multi",
     "TrainConfig": ".config",

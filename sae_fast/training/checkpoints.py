@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -59,15 +60,16 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def save(
-    root: str | Path, step: int, sae_config: dict, sae_tensors: dict, state: dict, keep: int
+    root: str | Path, step: int, write: Callable[[Path], None], state: dict, keep: int
 ) -> Path:
-    """Write checkpoint `step` under root and prune to the newest `keep`; returns its folder."""
+    """Write checkpoint `step` under root (write(folder) puts the model into it, then the
+    state follows) and prune to the newest `keep`; returns its folder."""
     root = Path(root)
     final = root / folder_name(step)
     if final.exists():  # this step is already saved (periodic save, then exit)
         return final
     with atomic_folder(final) as tmp:
-        checkpoint.write(tmp, sae_config, sae_tensors)
+        write(tmp)
         with atomic_path(tmp / STATE_FILE) as path:
             save_torch({**state, "layout": SINGLE}, path)
     prune(root, keep)
@@ -141,6 +143,20 @@ def save_sharded(
     return final
 
 
+def read_state(folder: Path, device: torch.device | str) -> dict:
+    """The train_state.pt of checkpoint folder, on device; CheckpointError if it is missing
+    or damaged."""
+    if not (folder / STATE_FILE).is_file():
+        raise checkpoint.CheckpointError(f"{folder} is not a training checkpoint (no {STATE_FILE})")
+    try:
+        state = torch.load(folder / STATE_FILE, map_location=device, weights_only=True)
+    except Exception as e:  # a damaged file raises many kinds of errors
+        raise checkpoint.CheckpointError(f"{folder / STATE_FILE} cannot be read: {e!r}") from e
+    if not isinstance(state, dict):
+        raise checkpoint.CheckpointError(f"{folder / STATE_FILE} is not a training state")
+    return state
+
+
 class CheckpointState:
     """A checkpoint of either layout, read as named tensors, rows by rows.
 
@@ -154,17 +170,8 @@ class CheckpointState:
         self, folder: str | Path, device: torch.device | str, param_names: list[str]
     ) -> None:
         folder = Path(folder)
-        if not (folder / STATE_FILE).is_file():
-            raise checkpoint.CheckpointError(
-                f"{folder} is not a training checkpoint (no {STATE_FILE})"
-            )
         self.folder, self.device = folder, device
-        try:
-            self.state = torch.load(folder / STATE_FILE, map_location=device, weights_only=True)
-        except Exception as e:  # a damaged file raises many kinds of errors
-            raise checkpoint.CheckpointError(f"{folder / STATE_FILE} cannot be read: {e!r}") from e
-        if not isinstance(self.state, dict):
-            raise checkpoint.CheckpointError(f"{folder / STATE_FILE} is not a training state")
+        self.state = read_state(folder, device)
         layout = self.state.get("layout", SINGLE if "optimizer" in self.state else SHARDED)
         if layout not in (SINGLE, SHARDED):
             raise checkpoint.CheckpointError(f"{folder / STATE_FILE}: unknown layout {layout!r}")

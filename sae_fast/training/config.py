@@ -24,8 +24,10 @@ from ..options import (
     ADAM_MOMENTS,
     AUTOCAST_DTYPES,
     BACKENDS,
+    CLT_ACTIVATIONS,
     PARAMETER_DTYPES,
     check_matryoshka,
+    clt_hooks,
     integer,
     is_int,
     parse_hooks,
@@ -133,6 +135,13 @@ class TrainConfig:
         "data",
         resume=REFUSE,
     )
+    layers: str | None = _opt(
+        None,
+        "a cross-layer transcoder's layers A-B (with --clt): its features read mlp_in.A..B "
+        "and write mlp_out.A..B, from one model forward",
+        "data",
+        resume=REFUSE,
+    )
     text: str = _opt(
         "stdlib",
         "text to run the model on: 'stdlib' (Python's standard-library docstrings), a .txt "
@@ -175,6 +184,13 @@ class TrainConfig:
         None,
         "Matryoshka prefix sizes, e.g. 1024,4096 (topk, batchtopk): each prefix of the "
         "dictionary learns to reconstruct on its own (the whole dictionary is the last)",
+        "sae",
+        resume=REFUSE,
+    )
+    clt: bool = _opt(
+        False,
+        "train a cross-layer transcoder over --layers (topk, batchtopk, relu, jumprelu): n_latents "
+        "features per layer, each writing to its layer's output and every later one",
         "sae",
         resume=REFUSE,
     )
@@ -380,15 +396,39 @@ class TrainConfig:
                 raise ConfigError("hook_in and hook_out replace hook, and need source=model")
             if self.hook_in == self.hook_out:
                 raise ConfigError("hook_out must differ from hook_in")
-        if self.skip_connection and self.hook_in is None:
+        self._check_clt()
+        if self.skip_connection and self.hook_in is None and not self.clt:
             raise ConfigError("skip_connection is a transcoder's: give hook_in and hook_out")
-        hooked = self.hook or self.hooks or self.hook_in
+        hooked = self.hook or self.hooks or self.hook_in or self.layers
         if self.source == "model" and (not self.model or not hooked):
             raise ConfigError("source=model needs both model and hook (or hooks, or hook_in)")
         if self.source == "cache" and not self.cache_dir:
             raise ConfigError("source=cache needs cache_dir")
         if self.source == "synthetic" and self.synthetic_active > self.synthetic_features:
             raise ConfigError("synthetic_active must be <= synthetic_features")
+
+    def _check_clt(self) -> None:
+        """ConfigError unless clt and layers describe a cross-layer transcoder's run."""
+        if self.layers is not None and not self.clt:
+            raise ConfigError("layers are a cross-layer transcoder's: give clt")
+        if not self.clt:
+            return
+        if self.layers is None:
+            raise ConfigError("clt needs layers, e.g. 0-5")
+        try:
+            clt_hooks(self.layers)
+        except ValueError as e:
+            raise ConfigError(f"layers: {e}") from None
+        if self.source not in ("model", "synthetic"):
+            raise ConfigError("clt reads source=model (or synthetic), not a cache")
+        if self.hook or self.hooks or self.hook_in:
+            raise ConfigError("clt reads the layers' mlp_in and mlp_out: give layers, not hooks")
+        if self.activation not in CLT_ACTIVATIONS:
+            raise ConfigError(
+                f"clt: activation must be one of {list(CLT_ACTIVATIONS)}, got {self.activation!r}"
+            )
+        if self.matryoshka is not None:
+            raise ConfigError("clt: a cross-layer transcoder has no Matryoshka prefixes")
 
     def matryoshka_prefixes(self, n_latents: int | None = None) -> list[int] | None:
         """The prefix sizes matryoshka names for a dictionary of n_latents (None: the

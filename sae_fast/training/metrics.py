@@ -47,14 +47,20 @@ def reconstruction_sums(x: Tensor, x_hat: Tensor, code: SparseCode | Tensor) -> 
     return torch.cat([head, x.sum(dim=0, dtype=f64)])
 
 
-def metrics_from_sums(sums: Tensor) -> dict[str, float]:
-    """mse, fvu and l0 of the batch whose reconstruction_sums (added up) are sums."""
-    n, error, square, active = sums[:4].tolist()
+def spread_from_sums(sums: Tensor) -> float:
+    """sum ||x - mean(x)||^2 of the batch whose reconstruction_sums (added up) are sums."""
+    n = sums[0].item()
     mean = sums[4:] / max(n, 1)
     # sum ||x - mean||^2 = sum ||x||^2 - n ||mean||^2, exact enough in float64.
-    variance = square - n * mean.pow(2).sum().item()
+    return sums[2].item() - n * mean.pow(2).sum().item()
+
+
+def metrics_from_sums(sums: Tensor) -> dict[str, float]:
+    """mse, fvu and l0 of the batch whose reconstruction_sums (added up) are sums."""
+    n, error, _, active = sums[:4].tolist()
+    variance = spread_from_sums(sums)
     return {
-        "mse": error / max(n * mean.numel(), 1),
+        "mse": error / max(n * (sums.numel() - 4), 1),
         "fvu": error / variance if variance > 0 else float("nan"),
         "l0": active / max(n, 1),
     }

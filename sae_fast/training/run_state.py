@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import checkpoint
 from ..checkpoint import CheckpointError
 from ..parallel.layout import Layout
 from ..sae import SparseAutoencoder
@@ -110,8 +111,7 @@ class Checkpointing:
         return checkpoints.save(
             self.checkpoints,
             self.step,
-            exported.config(),
-            theirs,
+            lambda folder: checkpoint.write(folder, exported.config(), theirs),
             state,
             self.cfg.keep_checkpoints,
         )
@@ -133,10 +133,7 @@ class Checkpointing:
             named[f"stats.{key}"] = getattr(self.stats, key)
         state["optimizer_groups"] = self.optimizer.state_dict()["param_groups"]
         state["stats"] = {"tokens": self.stats.tokens, "window_tokens": self.stats.window_tokens}
-        # One stream per data rank: its first latent shard's (the one that draws).
-        sources = [None] * self.layout.world if self.layout.main else None
-        dist.gather_object(state["source"], sources, dst=0)
-        state["source"] = sources[:: self.layout.latent] if sources else None
+        state["source"] = self._gather_sources(state["source"])
         sae_rows, sae_whole = split_rows(exported)
         return checkpoints.save_sharded(
             self.checkpoints,
@@ -148,6 +145,13 @@ class Checkpointing:
             self.layout,
         )
 
+    def _gather_sources(self, mine: dict) -> list[dict] | None:
+        """On rank 0, one stream state per data rank: its first latent shard's (the one that
+        draws); None on the others."""
+        sources = [None] * self.layout.world if self.layout.main else None
+        dist.gather_object(mine, sources, dst=0)
+        return sources[:: self.layout.latent] if sources else None
+
     def save_sae(self, sae: SparseAutoencoder, folder: Path) -> None:
         """sae (this rank's shard of it) as one sae_fast folder, written by its shards."""
         if not self.layout.distributed:
@@ -158,16 +162,19 @@ class Checkpointing:
 
     def _resume(self, checkpoint: Path) -> None:
         """Continue from checkpoint (RunFolder.start's): the state as saved, checked."""
-        names = [name for name, _ in self.sae.named_parameters()]
-        saved = checkpoints.CheckpointState(checkpoint, self.device, names)
         try:
-            self._restore(saved, checkpoint)
+            self._restore_from(checkpoint)
         except (KeyError, TypeError, AttributeError, IndexError) as e:  # a damaged state
             raise CheckpointError(
                 f"--resume: checkpoint {checkpoint} is incomplete or damaged ({e!r}); resume "
                 "from another one (--resume FOLDER) or start a new run"
             ) from None
         self.folder.resumed(self.step, checkpoint)
+
+    def _restore_from(self, folder: Path) -> None:
+        """The run's state as the checkpoint folder holds it (CheckpointState: any layout)."""
+        names = [name for name, _ in self.sae.named_parameters()]
+        self._restore(checkpoints.CheckpointState(folder, self.device, names), folder)
 
     def _restore(self, saved: checkpoints.CheckpointState, folder: Path) -> None:
         """The run's state as saved: parameters, optimizer, schedule, counters, data
@@ -183,6 +190,11 @@ class Checkpointing:
                 f"n_latents={self.sae.n_latents}"
             )
         self._load_tensors(saved)
+        self._restore_run(state, folder)
+
+    def _restore_run(self, state: dict, folder: Path) -> None:
+        """What every trainer's checkpoint holds besides its tensors: schedule, loss scaler,
+        token counts, data position, step, scales, thresholds and random states."""
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] and self.scaler.is_enabled():  # fp16 on both sides of the resume
             self.scaler.load_state_dict(state["scaler"])

@@ -42,7 +42,7 @@ from . import checkpoints
 from .config import ConfigError, TrainConfig, resolve_device
 from .loggers import open_sinks
 from .loop import Loop, StopOnInterrupt, log_line, progress_bar
-from .losses import LossWeights, training_loss
+from .losses import LossWeights, StepOutput, training_loss
 from .metrics import LatentStats, MetricsLog, firing_counts, metrics_from_sums, reconstruction_sums
 from .optimizer import SaeAdam, lr_factor, moment_dtype
 from .run_folder import RunFolder
@@ -93,6 +93,32 @@ class Trainer(Checkpointing):
         self.checkpoints = self.folder.checkpoints
         self.device = resolve_device(local_device(cfg.device))
         self.dtype = parse_dtype(cfg.dtype)
+        self.scale: float | list[float] = 1.0  # a CLT's: one per layer
+        self.output_scale: float | list[float] | None = None  # a transcoder's target's
+        self.batchtopk_threshold: float | list[float] | None = None
+        self._build()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, cfg)
+        )
+        self.amp_dtype = amp = parse_dtype(AUTOCAST_DTYPES[cfg.autocast])
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp is torch.float16)
+        self.step = 0
+        self.acquire()
+        try:
+            start = self.folder.start(resume)
+            if start is None:
+                self._initialise()
+            else:
+                self._resume(start)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- setup -------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        """The SAE (this rank's shard of it), its loss weights, optimizer and latent counters."""
+        cfg, layout, source = self.cfg, self.layout, self.source
         # A transcoder's source reads (hook_in, hook_out): rows of the two side by side.
         d_in, d_out = source.widths if cfg.transcoder() else (source.d_in, None)
         m = cfg.latents(d_in)
@@ -140,37 +166,22 @@ class Trainer(Checkpointing):
             )  # fmt: skip
         self.sae.seed_parameters_(cfg.seed)
         # Clipping needs the projected gradient's norm: then the projection comes first.
-        self.optimizer = SaeAdam(
+        norm = cfg.normalize_decoder
+        self.optimizer = self._adam(m, project=norm and not cfg.grad_clip, renormalise=norm)
+        self.stats = LatentStats(self.m_local, self.device)
+
+    def _adam(self, m: int, project: bool, renormalise: bool) -> SaeAdam:
+        """The optimizer of self.sae, a dictionary of m latents (per layer), as cfg says."""
+        cfg = self.cfg
+        return SaeAdam(
             self.sae,
             lr=cfg.peak_lr(m),
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_eps,
-            project=cfg.normalize_decoder and not cfg.grad_clip,
-            renormalise=cfg.normalize_decoder,
+            project=project,
+            renormalise=renormalise,
             moments=cfg.adam_moments,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, cfg)
-        )
-        self.amp_dtype = amp = parse_dtype(AUTOCAST_DTYPES[cfg.autocast])
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp is torch.float16)
-        self.stats = LatentStats(self.m_local, self.device)
-        self.step = 0
-        self.scale = 1.0
-        self.output_scale: float | None = None  # a transcoder's target's (None: scale)
-        self.batchtopk_threshold: float | None = None
-        self.acquire()
-        try:
-            start = self.folder.start(resume)
-            if start is None:
-                self._initialise()
-            else:
-                self._resume(start)
-        except BaseException:
-            self.close()
-            raise
-
-    # --- setup -------------------------------------------------------------------------
 
     def _check_layout(self, m: int, sparse: bool) -> None:
         cfg, layout = self.cfg, self.layout
@@ -259,9 +270,9 @@ class Trainer(Checkpointing):
             raise TrainingDivergedError("the first activations drawn hold NaN or Inf")
         if self.cfg.normalize_input:
             x, target = self.sae.split_rows(rows)
-            self.scale = _norm_scale(x)
+            self.scale = norm_scale(x)
             if self.sae.transcoder:
-                self.output_scale = _norm_scale(target)
+                self.output_scale = norm_scale(target)
         _, target = self._inputs(rows)
         if self.cfg.b_dec_init != "zeros":
             self.sae.set_b_dec_from_data(target, method=self.cfg.b_dec_init)
@@ -272,18 +283,38 @@ class Trainer(Checkpointing):
         warmup = self.cfg.sparsity_warmup_steps
         return min(1.0, (self.step + 1) / warmup) if warmup else 1.0
 
+    def _loss(self, x: Tensor, target: Tensor) -> StepOutput:
+        """The loss of a micro-batch x with its target, as the trainer's model defines it."""
+        dead = self.stats.dead_mask(self.cfg.dead_tokens)
+        return training_loss(self.sae, x, self.weights, dead, self._sparsity_scale(), target)
+
+    def _count(self, res: StepOutput) -> None:
+        """The latent counters (and BatchTopK's threshold) after a micro-batch's code."""
+        counts = firing_counts(res.out.code, self.sae.n_latents)
+        counts = counts[self.offset : self.offset + self.m_local].contiguous()
+        self.stats.update(all_sum(counts, self.layout.data_group), self.cfg.batch_size)
+        if self.sae.activation == "batchtopk":
+            self.batchtopk_threshold = track_threshold(
+                self.batchtopk_threshold, res.out.code.values
+            )
+
+    def _metrics(self, target: Tensor, res: StepOutput) -> dict[str, float]:
+        """The global batch's mse (raw units), fvu and l0 from the last micro-batch."""
+        sums = reconstruction_sums(target, res.out.x_hat, res.out.code)
+        metrics = metrics_from_sums(all_sum(sums, self.layout.data_group))
+        out_scale = self.scale if self.output_scale is None else self.output_scale
+        metrics["mse"] /= out_scale**2  # in the units of the raw activations
+        return metrics
+
     def _train_step(self) -> dict[str, float]:
         cfg, sae, layout = self.cfg, self.sae, self.layout
         self.optimizer.zero_grad(set_to_none=True)
         terms: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
             x, target = self._inputs(self._batch(cfg.batch_size))
-            dead = self.stats.dead_mask(cfg.dead_tokens)
             amp = self.amp_dtype is not None
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=amp):
-                res = training_loss(
-                    sae, x, self.weights, dead, self._sparsity_scale(), target=target
-                )
+                res = self._loss(x, target)
             # The global batch's loss and terms: the mean of the data ranks' equal parts.
             names = ["loss", *res.terms]
             values = torch.stack([res.loss.detach(), *res.terms.values()]).double()
@@ -296,11 +327,7 @@ class Trainer(Checkpointing):
                     f"training stopped and the last good checkpoint in {self.checkpoints} is kept"
                 )
             self.scaler.scale(res.loss / cfg.grad_accum).backward()
-            counts = firing_counts(res.out.code, sae.n_latents)
-            counts = counts[self.offset : self.offset + self.m_local].contiguous()
-            self.stats.update(all_sum(counts, layout.data_group), cfg.batch_size)
-            if sae.activation == "batchtopk":
-                self._track_threshold(res.out.code.values)
+            self._count(res)
             for name, value in zip(names, values, strict=True):
                 terms[name] = terms.get(name, 0.0) + value / cfg.grad_accum
         if layout.data > 1:
@@ -309,7 +336,7 @@ class Trainer(Checkpointing):
                     all_sum(p.grad, layout.data_group).div_(layout.data)
         self.scaler.unscale_(self.optimizer)
         if cfg.grad_clip:
-            if cfg.normalize_decoder:
+            if cfg.normalize_decoder and not self.cfg.clt:
                 sae.remove_parallel_decoder_grad_()
             self._clip_gradients(cfg.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -317,11 +344,7 @@ class Trainer(Checkpointing):
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        sums = reconstruction_sums(target, res.out.x_hat, res.out.code)
-        metrics = metrics_from_sums(all_sum(sums, layout.data_group))
-        out_scale = self.scale if self.output_scale is None else self.output_scale
-        metrics["mse"] /= out_scale**2  # in the units of the raw activations
-        return {"lr": lr, **terms, **metrics}
+        return {"lr": lr, **terms, **self._metrics(target, res)}
 
     @torch.no_grad()
     def _clip_gradients(self, max_norm: float) -> None:
@@ -336,16 +359,6 @@ class Trainer(Checkpointing):
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads.values():
             g.mul_(coef.to(g.dtype))
-
-    @torch.no_grad()
-    def _track_threshold(self, values: Tensor) -> None:
-        """EMA of the smallest kept activation: the BatchTopK threshold at inference."""
-        positive = values[values > 0]
-        if positive.numel() == 0:
-            return
-        low = positive.min().item()
-        prev = self.batchtopk_threshold
-        self.batchtopk_threshold = low if prev is None else prev + _BATCHTOPK_EMA * (low - prev)
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -470,23 +483,30 @@ class Trainer(Checkpointing):
     def _log_row(self, row: dict, tokens_per_s: float) -> dict:
         summary = self.stats.window_counts(self.cfg.dead_tokens, self.cfg.dense_threshold)
         dead, dense = all_sum(summary, self.layout.latent_group).tolist()
+        counted = self.stats.total.numel() * self.layout.latent  # a CLT's: every layer's
         return {
             "step": self.step,
             "tokens": self.stats.tokens,
             **row,
-            "dead_fraction": dead / self.sae.n_latents,
-            "dense_fraction": dense / self.sae.n_latents,
+            "dead_fraction": dead / counted,
+            "dense_fraction": dense / counted,
             "tokens_per_s": tokens_per_s,
+        }
+
+    def _run_facts(self) -> dict:
+        """What config.json records of the model trained: its widths and input scales."""
+        return {
+            "d_in": self.sae.d_in,
+            "n_latents": self.sae.n_latents,
+            "input_scale": self.scale,
+            **({"output_scale": self.output_scale} if self.sae.transcoder else {}),
         }
 
     def _write_run_config(self) -> None:
         body = {
             "train": self.cfg.to_dict(),
             "source": self.source.describe(),
-            "d_in": self.sae.d_in,
-            "n_latents": self.sae.n_latents,
-            "input_scale": self.scale,
-            **({"output_scale": self.output_scale} if self.sae.transcoder else {}),
+            **self._run_facts(),
             "layout": self.layout.describe(),
         }
         with atomic_path(self.out_dir / checkpoints.RUN_CONFIG_FILE) as tmp:
@@ -500,7 +520,18 @@ def parameter_bytes(n_latents: int, width: int, dtype: torch.dtype, moments: str
     return n_latents * width * 2 * (dtype.itemsize + moment)
 
 
-def _norm_scale(x: Tensor) -> float:
+@torch.no_grad()
+def track_threshold(threshold: float | None, values: Tensor) -> float | None:
+    """BatchTopK's threshold at inference: the EMA of the smallest positive value of values
+    (a batch's kept activations); threshold: the estimate so far (None: none yet)."""
+    positive = values[values > 0]
+    if positive.numel() == 0:
+        return threshold
+    low = positive.min().item()
+    return low if threshold is None else threshold + _BATCHTOPK_EMA * (low - threshold)
+
+
+def norm_scale(x: Tensor) -> float:
     """The factor that makes x's (n, d) mean row norm sqrt(d)."""
     mean_norm = x.float().norm(dim=1).mean().item()
     if mean_norm == 0:
