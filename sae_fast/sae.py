@@ -382,6 +382,25 @@ class SparseAutoencoder(nn.Module):
             self.threshold /= scale
 
     @torch.no_grad()
+    def fold_column_scales_(self, scales: Tensor) -> None:
+        """Make an SAE trained on x * scales (one positive factor per input column, (d_in,):
+        a crosscoder's per-source scales) compute x_hat / scales from raw x.
+
+        pre = (x - b_dec) W_enc.T + b_enc: W_enc's columns take their factor and b_dec is
+        divided by it, so pre, and every latent, stay as trained; the decoder's columns
+        are divided by it, so x_hat comes out in raw units (its rows leave unit norm).
+        """
+        if self.transcoder:
+            raise ValueError("fold_column_scales_ folds an SAE's input scales, not a transcoder's")
+        scales = torch.as_tensor(scales, dtype=torch.float64)
+        if scales.shape != (self.d_in,) or not bool((scales > 0).all() & scales.isfinite().all()):
+            raise ValueError(f"scales must hold d_in={self.d_in} finite positive numbers")
+        scales = scales.to(self.W_enc.device)
+        self.W_enc.mul_(scales.to(self.W_enc.dtype))
+        self.W_dec.div_(scales.to(self.W_dec.dtype))
+        self.b_dec.div_(scales.to(self.b_dec.dtype))
+
+    @torch.no_grad()
     def set_b_dec_from_data(
         self, x: Tensor, method: str = "geometric_median", max_iter: int = 100
     ) -> None:

@@ -69,6 +69,7 @@ PROVENANCE_KEYS = {
     "sae_fast_version": str,
     "source": dict,
     "train": dict,
+    "crosscoder": dict,  # a crosscoder's sources and their widths, in its columns' order
 }
 
 

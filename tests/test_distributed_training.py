@@ -16,10 +16,11 @@ import torch.multiprocessing as mp
 
 from sae_fast import SparseAutoencoder
 from sae_fast.checkpoint import CheckpointError
+from sae_fast.cli.train import trainer_class
 from sae_fast.clt import CrossLayerTranscoder
 from sae_fast.parallel.layout import PeerRows, build_rank_source, close_layout, init_layout
 from sae_fast.sources import build_source
-from sae_fast.training import CLTTrainer, TrainConfig, Trainer
+from sae_fast.training import TrainConfig
 from sae_fast.training.checkpoints import SAE_DIR, list_checkpoints
 from sae_fast.training.metrics import read_jsonl
 
@@ -53,7 +54,7 @@ def _worker(rank: int, world: int, port: int, options: dict, resume) -> None:
         source = build_rank_source(cfg, torch.device("cpu"), layout)
         # A model runs on each latent group's first shard alone; the others receive its rows.
         assert isinstance(source, PeerRows) == (cfg.source == "model" and layout.latent_rank > 0)
-        (CLTTrainer if cfg.clt else Trainer)(cfg, source, resume, layout).train()
+        trainer_class(cfg)(cfg, source, resume, layout).train()
         finished = True
     finally:
         close_layout(layout, finished)
@@ -64,7 +65,7 @@ def train(out: Path, world: int = 1, resume=False, **options) -> Path:
     options = {**BASE, **options, "out_dir": str(out)}
     if world == 1:
         cfg = TrainConfig(**options)
-        (CLTTrainer if cfg.clt else Trainer)(cfg, build_source(cfg, "cpu"), resume).train()
+        trainer_class(cfg)(cfg, build_source(cfg, "cpu"), resume).train()
     else:
         mp.spawn(_worker, args=(world, free_port(), options, resume), nprocs=world)
     return out
@@ -258,6 +259,20 @@ def test_a_data_parallel_transcoder_resumes_exactly(tmp_path, model_options):
     split = train(tmp_path / "split", world=2, resume=True, **options)
     assert SparseAutoencoder.load(split / SAE_DIR).transcoder
     assert_close(weights(split), weights(straight), 0)
+
+
+def test_a_latent_sharded_crosscoder_trains_and_resumes_as_one_process(tmp_path, model_options):
+    """A crosscoder over two hook points: its per-source scales rescale W_enc and W_dec at
+    export, so a sharded checkpoint keeps their training-time values; (latent=2) trains one
+    process's weights and its step-3 checkpoint resumes in one process to them."""
+    options = dict(model_options, hook=None, hooks="resid_post.0,resid_post.1", crosscoder=True)
+    one = train(tmp_path / "one", **options)
+    two = train(tmp_path / "two", world=2, latent_parallel=2, **options)
+    assert SparseAutoencoder.load(two / SAE_DIR).provenance["crosscoder"]["widths"] == [32, 32]
+    assert_close(weights(two), weights(one), 2e-5)
+    shutil.copytree(two, tmp_path / "resumed")
+    step3 = tmp_path / "resumed" / "checkpoints" / "step-00000003"
+    assert_close(weights(train(tmp_path / "resumed", resume=step3, **options)), weights(one), 2e-5)
 
 
 def _tree(folder: Path) -> dict[str, bytes]:

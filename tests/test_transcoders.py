@@ -356,7 +356,8 @@ SHAPING = {
     "matryoshka": "8,32", "skip_connection": False, "dtype": "float64",
     "normalize_decoder": False, "b_dec_init": "zeros", "normalize_input": False,
     "init_tokens": 256, "batch_size": 64, "grad_accum": 2, "seed": 5,
-    "jumprelu_bandwidth": 0.01, "clt": True, "layers": "0-1",
+    "jumprelu_bandwidth": 0.01, "clt": True, "layers": "0-1", "crosscoder": True,
+    "model_b": "b",
 }  # fmt: skip
 _BASE_RUN = dict(
     source="model", model="synthetic", hook_in="x", hook_out="y", skip_connection=True,
@@ -380,6 +381,9 @@ def test_every_option_that_shaped_the_run_is_refused_by_name_on_resume(tmp_path)
             changed.update(hook_in=None, hook_out=None, skip_connection=False, model=None)
         if option in ("clt", "layers"):  # a CLT over the model's layers, instead of hook_in
             changed.update(clt=True, layers="0-1", hook_in=None, hook_out=None)
+        if option in ("crosscoder", "model_b"):  # a crosscoder of two models, instead
+            changed.update(crosscoder=True, model_b="b", hook="x", hook_in=None, hook_out=None,
+                           skip_connection=False)  # fmt: skip
         shown = f"{option}={value!r} (the checkpoint has "
         with pytest.raises(ConfigError, match=re.escape(shown)):
             Trainer(TrainConfig(**changed), LinearPlusSparse(), resume=True)

@@ -43,7 +43,6 @@ def run(args: argparse.Namespace) -> int:
         launched,
         local_device,
     )
-    from ..training import CLTTrainer, Trainer
     from ..training.checkpoints import SAE_DIR
     from ..training.config import resolve_device
     from ..training.run_folder import check_run_folder
@@ -52,17 +51,18 @@ def run(args: argparse.Namespace) -> int:
     # What fails fast, before a model or cache loads (10-90 s): the text, the run folder.
     if cfg.source == "model":
         check_text(cfg.text, "--text")
-    if cfg.hooks is None:
+    multi_hook = cfg.hooks is not None and not cfg.crosscoder
+    if not multi_hook:
         check_run_folder(Path(cfg.out_dir), args.resume, probe_lock=not launched())
     device = resolve_device(local_device(cfg.device))
     layout = init_layout(cfg, device)
-    if cfg.hooks is not None:
+    if multi_hook:
         return _train_hooks(args, cfg, layout, device)
     finished = False
     try:
         source = build_rank_source(cfg, device, layout)
-        trainer = CLTTrainer if cfg.clt else Trainer
-        result = trainer(cfg, source, resume=args.resume or False, layout=layout).train()
+        trainer = trainer_class(cfg)(cfg, source, resume=args.resume or False, layout=layout)
+        result = trainer.train()
         finished = True
     except RuntimeError as e:
         if not (layout.distributed and is_collective_failure(e)):
@@ -81,8 +81,19 @@ def run(args: argparse.Namespace) -> int:
     show(args, final, metric_table(final))
     if result.interrupted:
         return _interrupted(result.step, cfg.out_dir)
-    print(f"saved the {'CLT' if cfg.clt else 'SAE'} to {result.out_dir / SAE_DIR}")
+    what = "CLT" if cfg.clt else "crosscoder" if cfg.crosscoder else "SAE"
+    print(f"saved the {what} to {result.out_dir / SAE_DIR}")
+    if cfg.model_b is not None:
+        print(f"model diffing: sae-fast diff {shlex.quote(str(result.out_dir / SAE_DIR))}")
     return 0
+
+
+def trainer_class(cfg: TrainConfig) -> type:
+    """The trainer of the run cfg describes: an SAE's or transcoder's, a cross-layer
+    transcoder's or a crosscoder's."""
+    from ..training import CLTTrainer, CrosscoderTrainer, Trainer
+
+    return CLTTrainer if cfg.clt else CrosscoderTrainer if cfg.crosscoder else Trainer
 
 
 def config_from_args(args: argparse.Namespace, groups: tuple[str, ...]) -> TrainConfig:

@@ -174,12 +174,13 @@ def broadcast_first(
 class PeerRows:
     """The source of a latent shard that does not draw (sources' broadcast_rows): its
     group's first shard runs the model and sends the rows, so this process loads no model.
-    It knows the stream's width and description and keeps no position of its own."""
+    It knows the stream's widths (its hook points', which rows hold side by side) and
+    description, and keeps no position of its own."""
 
     broadcast_rows = True
 
-    def __init__(self, d_in: int, described: dict) -> None:
-        self.d_in, self.described = d_in, described
+    def __init__(self, widths: tuple[int, ...], described: dict) -> None:
+        self.widths, self.d_in, self.described = tuple(widths), sum(widths), described
 
     def next_batch(self, n: int, part: tuple[int, int] = (0, 1)) -> Tensor:
         raise RuntimeError("a latent shard other than the first receives its rows")
@@ -205,7 +206,8 @@ def share_source(build: Callable[[], Any], layout: Layout) -> Any:
         try:
             source = build()
         finally:  # on an error, None tells the others to stop too
-            box = [(source.d_in, source.describe())] if source is not None else [None]
+            widths = getattr(source, "widths", (source.d_in,)) if source is not None else None
+            box = [(widths, source.describe())] if source is not None else [None]
             dist.broadcast_object_list(box, src=first, group=layout.latent_group)
         return source
     dist.broadcast_object_list(box, src=first, group=layout.latent_group)

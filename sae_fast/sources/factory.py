@@ -25,6 +25,8 @@ class DataOptions(Protocol):
     hooks: str | None
     hook_in: str | None
     hook_out: str | None
+    crosscoder: bool
+    model_b: str | None
     clt: bool
     layers: str | None
     text: str
@@ -66,7 +68,8 @@ def build_source(
         return CacheSource(options.cache_dir, seed=options.seed, device=device)
     dtype = parse_dtype(options.model_dtype) if options.model_dtype else None
     model, tokenizer = load_model(options.model, device, dtype)
-    return model_source(options, model, tokenizer, device, part)
+    model_b = load_model(options.model_b, device, dtype) if options.model_b else None
+    return model_source(options, model, tokenizer, device, part, model_b)
 
 
 def model_source(
@@ -75,11 +78,13 @@ def model_source(
     tokenizer: Any,
     device: torch.device | str,
     part: tuple[int, int] = (0, 1),
+    model_b: tuple[nn.Module, Any] | None = None,
 ) -> ModelSource:
     """The ModelSource options describe, over a model already loaded (several texts through
     one model load it once); with hooks, on all of them (sources.hook_streams splits it); a
     transcoder's on (hook_in, hook_out), its rows the two side by side; a cross-layer
-    transcoder's on every layer's mlp_in, then every layer's mlp_out."""
+    transcoder's on every layer's mlp_in, then every layer's mlp_out; a crosscoder's on its
+    hook points (in model, then in model_b: (model, tokenizer) loaded)."""
     if options.clt:
         hook = [name for group in clt_hooks(options.layers) for name in group]
     elif options.hooks:
@@ -99,4 +104,5 @@ def model_source(
         seed=options.seed,
         device=device,
         part=part,
+        model_b=model_b,
     )

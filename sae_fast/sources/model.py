@@ -151,13 +151,15 @@ def model_activations(
             yield ids[row, keep[row]], acts[row, keep[row].to(device)]
 
 
+def model_name(model: nn.Module) -> str:
+    """The name or folder model was loaded from (else its class name)."""
+    return getattr(model.config, "_name_or_path", "") or type(model).__name__
+
+
 def model_description(model: nn.Module, hook: str | Sequence[str]) -> dict:
     """JSON-able model, architecture, hook point and the module path it names (for several
     hook points: "hooks" and "modules", in their order)."""
-    found = {
-        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
-        "architecture": type(model).__name__,
-    }
+    found = {"model": model_name(model), "architecture": type(model).__name__}
     if isinstance(hook, str):
         return {**found, "hook": hook, "module": hook_module_path(model, hook)}
     return {**found, "hooks": list(hook), "modules": [hook_module_path(model, h) for h in hook]}
@@ -178,6 +180,9 @@ class ModelSource:
 
     part=(i, p): data-parallel rank i of p reads every p-th document from the i-th on, with
     a shuffle order of its own; next_batch(n, part) gives it its n // p rows of a batch of n.
+
+    model_b: a second model run on the same windows (a crosscoder's, for model diffing; it
+    must tokenize as model's tokenizer does): a row holds model's hook points, then model_b's.
     """
 
     broadcast_rows = True  # a model's forward: run once per data rank, sent to its latent group
@@ -195,13 +200,21 @@ class ModelSource:
         device: torch.device | str | None = None,
         exclude_special: bool = True,
         part: tuple[int, int] = (0, 1),
+        model_b: tuple[nn.Module, Any] | None = None,
     ) -> None:
         part_rows(0, *part)  # checks part
         self.hooks = (hook,) if isinstance(hook, str) else tuple(hook)
         if not self.hooks or len(set(self.hooks)) < len(self.hooks):
             raise SourceError(f"hook points must be distinct and at least one, got {hook!r}")
-        for name in self.hooks:  # a bad hook point fails first, before any text is read
-            hook_module_path(model, name)
+        self.models = [model] if model_b is None else [model, model_b[0]]
+        if model_b is not None and model_b[1].get_vocab() != tokenizer.get_vocab():
+            raise SourceError(
+                "model_b tokenizes differently from model: a crosscoder reads both models on "
+                "the same tokens"
+            )
+        for m in self.models:  # a bad hook point fails first, before any text is read
+            for name in self.hooks:
+                hook_module_path(m, name)
         _check_positive(context_size=context_size, batch_size=batch_size)
         max_positions = getattr(model.config, "max_position_embeddings", None)
         if max_positions is not None and context_size > max_positions:
@@ -216,7 +229,7 @@ class ModelSource:
         self.device = model_device(model) if device is None else torch.device(device)
         if next(self._epoch_windows(), None) is None:
             raise SourceError(f"text source {str(documents_spec)!r} holds no text")
-        probes = probe_hooks(model, self.hooks)
+        probes = [p for m in self.models for p in probe_hooks(m, self.hooks)]
         if len({p.dtype for p in probes}) > 1:
             raise SourceError(f"hook points {list(self.hooks)} produce different dtypes")
         self.widths = tuple(p.shape[-1] for p in probes)
@@ -241,16 +254,19 @@ class ModelSource:
                 break
             self.epoch, self.position, self._windows = self.epoch + 1, 0, None
         self.position += len(batch)
-        rows = model_activations(
-            self.model,
-            self.tokenizer,
-            self.hook,
-            batch,
-            len(batch),
-            self.device,
-            self.exclude_special,
-        )
-        return torch.cat([acts for _, acts in rows])
+        found = []
+        for model in self.models:  # the same windows and kept tokens through each model
+            rows = model_activations(
+                model,
+                self.tokenizer,
+                self.hook,
+                batch,
+                len(batch),
+                self.device,
+                self.exclude_special,
+            )
+            found.append(torch.cat([acts for _, acts in rows]))
+        return torch.cat(found, dim=1)
 
     def next_batch(self, n: int, part: tuple[int, int] = (0, 1)) -> Tensor:
         """The next n shuffled activation rows: (n, d_in), on device, in the hook's dtype;
@@ -263,7 +279,7 @@ class ModelSource:
     def identity(self) -> dict:
         """What pins the stream, stored with its state and compared on load."""
         # The model's path may move between runs; its class and width still pin the stream.
-        return {k: v for k, v in self.describe().items() if k != "model"}
+        return {k: v for k, v in self.describe().items() if k not in ("model", "model_b")}
 
     def position_state(self, columns: slice = slice(None)) -> dict:
         """The stream's place (epoch, window, shuffle generator) and the buffered rows'
@@ -288,8 +304,9 @@ class ModelSource:
         return {
             "kind": "model",
             **model_description(self.model, self.hook),
+            **({"model_b": model_name(self.models[1])} if len(self.models) > 1 else {}),
             "d_in": self.d_in,
-            **({"widths": list(self.widths)} if len(self.hooks) > 1 else {}),
+            **({"widths": list(self.widths)} if len(self.widths) > 1 else {}),
             "dtype": dtype_name(self.dtype),
             "text": str(self.documents_spec),
             "context_size": self.context_size,

@@ -8,6 +8,7 @@
 - loop: the loop's logs and bar, Ctrl-C between steps;
 - multi: MultiTrainer, one SAE per hook point from one model pass;
 - clt_trainer: CLTTrainer, a cross-layer transcoder over a model's layers;
+- crosscoder_trainer: CrosscoderTrainer, one dictionary over several hook points or models;
 - losses: each activation's loss terms (reconstruction, AuxK, L1, L0, gated aux);
 - clt_losses: a cross-layer transcoder's (per-layer reconstruction, AuxK, sparsity);
 - metrics: MSE/FVU/L0, dead and dense latent counters, the JSONL log;
@@ -21,6 +22,7 @@ from ..lazy import exports
 
 _EXPORTS = {
     "CLTTrainer": ".clt_trainer",
+    "CrosscoderTrainer": ".crosscoder_trainer",
     "ConfigError": ".config",
     "MultiTrainer": ".multi",
     "TrainConfig": ".config",

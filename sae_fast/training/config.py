@@ -108,6 +108,13 @@ class TrainConfig:
     model: str | None = _opt(
         None, "transformers model name or local folder (source=model)", "data", resume=REFUSE
     )
+    model_b: str | None = _opt(
+        None,
+        "a crosscoder's second model (with --crosscoder), run on the same tokens: the "
+        "dictionary reads hook (or hooks) in both, for model diffing (`sae-fast diff`)",
+        "data",
+        resume=REFUSE,
+    )
     hook: str | None = _opt(
         None,
         "hook point: resid_post.L, mlp_out.L, attn_out.L or a module path (source=model)",
@@ -184,6 +191,14 @@ class TrainConfig:
         None,
         "Matryoshka prefix sizes, e.g. 1024,4096 (topk, batchtopk): each prefix of the "
         "dictionary learns to reconstruct on its own (the whole dictionary is the last)",
+        "sae",
+        resume=REFUSE,
+    )
+    crosscoder: bool = _opt(
+        False,
+        "train one dictionary over several hook points at once (an acausal crosscoder): "
+        "--hooks of one model, or --hook/--hooks of --model and --model-b; each latent has "
+        "a decoder per source",
         "sae",
         resume=REFUSE,
     )
@@ -397,6 +412,7 @@ class TrainConfig:
             if self.hook_in == self.hook_out:
                 raise ConfigError("hook_out must differ from hook_in")
         self._check_clt()
+        self._check_crosscoder()
         if self.skip_connection and self.hook_in is None and not self.clt:
             raise ConfigError("skip_connection is a transcoder's: give hook_in and hook_out")
         hooked = self.hook or self.hooks or self.hook_in or self.layers
@@ -406,6 +422,27 @@ class TrainConfig:
             raise ConfigError("source=cache needs cache_dir")
         if self.source == "synthetic" and self.synthetic_active > self.synthetic_features:
             raise ConfigError("synthetic_active must be <= synthetic_features")
+
+    def _check_crosscoder(self) -> None:
+        """ConfigError unless crosscoder and model_b describe a crosscoder's run."""
+        if self.model_b is not None and not self.crosscoder:
+            raise ConfigError("model_b is a crosscoder's second model: give crosscoder")
+        if not self.crosscoder:
+            return
+        if self.source != "model":
+            raise ConfigError("crosscoder reads source=model")
+        if self.hook_in is not None or self.clt:
+            raise ConfigError("crosscoder reads hook points: not with hook_in or clt")
+        if self.model_b is None and len(self.crosscoder_hooks()) < 2:
+            raise ConfigError(
+                "crosscoder needs two sources or more: --hooks H1,H2,... of one model, or --model-b"
+            )
+
+    def crosscoder_hooks(self) -> list[str]:
+        """The hook points a crosscoder reads (in each model, with model_b)."""
+        if self.hooks is not None:
+            return parse_hooks(self.hooks)
+        return [self.hook] if self.hook else []
 
     def _check_clt(self) -> None:
         """ConfigError unless clt and layers describe a cross-layer transcoder's run."""

@@ -71,9 +71,19 @@ class Checkpointing:
         sae = copy.deepcopy(self.sae).eval()
         if sae.activation == "batchtopk" and self.batchtopk_threshold is not None:
             sae.threshold.fill_(self.batchtopk_threshold)
-        sae.fold_input_scale_(self.scale, self.output_scale)
+        self._fold(sae)
         sae.provenance = self.provenance()
         return sae
+
+    def _fold(self, sae: SparseAutoencoder) -> None:
+        """Fold the input scale into the exported copy sae."""
+        sae.fold_input_scale_(self.scale, self.output_scale)
+
+    def _kept_through_export(self) -> tuple[str, ...]:
+        """The parameters that _fold leaves as trained (a sharded checkpoint stores the
+        training-time values of the others): W_dec, and W_enc unless a transcoder's two
+        scales rescale it."""
+        return ("W_dec",) if self.sae.transcoder else ("W_enc", "W_dec")
 
     def _state(self) -> dict:
         """What the step depends on besides the tensors with a row per latent."""
@@ -121,10 +131,9 @@ class Checkpointing:
     ) -> Path:
         """The checkpoint as every rank's shard (checkpoints.save_sharded): the tensors
         with a row per latent go to the row shards, train_state.pt keeps the rest."""
-        # The training-time values of what exporting may change (fold_input_scale_): all
-        # but W_dec, and but W_enc unless a transcoder's two scales rescale it; by name, so
-        # every shard stores the same names.
-        kept = ("W_dec",) if self.sae.transcoder else ("W_enc", "W_dec")
+        # The training-time values of what exporting may change, by name, so every shard
+        # stores the same names.
+        kept = self._kept_through_export()
         named = {f"param.{n}": t for n, t in ours.items() if n not in kept}
         for name, p in self.sae.named_parameters():
             for key, value in self.optimizer.state.get(p, {}).items():

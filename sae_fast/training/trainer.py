@@ -269,13 +269,17 @@ class Trainer(Checkpointing):
         if not bool(torch.isfinite(rows).all()):
             raise TrainingDivergedError("the first activations drawn hold NaN or Inf")
         if self.cfg.normalize_input:
-            x, target = self.sae.split_rows(rows)
-            self.scale = norm_scale(x)
-            if self.sae.transcoder:
-                self.output_scale = norm_scale(target)
+            self._set_scales(rows)
         _, target = self._inputs(rows)
         if self.cfg.b_dec_init != "zeros":
             self.sae.set_b_dec_from_data(target, method=self.cfg.b_dec_init)
+
+    def _set_scales(self, rows: Tensor) -> None:
+        """The input scale (a transcoder's: and its output's) from the first rows drawn."""
+        x, target = self.sae.split_rows(rows)
+        self.scale = norm_scale(x)
+        if self.sae.transcoder:
+            self.output_scale = norm_scale(target)
 
     # --- the step ------------------------------------------------------------------------
 
