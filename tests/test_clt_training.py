@@ -1,7 +1,7 @@
 """Training cross-layer transcoders: a CLT recovers a known cross-layer map, a stopped and
 resumed run equals a straight one, every activation trains and exports for raw activations,
-and `sae-fast train --clt` runs on a real model's MLPs (a tiny BERT) through eval and
-convert, with clear refusals of bad options."""
+and `sae-fast train --clt` runs on a real model's MLPs (a tiny BERT) through eval,
+dashboard and layers, with clear refusals of bad options."""
 
 from __future__ import annotations
 
@@ -149,3 +149,46 @@ def test_cli_trains_a_clt_on_a_models_mlps_then_evaluates_and_converts_it(tmp_pa
     bad = ["train", *args[1:3], "--clt", "--text", text, "--out-dir", str(tmp_path / "x")]
     assert main(bad) == 2
     assert "clt needs layers" in capsys.readouterr().err
+    # layers: a row per layer, from training and held out.
+    assert main(["layers", str(run)]) == 0
+    table = json.loads((run / "layers.json").read_text())
+    assert [r["hook"] for r in table["rows"]] == ["layer 0", "layer 1"]
+    last = read_jsonl(run / "metrics.jsonl")[-1]
+    assert table["rows"][1]["fvu"] == last["fvu/1"] and table["rows"][0]["l0"] == 4.0
+    assert main(["layers", str(run), "--text", text, "--tokens", "200", "--device", "cpu"]) == 0
+    held = json.loads((run / "layers.json").read_text())["rows"]
+    assert [r["tokens"] for r in held] == [200, 200] and "dead_fraction" in held[1]
+    assert "Cross-layer transcoder" in (run / "layers.html").read_text()
+    capsys.readouterr()
+
+
+def test_a_clt_layers_dashboard_shows_each_features_decoder_norm_per_target(tmp_path, capsys):
+    model = save_bert(tmp_path / "bert")
+    text = write_corpus(tmp_path / "text.txt")
+    clt = CrossLayerTranscoder(2, 32, 24, k=3)
+    clt.provenance = {"model": model, "hooks_in": ["mlp_in.0", "mlp_in.1"],
+                      "hooks_out": ["mlp_out.0", "mlp_out.1"]}  # fmt: skip
+    clt.save(tmp_path / "clt")
+    # The layer's transcoder codes as the CLT does on that layer.
+    x, _ = clt_activations(clt, documents(text), 100)
+    view = clt.layer_transcoder(0)
+    assert view.transcoder and view.provenance["hook_in"] == "mlp_in.0"
+    code, want = view.encode(x[0]), clt.encode(x)
+    assert torch.equal(code.indices, want.indices[0]) and torch.equal(code.values, want.values[0])
+    out = tmp_path / "board"
+    args = ["dashboard", "--sae", str(tmp_path / "clt"), "--text", text, "--out", str(out),
+            "--tokens", "300", "--features", "0-5", "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main([*args, "--layer", "0"]) == 0
+    record = json.loads((out / "features" / "2.json").read_text())
+    norms = clt.W_dec[0][2].detach().norm(dim=-1).tolist()
+    assert [(w["target"], w["hook"]) for w in record["decoder_norms"]] == [
+        (0, "mlp_out.0"), (1, "mlp_out.1"),
+    ]  # fmt: skip
+    assert [w["norm"] for w in record["decoder_norms"]] == pytest.approx(norms, rel=1e-4)
+    page = (out / "features" / "2.html").read_text()
+    assert "Decoder norm per target layer" in page and "mlp_out.1" in page
+    assert record["hook"] == "mlp_in.0"
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "give --layer 0..1" in capsys.readouterr().err
+    assert main([*args, "--layer", "2"]) == 2

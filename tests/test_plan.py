@@ -1,5 +1,5 @@
-"""The memory model of `sae-fast plan` (training/roofline.py) against measured training runs,
-and the command itself.
+"""The memory model of `sae-fast plan` (training/roofline.py) against measured training runs
+(SAEs and cross-layer transcoders), and the command itself.
 
 Each size trains in a fresh process on CPU: a small run first loads the libraries' code and
 the allocator's pools, then the process's peak resident memory is reset (/proc/self/clear_refs)
@@ -21,19 +21,21 @@ from sae_fast.training import roofline
 
 PROBE = r"""
 import json, re, sys, tempfile
-from sae_fast.sources import SyntheticSource
+from sae_fast.cli.train import trainer_class
+from sae_fast.sources import build_source
 from sae_fast.training import TrainConfig
-from sae_fast.training.trainer import Trainer
 
-d, m, k, n, moments = sys.argv[1:6]
-d, m, k, n = int(d), int(m), int(k), int(n)
+d, m, k, n, moments, layers = sys.argv[1:7]
+d, m, k, n, layers = int(d), int(m), int(k), int(n), int(layers)
+clt = dict(clt=True, layers=f"0-{layers - 1}") if layers > 1 else {}
 
 def run(m, n):
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(source="synthetic", n_latents=m, k=k, steps=2, batch_size=n,
+        cfg = TrainConfig(source="synthetic", synthetic_d=d, synthetic_features=64,
+                          synthetic_active=3, seed=3, n_latents=m, k=k, steps=2, batch_size=n,
                           init_tokens=n, adam_moments=moments, out_dir=out, progress=False,
-                          plots=False, checkpoint_every=0, dead_tokens=n)
-        Trainer(cfg, SyntheticSource(d_in=d, n_features=64, k_active=3, seed=3)).train()
+                          plots=False, checkpoint_every=0, dead_tokens=n, **clt)
+        trainer_class(cfg)(cfg, build_source(cfg, "cpu")).train()
 
 def status(field):
     text = open("/proc/self/status").read()
@@ -48,24 +50,49 @@ print(json.dumps(status("VmHWM") - base))
 """
 
 
+def measured_peak(probe: str, *args: object) -> int:
+    """The peak resident bytes a probe's run added (its last line)."""
+    # Freed buffers of 64 KiB and up go back to the OS at once, as in the benchmarks' memory
+    # suite: the peak is what the run needs, not what glibc kept (otherwise it varies by a
+    # tenth from run to run on a loaded machine).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *map(str, args)],
+        capture_output=True, text=True, check=True, timeout=600, env=env,
+    )  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize(
     ("d", "m", "n", "moments"),
     [(512, 16384, 1024, "param"), (512, 32768, 1024, "bf16"), (768, 32768, 2048, "param")],
 )
 def test_memory_matches_a_measured_run_within_ten_percent(d, m, n, moments):
     k = 32
-    # Freed buffers of 64 KiB and up go back to the OS at once, as in the benchmarks' memory
-    # suite: the peak is what the run needs, not what glibc kept (otherwise it varies by a
-    # tenth from run to run on a loaded machine).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(d), str(m), str(k), str(n), moments],
-        capture_output=True, text=True, check=True, timeout=600, env=env,
-    )  # fmt: skip
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    measured = measured_peak(PROBE, d, m, k, n, moments, 1)
     shape = roofline.Shape(n=n, d=d, m=m, k=k, moments=moments, init_tokens=n)
     predicted = roofline.memory(shape, device="cpu").total
     assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
+
+
+@pytest.mark.parametrize(("layers", "d", "m", "n"), [(3, 256, 8192, 1024), (4, 512, 4096, 2048)])
+def test_clt_memory_matches_a_measured_run_within_ten_percent(layers, d, m, n):
+    measured = measured_peak(PROBE, d, m, 32, n, "param", layers)
+    shape = roofline.Shape(n=n, d=d, m=m, k=32, init_tokens=n, layers=layers)
+    predicted = roofline.memory(shape, device="cpu").total
+    assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
+
+
+def test_a_clts_parameters_are_its_encoders_and_triangle_of_decoders():
+    shape = roofline.Shape(n=64, d=32, m=256, k=4, layers=5)
+    assert shape.triangle == 15
+    assert shape.parameters == (5 + 15) * 256 * 32 + 5 * (256 + 32)
+    gpu = roofline.GPUS["h100"]
+    one = roofline.step_time(gpu, roofline.Shape(n=4096, d=2304, m=16384, k=32))
+    five = roofline.step_time(gpu, roofline.Shape(n=4096, d=2304, m=16384, k=32, layers=5))
+    # Five encoders; fifteen decoder matrices to gather from, write and update.
+    assert five["gemm"][0] == pytest.approx(5 * one["gemm"][0])
+    assert five["decoder"][0] > 10 * one["decoder"][0]
 
 
 def test_bf16_moments_halve_the_optimizer_state():
@@ -108,6 +135,19 @@ def test_plan_command_prints_each_layout(capsys):
     low, high = one["step_ms"]
     assert 0 < low <= high
     assert out["predicted_x_gemm"][0] <= out["predicted_x_gemm"][1]
+
+
+def test_plan_covers_clts(capsys):
+    args = ["plan", "--d-in", "2304", "--n-latents", "16384", "--k", "32", "--batch-size",
+            "4096", "--clt-layers", "26", "--gpus", "8", "--json"]  # fmt: skip
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["shape"]["layers"] == 26
+    one, eight = out["layouts"][0], out["layouts"][-1]
+    assert one["memory"]["parameters"] == (26 + 351) * 16384 * 2304 * 4 + 26 * (16384 + 2304) * 4
+    assert not one["fits"] and eight["fits"]  # only sharded by features does it fit
+    assert main(["plan", "--d-in", "64", "--n-latents", "64", "--clt-layers", "0"]) == 2
+    assert "--clt-layers" in capsys.readouterr().err
 
 
 def test_plan_refuses_bad_sizes_by_name(capsys):

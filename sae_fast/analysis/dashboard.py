@@ -19,12 +19,14 @@ Neuronpedia's feature export. Estimates and their sources:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..clt.module import CrossLayerTranscoder
 from ..options import is_natural
 from ..sae import SparseAutoencoder
 from ..sources.hooks import is_causal_lm
@@ -264,10 +266,12 @@ def feature_records(
     tokenizer: Any,
     about: dict,
     progress: Any = None,
+    extra: Callable[[int], dict] | None = None,
 ) -> tuple[list[dict], dict]:
     """(records, effect): one schema record per shown feature, in stats.features order, and
     what the output-side effect is (kind, label). about: the SAE, model, hook and text;
-    progress: a tqdm-like bar updated once per record, or None."""
+    progress: a tqdm-like bar updated once per record, or None; extra(latent): more fields
+    of a latent's record (a CLT feature's decoder norm per target layer)."""
     pieces = TokenPieces(tokenizer)
     features = stats.features.cpu()
     near_cos, near = nearest_rows(W_dec, features, NEIGHBOURS)
@@ -308,10 +312,29 @@ def feature_records(
                     {"token": t, "value": significant(v)}
                     for t, v in zip(tokens, values[row].tolist(), strict=True)
                 ]
+        if extra is not None:
+            record.update(extra(latent))
         records.append(record)
         if progress is not None:
             progress.update(1)
     return records, effect
+
+
+def clt_decoder_norms(clt: CrossLayerTranscoder, layer: int) -> Callable[[int], dict]:
+    """extra for the dashboard of a CLT's layer: each feature's decoder norm to that layer
+    and every later one ("decoder_norms": target layer, its output hook point, norm)."""
+    norms = clt.W_dec[layer].detach().double().norm(dim=-1).cpu()  # (m, L - layer)
+    hooks = clt.provenance.get("hooks_out") or []
+
+    def extra(latent: int) -> dict:
+        rows = []
+        for offset, norm in enumerate(norms[latent].tolist()):
+            target = layer + offset
+            hook = hooks[target] if target < len(hooks) else None
+            rows.append({"target": target, "hook": hook, "norm": significant(norm)})
+        return {"clt_layer": layer, "decoder_norms": rows}
+
+    return extra
 
 
 def pick_latents(spec: str, n_latents: int, seed: int = 0) -> Tensor:
@@ -348,12 +371,13 @@ def write_feature_dashboard(
     context_size: int,
     neuronpedia: str | None = None,
     pages: Any = None,
+    extra: Callable[[int], dict] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Write the dashboard folder out (dashboard_html.py) of a finished pass; returns its meta
     (dashboard.json) and the records. about: sae, model, hook, text. neuronpedia: a source
     set name, to write Neuronpedia's batch files too (neuronpedia.py). pages: a tqdm-like bar
-    of 2 steps per feature (its record, its pages), or None."""
-    records, effect = feature_records(stats, sae.W_dec, model, tokenizer, about, pages)
+    of 2 steps per feature (its record, its pages), or None; extra: as feature_records'."""
+    records, effect = feature_records(stats, sae.W_dec, model, tokenizer, about, pages, extra)
     meta = {
         **about,
         "schema": SCHEMA,
@@ -383,15 +407,16 @@ def build_dashboard(
     progress: Any = None,
     neuronpedia: str | None = None,
     pages: Any = None,
+    extra: Callable[[int], dict] | None = None,
 ) -> tuple[dict, list[dict]]:
     """Stream the SAE over about["text"] at about["hook"] and write the dashboard folder out;
     returns its meta (dashboard.json) and records. about: sae, model, hook, text; progress:
-    a bar of the pass's tokens; neuronpedia and pages: as write_feature_dashboard's."""
+    a bar of the pass's tokens; neuronpedia, pages and extra: as write_feature_dashboard's."""
     stats = collect_feature_stats(
         sae, model, tokenizer, about["hook"], about["text"], features,
         context_size=context_size, max_tokens=max_tokens, batch_size=batch_size,
         progress=progress,
     )  # fmt: skip
     return write_feature_dashboard(
-        stats, sae, model, tokenizer, out, about, context_size, neuronpedia, pages
+        stats, sae, model, tokenizer, out, about, context_size, neuronpedia, pages, extra
     )

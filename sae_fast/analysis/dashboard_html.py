@@ -163,6 +163,22 @@ def feature_page(record: dict, shown: set[int], neighbours: tuple[int | None, in
             for c in record["cofiring"]
         ],
     )
+    writes = record.get("decoder_norms")  # a CLT feature's, to its layer and every later one
+    targets = (
+        "<h2>Decoder norm per target layer</h2>"
+        + bars_svg(
+            [w["norm"] for w in writes],
+            str(writes[0]["target"]),
+            str(writes[-1]["target"]),
+            "decoder norm by target layer",
+        )
+        + _rows(
+            ("target layer", "writes to", "decoder norm"),
+            [(w["target"], html.escape(w["hook"] or "-"), f"{w['norm']:.4g}") for w in writes],
+        )
+        if writes
+        else ""
+    )
     effect = record["output_effect"]
     first = "promoted" if effect["kind"] == "unembedding_logits" else "nearest"
     sides = "".join(
@@ -185,6 +201,7 @@ def feature_page(record: dict, shown: set[int], neighbours: tuple[int | None, in
         + "<h2>Examples by activation quantile</h2>"
         + "<p class='muted'>from a uniform sample of its firings, cut into equal-count groups</p>"
         + (quantiles or NONE)
+        + targets
         + f"<div class='cols'><div><h2>Nearest by decoder cosine</h2>{near}</div>"
         + f"<div><h2>Co-firing</h2>{fires}</div></div>"
         + f"<h2>Output side</h2><p>{html.escape(effect['label'])}</p>"

@@ -1,4 +1,5 @@
-"""The layer sweep report: the SAEs of a multi-hook run side by side, hook point by hook point.
+"""The layer sweep report: the SAEs of a multi-hook run side by side, hook point by hook point
+(or a cross-layer transcoder's run, target layer by target layer).
 
 Per hook point: FVU, 1 - FVU (the centred explained variance), L0, the dead and dense latent
 fractions and, where the model is a causal LM, the CE loss score (CE loss recovered with the
@@ -6,6 +7,10 @@ SAE spliced in). The numbers come either from training (each run's last logged s
 step's batch, dead and dense over the run's dead_tokens window) or from held-out text
 (analysis.evaluate over the same tokens for every SAE, from one model pass; dead = never
 fired on those tokens).
+A cross-layer transcoder's run (train --clt) gives a row per layer: its output's FVU (all
+source layers' writes to it) and its own features' L0, from training (the last logged step's
+fvu/T and l0/T) or from held-out text (analysis.clt_eval.clt_metrics; dead: layer T's
+features that never fired on those tokens).
 Written as layers.json, layers.png and layers.html in the run folder.
 """
 
@@ -33,6 +38,7 @@ TRAINING_NOTE = (
     "From training: each SAE's last logged step (that step's batch; dead and dense over the "
     "dead_tokens window)."
 )
+CLT_TRAINING_NOTE = "From training: the run's last logged step (that step's batch)."
 # (key, label, which way is better: -1 lower, 1 higher, 0 neither)
 METRICS = (
     ("fvu", "FVU", -1),
@@ -42,6 +48,43 @@ METRICS = (
     ("dense_fraction", "dense fraction", -1),
     ("ce_loss_score", "CE loss score", 1),
 )
+
+
+def clt_layers(run_dir: str | Path) -> list[int] | None:
+    """The layers of the cross-layer transcoder run in run_dir (train --clt), or None for
+    another run."""
+    try:
+        body = read_json(Path(run_dir) / RUN_CONFIG_FILE, ConfigError)
+    except ConfigError:
+        return None
+    layers = body.get("layers") if isinstance(body, dict) else None
+    clt = isinstance(body, dict) and (body.get("train") or {}).get("clt")
+    return layers if clt and isinstance(layers, list) else None
+
+
+def clt_training_rows(run_dir: str | Path, layers: list[int]) -> list[dict]:
+    """Per layer of a CLT run, its last logged step's FVU (of the layer's output) and L0 (of
+    the layer's features)."""
+    path = Path(run_dir) / METRICS_FILE
+    logged = read_jsonl(path) if path.exists() else []
+    if not logged:
+        raise ConfigError(f"{run_dir} has logged no step yet")
+    last = logged[-1]
+    return [
+        {"hook": f"layer {t}", "step": last["step"], "tokens": last["tokens"],
+         "fvu": last[f"fvu/{t}"], "one_minus_fvu": 1 - last[f"fvu/{t}"], "l0": last[f"l0/{t}"]}
+        for t in layers
+    ]  # fmt: skip
+
+
+def clt_evaluated_rows(metrics: dict, layers: list[int]) -> list[dict]:
+    """Per layer, a CLT's held-out clt_metrics (fvu, l0, dead_fraction lists)."""
+    return [
+        {"hook": f"layer {t}", "tokens": metrics["tokens"], "fvu": metrics["fvu"][i],
+         "one_minus_fvu": 1 - metrics["fvu"][i], "l0": metrics["l0"][i],
+         "dead_fraction": metrics["dead_fraction"][i]}
+        for i, t in enumerate(layers)
+    ]  # fmt: skip
 
 
 def sweep_runs(run_dir: str | Path) -> dict[str, Path]:
@@ -169,12 +212,24 @@ def _cell(row: dict, key: str, best: float | None) -> str:
     return f"<td{mark}>{value:.4g}</td>"
 
 
+def _curves_link(run_dir: Path, hook: str) -> str:
+    """The row's label, linked to its run's training curves where it has a run of its own."""
+    label = html.escape(hook)
+    if not (run_dir / hook / "training_curves.png").is_file():
+        return label
+    return f"<a href='{html.escape(hook, quote=True)}/training_curves.png'>{label}</a>"
+
+
 def write_layer_report(run_dir: str | Path, rows: list[dict], about: str) -> list[Path]:
-    """layers.json, layers.png and layers.html in run_dir for rows (training_rows or
-    evaluated_rows); about says where the numbers come from."""
+    """layers.json, layers.png and layers.html in run_dir for rows (training_rows,
+    evaluated_rows, or a CLT's); about says where the numbers come from."""
     run_dir = Path(run_dir)
     model = read_json(run_dir / RUN_CONFIG_FILE, ConfigError)["train"].get("model")
-    title = f"Layer sweep: {model}, {len(rows)} hook points"
+    title = (
+        f"Cross-layer transcoder: {model}, {len(rows)} layers"
+        if clt_layers(run_dir)
+        else f"Layer sweep: {model}, {len(rows)} hook points"
+    )
     with atomic_path(run_dir / TABLE) as tmp:
         finite = [{k: v for k, v in row.items() if _shown(v)} for row in rows]
         body = {"title": title, "about": about, "rows": finite}
@@ -184,8 +239,7 @@ def write_layer_report(run_dir: str | Path, rows: list[dict], about: str) -> lis
     best = {key: _best(rows, key, sign) for key, _, sign in shown}
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label, _ in shown)
     lines = "".join(
-        f"<tr><th><a href='{html.escape(row['hook'], quote=True)}/training_curves.png'>"
-        f"{html.escape(row['hook'])}</a></th>"
+        f"<tr><th>{_curves_link(run_dir, row['hook'])}</th>"
         + "".join(_cell(row, key, best[key]) for key, _, _ in shown)
         + "</tr>"
         for row in rows
@@ -197,8 +251,9 @@ def write_layer_report(run_dir: str | Path, rows: list[dict], about: str) -> lis
         "padding:3px 8px;text-align:right}th:first-child{text-align:left}"
         ".best{background:#d9ead3;font-weight:bold}img{max-width:100%}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p>{html.escape(about)}</p>"
-        "<p>The best value of each column is shaded; each hook point links to its training "
-        f"curves.</p><table id='layers'><tr><th>hook point</th>{head}</tr>{lines}</table>"
+        "<p>The best value of each column is shaded; each hook point with a run of its own "
+        f"links to its training curves.</p><table id='layers'><tr><th>hook point</th>{head}"
+        f"</tr>{lines}</table>"
         f"<img src='{PLOT}' alt='the metrics against the hook points'></body></html>"
     )
     with atomic_path(run_dir / REPORT) as tmp:

@@ -31,7 +31,13 @@ def add_parser(sub: SubParser) -> None:
         "quantile examples shaded by activation, the activation histogram, the nearest "
         "features by decoder cosine, the co-firing ones and the output-side effect.",
     )
-    dash.add_argument("--sae", required=True, help="SAE folder")
+    dash.add_argument("--sae", required=True, help="SAE folder (or cross-layer transcoder)")
+    dash.add_argument(
+        "--layer",
+        type=integer,
+        help="a cross-layer transcoder's source layer (0..L-1) whose features to show, each "
+        "page with its decoder norm per target layer",
+    )
     dash.add_argument("--text", required=True, help="'stdlib', a .txt or a .jsonl file")
     dash.add_argument("--out", required=True, help="dashboard folder (replaced whole)")
     add_model_arguments(dash, "the SAE's recorded one")
@@ -60,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.dashboard_html import FILES
     from ..analysis.neuronpedia import check_set_name
     from ..files import check_replaceable
-    from ..sae import SparseAutoencoder
     from ..training.config import resolve_device
 
     check_counts(args, "batch_size", "tokens")
@@ -72,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ConfigError(f"--neuronpedia: {e}") from None
     device = resolve_device(check_device(args.device, "--device"))
-    sae = SparseAutoencoder.load(args.sae, device=device)
+    sae, extra = _features_of(args, device)
     try:
         features = pick_latents(args.features, sae.n_latents)
     except ValueError as e:
@@ -84,9 +89,31 @@ def run(args: argparse.Namespace) -> int:
         meta, _ = build_dashboard(sae, model, tokenizer, args.out, about, features,
                                context_size=context_size, max_tokens=args.tokens,
                                batch_size=args.batch_size, progress=bar,
-                               neuronpedia=args.neuronpedia, pages=pages)  # fmt: skip
+                               neuronpedia=args.neuronpedia, pages=pages,
+                               extra=extra)  # fmt: skip
     print(
         f"wrote {Path(args.out) / 'index.html'}: {meta['shown']} features over "
         f"{meta['tokens_seen']} tokens in {time.perf_counter() - started:.1f} s"
     )
     return 0
+
+
+def _features_of(args: argparse.Namespace, device) -> tuple:
+    """(the SAE whose features the dashboard shows, extra fields of their records or None):
+    --sae itself, or a cross-layer transcoder's --layer as a transcoder of that layer."""
+    from .. import formats
+    from ..analysis.dashboard import clt_decoder_norms
+    from ..clt import CrossLayerTranscoder
+    from ..sae import SparseAutoencoder
+
+    if formats.kind_of(args.sae) != "clt":
+        if args.layer is not None:
+            raise ConfigError(f"--layer: {args.sae} is an SAE, not a cross-layer transcoder")
+        return SparseAutoencoder.load(args.sae, device=device), None
+    clt = CrossLayerTranscoder.load(args.sae, device=device)
+    if args.layer is None or not 0 <= args.layer < clt.n_layers:
+        raise ConfigError(
+            f"--layer: a cross-layer transcoder's dashboard shows one source layer's features; "
+            f"give --layer 0..{clt.n_layers - 1}"
+        )
+    return clt.layer_transcoder(args.layer), clt_decoder_norms(clt, args.layer)

@@ -20,7 +20,9 @@ def add_parser(sub: SubParser) -> None:
         description="From a roofline model (no GPU needed): for each way of splitting GPUS "
         "devices into data- and latent-parallel ranks, the memory per device (parameters, "
         "gradients, Adam's moments, a step's activations and buffers, a checkpoint's save), "
-        "whether it fits, the largest dictionary that would, and the predicted step time.",
+        "whether it fits, the largest dictionary that would, and the predicted step time. "
+        "With --clt-layers L, of a cross-layer transcoder over L layers (--n-latents and --k "
+        "per layer).",
     )
     from ..training import roofline  # torch-free: the device models
 
@@ -28,6 +30,8 @@ def add_parser(sub: SubParser) -> None:
     plan.add_argument("--d-in", type=integer, required=True, help="activation width")
     plan.add_argument("--n-latents", type=integer, required=True, help="dictionary size m")
     plan.add_argument("--k", type=integer, default=defaults.k, help="active latents per token")
+    plan.add_argument("--clt-layers", type=integer, default=1,
+                      help="a cross-layer transcoder's layers (1: an SAE)")  # fmt: skip
     plan.add_argument("--batch-size", type=integer, default=defaults.batch_size,
                       help="tokens per step, over all data-parallel ranks")  # fmt: skip
     plan.add_argument("--init-tokens", type=integer, default=defaults.init_tokens,
@@ -49,14 +53,14 @@ def run(args: argparse.Namespace) -> int:
     from ..training import roofline
     from ..validation import check_int
 
-    check_counts(args, "d_in", "n_latents", "k", "batch_size", "gpus")
+    check_counts(args, "d_in", "n_latents", "k", "batch_size", "gpus", "clt_layers")
     check_int(args.init_tokens, "--init-tokens", minimum=0, error=ConfigError)
     if args.k > args.n_latents:
         raise ConfigError(f"--k={args.k} is larger than --n-latents={args.n_latents}")
     shape = roofline.Shape(
         n=args.batch_size, d=args.d_in, m=args.n_latents, k=args.k, dtype=args.dtype,
         compute_dtype=AUTOCAST_DTYPES[args.autocast], moments=args.adam_moments,
-        init_tokens=args.init_tokens,
+        init_tokens=args.init_tokens, layers=args.clt_layers,
     )  # fmt: skip
     cpu_bytes = None
     if args.gpu == "cpu":
@@ -70,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     gib = 2**30
+    clt = f"a CLT over {shape.layers} layers, per layer: " if shape.layers > 1 else ""
     print(
-        f"d_in={shape.d} n_latents={shape.m} k={shape.k} batch={shape.n} {shape.dtype} "
+        f"{clt}d_in={shape.d} n_latents={shape.m} k={shape.k} batch={shape.n} {shape.dtype} "
         f"(compute {shape.compute_dtype or shape.dtype}, Adam moments {shape.moments}) on "
         f"{args.gpus} x {args.gpu}: {result['capacity'] / gib:.1f} GiB usable per device"
     )

@@ -14,7 +14,7 @@ from .. import formats, ops
 from .. import reference as ref
 from ..ops import SparseCode
 from ..options import SPARSE_ACTIVATIONS
-from ..sae import autocast_inputs, seeded_normal
+from ..sae import SparseAutoencoder, autocast_inputs, seeded_normal
 from ..validation import check_activations, dtype_name
 from . import config as clt_config
 
@@ -353,6 +353,40 @@ class CrossLayerTranscoder(nn.Module):
         if self.skip_connection:
             self.W_skip.mul_((a / c)[:, None, None].to(self.W_skip.dtype))
 
+    def layer_transcoder(self, layer: int) -> SparseAutoencoder:
+        """Layer `layer`'s features alone, as a transcoder from that layer's input to its own
+        output: their encoders (and thresholds), their decoders to that layer and
+        b_dec[layer]; their writes to later layers are left out. What a dashboard of the
+        layer's features reads: its code is this CLT's code of the layer. Its provenance
+        names the model and the layer's hook points (hook_in, hook_out)."""
+        if not (isinstance(layer, int) and 0 <= layer < self.n_layers):
+            raise ValueError(f"layer must be in 0..{self.n_layers - 1}, got {layer!r}")
+        sae = SparseAutoencoder(
+            self.d_in, self.n_latents, k=self.k, activation=self.activation, transcoder=True,
+            d_out=self.d_out, jumprelu_bandwidth=self.jumprelu_bandwidth,
+            dtype=self.W_enc.dtype, device=self.W_enc.device, backend=self.backend,
+        )  # fmt: skip
+        tensors = {"W_enc": self.W_enc[layer], "b_enc": self.b_enc[layer],
+                   "W_dec": self.W_dec[layer][:, 0], "b_dec": self.b_dec[layer]}  # fmt: skip
+        if self.activation == "jumprelu":
+            tensors["log_threshold"] = self.log_threshold[layer]
+        if self.activation == "batchtopk":
+            tensors["threshold"] = self.threshold[layer]
+        sae.load_state_dict({name: t.detach().clone() for name, t in tensors.items()})
+        record = self.provenance
+        train = {k: v for k, v in (record.get("train") or {}).items() if k not in ("clt", "layers")}
+        sae.provenance = {
+            key: value
+            for key, value in (
+                ("model", record.get("model")),
+                ("hook_in", _at(record.get("hooks_in"), layer)),
+                ("hook_out", _at(record.get("hooks_out"), layer)),
+                ("train", train or None),
+            )
+            if value is not None
+        }
+        return sae.train(self.training)
+
     # --- checkpoints ----------------------------------------------------------------------
 
     def config(self) -> dict:
@@ -395,6 +429,11 @@ class CrossLayerTranscoder(nn.Module):
         config, tensors = formats.load(path, format, kind="clt")
         clt = cls.from_config(config, tensors, backend=backend)
         return clt.to(device=device, dtype=dtype).eval()
+
+
+def _at(hooks: object, layer: int) -> str | None:
+    """hooks[layer] of a recorded list of hook points, or None."""
+    return hooks[layer] if isinstance(hooks, list) and layer < len(hooks) else None
 
 
 def _stack(codes: list[SparseCode], lead: tuple[int, ...]) -> SparseCode:

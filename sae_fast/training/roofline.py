@@ -40,6 +40,7 @@ FUSED_TILES = (64, 128)  # the fused encoder's (rows, latents) tile at bf16 on s
 # projection and renormalisation run as separate torch ops.
 DECODER_EXTRA_PASSES = 9
 ACTIVATION_COPIES = 8  # (n, d) tensors alive in a step: x, x - b_dec, x_hat, errors, grads
+CLT_ACTIVATION_COPIES = 4  # (n, d) per layer in a CLT's step: x, y, y_hat and its error
 # The chunked select's warp instructions per pre-activation on a tile no row gains from,
 # read from its sm_90 binary (bf16, k=64, Triton 3.9: python -m benchmarks kernels), an SM's
 # warp instructions issued per clock, and each chunk GEMM's fixed cost (its partial wave).
@@ -68,7 +69,9 @@ GPUS = {
 @dataclass(frozen=True)
 class Shape:
     """A training step: n tokens, width d, m latents, k active; parameters in dtype, the
-    encoder computed in compute_dtype (autocast), Adam's moments in moments (options.py)."""
+    encoder computed in compute_dtype (autocast), Adam's moments in moments (options.py).
+    layers > 1: a cross-layer transcoder's (m features and k active per layer, each layer's
+    features writing to it and every later one: layers encoders, `triangle` decoders)."""
 
     n: int
     d: int
@@ -79,6 +82,17 @@ class Shape:
     moments: str = "param"
     init_tokens: int = 0
     k_aux: int | None = None
+    layers: int = 1
+
+    @property
+    def triangle(self) -> int:
+        """The (m, d) decoder matrices: one per pair of a layer and a later (or the same) one."""
+        return self.layers * (self.layers + 1) // 2
+
+    @property
+    def row_width(self) -> int:
+        """A row of the source: an SAE's activation, a CLT's inputs and outputs of every layer."""
+        return self.d if self.layers == 1 else 2 * self.layers * self.d
 
     @property
     def param_bytes(self) -> int:
@@ -94,7 +108,8 @@ class Shape:
 
     @property
     def parameters(self) -> int:
-        return 2 * self.m * self.d + self.m + self.d
+        matrices = self.layers + self.triangle  # encoders and decoders of (m, d)
+        return matrices * self.m * self.d + self.layers * (self.m + self.d)
 
 
 def _tflops(gpu: Gpu, shape: Shape) -> float:
@@ -107,7 +122,7 @@ def _streamed(gpu: Gpu, nbytes: float) -> tuple[float, float]:
 
 
 def _compute(gpu: Gpu, shape: Shape) -> tuple[float, float]:
-    flop = 2 * shape.n * shape.d * shape.m
+    flop = 2 * shape.n * shape.d * shape.m * shape.layers
     return tuple(flop / (_tflops(gpu, shape) * 1e12 * e) for e in GEMM_EFFICIENCY)
 
 
@@ -141,37 +156,41 @@ def step_time(
     fused_selection: the fused kernel's selection instructions per GEMM-loop instruction
     (python -m benchmarks kernels reads it from the binary); at one block per SM nothing
     hides them, so the high bound adds that share of the GEMM's time. select_instructions:
-    the chunked select's warp instructions per pre-activation."""
+    the chunked select's warp instructions per pre-activation. A CLT's step (shape.layers >
+    1) encodes each layer in turn and gathers each feature's decoders to every later layer."""
     n, d, m, k, b = shape.n, shape.d, shape.m, shape.k, shape.compute_bytes
+    L, triangle = shape.layers, shape.triangle
     compute = _compute(gpu, shape)
-    out = _streamed(gpu, n * m * b)
+    out = _streamed(gpu, L * n * m * b)
     gemm = tuple(max(c, o) for c, o in zip(compute, out, strict=True))
-    l2_fused = encoder_traffic(shape)["fused"]["l2"]
+    l2_fused = L * encoder_traffic(shape)["fused"]["l2"]
     l2_low, l2_high = (l2_fused / (bw * 1e12) for bw in gpu.l2_tbps)
     fused = (max(compute[0], l2_low), compute[1] * (1 + fused_selection) + l2_high)
     from ..backends import chunked  # here: the command line reads GPUS without torch
 
-    issue = n * m * select_instructions / (gpu.sms * WARP_ISSUE_PER_CLOCK * gpu.clock_ghz * 1e9)
-    select = tuple(max(n * m * b / (bw * 1e12), issue) for bw in gpu.l2_tbps)
-    tails = math.ceil(m / chunked.chunk_for(n, m, b)) * GEMM_TAIL_SECONDS
+    issue = L * n * m * select_instructions / (gpu.sms * WARP_ISSUE_PER_CLOCK * gpu.clock_ghz * 1e9)
+    select = tuple(max(L * n * m * b / (bw * 1e12), issue) for bw in gpu.l2_tbps)
+    tails = L * math.ceil(m / chunked.chunk_for(n, m, b)) * GEMM_TAIL_SECONDS
     chunked_time = (max(compute[0], select[0]) + tails, compute[1] + select[1] + tails)
     encoder = min(fused, chunked_time, key=lambda t: t[0] + t[1])
     # The sparse passes gather rows of W (n k of them, each read from HBM at worst, each
     # once at best) and scatter into whole (m, d) gradients: the decoder's gather; grad
     # values' and grad x's gathers; grad W_dec's and grad W_enc's scatters, which read rows
     # of the (n, d) batch from L2. Under autocast each step casts W_enc and W_dec too.
-    pairs, rows_once = n * k * d * b, min(n * k, m) * d * b
+    pairs, rows_once = n * k * d * b * triangle, min(n * k, m) * d * b * triangle
     gathers = [(rows_once, pairs), (2 * rows_once, 2 * pairs)]
-    decoder = tuple(_streamed(gpu, g + n * d * b)[i] for i, g in enumerate(gathers[0]))
-    written = 2 * m * d * shape.param_bytes
-    cast = 2 * m * d * (shape.param_bytes + b) if b != shape.param_bytes else 0
+    decoder = tuple(_streamed(gpu, g + L * n * d * b)[i] for i, g in enumerate(gathers[0]))
+    matrices = (L + triangle) * m * d  # the encoders' and decoders' entries
+    written = matrices * shape.param_bytes
+    cast = matrices * (shape.param_bytes + b) if b != shape.param_bytes else 0
     scatter_l2 = tuple(2 * pairs / (bw * 1e12) for bw in gpu.l2_tbps)
     backward = tuple(
         _streamed(gpu, g + written + cast)[i] + scatter_l2[i] for i, g in enumerate(gathers[1])
     )
     p, mo = shape.param_bytes, shape.moment_bytes
     per_param = 3 * p + 4 * mo  # read p, g, m, v; write p, m, v
-    extra = 0 if fused_optimizer else DECODER_EXTRA_PASSES * m * d * p
+    # (A CLT's decoders are free: no projection, no renormalisation.)
+    extra = 0 if fused_optimizer or L > 1 else DECODER_EXTRA_PASSES * m * d * p
     optimizer = _streamed(gpu, shape.parameters * per_param + extra)
     parts = {"encoder": encoder, "decoder": decoder, "backward": backward, "optimizer": optimizer}
     step = tuple(sum(t[i] for t in parts.values()) for i in (0, 1))
@@ -204,12 +223,16 @@ def memory(shape: Shape, data: int = 1, latent: int = 1, device: str = "cuda") -
     there), "cuda" the chunked encoder's two."""
     m = math.ceil(shape.m / latent)
     rows = math.ceil(shape.n / data)
-    p = shape.param_bytes
-    params = (2 * m * shape.d + m + shape.d) * p
+    p, L = shape.param_bytes, shape.layers
+    params = replace(shape, m=m).parameters * p
     k_aux = shape.k_aux if shape.k_aux is not None else shape.d // 2
-    codes = rows * (shape.k + k_aux) * latent * (shape.compute_bytes + 8) * 2  # values, indices
-    batch = ACTIVATION_COPIES * rows * shape.d * shape.compute_bytes + codes
-    init = 2 * shape.init_tokens * shape.d * p  # the init sample and its copy, before step 1
+    # (values, ids): a layer's candidates from every latent shard while it encodes, twice;
+    # a CLT also keeps its other layers' codes.
+    code = rows * (shape.k + k_aux) * (shape.compute_bytes + 8)
+    codes = code * (2 * latent + L - 1)
+    copies = ACTIVATION_COPIES if L == 1 else L * CLT_ACTIVATION_COPIES
+    batch = copies * rows * shape.d * shape.compute_bytes + codes
+    init = 2 * shape.init_tokens * shape.row_width * p  # the init sample and its copy
     from ..backends import chunked
     from ..backends import torch as torch_backend
 
@@ -224,8 +247,17 @@ def memory(shape: Shape, data: int = 1, latent: int = 1, device: str = "cuda") -
         optimizer=2 * (params // p) * shape.moment_bytes,
         activations=max(batch, init),
         buffers=buffers,
-        checkpoint=params + m * shape.d * p,
+        checkpoint=params + _largest_saved(shape, m, latent) * p,
     )
+
+
+def _largest_saved(shape: Shape, m: int, latent: int) -> int:
+    """Entries of the largest tensor a checkpoint's save holds at once beside the exported
+    copy: an SAE's (m, d) shard; a CLT's first decoder (m, L, d), whole (gathered from the
+    latent shards)."""
+    if shape.layers == 1:
+        return m * shape.d
+    return shape.m * shape.layers * shape.d if latent > 1 else m * shape.layers * shape.d
 
 
 def collective_time(gpu: Gpu, shape: Shape, data: int, latent: int) -> float:
@@ -236,8 +268,9 @@ def collective_time(gpu: Gpu, shape: Shape, data: int, latent: int) -> float:
     grads = 2 * (data - 1) / data * per_rank if data > 1 else 0.0
     rows = shape.n / data
     shards = 0.0
-    if latent > 1:
-        shards = rows * shape.k * latent * 12 + 2 * (latent - 1) / latent * rows * shape.d * 4
+    if latent > 1:  # a CLT: each layer's candidates, each source layer's decode
+        candidates = shape.layers * rows * shape.k * latent * 12
+        shards = candidates + 2 * (latent - 1) / latent * rows * shape.d * 4 * shape.triangle
     return (grads + shards) / (gpu.link_gbps * 1e9)
 
 
