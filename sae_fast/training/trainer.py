@@ -93,7 +93,7 @@ class Trainer(Checkpointing):
         self.checkpoints = self.folder.checkpoints
         self.device = resolve_device(local_device(cfg.device))
         self.dtype = parse_dtype(cfg.dtype)
-        self.scale: float | list[float] = 1.0  # a CLT's: one per layer
+        self.scale: float | list[float] = 1.0  # a CLT's per layer, a crosscoder's per source
         self.output_scale: float | list[float] | None = None  # a transcoder's target's
         self.batchtopk_threshold: float | list[float] | None = None
         self._build()
@@ -340,7 +340,7 @@ class Trainer(Checkpointing):
                     all_sum(p.grad, layout.data_group).div_(layout.data)
         self.scaler.unscale_(self.optimizer)
         if cfg.grad_clip:
-            if cfg.normalize_decoder and not self.cfg.clt:
+            if self.optimizer.renormalise:  # (a CLT's decoders are free)
                 sae.remove_parallel_decoder_grad_()
             self._clip_gradients(cfg.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
