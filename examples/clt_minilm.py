@@ -9,8 +9,8 @@ MLP input and output (sae_fast.sources.stacked_activations). The CLT trains on t
 layer scaled to mean norm sqrt(d), with sae_fast's CLT loss (sum of per-layer squared
 errors, AuxK on dead features) and Adam. The scales are then folded in, the CLT is
 calibrated to JumpReLU on held-out tokens, and both are evaluated on the rest of the
-held-out tokens and saved. This is a hand loop over the library's pieces: `sae-fast train
---clt` does not exist yet.
+held-out tokens and saved. This is a hand loop over the library's pieces, the steps
+`sae-fast train --clt` takes written out (docs/clt.md).
 """
 
 from __future__ import annotations

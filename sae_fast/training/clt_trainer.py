@@ -50,7 +50,7 @@ from .metrics import (
     reconstruction_sums,
     spread_from_sums,
 )
-from .trainer import Trainer, TrainingDivergedError, norm_scale, parameter_bytes, track_threshold
+from .trainer import Trainer, norm_scale, parameter_bytes, track_threshold
 
 
 def _state_dim(name: str) -> int | None:
@@ -140,20 +140,14 @@ class CLTTrainer(Trainer):
 
         return scaled(x, self.scale), scaled(y, self.output_scale)
 
-    @torch.no_grad()
-    def _initialise(self) -> None:
-        """Per-layer scales and b_dec from the first init_tokens rows (the same on every
-        rank)."""
-        rows = self._batch(self.cfg.init_tokens, whole=True)
-        if not bool(torch.isfinite(rows).all()):
-            raise TrainingDivergedError("the first activations drawn hold NaN or Inf")
-        if self.cfg.normalize_input:
-            x, y = self._inputs(rows)
-            self.scale = [norm_scale(layer) for layer in x]
-            self.output_scale = [norm_scale(layer) for layer in y]
-        if self.cfg.b_dec_init != "zeros":
-            for t, y in enumerate(self._inputs(rows)[1]):
-                self.sae.b_dec[t].copy_(data_center(y, self.cfg.b_dec_init))
+    def _set_scales(self, rows: Tensor) -> None:
+        x, y = self._inputs(rows)  # (every scale still 1)
+        self.scale = [norm_scale(layer) for layer in x]
+        self.output_scale = [norm_scale(layer) for layer in y]
+
+    def _set_b_dec(self, target: Tensor) -> None:
+        for t, y in enumerate(target):
+            self.sae.b_dec[t].copy_(data_center(y, self.cfg.b_dec_init))
 
     # --- the step ------------------------------------------------------------------------
 

@@ -272,7 +272,11 @@ class Trainer(Checkpointing):
             self._set_scales(rows)
         _, target = self._inputs(rows)
         if self.cfg.b_dec_init != "zeros":
-            self.sae.set_b_dec_from_data(target, method=self.cfg.b_dec_init)
+            self._set_b_dec(target)
+
+    def _set_b_dec(self, target: Tensor) -> None:
+        """b_dec from a sample of what the model outputs (scaled as it trains)."""
+        self.sae.set_b_dec_from_data(target, method=self.cfg.b_dec_init)
 
     def _set_scales(self, rows: Tensor) -> None:
         """The input scale (a transcoder's: and its output's) from the first rows drawn."""
