@@ -172,6 +172,11 @@ def test_cli_trains_crosscoders_on_real_models_and_diffs_them(tmp_path, capsys):
     assert (out / "relative_norms.png").stat().st_size > 0
     assert main(["diff", str(pair / SAE_DIR), "--top", "5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == report
+    # eval rereads both models at the recorded hook point, on the same tokens.
+    evaluated = tmp_path / "eval.json"
+    assert main(["eval", "--sae", str(pair / SAE_DIR), "--text", text, "--tokens", "100",
+                 "--out", str(evaluated)]) == 0  # fmt: skip
+    assert json.loads(evaluated.read_text())["tokens"] == 100
     # What is not a crosscoder, and bad options, are refused in one line.
     plain = SparseAutoencoder(8, 16, k=2)
     plain.save(tmp_path / "plain")

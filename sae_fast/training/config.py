@@ -108,6 +108,14 @@ class TrainConfig:
     model: str | None = _opt(
         None, "transformers model name or local folder (source=model)", "data", resume=REFUSE
     )
+    crosscoder: bool = _opt(
+        False,
+        "train one dictionary over several hook points at once (an acausal crosscoder): "
+        "--hooks of one model, or --hook/--hooks of --model and --model-b; each latent has "
+        "a decoder per source",
+        "data",  # (what the dictionary reads: the commands that reread its data need it)
+        resume=REFUSE,
+    )
     model_b: str | None = _opt(
         None,
         "a crosscoder's second model (with --crosscoder), run on the same tokens: the "
@@ -191,14 +199,6 @@ class TrainConfig:
         None,
         "Matryoshka prefix sizes, e.g. 1024,4096 (topk, batchtopk): each prefix of the "
         "dictionary learns to reconstruct on its own (the whole dictionary is the last)",
-        "sae",
-        resume=REFUSE,
-    )
-    crosscoder: bool = _opt(
-        False,
-        "train one dictionary over several hook points at once (an acausal crosscoder): "
-        "--hooks of one model, or --hook/--hooks of --model and --model-b; each latent has "
-        "a decoder per source",
         "sae",
         resume=REFUSE,
     )
@@ -417,7 +417,9 @@ class TrainConfig:
             raise ConfigError("skip_connection is a transcoder's: give hook_in and hook_out")
         hooked = self.hook or self.hooks or self.hook_in or self.layers
         if self.source == "model" and (not self.model or not hooked):
-            raise ConfigError("source=model needs both model and hook (or hooks, or hook_in)")
+            raise ConfigError(
+                "source=model needs both model and hook (or hooks, hook_in, or layers with clt)"
+            )
         if self.source == "cache" and not self.cache_dir:
             raise ConfigError("source=cache needs cache_dir")
         if self.source == "synthetic" and self.synthetic_active > self.synthetic_features:
