@@ -177,6 +177,11 @@ def test_cli_trains_crosscoders_on_real_models_and_diffs_them(tmp_path, capsys):
     assert main(["eval", "--sae", str(pair / SAE_DIR), "--text", text, "--tokens", "100",
                  "--out", str(evaluated)]) == 0  # fmt: skip
     assert json.loads(evaluated.read_text())["tokens"] == 100
+    assert main(["eval", "--sae", str(pair / SAE_DIR), "--text", text, "--ce"]) == 2
+    assert "a crosscoder reads several" in capsys.readouterr().err
+    board = ["dashboard", "--sae", str(hooks / SAE_DIR), "--text", text]
+    assert main([*board, "--out", str(tmp_path / "board")]) == 2
+    assert "is a crosscoder" in capsys.readouterr().err
     # What is not a crosscoder, and bad options, are refused in one line.
     plain = SparseAutoencoder(8, 16, k=2)
     plain.save(tmp_path / "plain")

@@ -32,11 +32,14 @@ class NotACrosscoderError(ValueError):
 def crosscoder_sources(sae: SparseAutoencoder) -> tuple[list[str], list[int], list[float]]:
     """(source names, widths, training scales) that sae's provenance records;
     NotACrosscoderError unless they tile its d_in."""
-    found = sae.provenance.get("crosscoder") or {}
-    names, widths = found.get("sources"), found.get("widths")
-    scales = found.get("scales") or [1.0] * len(widths or [])
+    found = sae.provenance.get("crosscoder")
+    found = found if isinstance(found, dict) else {}
+    names, widths, scales = found.get("sources"), found.get("widths"), found.get("scales")
     ok = isinstance(names, list) and isinstance(widths, list) and len(names) == len(widths) > 1
-    if not ok or sum(widths) != sae.d_in or len(scales) != len(widths):
+    ok = ok and all(isinstance(w, int) and w > 0 for w in widths) and sum(widths) == sae.d_in
+    scales = [1.0] * len(widths) if ok and scales is None else scales
+    ok = ok and isinstance(scales, list) and len(scales) == len(widths)
+    if not ok or not all(isinstance(s, (int, float)) and s > 0 for s in scales):
         raise NotACrosscoderError(
             "it records no crosscoder sources (provenance.crosscoder: sources and widths that "
             f"tile d_in={sae.d_in}); train one with `sae-fast train --crosscoder`"

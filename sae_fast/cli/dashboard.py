@@ -35,8 +35,9 @@ def add_parser(sub: SubParser) -> None:
     dash.add_argument(
         "--layer",
         type=integer,
-        help="a cross-layer transcoder's source layer (0..L-1) whose features to show, each "
-        "page with its decoder norm per target layer",
+        help="a cross-layer transcoder's source layer whose features to show, as its index "
+        "0..L-1 in the CLT (the order of its hooks_in), each page with its decoder norm per "
+        "target layer",
     )
     dash.add_argument("--text", required=True, help="'stdlib', a .txt or a .jsonl file")
     dash.add_argument("--out", required=True, help="dashboard folder (replaced whole)")
@@ -109,7 +110,13 @@ def _features_of(args: argparse.Namespace, device) -> tuple:
     if formats.kind_of(args.sae) != "clt":
         if args.layer is not None:
             raise ConfigError(f"--layer: {args.sae} is an SAE, not a cross-layer transcoder")
-        return SparseAutoencoder.load(args.sae, device=device), None
+        sae = SparseAutoencoder.load(args.sae, device=device)
+        if "crosscoder" in sae.provenance:
+            raise ConfigError(
+                f"--sae: {args.sae} is a crosscoder, which reads several sources side by side; "
+                "dashboards read one hook point (compare its sources with `sae-fast diff`)"
+            )
+        return sae, None
     clt = CrossLayerTranscoder.load(args.sae, device=device)
     if args.layer is None or not 0 <= args.layer < clt.n_layers:
         raise ConfigError(

@@ -74,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
         check_held_out(sae.provenance, given.get("text"))
     if args.ce and cfg.source != "model":
         raise ConfigError("--ce needs source=model (a causal LM and its hook point)")
+    if args.ce and cfg.crosscoder:
+        raise ConfigError(
+            "--ce splices an SAE into one hook point; a crosscoder reads several (its sources "
+            "side by side): evaluate it without --ce"
+        )
     source = build_source(cfg, device, held_out=True)
     if args.ce:
         check_causal_lm(source.model)  # before the evaluation, not after it

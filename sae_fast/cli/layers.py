@@ -48,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
     )
 
     run = Path(args.run)
-    if clt_layers(run) is not None:
-        rows, about = _clt_rows(args, run, clt_layers(run))
+    layers = clt_layers(run)
+    if layers is not None:
+        rows, about = _clt_rows(args, run, layers)
     elif args.text is None:
         rows, about = training_rows(run), TRAINING_NOTE
     else:

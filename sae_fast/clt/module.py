@@ -356,7 +356,8 @@ class CrossLayerTranscoder(nn.Module):
     def layer_transcoder(self, layer: int) -> SparseAutoencoder:
         """Layer `layer`'s features alone, as a transcoder from that layer's input to its own
         output: their encoders (and thresholds), their decoders to that layer and
-        b_dec[layer]; their writes to later layers are left out. What a dashboard of the
+        b_dec[layer]; their writes to later layers and the skip connection are left out
+        (its prediction is not the CLT's). What a dashboard of the
         layer's features reads: its code is this CLT's code of the layer. Its provenance
         names the model and the layer's hook points (hook_in, hook_out)."""
         if not (isinstance(layer, int) and 0 <= layer < self.n_layers):

@@ -195,5 +195,5 @@ class SyntheticCLTSource:
 
     def describe(self) -> dict:
         first = self.layers[0].describe()
-        return {**first, "kind": "synthetic-clt", "n_layers": self.n_layers, "seed": self.seed,
-                "stream_seed": self.stream_seed}  # fmt: skip
+        return {**first, "kind": "synthetic-clt", "n_layers": self.n_layers, "d": self.d,
+                "d_in": self.d_in, "seed": self.seed, "stream_seed": self.stream_seed}  # fmt: skip

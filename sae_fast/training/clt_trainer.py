@@ -43,13 +43,7 @@ from . import checkpoints
 from .clt_losses import CLTLossWeights, clt_training_loss
 from .config import ConfigError
 from .losses import StepOutput
-from .metrics import (
-    LatentStats,
-    firing_counts,
-    metrics_from_sums,
-    reconstruction_sums,
-    spread_from_sums,
-)
+from .metrics import LatentStats, firing_counts, parts_metrics, reconstruction_sums
 from .trainer import Trainer, norm_scale, parameter_bytes, track_threshold
 
 
@@ -172,22 +166,11 @@ class CLTTrainer(Trainer):
 
     def _metrics(self, target: Tensor, res: StepOutput) -> dict[str, float]:
         codes = self._layer_codes(res)
-        sums = torch.stack([
+        parts = [
             reconstruction_sums(y, y_hat, code)
             for y, y_hat, code in zip(target, res.out.y_hat, codes, strict=True)
-        ])  # fmt: skip
-        sums = all_sum(sums, self.layout.data_group)
-        per_layer = [metrics_from_sums(s) for s in sums]
-        for found, scale in zip(per_layer, self.output_scale, strict=True):
-            found["mse"] /= scale**2  # in the units of the raw activations
-        spread = sum(spread_from_sums(s) for s in sums)
-        error = sums[:, 1].sum().item()
-        L = self.n_layers
-        found = {
-            "mse": sum(f["mse"] for f in per_layer) / L,
-            "fvu": error / spread if spread > 0 else float("nan"),
-            "l0": sum(f["l0"] for f in per_layer) / L,
-        }
+        ]
+        found, per_layer = parts_metrics(self._global_sums(parts), self.output_scale)
         for layer, metrics in zip(self.layers, per_layer, strict=True):
             found.update({f"{name}/{layer}": metrics[name] for name in ("fvu", "mse", "l0")})
         return found
@@ -225,9 +208,14 @@ class CLTTrainer(Trainer):
         return clt
 
     def _whole(self, tensors: dict[str, Tensor], dim) -> dict[str, Tensor]:
-        """tensors (this rank's blocks) whole, on the CPU: every shard's block along dim(name)."""
-        group = self.layout.latent_group
-        return {name: gather_features(t, dim(name), group).cpu() for name, t in tensors.items()}
+        """tensors (this rank's blocks) whole on rank 0's CPU, every shard's block along
+        dim(name), gathered a tensor at a time; empty on the other ranks."""
+        whole, group = {}, self.layout.latent_group
+        for name, t in tensors.items():
+            gathered = gather_features(t, dim(name), group)
+            if self.layout.main:
+                whole[name] = gathered.cpu()
+        return whole
 
     def save_checkpoint(self) -> Path:
         """The checkpoint of this step: the exported CLT, whole, and the training state
@@ -235,8 +223,10 @@ class CLTTrainer(Trainer):
         exported = self.export()
         ours, theirs = self.sae.state_dict(), exported.state_dict()
         # The training-time values of what exporting changed, by names every shard agrees on.
-        changed = torch.tensor([not torch.equal(ours[n], theirs[n]) for n in ours])
-        changed = all_sum(changed.long(), self.layout.latent_group)
+        changed = [not torch.equal(ours[n], theirs[n]) for n in ours]
+        changed = all_sum(
+            torch.tensor(changed, device=self.device).long(), self.layout.latent_group
+        )
         blocks = {f"param.{n}": ours[n] for n, c in zip(ours, changed.tolist(), strict=True) if c}
         for name, p in self.sae.named_parameters():
             for key, value in self.optimizer.state.get(p, {}).items():
@@ -273,7 +263,8 @@ class CLTTrainer(Trainer):
     def _restore_from(self, folder: Path) -> None:
         """This rank's block of the CLT, Adam's moments and the counters, then the run's
         state, from a checkpoint written in any layout."""
-        state = checkpoints.read_state(folder, self.device)
+        # On the CPU: each rank moves only its block to its device.
+        state = checkpoints.read_state(folder, "cpu")
         config, tensors = clt_native.load(folder)
         self.folder.check_options(
             self.cfg, state["config"], state["step"], folder, self.sae.n_latents

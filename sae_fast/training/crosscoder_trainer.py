@@ -23,10 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..parallel.layout import all_sum
 from ..sae import SparseAutoencoder
 from .losses import StepOutput
-from .metrics import metrics_from_sums, reconstruction_sums, spread_from_sums
+from .metrics import parts_metrics, reconstruction_sums
 from .trainer import Trainer, norm_scale
 
 
@@ -59,23 +58,13 @@ class CrosscoderTrainer(Trainer):
         self.scale = [norm_scale(part) for part in rows.split(self.widths, dim=1)]
 
     def _metrics(self, target: Tensor, res: StepOutput) -> dict[str, float]:
-        parts = zip(
+        pairs = zip(
             target.split(self.widths, dim=1), res.out.x_hat.split(self.widths, dim=1), strict=True
         )
-        sums = torch.stack([reconstruction_sums(x, x_hat, res.out.code) for x, x_hat in parts])
-        sums = all_sum(sums, self.layout.data_group)
-        spread = sum(spread_from_sums(s) for s in sums)
-        error = sums[:, 1].sum().item()
-        raw = [s[1].item() / scale**2 for s, scale in zip(sums, self.scale, strict=True)]
-        found = {
-            "mse": sum(raw) / (sums[0, 0].item() * sum(self.widths)),
-            "fvu": error / spread if spread > 0 else float("nan"),
-            "l0": metrics_from_sums(sums[0])["l0"],
-        }
-        for name, s, scale in zip(self.sources, sums, self.scale, strict=True):
-            metrics = metrics_from_sums(s)
-            found[f"fvu/{name}"] = metrics["fvu"]
-            found[f"mse/{name}"] = metrics["mse"] / scale**2
+        parts = [reconstruction_sums(x, x_hat, res.out.code) for x, x_hat in pairs]
+        found, per_source = parts_metrics(self._global_sums(parts), self.scale)
+        for name, metrics in zip(self.sources, per_source, strict=True):
+            found.update({f"fvu/{name}": metrics["fvu"], f"mse/{name}": metrics["mse"]})
         return found
 
     def _fold(self, sae: SparseAutoencoder) -> None:

@@ -66,6 +66,28 @@ def metrics_from_sums(sums: Tensor) -> dict[str, float]:
     }
 
 
+def parts_metrics(parts: list[Tensor], scales: list[float]) -> tuple[dict, list[dict]]:
+    """A batch cut into parts (a CLT's layers, a crosscoder's sources), each part's
+    reconstruction_sums added up over the batch, and each part's training scale ->
+    (the whole's mse in raw units, fvu (its error over its variance, as trained) and l0 (the
+    parts' mean); per part its fvu, mse in raw units and l0)."""
+    per_part = []
+    for sums, scale in zip(parts, scales, strict=True):
+        found = metrics_from_sums(sums)
+        found["mse"] /= scale**2
+        per_part.append(found)
+    spread = sum(spread_from_sums(sums) for sums in parts)
+    error = sum(sums[1].item() for sums in parts)
+    raw = sum(sums[1].item() / scale**2 for sums, scale in zip(parts, scales, strict=True))
+    elements = sum(sums[0].item() * (sums.numel() - 4) for sums in parts)
+    whole = {
+        "mse": raw / max(elements, 1),
+        "fvu": error / spread if spread > 0 else float("nan"),
+        "l0": sum(found["l0"] for found in per_part) / len(per_part),
+    }
+    return whole, per_part
+
+
 class LatentStats:
     """Per-latent firing counters over a run; part of a training checkpoint.
 

@@ -253,11 +253,11 @@ def memory(shape: Shape, data: int = 1, latent: int = 1, device: str = "cuda") -
 
 def _largest_saved(shape: Shape, m: int, latent: int) -> int:
     """Entries of the largest tensor a checkpoint's save holds at once beside the exported
-    copy: an SAE's (m, d) shard; a CLT's first decoder (m, L, d), whole (gathered from the
-    latent shards)."""
+    copy: an SAE's (m, d) shard; a CLT's first decoder (m, L, d), gathered whole from the
+    latent shards (the shards' parts, then their concatenation)."""
     if shape.layers == 1:
         return m * shape.d
-    return shape.m * shape.layers * shape.d if latent > 1 else m * shape.layers * shape.d
+    return 2 * shape.m * shape.layers * shape.d if latent > 1 else m * shape.layers * shape.d
 
 
 def collective_time(gpu: Gpu, shape: Shape, data: int, latent: int) -> float:

@@ -42,9 +42,9 @@ class Checkpointing:
     offset: int
     m_local: int
     step: int
-    scale: float
-    output_scale: float | None
-    batchtopk_threshold: float | None
+    scale: float | list[float]  # a CLT's per layer, a crosscoder's per source
+    output_scale: float | list[float] | None
+    batchtopk_threshold: float | list[float] | None
 
     def provenance(self) -> dict:
         """What the SAE was trained on, for its cfg.json (sae_config.PROVENANCE_KEYS)."""

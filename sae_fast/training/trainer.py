@@ -314,6 +314,11 @@ class Trainer(Checkpointing):
         metrics["mse"] /= out_scale**2  # in the units of the raw activations
         return metrics
 
+    def _global_sums(self, parts: list[Tensor]) -> list[Tensor]:
+        """Each part's reconstruction_sums of this rank's rows, summed over the data ranks."""
+        summed = all_sum(torch.cat(parts), self.layout.data_group)
+        return list(summed.split([len(part) for part in parts]))
+
     def _train_step(self) -> dict[str, float]:
         cfg, sae, layout = self.cfg, self.sae, self.layout
         self.optimizer.zero_grad(set_to_none=True)
