@@ -149,6 +149,8 @@ def test_cli_trains_a_clt_on_a_models_mlps_then_evaluates_and_converts_it(tmp_pa
     bad = ["train", *args[1:3], "--clt", "--text", text, "--out-dir", str(tmp_path / "x")]
     assert main(bad) == 2
     assert "clt needs layers" in capsys.readouterr().err
+    assert main([*bad, "--layers", "0-5"]) == 2  # the tiny BERT has two layers
+    assert "layers 0-5: hook point 'mlp_in.2' is not in" in capsys.readouterr().err
     # layers: a row per layer, from training and held out.
     assert main(["layers", str(run)]) == 0
     table = json.loads((run / "layers.json").read_text())

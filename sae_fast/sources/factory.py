@@ -11,7 +11,7 @@ from ..options import clt_hooks, parse_hooks
 from ..validation import parse_dtype
 from .base import ActivationSource
 from .cache import CacheSource
-from .hooks import load_model
+from .hooks import HookPointError, load_model
 from .model import ModelSource
 from .synthetic import HELD_OUT_STREAM, SyntheticCLTSource, SyntheticSource
 
@@ -93,16 +93,21 @@ def model_source(
         hook = [options.hook_in, options.hook_out]
     else:
         hook = options.hook
-    return ModelSource(
-        model,
-        tokenizer,
-        hook,
-        options.text,
-        context_size=options.context_size,
-        batch_size=options.model_batch_size,
-        shuffle_buffer=options.shuffle_buffer,
-        seed=options.seed,
-        device=device,
-        part=part,
-        model_b=model_b,
-    )
+    try:
+        return ModelSource(
+            model,
+            tokenizer,
+            hook,
+            options.text,
+            context_size=options.context_size,
+            batch_size=options.model_batch_size,
+            shuffle_buffer=options.shuffle_buffer,
+            seed=options.seed,
+            device=device,
+            part=part,
+            model_b=model_b,
+        )
+    except HookPointError as e:
+        if not options.clt:
+            raise
+        raise HookPointError(f"layers {options.layers}: {e}") from None
