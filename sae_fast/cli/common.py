@@ -26,8 +26,9 @@ GROUPS = {
 
 
 # Data options of a training run alone: a command that reads an SAE's latents reads one hook
-# point (a transcoder's is the input hook point its cfg.json records).
-TRAINING_ONLY = ("hooks", "hook_in", "hook_out")
+# point (a transcoder's is the input hook point its cfg.json records; a crosscoder's sources
+# and a CLT's layers come from its record).
+TRAINING_ONLY = ("hooks", "hook_in", "hook_out", "crosscoder", "model_b", "layers")
 
 
 def add_config_arguments(
