@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..clt.config import recorded_hook
 from ..clt.module import CrossLayerTranscoder
 from ..options import is_natural
 from ..sae import SparseAutoencoder
@@ -324,14 +325,13 @@ def clt_decoder_norms(clt: CrossLayerTranscoder, layer: int) -> Callable[[int], 
     """extra for the dashboard of a CLT's layer: each feature's decoder norm to that layer
     and every later one ("decoder_norms": target layer, its output hook point, norm)."""
     norms = clt.W_dec[layer].detach().double().norm(dim=-1).cpu()  # (m, L - layer)
-    hooks = clt.provenance.get("hooks_out") or []
 
     def extra(latent: int) -> dict:
-        rows = []
-        for offset, norm in enumerate(norms[latent].tolist()):
-            target = layer + offset
-            hook = hooks[target] if target < len(hooks) else None
-            rows.append({"target": target, "hook": hook, "norm": significant(norm)})
+        rows = [
+            {"target": target, "hook": recorded_hook(clt.provenance, "hooks_out", target),
+             "norm": significant(norm)}
+            for target, norm in enumerate(norms[latent].tolist(), start=layer)
+        ]  # fmt: skip
         return {"clt_layer": layer, "decoder_norms": rows}
 
     return extra

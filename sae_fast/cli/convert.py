@@ -12,9 +12,6 @@ from .common import SubParser, check_counts, check_text
 if TYPE_CHECKING:
     from ..clt import CrossLayerTranscoder
 
-# The layouts that hold no TopK CLT: a TopK one goes there as JumpReLU, calibrated.
-_NO_TOPK = ("circuit-tracer", "llamascopium")
-
 
 def add_parser(sub: SubParser) -> None:
     """Its subparser, from build_parser's sub()."""
@@ -65,10 +62,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _convert_clt(args: argparse.Namespace) -> int:
+    from .. import formats
     from ..clt import CrossLayerTranscoder
 
     clt = CrossLayerTranscoder.load(args.src, format=args.source_format)
-    if clt.activation in SPARSE_ACTIVATIONS and args.to in _NO_TOPK:
+    held = formats.holds_activation(args.to, clt.activation, kind="clt")
+    if clt.activation in SPARSE_ACTIVATIONS and not held:  # saved as JumpReLU, calibrated
         clt = _calibrated(clt, args)
     elif args.calibrate is not None:
         raise ConfigError(f"--calibrate: this CLT is {clt.activation}, which {args.to} holds")

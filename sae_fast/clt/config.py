@@ -91,6 +91,13 @@ def decoder_norms(W_dec: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([W.pow(2).sum(dim=(1, 2)).sqrt() for W in W_dec])
 
 
+def recorded_hook(provenance: Mapping[str, Any], key: str, layer: int) -> str | None:
+    """The hook point of layer (0..L-1) that a CLT's provenance records under key (hooks_in:
+    what its features read, hooks_out: what its layer outputs predict), or None."""
+    hooks = provenance.get(key)
+    return hooks[layer] if isinstance(hooks, list) and 0 <= layer < len(hooks) else None
+
+
 def feature_dim(name: str) -> int | None:
     """The dim of the state dict's tensor name that runs over features (a latent shard holds
     a block of it): W_enc, b_enc, log_threshold 1, W_dec.i 0; None for b_dec, W_skip and

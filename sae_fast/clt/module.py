@@ -97,8 +97,7 @@ class CrossLayerTranscoder(nn.Module):
         decoders = []
         for i in range(L):
             W = torch.randn(m, L - i, self.d_out, **factory)
-            fan_in = torch.arange(i + 1, L + 1, **factory).sqrt()[:, None]
-            decoders.append(nn.Parameter(W / W.norm(dim=-1, keepdim=True) / fan_in))
+            decoders.append(nn.Parameter(_decoder_init(W, L)))
         self.W_dec = nn.ParameterList(decoders)
         self.b_dec = nn.Parameter(torch.zeros(L, self.d_out, **factory))
         if skip_connection:
@@ -124,8 +123,7 @@ class CrossLayerTranscoder(nn.Module):
             W = normal(self.d_in, stream=2 + i)
             self.W_enc[i].copy_(W / W.norm(dim=-1, keepdim=True))
             W = normal((L - i) * self.d_out, stream=2 + L + i).view(rows, L - i, self.d_out)
-            fan_in = torch.arange(i + 1, L + 1, dtype=W.dtype, device=W.device).sqrt()[:, None]
-            self.W_dec[i].copy_(W / W.norm(dim=-1, keepdim=True) / fan_in)
+            self.W_dec[i].copy_(_decoder_init(W, L))
 
     def extra_repr(self) -> str:
         k = f", k={self.k}" if self.k is not None else ""
@@ -380,8 +378,8 @@ class CrossLayerTranscoder(nn.Module):
             key: value
             for key, value in (
                 ("model", record.get("model")),
-                ("hook_in", _at(record.get("hooks_in"), layer)),
-                ("hook_out", _at(record.get("hooks_out"), layer)),
+                ("hook_in", clt_config.recorded_hook(record, "hooks_in", layer)),
+                ("hook_out", clt_config.recorded_hook(record, "hooks_out", layer)),
                 ("train", train or None),
             )
             if value is not None
@@ -432,9 +430,13 @@ class CrossLayerTranscoder(nn.Module):
         return clt.to(device=device, dtype=dtype).eval()
 
 
-def _at(hooks: object, layer: int) -> str | None:
-    """hooks[layer] of a recorded list of hook points, or None."""
-    return hooks[layer] if isinstance(hooks, list) and layer < len(hooks) else None
+def _decoder_init(W: Tensor, n_layers: int) -> Tensor:
+    """A source layer's initial decoders from normal draws W (m, targets, d_out), its writes
+    to the last `targets` of n_layers layers: unit vectors, scaled by 1 / sqrt(t + 1) for
+    target t, which t + 1 source layers write to."""
+    first = n_layers - W.shape[1]
+    fan_in = torch.arange(first + 1, n_layers + 1, dtype=W.dtype, device=W.device).sqrt()
+    return W / W.norm(dim=-1, keepdim=True) / fan_in[:, None]
 
 
 def _stack(codes: list[SparseCode], lead: tuple[int, ...]) -> SparseCode:

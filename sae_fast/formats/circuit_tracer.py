@@ -23,7 +23,7 @@ import torch
 from ..checkpoint import CheckpointError
 from ..files import atomic_path, read_text
 from ..validation import dtype_name
-from .clt_native import check_plain, checked
+from .clt_native import PLAIN_ACTIVATIONS, check_plain, checked
 from .folder import read_weights, write_weights
 from .registry import Config, Format, Tensors, register
 
@@ -144,4 +144,4 @@ def save(config: Config, tensors: Tensors, path: Path) -> None:
 
 
 FILES = ("W_enc_*.safetensors", "W_dec_*.safetensors", CONFIG_YAML)
-register(Format(NAME, detect, load, save, files=FILES, kind="clt"))
+register(Format(NAME, detect, load, save, files=FILES, kind="clt", activations=PLAIN_ACTIVATIONS))

@@ -32,10 +32,14 @@ def checked(where: str, config: Config, tensors: Tensors) -> tuple[Config, Tenso
     return config, tensors
 
 
+# The activations circuit-tracer's and llamascopium's CLT layouts hold.
+PLAIN_ACTIVATIONS = ("relu", "jumprelu")
+
+
 def check_plain(config: Config, layout: str) -> None:
     """CheckpointError unless layout (circuit-tracer's, llamascopium's) holds the CLT config
     describes: ReLU or JumpReLU, no skip connection, one width for inputs and outputs."""
-    if config["activation"] not in ("relu", "jumprelu"):
+    if config["activation"] not in PLAIN_ACTIVATIONS:
         raise CheckpointError(
             f"{layout}'s CLTs are ReLU or JumpReLU, not {config['activation']}: convert it "
             "with per-feature thresholds calibrated on held-out activations "

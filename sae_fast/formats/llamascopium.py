@@ -27,7 +27,7 @@ from ..checkpoint import CheckpointError
 from ..clt.config import decoder_norms
 from ..files import peek_json, read_json
 from ..validation import dtype_name
-from .clt_native import check_plain, checked
+from .clt_native import PLAIN_ACTIVATIONS, check_plain, checked
 from .folder import check_names, read_weights, write
 from .registry import Config, Format, Tensors, register
 
@@ -145,4 +145,7 @@ def save(config: Config, tensors: Tensors, path: Path) -> None:
     write(path, WEIGHTS_FILE, weights, meta, config_file=CONFIG_JSON)
 
 
-register(Format(NAME, detect, load, save, files=(WEIGHTS_FILE, CONFIG_JSON), kind="clt"))
+register(
+    Format(NAME, detect, load, save, files=(WEIGHTS_FILE, CONFIG_JSON), kind="clt",
+           activations=PLAIN_ACTIVATIONS)
+)  # fmt: skip

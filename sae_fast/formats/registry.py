@@ -24,7 +24,7 @@ class Format:
     files: the names (or fnmatch patterns) save writes in a folder; saves_file(path):
     whether save writes the single file path rather than a folder; kind: what the layout
     holds, "sae" (sae_fast.sae_config) or "clt" (a cross-layer transcoder,
-    sae_fast.clt.config)."""
+    sae_fast.clt.config); activations: those its save holds (None: every one)."""
 
     name: str
     detect: Callable[[Path], bool]
@@ -33,6 +33,7 @@ class Format:
     files: tuple[str, ...] = ()
     saves_file: Callable[[Path], bool] = lambda path: False
     kind: str = "sae"
+    activations: tuple[str, ...] | None = None
 
 
 KINDS = {"sae": "an SAE", "clt": "a cross-layer transcoder"}
@@ -47,6 +48,12 @@ def _of(kind: str) -> dict[str, Format]:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
     return {name: fmt for (k, name), fmt in _FORMATS.items() if k == kind}
+
+
+def holds_activation(format: str, activation: str, kind: str = "sae") -> bool:
+    """Whether the layout format (one writable for kind) saves that activation."""
+    held = _get(format, kind, writable(kind)).activations
+    return held is None or activation in held
 
 
 def readable(kind: str = "sae") -> list[str]:

@@ -3,18 +3,16 @@ TopK/BatchTopK cross-layer transcoder."""
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from ..clt.module import CrossLayerTranscoder
 from ..ops import SparseCode
-from .ops import check_block, sharded_decode, sharded_encode_topk, sharded_encode_topk_auxk
+from .ops import InGroup, check_block, sharded_decode, sharded_encode_topk, sharded_encode_topk_auxk
 
 
-class ShardedCrossLayerTranscoder(CrossLayerTranscoder):
+class ShardedCrossLayerTranscoder(InGroup, CrossLayerTranscoder):
     """Features [offset, offset + size) of every layer of a CLT of n_latents features per
     layer, on one rank of group, with all their decoders.
 
@@ -52,13 +50,6 @@ class ShardedCrossLayerTranscoder(CrossLayerTranscoder):
             raise ValueError(f"k={k} is larger than the dictionary (n_latents={n_latents})")
         self.n_latents, self.k = n_latents, k
         self.latent_offset, self.group = offset, group
-
-    def __deepcopy__(self, memo: dict) -> ShardedCrossLayerTranscoder:
-        # A process group cannot be copied: the copy works in the same group.
-        memo[id(self.group)] = self.group
-        clone = copy.copy(self)
-        clone.__dict__ = copy.deepcopy(self.__dict__, memo)
-        return clone
 
     def _sparse_path(self) -> bool:
         if not super()._sparse_path():

@@ -25,6 +25,8 @@ Collectives per step: forward 2 all_gathers of (n, k) + 1 all_reduce of (n, d); 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -74,6 +76,19 @@ class _SumOverGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         return grad, None
+
+
+class InGroup:
+    """A module sharded over the process group self.group: a deep copy (an exported or
+    checkpointed copy) works in the same group, since a process group cannot be copied."""
+
+    group: dist.ProcessGroup | None
+
+    def __deepcopy__(self, memo: dict) -> InGroup:
+        memo[id(self.group)] = self.group
+        clone = copy.copy(self)
+        clone.__dict__ = copy.deepcopy(self.__dict__, memo)
+        return clone
 
 
 def check_block(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -12,6 +10,7 @@ from ..ops import SparseCode
 from ..sae import SparseAutoencoder, autocast_inputs
 from ..sae_config import check_hyperparameters
 from .ops import (
+    InGroup,
     check_block,
     own_pairs,
     sharded_decode,
@@ -21,7 +20,7 @@ from .ops import (
 )
 
 
-class ShardedSparseAutoencoder(SparseAutoencoder):
+class ShardedSparseAutoencoder(InGroup, SparseAutoencoder):
     """Latents [offset, offset + size) of an SAE of n_latents latents, on one rank of group.
 
     W_enc, b_enc, W_dec: (size, d_in), this block's rows; b_dec (d_in,) is the same on every
@@ -55,13 +54,6 @@ class ShardedSparseAutoencoder(SparseAutoencoder):
         self.n_latents, self.k = n_latents, k
         self.matryoshka = list(matryoshka) if matryoshka is not None else None  # global sizes
         self.latent_offset, self.group = offset, group
-
-    def __deepcopy__(self, memo: dict) -> ShardedSparseAutoencoder:
-        # A process group cannot be copied: the copy works in the same group.
-        memo[id(self.group)] = self.group
-        clone = copy.copy(self)
-        clone.__dict__ = copy.deepcopy(self.__dict__, memo)
-        return clone
 
     def _topk(self, x: Tensor, k: int) -> SparseCode:
         return sharded_encode_topk(
