@@ -10,7 +10,9 @@ import torch
 from torch import Tensor
 
 from ..clt.module import CrossLayerTranscoder
+from ..ops import SparseCode
 from ..sources import SourceError, load_model, stacked_activations
+from ..training.metrics import metrics_from_sums, reconstruction_sums
 
 
 def clt_activations(
@@ -44,25 +46,18 @@ def clt_metrics(clt: CrossLayerTranscoder, x: Tensor, y: Tensor, batch_size: int
     time: fvu, mse (per element), l0 (source layer t's features active per token) and
     dead_fraction (of layer t's features, the share that fired on none of the tokens)."""
     L, n = y.shape[:2]
-    wide = {"dtype": torch.float64, "device": y.device}
-    error, squares, active = (torch.zeros(L, **wide) for _ in range(3))
-    total = torch.zeros(L, y.shape[-1], **wide)
+    sums = torch.zeros(L, 4 + y.shape[-1], dtype=torch.float64, device=y.device)
     fired = torch.zeros(L, clt.n_latents, dtype=torch.bool, device=y.device)
     for start in range(0, n, batch_size):
-        xb, yb = x[:, start : start + batch_size], y[:, start : start + batch_size].double()
-        out = clt(xb)
-        error += (yb - out.y_hat.double()).pow(2).sum(dim=(1, 2))
-        total += yb.sum(dim=1)
-        squares += yb.pow(2).sum(dim=(1, 2))
-        live = out.code.values != 0
-        active += live.sum(dim=(1, 2)).double()
+        out = clt(x[:, start : start + batch_size])
+        yb = y[:, start : start + batch_size].double()
         for layer in range(L):
-            fired[layer, out.code.indices[layer][live[layer]].unique()] = True
-    spread = squares - total.pow(2).sum(dim=1) / n
+            code = SparseCode(out.code.values[layer], out.code.indices[layer])
+            sums[layer] += reconstruction_sums(yb[layer], out.y_hat[layer].double(), code)
+            fired[layer, code.indices[code.values != 0].unique()] = True
+    per_layer = [metrics_from_sums(s) for s in sums]
     return {
         "tokens": n,
-        "fvu": (error / spread).tolist(),
-        "mse": (error / (n * y.shape[-1])).tolist(),
-        "l0": (active / n).tolist(),
+        **{key: [found[key] for found in per_layer] for key in ("fvu", "mse", "l0")},
         "dead_fraction": (1 - fired.double().mean(dim=1)).tolist(),
     }
